@@ -1,0 +1,1 @@
+"""restspec CLI commands (placeholder until written)."""

@@ -1,0 +1,1 @@
+"""Datastore: corpus readers, bulk tokenizing, on-disk format, memory-mapped suffix index."""

@@ -1,0 +1,1 @@
+"""Drafting: draft trees and the sources that propose them."""

@@ -1,0 +1,147 @@
+"""The draft tree: the one object that flows from drafting to verification.
+
+A tree of n draft nodes hangs below the *root*, the last accepted token (which the model has not
+seen yet). Verification feeds ``[root, node 0, ..., node n-1]`` to the model in one forward pass, so
+row 0 of every per-step array is the root and row ``i + 1`` is node ``i``.
+
+Invariants (checked on construction):
+- ``parents[i] < i`` (parents precede children; -1 means a child of the root), so every prefix
+  ``nodes[:c]`` is itself a prefix-closed tree: ``truncate(c)`` is a slice;
+- no two siblings carry the same token;
+- ``weights[i]`` in [0, 1] estimates the probability that node i is accepted (its whole path
+  matches the model). Drafters order nodes by falling weight, so the first c nodes are the best c.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+
+def _frozen_int32(values: np.ndarray | list[int]) -> np.ndarray:
+    arr = np.ascontiguousarray(values, dtype=np.int32)
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class DraftTree:
+    """Draft tokens as a parent-index tree. ``tokens``, ``parents``: int32[n]; ``weights``: float32[n]."""
+
+    tokens: np.ndarray
+    parents: np.ndarray
+    weights: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        tokens = _frozen_int32(self.tokens)
+        parents = _frozen_int32(self.parents)
+        if tokens.ndim != 1 or parents.shape != tokens.shape:
+            raise ValueError(
+                f"tokens and parents must be 1-D of one length, got {tokens.shape} and {parents.shape}"
+            )
+        n = len(tokens)
+        if self.weights is None:
+            weights = np.ones(n, dtype=np.float32)
+        else:
+            weights = np.ascontiguousarray(self.weights, dtype=np.float32)
+        if weights.shape != tokens.shape:
+            raise ValueError(f"weights must have shape {tokens.shape}, got {weights.shape}")
+        if n and ((weights < 0).any() or (weights > 1).any() or not np.isfinite(weights).all()):
+            raise ValueError(f"weights must lie in [0, 1], got {weights.min()}..{weights.max()}")
+        weights.setflags(write=False)
+        if n:
+            if (tokens < 0).any():
+                raise ValueError(f"token ids must be >= 0, got {tokens.min()}")
+            bad = np.flatnonzero((parents < -1) | (parents >= np.arange(n)))
+            if len(bad):
+                i = int(bad[0])
+                raise ValueError(f"parents[{i}]={parents[i]} must be -1 or a node before {i}")
+            pairs = parents.astype(np.int64) * (1 << 32) + tokens
+            if len(np.unique(pairs)) != n:
+                raise ValueError("two sibling nodes carry the same token; merge identical paths")
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "parents", parents)
+        object.__setattr__(self, "weights", weights)
+
+    @classmethod
+    def empty(cls) -> DraftTree:
+        """The normal 'nothing to draft' result: the step then decodes one token."""
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))
+
+    @classmethod
+    def chain(cls, tokens: np.ndarray | list[int], weights: np.ndarray | list[float] | None = None) -> DraftTree:
+        """A single path: node i is the child of node i - 1."""
+        n = len(tokens)
+        return cls(np.asarray(tokens), np.arange(-1, n - 1), None if weights is None else np.asarray(weights))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __repr__(self) -> str:
+        return f"DraftTree(n={len(self)}, tokens={self.tokens.tolist()}, parents={self.parents.tolist()})"
+
+    @cached_property
+    def depths(self) -> np.ndarray:
+        """int32[n]: 1 for children of the root, parent's depth + 1 below."""
+        depths = np.zeros(len(self), np.int32)
+        for i, p in enumerate(self.parents.tolist()):
+            depths[i] = 1 if p < 0 else depths[p] + 1
+        depths.setflags(write=False)
+        return depths
+
+    @cached_property
+    def ancestor_mask(self) -> np.ndarray:
+        """bool[n+1, n+1] over [root, nodes]: row r may attend to column c (itself, its ancestors, root)."""
+        n = len(self)
+        mask = np.zeros((n + 1, n + 1), dtype=bool)
+        mask[:, 0] = True
+        mask[0, 0] = True
+        for i, p in enumerate(self.parents.tolist()):
+            row = i + 1
+            if p >= 0:
+                mask[row, : row] = mask[p + 1, : row]
+            mask[row, row] = True
+        mask.setflags(write=False)
+        return mask
+
+    def attention_mask(self, past_len: int) -> np.ndarray:
+        """bool[n+1, past_len+n+1]: every row sees the whole cache, then its tree ancestors."""
+        n = len(self)
+        mask = np.ones((n + 1, past_len + n + 1), dtype=bool)
+        mask[:, past_len:] = self.ancestor_mask
+        return mask
+
+    def position_ids(self, past_len: int) -> np.ndarray:
+        """int64[n+1]: the root sits at past_len, node i at past_len + depth_i."""
+        return past_len + np.concatenate(([0], self.depths)).astype(np.int64)
+
+    def paths(self) -> list[np.ndarray]:
+        """Node indices of every root-to-leaf path, leaves in node order."""
+        is_parent = np.zeros(len(self), dtype=bool)
+        is_parent[self.parents[self.parents >= 0]] = True
+        out = []
+        for leaf in np.flatnonzero(~is_parent).tolist():
+            path = []
+            node = leaf
+            while node >= 0:
+                path.append(node)
+                node = int(self.parents[node])
+            out.append(np.asarray(path[::-1], dtype=np.int32))
+        return out
+
+    def children(self, node: int) -> np.ndarray:
+        """Indices of the children of ``node`` (-1 for the root)."""
+        return np.flatnonzero(self.parents == node).astype(np.int32)
+
+    def truncate(self, size: int) -> DraftTree:
+        """The first ``size`` nodes (prefix-closed because parents precede children)."""
+        if size >= len(self):
+            return self
+        size = max(size, 0)
+        return DraftTree(self.tokens[:size], self.parents[:size], self.weights[:size])
+
+    def expected_accepted(self) -> float:
+        """Expected number of draft tokens accepted (sum of node weights)."""
+        return float(self.weights.sum())
