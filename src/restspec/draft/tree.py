@@ -71,7 +71,9 @@ class DraftTree:
         return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))
 
     @classmethod
-    def chain(cls, tokens: np.ndarray | list[int], weights: np.ndarray | list[float] | None = None) -> DraftTree:
+    def chain(
+        cls, tokens: np.ndarray | list[int], weights: np.ndarray | list[float] | None = None
+    ) -> DraftTree:
         """A single path: node i is the child of node i - 1."""
         n = len(tokens)
         return cls(np.asarray(tokens), np.arange(-1, n - 1), None if weights is None else np.asarray(weights))
@@ -101,7 +103,7 @@ class DraftTree:
         for i, p in enumerate(self.parents.tolist()):
             row = i + 1
             if p >= 0:
-                mask[row, : row] = mask[p + 1, : row]
+                mask[row, :row] = mask[p + 1, :row]
             mask[row, row] = True
         mask.setflags(write=False)
         return mask
