@@ -1,1 +1,163 @@
-"""restspec CLI commands (placeholder until written)."""
+"""``restspec bench``: decoding methods side by side on one workload and one loaded model."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from restspec.cli.app import app
+from restspec.cli.common import (
+    EMBEDDED_MODEL,
+    DatastoreOption,
+    Dtype,
+    DtypeOption,
+    ModelOption,
+    TemperatureOption,
+    check_datastore_paths,
+    cli_errors,
+    stderr_console,
+)
+
+DEFAULT_BENCH_TOKENS = 128
+"""--max-new-tokens of a benchmark answer (long enough for drafting to matter, short enough to run)."""
+
+
+@app.command()
+@cli_errors
+def bench(
+    workload: Annotated[
+        str,
+        typer.Option(
+            "--workload",
+            "-w",
+            help="'humaneval' (raw completion of the HumanEval prompts), or a file: MT-Bench-style JSONL "
+            '({"question_id", "category", "turns": [...]}, chat, later turns follow the model\'s own '
+            'answers), JSONL with "prompt", or plain text with one prompt per line.',
+        ),
+    ] = "humaneval",
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", "-l", help="Only the first N prompts (N per category with --per-category).",
+                     show_default=False),
+    ] = None,
+    per_category: Annotated[
+        bool, typer.Option("--per-category", help="Apply --limit to every category.")
+    ] = False,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer (>= 1).")
+    ] = DEFAULT_BENCH_TOKENS,
+    temperature: TemperatureOption = 0.0,
+    datastore: DatastoreOption = None,
+    model: ModelOption = EMBEDDED_MODEL,
+    dtype: DtypeOption = Dtype.float32,
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods",
+            help="Comma-separated methods: plain (transformers greedy generate), pld (transformers prompt "
+            "lookup, 10 tokens), rest (REST as published: datastore only, spans 16..2, 64-node trees), "
+            "restspec (our default), restspec-plain (our loop, no drafts), suffix (Arctic Inference's "
+            "SuffixDecoding, optional extra), and variants: restspec-fixed4/8/16, suffix-adaptive.",
+        ),
+    ] = "plain,pld,rest,restspec,restspec-plain,suffix",
+    chat: Annotated[
+        bool | None,
+        typer.Option("--chat/--no-chat", help="Apply the chat template to a plain prompt file "
+                     "(MT-Bench files always use it; HumanEval defaults to raw completion).",
+                     show_default=False),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write figures per method and category to this JSON file.",
+                                  show_default=False)
+    ] = None,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="Write a bar chart (PNG) of speedups per category.",
+                                  show_default=False)
+    ] = None,
+    recalibrate: Annotated[
+        bool, typer.Option("--recalibrate", help="Measure forward latency again for the adaptive budget, "
+                           "replacing the cached calibration.")
+    ] = False,
+    warmup: Annotated[
+        bool, typer.Option("--warmup/--no-warmup", help="One untimed short generate per method first.")
+    ] = True,
+) -> None:
+    """Measure decoding methods side by side: tokens/s, speedup over plain greedy, tokens per step,
+    time split, and whether outputs are token-identical to plain greedy."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from restspec.bench.methods import MethodContext, build_methods, parse_methods
+    from restspec.bench.report import render_table, summarize, write_json, write_plot
+    from restspec.bench.runner import machine_info, run_bench, warm_up
+    from restspec.bench.workloads import load_workload, select
+    from restspec.errors import GenerationError
+    from restspec.models import load_model
+
+    if max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens={max_new_tokens} must be >= 1")
+    if not temperature >= 0.0:
+        raise GenerationError(f"--temperature={temperature} must be >= 0 (0 = greedy)")
+    names = parse_methods(methods)
+    items = select(load_workload(workload, chat=chat), limit, per_category=per_category)
+    datastores = list(datastore or [])
+    check_datastore_paths(datastores)
+    err = stderr_console()
+    dtype_name = Dtype(dtype).value
+    machine = machine_info()
+    t0 = time.perf_counter()
+    with err.status(f"Loading model {model} ({dtype_name})…", spinner="dots"):
+        loaded = load_model(model, dtype=dtype_name)
+    load_s = time.perf_counter() - t0
+    needs_datastore = any(n.startswith(("rest", "restspec")) and n != "restspec-plain" for n in names)
+    if needs_datastore and not datastores:
+        from restspec.datastore import ensure_default_datastore
+
+        datastores = [ensure_default_datastore(loaded.tokenizer, progress=True)]
+    ctx = MethodContext(loaded, datastores, recalibrate=recalibrate)
+    if any(n in ("restspec", "suffix-adaptive") for n in names):
+        with err.status("Calibrating forward latency for the adaptive budget (cached per machine)…"):
+            ctx.adaptive_budget()
+    if warmup:
+        with err.status("Warming up…"):
+            warm_up(build_methods(names, ctx), loaded.tokenizer)
+    measured = build_methods(names, ctx)
+    turns = sum(len(i.turns) for i in items)
+    err.print(
+        f"{len(items)} prompts ({turns} turns) × {len(names)} methods, max {max_new_tokens} new tokens, "
+        f"{dtype_name}, model loaded in {load_s:.0f} s"
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("bench", total=len(items) * len(names))
+
+        def advance(description: str) -> None:
+            progress.update(task, advance=1, description=description)
+
+        run = run_bench(items, measured, loaded.tokenizer, max_new_tokens=max_new_tokens,
+                        temperature=temperature, progress=advance)
+    run.machine = machine
+    run.config = {
+        "workload": workload,
+        "limit": limit,
+        "per_category": per_category,
+        "model": loaded.name,
+        "dtype": dtype_name,
+        "datastores": [str(p) for p in datastores],
+        "items": len(items),
+        "turns": turns,
+    }
+    summaries = summarize(run)
+    title = f"restspec bench: {Path(workload).name if workload != 'humaneval' else workload}, {dtype_name}"
+    Console().print(render_table(summaries, title=title))
+    if json_path is not None:
+        write_json(json_path, run, summaries)
+        err.print(f"wrote {json_path}")
+    if plot_path is not None:
+        write_plot(plot_path, summaries, title=title)
+        err.print(f"wrote {plot_path}")

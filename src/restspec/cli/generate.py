@@ -1,1 +1,418 @@
-"""restspec CLI commands (placeholder until written)."""
+"""``restspec demo``, ``restspec generate`` and ``restspec chat``: the front door.
+
+All three load the model through :func:`restspec.cli.common.load_engine`, so flags mean the same in each.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, TextIO
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from restspec.cli.app import app
+from restspec.cli.common import (
+    AUTO_BUDGET,
+    EMBEDDED_MODEL,
+    BudgetOption,
+    DatastoreOption,
+    Dtype,
+    DtypeOption,
+    EngineOptions,
+    MaxNewTokensOption,
+    ModelOption,
+    SeedOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+    cli_errors,
+    load_engine,
+    print_user_error,
+    stderr_console,
+)
+from restspec.errors import GenerationError, RestspecError
+
+if TYPE_CHECKING:
+    from restspec.decode import GenerationConfig, GenerationResult, SpeculativeGenerator
+
+DEFAULT_MAX_NEW_TOKENS = 256
+DEMO_MAX_NEW_TOKENS = 128
+WARMUP_TOKENS = 4
+"""Tokens generated once before the demo's timed runs, so one-off start-up costs are not timed."""
+EXIT_COMMANDS = frozenset({"/exit", "/quit"})
+RESET_COMMAND = "/reset"
+
+
+@dataclass(frozen=True)
+class DemoPrompt:
+    """A built-in demo prompt: raw text to continue (code) or a user message (chat template)."""
+
+    label: str
+    text: str
+    chat: bool
+
+
+DEMO_PROMPTS: tuple[DemoPrompt, ...] = (
+    DemoPrompt(
+        "code: walk a tree",
+        'import os\n\n\ndef find_files(root, suffix):\n    """Return the paths of all files below root whose '
+        'name ends with suffix."""\n',
+        chat=False,
+    ),
+    DemoPrompt(
+        "code: parse args",
+        "import argparse\n\n\ndef parse_args():\n"
+        '    parser = argparse.ArgumentParser(description="Copy files.")\n'
+        '    parser.add_argument("source", help="the file to copy")\n',
+        chat=False,
+    ),
+    DemoPrompt("chat: explain", "Explain what a Python dictionary is, with a short example.", chat=True),
+    DemoPrompt(
+        "chat: write code", "Write a Python function that checks whether a string is a palindrome.", chat=True
+    ),
+)
+
+
+# --------------------------------------------------------------------------------------------- demo
+
+
+@app.command()
+@cli_errors
+def demo(
+    model: ModelOption = EMBEDDED_MODEL,
+    datastore: DatastoreOption = None,
+    max_new_tokens: MaxNewTokensOption = DEMO_MAX_NEW_TOKENS,
+    budget: BudgetOption = AUTO_BUDGET,
+    dtype: DtypeOption = Dtype.float32,
+    show_text: Annotated[
+        bool, typer.Option("--show-text", help="Also print what restspec generated for each prompt.")
+    ] = False,
+) -> None:
+    """Plain decoding vs restspec, side by side, on a few built-in prompts (code completion and chat).
+
+    Greedy decoding on both sides, so the outputs must be identical: restspec only makes them sooner.
+    The first run builds the default datastore (the Python standard library's sources and docs).
+    """
+    options = EngineOptions(
+        model=model,
+        datastores=tuple(datastore or ()),
+        max_new_tokens=max_new_tokens,
+        budget=budget,
+        dtype=dtype.value,
+    )
+    engine = load_engine(options)
+    from restspec.decode import GenerationConfig
+
+    err = stderr_console()
+    config = options.generation()
+    plain = engine.plain_generator()
+    err.print(
+        f"[dim]model {engine.loaded.name} · {len(engine.datastores)} datastore(s), "
+        f"{sum(ds.num_tokens for ds in engine.datastores):,} tokens · budget {options.budget} · "
+        f"{max_new_tokens} new tokens per prompt, greedy[/]",
+        soft_wrap=True,
+    )
+    warmup = GenerationConfig(max_new_tokens=WARMUP_TOKENS, sampling=options.sampling())
+    plain.generate(DEMO_PROMPTS[0].text, warmup)
+    engine.generator.generate(DEMO_PROMPTS[0].text, warmup)
+
+    rows: list[tuple[DemoPrompt, GenerationResult, GenerationResult]] = []
+    for i, prompt in enumerate(DEMO_PROMPTS, start=1):
+        with err.status(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): plain decoding…"):
+            base = plain.generate(prompt.text, config, chat=prompt.chat)
+        with err.status(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): restspec…"):
+            fast = engine.generator.generate(prompt.text, config, chat=prompt.chat)
+        rows.append((prompt, base, fast))
+
+    out = _stdout_console()
+    out.print(_demo_table(rows))
+    identical = sum(_same_output(base, fast) for _, base, fast in rows)
+    out.print(
+        f"{identical}/{len(rows)} outputs identical to plain greedy decoding. Tokens/s include prefill; "
+        "timings on a busy machine are noisy."
+    )
+    if show_text:
+        for prompt, _, fast in rows:
+            out.rule(prompt.label)
+            out.print(fast.text, markup=False, highlight=False)
+
+
+def _demo_table(rows: Sequence[tuple[DemoPrompt, GenerationResult, GenerationResult]]) -> Table:
+    table = Table(title="restspec demo: plain greedy decoding vs restspec")
+    table.add_column("prompt")
+    table.add_column("tokens", justify="right")
+    table.add_column("plain tok/s", justify="right")
+    table.add_column("restspec tok/s", justify="right")
+    table.add_column("speedup", justify="right")
+    table.add_column("accepted/step", justify="right")
+    table.add_column("identical", justify="center")
+    for prompt, base, fast in rows:
+        table.add_row(
+            prompt.label,
+            str(len(fast.output_ids)),
+            f"{base.tokens_per_s:.1f}",
+            f"{fast.tokens_per_s:.1f}",
+            _speedup(base.elapsed_s, len(base.output_ids), fast.elapsed_s, len(fast.output_ids)),
+            f"{fast.mean_accepted:.2f}",
+            "[green]yes[/]" if _same_output(base, fast) else "[red]no[/]",
+        )
+    base_tokens = sum(len(b.output_ids) for _, b, _ in rows)
+    fast_tokens = sum(len(f.output_ids) for _, _, f in rows)
+    base_s = sum(b.elapsed_s for _, b, _ in rows)
+    fast_s = sum(f.elapsed_s for _, _, f in rows)
+    steps = sum(len(f.steps) for _, _, f in rows)
+    accepted = sum(f.mean_accepted * len(f.steps) for _, _, f in rows)
+    table.add_section()
+    table.add_row(
+        "all",
+        str(fast_tokens),
+        f"{base_tokens / base_s:.1f}" if base_s else "-",
+        f"{fast_tokens / fast_s:.1f}" if fast_s else "-",
+        _speedup(base_s, base_tokens, fast_s, fast_tokens),
+        f"{accepted / steps:.2f}" if steps else "-",
+        f"{sum(_same_output(b, f) for _, b, f in rows)}/{len(rows)}",
+        style="bold",
+    )
+    return table
+
+
+def _speedup(base_s: float, base_tokens: int, fast_s: float, fast_tokens: int) -> str:
+    """Ratio of tokens/s (restspec over plain), as 'x.xx×'."""
+    if not (base_s and fast_s and base_tokens):
+        return "-"
+    return f"{(fast_tokens / fast_s) / (base_tokens / base_s):.2f}×"
+
+
+def _same_output(a: GenerationResult, b: GenerationResult) -> bool:
+    return np.array_equal(np.asarray(a.output_ids), np.asarray(b.output_ids))
+
+
+# ----------------------------------------------------------------------------------------- generate
+
+
+@app.command()
+@cli_errors
+def generate(
+    prompt: Annotated[
+        str | None,
+        typer.Argument(
+            help="The prompt. Leave it out (or give '-') to read the prompt from stdin.", show_default=False
+        ),
+    ] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Treat the prompt as a user message and apply the chat template.")
+    ] = False,
+    system: Annotated[
+        str | None,
+        typer.Option(
+            "--system", help="System message put before the prompt (implies --chat).", show_default=False
+        ),
+    ] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stop", help="Stop when the output contains this text; repeatable.", show_default=False
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON object (text, token ids, statistics) instead of streaming."
+        ),
+    ] = False,
+    model: ModelOption = EMBEDDED_MODEL,
+    datastore: DatastoreOption = None,
+    max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    seed: SeedOption = None,
+    budget: BudgetOption = AUTO_BUDGET,
+    dtype: DtypeOption = Dtype.float32,
+) -> None:
+    """Generate a continuation of PROMPT (or of stdin), streamed to stdout; statistics go to stderr."""
+    options = EngineOptions(
+        model=model,
+        datastores=tuple(datastore or ()),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        budget=budget,
+        dtype=dtype.value,
+    )
+    text = _read_prompt(prompt, sys.stdin)
+    request: str | list[dict[str, str]] = text
+    if system is not None:
+        request = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        chat = True
+    engine = load_engine(options)
+    config = options.generation(stop_strings=stop or ())
+    if as_json:
+        result = engine.generator.generate(request, config, chat=chat)
+        sys.stdout.write(json.dumps(result_json(result, engine.loaded.name), ensure_ascii=False) + "\n")
+        return
+    result = _stream_to(sys.stdout, engine.generator, request, config, chat=chat)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    stderr_console().print(f"[dim]{stats_line(result)}[/]", soft_wrap=True)
+
+
+def _read_prompt(prompt: str | None, stdin: TextIO) -> str:
+    """The prompt argument, or all of stdin when it is missing or '-'. Empty prompts are user errors."""
+    if prompt is None or prompt == "-":
+        if stdin.isatty():
+            raise GenerationError("no prompt: give it as an argument or pipe it on stdin")
+        prompt = stdin.read()
+        source = "stdin"
+    else:
+        source = "the prompt argument"
+    if not prompt.strip():
+        raise GenerationError(f"the prompt from {source} is empty; give some text to continue")
+    return prompt
+
+
+def _stream_to(
+    out: TextIO, generator: SpeculativeGenerator, request, config: GenerationConfig, *, chat: bool
+) -> GenerationResult:
+    """Write text as it is generated; return the final result (carried by the last chunk)."""
+    result = None
+    for chunk in generator.stream(request, config, chat=chat):
+        if chunk.text:
+            out.write(chunk.text)
+            out.flush()
+        if chunk.result is not None:
+            result = chunk.result
+    if result is None:
+        raise RuntimeError("stream() ended without a final chunk carrying the result")
+    return result
+
+
+def stats_line(result: GenerationResult) -> str:
+    """``64 tokens in 2.1 s · 30.5 tokens/s · 2.31 accepted tokens/step · finish: length``."""
+    return (
+        f"{len(result.output_ids)} tokens in {result.elapsed_s:.1f} s · {result.tokens_per_s:.1f} tokens/s · "
+        f"{result.mean_accepted:.2f} accepted tokens/step · finish: {result.finish_reason}"
+    )
+
+
+def result_json(result: GenerationResult, model_name: str) -> dict:
+    """The ``--json`` document: text, token ids and statistics of one generation."""
+    steps = result.steps
+    return {
+        "model": model_name,
+        "text": result.text,
+        "prompt_ids": np.asarray(result.prompt_ids).tolist(),
+        "output_ids": np.asarray(result.output_ids).tolist(),
+        "finish_reason": result.finish_reason,
+        "stats": {
+            "prompt_tokens": len(result.prompt_ids),
+            "new_tokens": len(result.output_ids),
+            "steps": len(steps),
+            "tokens_per_s": result.tokens_per_s,
+            "mean_accepted": result.mean_accepted,
+            "mean_drafted": float(np.mean([s.drafted for s in steps])) if steps else 0.0,
+            "prefill_s": result.prefill_s,
+            "elapsed_s": result.elapsed_s,
+            "draft_s": sum(s.draft_s for s in steps),
+            "forward_s": sum(s.forward_s for s in steps),
+            "accept_s": sum(s.accept_s for s in steps),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------- chat
+
+
+@app.command()
+@cli_errors
+def chat(
+    system: Annotated[
+        str | None,
+        typer.Option("--system", help="System message that starts the conversation.", show_default=False),
+    ] = None,
+    model: ModelOption = EMBEDDED_MODEL,
+    datastore: DatastoreOption = None,
+    max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    seed: SeedOption = None,
+    budget: BudgetOption = AUTO_BUDGET,
+    dtype: DtypeOption = Dtype.float32,
+) -> None:
+    """Talk to the model: answers stream as they are generated, with tokens/s and accepted tokens per step.
+
+    One message per line. /reset forgets the conversation; /exit, /quit or end of input (Ctrl-D) leave.
+    Works with piped input too: each line is one user message.
+    """
+    options = EngineOptions(
+        model=model,
+        datastores=tuple(datastore or ()),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        budget=budget,
+        dtype=dtype.value,
+    )
+    engine = load_engine(options)
+    config = options.generation()
+    interactive = sys.stdin.isatty()
+    err = stderr_console()
+    if interactive:
+        err.print(f"[dim]Chatting with {engine.loaded.name}. /reset forgets, /exit or Ctrl-D quits.[/]")
+    start: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
+    history = list(start)
+    for line in _user_lines(sys.stdin, interactive):
+        message = line.strip()
+        if not message:
+            continue
+        if message in EXIT_COMMANDS:
+            break
+        if message == RESET_COMMAND:
+            history = list(start)
+            err.print("[dim]conversation reset[/]")
+            continue
+        turn = [*history, {"role": "user", "content": message}]
+        try:
+            result = _stream_to(sys.stdout, engine.generator, turn, config, chat=True)
+        except RestspecError as error:  # e.g. the conversation outgrew the context: keep the REPL alive
+            sys.stdout.write("\n")
+            print_user_error(error)
+            err.print(f"[dim]this message was dropped; {RESET_COMMAND} starts a new conversation[/]")
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        err.print(f"[dim]{stats_line(result)}[/]", soft_wrap=True)
+        history = [*turn, {"role": "assistant", "content": result.text}]
+
+
+def _user_lines(stdin: TextIO, interactive: bool) -> Iterable[str]:
+    """Lines typed by the user (a ``you> `` prompt when interactive) until end of input."""
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = stdin.readline()
+        if not line:
+            if interactive:
+                sys.stdout.write("\n")
+            return
+        yield line
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+__all__ = ["DEMO_PROMPTS", "chat", "demo", "generate", "result_json", "stats_line"]

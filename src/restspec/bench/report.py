@@ -1,0 +1,213 @@
+"""Benchmark figures: aggregation per method and category, the terminal table, JSON and the plot.
+
+Figures aggregate over turns as ratios of sums (so long outputs weigh more, as they do for a user):
+``tokens_per_s`` = generated tokens / wall seconds, ``speedup`` = tokens_per_s / plain's (over the
+same turns), ``mean_accepted`` = generated tokens / model forward passes (plain greedy: 1.0),
+``exact`` = fraction of turns whose output ids equal plain greedy's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from restspec.bench.runner import BenchRun, TurnRecord
+
+BASELINE = "plain"
+TIME_PARTS = ("draft", "forward", "accept", "other")
+
+
+@dataclass(frozen=True)
+class Figures:
+    tokens_per_s: float
+    speedup: float | None
+    """tokens_per_s over plain's on the same turns; None when plain was not run."""
+    mean_accepted: float
+    """Generated tokens per model forward pass (prefill included)."""
+    exact: float | None
+    """Fraction of turns identical to plain greedy; None without plain or when sampling."""
+    tokens: int
+    seconds: float
+    turns: int
+    time_split: dict[str, float]
+    """Fraction of wall time in drafting, forward passes, acceptance, and everything else."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "speedup": None if self.speedup is None else round(self.speedup, 3),
+            "mean_accepted": round(self.mean_accepted, 3),
+            "exact": None if self.exact is None else round(self.exact, 4),
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "turns": self.turns,
+            "time_split": {k: round(v, 4) for k, v in self.time_split.items()},
+        }
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    method: str
+    overall: Figures
+    categories: dict[str, Figures] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, **self.overall.to_json()}
+        out["categories"] = {name: fig.to_json() for name, fig in self.categories.items()}
+        return out
+
+
+def _figures(records: Sequence[TurnRecord], plain: Sequence[TurnRecord] | None, exact_known: bool) -> Figures:
+    tokens = sum(len(r.output.output_ids) for r in records)
+    seconds = sum(r.output.elapsed_s for r in records)
+    forwards = sum(r.output.forwards for r in records)
+    tps = tokens / seconds if seconds > 0 else 0.0
+    speedup = None
+    if plain:
+        p_tokens = sum(len(r.output.output_ids) for r in plain)
+        p_seconds = sum(r.output.elapsed_s for r in plain)
+        if p_seconds > 0 and p_tokens > 0 and tps > 0:
+            speedup = tps / (p_tokens / p_seconds)
+    exact = None
+    if exact_known and records and all(r.identical is not None for r in records):
+        exact = sum(bool(r.identical) for r in records) / len(records)
+    parts = {
+        "draft": sum(r.output.draft_s for r in records),
+        "forward": sum(r.output.forward_s for r in records),
+        "accept": sum(r.output.accept_s for r in records),
+        "other": sum(r.output.other_s for r in records),
+    }
+    split = {k: (v / seconds if seconds > 0 else 0.0) for k, v in parts.items()}
+    return Figures(
+        tokens_per_s=tps,
+        speedup=speedup,
+        mean_accepted=tokens / forwards if forwards else 0.0,
+        exact=exact,
+        tokens=tokens,
+        seconds=seconds,
+        turns=len(records),
+        time_split=split,
+    )
+
+
+def summarize(run: BenchRun) -> list[MethodSummary]:
+    """Per method (in run order): overall figures and figures per category (in workload order)."""
+    exact_known = BASELINE in run.methods and run.temperature == 0.0
+    by_method: dict[str, list[TurnRecord]] = {m: [] for m in run.methods}
+    for r in run.records:
+        by_method[r.method].append(r)
+    plain_all = by_method.get(BASELINE)
+    categories = list(dict.fromkeys(r.category for r in run.records))
+    out = []
+    for method, records in by_method.items():
+        overall = _figures(records, plain_all, exact_known)
+        cats = {}
+        for cat in categories:
+            mine = [r for r in records if r.category == cat]
+            plain = [r for r in plain_all if r.category == cat] if plain_all else None
+            if mine:
+                cats[cat] = _figures(mine, plain, exact_known)
+        out.append(MethodSummary(method, overall, cats))
+    return out
+
+
+def to_json(run: BenchRun, summaries: Sequence[MethodSummary]) -> dict[str, Any]:
+    """``{"methods": [{"method", "tokens_per_s", "speedup", "mean_accepted", "exact", "categories"}], ...}``."""
+    return {
+        "methods": [s.to_json() for s in summaries],
+        "config": run.config_json(),
+        "machine": run.machine,
+        "turns": [r.to_json() for r in run.records],
+    }
+
+
+def write_json(path: str | Path, run: BenchRun, summaries: Sequence[MethodSummary]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json(run, summaries), indent=2) + "\n", encoding="utf-8")
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def render_table(summaries: Sequence[MethodSummary], *, title: str = "restspec bench") -> Any:
+    """A rich Table: one block of rows per method (overall, then each category)."""
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for col, justify in [
+        ("method", "left"),
+        ("category", "left"),
+        ("tok/s", "right"),
+        ("speedup", "right"),
+        ("tok/step", "right"),
+        ("exact", "right"),
+        ("draft/fwd/acc/other %", "right"),
+    ]:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    multi = any(len(s.categories) > 1 for s in summaries)
+    for s in summaries:
+        rows = [("all", s.overall)]
+        if multi:
+            rows += list(s.categories.items())
+        for i, (cat, fig) in enumerate(rows):
+            split = "/".join(f"{100 * fig.time_split[p]:.0f}" for p in TIME_PARTS)
+            table.add_row(
+                s.method if i == 0 else "",
+                cat,
+                f"{fig.tokens_per_s:.2f}",
+                _fmt(fig.speedup, ".2f", "x"),
+                f"{fig.mean_accepted:.2f}",
+                _fmt(None if fig.exact is None else 100 * fig.exact, ".0f", "%"),
+                split,
+                end_section=(i == len(rows) - 1),
+            )
+    return table
+
+
+def write_plot(path: str | Path, summaries: Sequence[MethodSummary], *, title: str = "") -> None:
+    """Grouped bars: speedup over plain greedy (or tokens/s without plain) per category and method,
+    and mean tokens per forward pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    have_speedup = all(s.overall.speedup is not None for s in summaries)
+    categories = list(dict.fromkeys(c for s in summaries for c in s.categories))
+    groups = ["all", *categories] if len(categories) > 1 else ["all"]
+
+    def value(s: MethodSummary, group: str, metric: str) -> float:
+        fig = s.overall if group == "all" else s.categories.get(group)
+        if fig is None:
+            return 0.0
+        if metric == "speed":
+            return float(fig.speedup if have_speedup else fig.tokens_per_s)
+        return float(fig.mean_accepted)
+
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.3 * len(groups) + 3), 7.5), constrained_layout=True)
+    x = np.arange(len(groups))
+    width = 0.8 / max(len(summaries), 1)
+    for ax, metric, label in [
+        (axes[0], "speed", "speedup over plain greedy" if have_speedup else "tokens/s"),
+        (axes[1], "accepted", "tokens per forward pass"),
+    ]:
+        for i, s in enumerate(summaries):
+            ax.bar(x + (i - (len(summaries) - 1) / 2) * width, [value(s, g, metric) for g in groups], width, label=s.method)
+        ax.set_xticks(x, groups, rotation=20 if len(groups) > 4 else 0)
+        ax.set_ylabel(label)
+        if metric == "speed" and have_speedup:
+            ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(ncols=min(len(summaries), 4), fontsize="small")
+    if title:
+        axes[0].set_title(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""Run several decoding methods side by side on one workload and one loaded model.
+
+Methods are interleaved per prompt (item 1: every method, item 2: every method, ...), with the
+method order rotated from item to item, so machine noise and cache warmth hit all methods alike.
+Every method gets exactly the same prompt ids for an item's first turn; later turns of a chat item
+follow the method's own earlier answers (as a user of that method would see them).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from restspec.bench.methods import BenchMethod, TurnOutput
+from restspec.bench.workloads import BenchItem
+from restspec.errors import RestspecError
+
+WARMUP_PROMPT = "def fibonacci(n):\n    "
+"""Warm-up prompt (not from any workload): its output is discarded and no drafter sees it."""
+WARMUP_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """One method's answer to one turn of one item."""
+
+    item_id: str
+    category: str
+    turn: int
+    method: str
+    prompt_tokens: int
+    output: TurnOutput
+    identical: bool | None
+    """Output ids equal plain greedy's for this turn (None when plain was not run)."""
+
+    def to_json(self) -> dict[str, Any]:
+        o = self.output
+        return {
+            "item_id": self.item_id,
+            "category": self.category,
+            "turn": self.turn,
+            "method": self.method,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": len(o.output_ids),
+            "seconds": round(o.elapsed_s, 4),
+            "forwards": o.forwards,
+            "finish_reason": o.finish_reason,
+            "identical": self.identical,
+        }
+
+
+@dataclass
+class BenchRun:
+    """The raw outcome of a run: every turn of every method, and how the run was set up."""
+
+    methods: list[str]
+    temperature: float
+    max_new_tokens: int
+    config: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    records: list[TurnRecord] = field(default_factory=list)
+
+    def config_json(self) -> dict[str, Any]:
+        return {
+            "methods": self.methods,
+            "temperature": self.temperature,
+            "max_new_tokens": self.max_new_tokens,
+            **self.config,
+        }
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_avg_at_start": None if load is None else [round(x, 2) for x in load],
+    }
+
+
+def prompt_ids(tokenizer: Any, item: BenchItem, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids for the next turn: the chat template over ``messages`` (chat) or the raw prompt."""
+    if item.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise RestspecError(
+                f"item {item.item_id!r} is a chat workload but the tokenizer has no chat template; "
+                "use a chat model or a plain prompt file"
+            )
+        from restspec.models import apply_chat_template
+
+        return [int(i) for i in apply_chat_template(tokenizer, messages)]
+    return [int(i) for i in tokenizer(item.turns[0], add_special_tokens=True)["input_ids"]]
+
+
+def answer_text(tokenizer: Any, output_ids: np.ndarray) -> str:
+    return tokenizer.decode(output_ids.tolist(), skip_special_tokens=True)
+
+
+def warm_up(methods: Sequence[BenchMethod], tokenizer: Any, *, max_new_tokens: int = WARMUP_TOKENS) -> None:
+    """One short generate per method before any timing, so one-time costs (allocator, kernels, JIT
+    compilation in drafters) are not measured. Pass throwaway instances: their drafters see the
+    warm-up output, the measured instances never do."""
+    ids = [int(i) for i in tokenizer(WARMUP_PROMPT)["input_ids"]]
+    for method in methods:
+        method.generate(ids, max_new_tokens, 0.0)
+
+
+def run_bench(
+    items: Sequence[BenchItem],
+    methods: Sequence[BenchMethod],
+    tokenizer: Any,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    progress: Callable[[str], None] | None = None,
+    rotate: bool = True,
+) -> BenchRun:
+    """Run every method on every item, interleaved per item; returns every turn's record.
+
+    ``progress(description)`` is called after each (item, method) pair.
+    """
+    if max_new_tokens < 1:
+        raise RestspecError(f"--max-new-tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise RestspecError(f"--temperature={temperature} must be >= 0")
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise RestspecError(f"methods must have distinct names, got {names}")
+    run = BenchRun(list(names), temperature, max_new_tokens)
+    for index, item in enumerate(items):
+        shift = index % len(methods) if rotate else 0
+        order = list(methods[shift:]) + list(methods[:shift])
+        outputs: dict[str, list[tuple[int, TurnOutput]]] = {}
+        for method in order:
+            messages: list[dict[str, str]] = []
+            turns = []
+            for text in item.turns:
+                messages.append({"role": "user", "content": text})
+                ids = prompt_ids(tokenizer, item, messages)
+                out = method.generate(ids, max_new_tokens, temperature)
+                turns.append((len(ids), out))
+                messages.append({"role": "assistant", "content": answer_text(tokenizer, out.output_ids)})
+            outputs[method.name] = turns
+            if progress is not None:
+                progress(f"{item.item_id} · {method.name}")
+        plain = outputs.get("plain")
+        for name in names:  # records in the stable method order
+            for turn, (n_prompt, out) in enumerate(outputs[name]):
+                identical = None
+                if plain is not None:
+                    identical = bool(np.array_equal(out.output_ids, plain[turn][1].output_ids))
+                run.records.append(TurnRecord(item.item_id, item.category, turn, name, n_prompt, out, identical))
+    return run

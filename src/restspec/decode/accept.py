@@ -1,0 +1,141 @@
+"""Acceptance: which draft nodes the model agrees with, and the model's own next token.
+
+Both rules walk the tree from the root, one logits row per visited node (row 0 = root, row i+1 =
+node i), and emit exactly one token per visited row:
+
+- greedy: the row's argmax; move to the child carrying it, else stop;
+- sampling: a token drawn from the row's warped distribution (temperature, then top-k, then top-p,
+  as ``transformers`` does); move to the child carrying it, else stop.
+
+Each emitted token is thus drawn from the model's own distribution given everything before it, so
+the output is distributed exactly as plain decoding (and with greedy, token-identical to it). A
+sampled step consumes one uniform number per emitted token, the same as a plain step does: with the
+same seed, speculative and plain sampling produce the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from restspec.decode.config import SamplingConfig
+from restspec.draft.tree import DraftTree
+
+
+@dataclass(frozen=True, eq=False)
+class Acceptance:
+    """The outcome of one step."""
+
+    path: np.ndarray
+    """int64[k]: accepted node indices, root to leaf (a path of the tree)."""
+    tokens: list[int]
+    """The k accepted draft tokens, then the model's own next token (k + 1 tokens)."""
+
+
+def child_lookup(tree: DraftTree) -> dict[tuple[int, int], int]:
+    """{(parent node, token): child node}; parent -1 is the root."""
+    return {(p, t): i for i, (p, t) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist()))}
+
+
+def greedy_accept(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
+    """Follow the argmax of ``logits`` (n+1, V) while a child carries it."""
+    children = child_lookup(tree) if len(tree) else {}
+    path: list[int] = []
+    tokens: list[int] = []
+    node = -1
+    while True:
+        token = int(logits[node + 1].argmax())
+        tokens.append(token)
+        child = children.get((node, token))
+        if child is None:
+            return Acceptance(np.asarray(path, dtype=np.int64), tokens)
+        path.append(child)
+        node = child
+
+
+def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Warped float32 scores (..., V), filtered tokens at -inf, exactly as ``transformers``'
+    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper applied in that order."""
+    scores = logits.to(torch.float32)
+    if sampling.temperature != 1.0:
+        scores = scores / sampling.temperature
+    if sampling.top_k:
+        k = min(sampling.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if sampling.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - sampling.top_p)  # drop the low tail whose mass is <= 1 - top_p
+        remove[..., -1:] = False  # keep at least the best token
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+    return scores
+
+
+def warped_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The sampling distribution (..., V) in float32: softmax of :func:`warp_logits`."""
+    return warp_logits(logits, sampling).softmax(dim=-1)
+
+
+def warped_cdf(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """float64 cumulative sums (..., V) of :func:`warped_probs` (what :func:`draw_from_cdf` reads)."""
+    return warped_probs(logits, sampling).to(torch.float64).cumsum(-1)
+
+
+def draw_from_cdf(cdf: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token by inverse CDF from one uniform number of ``generator``; ``cdf``: (V,)."""
+    u = torch.rand(1, generator=generator, dtype=torch.float64) * cdf[-1]
+    return int(torch.searchsorted(cdf, u, right=True))  # first token with cdf > u, so p > 0
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from ``probs`` (V,) with one uniform number from ``generator``."""
+    return draw_from_cdf(probs.to(torch.float64).cumsum(0), generator)
+
+
+_BATCH_WARP_ELEMENTS = 1 << 16
+"""Trees whose logits have at most this many entries are warped in one batch, larger ones row by row
+(only the rows on the accepted path are needed, typically 2-4 of them)."""
+
+
+def sample_accept(
+    tree: DraftTree,
+    logits: torch.Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    *,
+    batch_rows: bool | None = None,
+) -> Acceptance:
+    """Draw from each visited row's warped distribution; follow the child carrying the draw.
+
+    ``batch_rows`` forces warping all rows at once (True) or only the visited rows (False); by
+    default small logits are warped at once. Both give the same tokens.
+    """
+    children = child_lookup(tree) if len(tree) else {}
+    if batch_rows is None:
+        batch_rows = logits.numel() <= _BATCH_WARP_ELEMENTS
+    cdfs = warped_cdf(logits, sampling) if batch_rows else None
+    path: list[int] = []
+    tokens: list[int] = []
+    node = -1
+    while True:
+        row = node + 1
+        cdf = cdfs[row] if cdfs is not None else warped_cdf(logits[row], sampling)
+        token = draw_from_cdf(cdf, generator)
+        tokens.append(token)
+        child = children.get((node, token))
+        if child is None:
+            return Acceptance(np.asarray(path, dtype=np.int64), tokens)
+        path.append(child)
+        node = child
+
+
+def accept(
+    tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
+) -> Acceptance:
+    """Greedy when ``sampling.temperature == 0``, else exact sampling. ``logits``: (n+1, V)."""
+    if sampling.greedy:
+        return greedy_accept(tree, logits)
+    return sample_accept(tree, logits, sampling, generator)

@@ -1,0 +1,195 @@
+"""Tree verification on any Hugging Face causal LM, through its public forward arguments only.
+
+One forward pass scores ``[root, node 0, ..., node n-1]`` on top of the KV cache: a 4D additive float
+mask (0 where a row may attend, the dtype's minimum elsewhere) lets every row see the whole cache and
+its own tree ancestors, and explicit ``position_ids`` put node i at ``past_len + depth_i``. With a 4D
+mask, ``transformers`` (5.x) hands the mask to the attention kernel as-is, so the model no longer
+assumes causality; sliding-window attention is therefore applied here, in the mask.
+
+The cache is a ``DynamicCache`` without config: every layer is a plain ``DynamicLayer`` holding
+``keys`` / ``values`` of shape (batch=1, kv_heads, T, head_dim), so that rejected rows can be dropped
+and accepted rows gathered (:func:`compact_cache`), also for sliding-window models.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from restspec.draft.tree import DraftTree
+from restspec.errors import ModelError
+
+_MASKABLE_ATTENTION = ("sdpa", "eager")
+_FULL, _SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What verification needs to know about a model, read once from its config."""
+
+    dtype: torch.dtype
+    """Dtype of the additive mask (the model's dtype)."""
+    max_positions: int | None
+    """Context length (``max_position_embeddings`` / ``n_positions``), None if unbounded."""
+    sliding_window: int | None
+    """Window of sliding-attention layers (a key at position k is seen from q iff k > q - window)."""
+    hybrid: bool
+    """Some layers slide, some do not: the mask is passed as {layer type: mask}."""
+    logits_to_keep: bool
+    """The forward takes ``logits_to_keep`` (used to skip the LM head on prefill rows)."""
+    eos_token_ids: tuple[int, ...]
+    """Every end-of-sequence id of the model's generation config."""
+
+
+def model_layout(model: Any) -> ModelLayout:
+    """Read the attention layout of ``model`` (cached on nothing: call once per generator)."""
+    config = model.config.get_text_config(decoder=True)
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in _MASKABLE_ATTENTION:
+        raise ModelError(
+            f"attention implementation {impl!r} cannot take a tree mask; "
+            f"load the model with attn_implementation='sdpa' (or one of {_MASKABLE_ATTENTION})"
+        )
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is not None:
+        kinds = set(layer_types)
+        unknown = kinds - {_FULL, _SLIDING}
+        if unknown:
+            raise ModelError(f"layer types {sorted(unknown)} are not supported by tree verification")
+        if _SLIDING not in kinds:
+            window = None
+        hybrid = len(kinds) == 2 and window is not None
+    else:
+        hybrid = False
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    eos_ids = () if eos is None else tuple(int(e) for e in np.atleast_1d(eos).tolist())
+    params = inspect.signature(model.forward).parameters
+    return ModelLayout(
+        dtype=model.dtype,
+        max_positions=int(max_positions) if max_positions else None,
+        sliding_window=int(window) if window else None,
+        hybrid=hybrid,
+        logits_to_keep="logits_to_keep" in params,
+        eos_token_ids=eos_ids,
+    )
+
+
+def new_cache() -> DynamicCache:
+    """An empty cache of plain (non-sliding) layers, which compaction can gather from."""
+    return DynamicCache()
+
+
+def tree_attention_bias(
+    tree: DraftTree, past_len: int, dtype: torch.dtype, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Additive mask (1, 1, n+1, past_len+n+1): 0 where ``tree.attention_mask(past_len)`` is True, the
+    dtype's minimum elsewhere; with ``sliding_window`` keys at positions <= q - window are masked too."""
+    n = len(tree)
+    neg = torch.finfo(dtype).min
+    bias = torch.zeros((1, 1, n + 1, past_len + n + 1), dtype=dtype)
+    if n:
+        # (n+1, n+1) over [root, nodes]: hide everything that is not an ancestor (or self)
+        bias[0, 0, :, past_len:].masked_fill_(torch.from_numpy(~tree.ancestor_mask), neg)
+    if sliding_window is not None:
+        q_pos = torch.from_numpy(tree.position_ids(past_len))  # (n+1,)
+        k_pos = torch.cat((torch.arange(past_len), q_pos))  # (past_len+n+1,)
+        out_of_window = k_pos[None, :] <= q_pos[:, None] - sliding_window
+        bias[0, 0].masked_fill_(out_of_window, neg)
+    return bias
+
+
+def _mask_argument(layout: ModelLayout, tree: DraftTree, past_len: int) -> torch.Tensor | dict[str, torch.Tensor]:
+    if layout.hybrid:
+        return {
+            _FULL: tree_attention_bias(tree, past_len, layout.dtype),
+            _SLIDING: tree_attention_bias(tree, past_len, layout.dtype, layout.sliding_window),
+        }
+    return tree_attention_bias(tree, past_len, layout.dtype, layout.sliding_window)
+
+
+@torch.inference_mode()
+def prefill(model: Any, cache: DynamicCache, token_ids: np.ndarray, layout: ModelLayout | None = None) -> None:
+    """Feed ``token_ids`` (int[L]) into an empty ``cache`` with the model's own causal mask."""
+    if len(token_ids) == 0:
+        return
+    layout = layout or model_layout(model)
+    input_ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))[None, :]  # (1, L)
+    kwargs: dict[str, Any] = {}
+    if layout.logits_to_keep:
+        kwargs["logits_to_keep"] = 1  # no logits are needed: the root is scored by the first step
+    model(
+        input_ids=input_ids,
+        position_ids=torch.arange(input_ids.shape[1])[None, :],
+        past_key_values=cache,
+        use_cache=True,
+        **kwargs,
+    )
+
+
+@torch.inference_mode()
+def forward_tree(
+    model: Any,
+    cache: DynamicCache,
+    root_token: int,
+    tree: DraftTree,
+    past_len: int,
+    layout: ModelLayout | None = None,
+) -> torch.Tensor:
+    """Score ``[root_token] + tree`` on top of ``cache`` (which holds ``past_len`` tokens) in one forward.
+
+    Returns the raw logits (n+1, V) in the model's dtype; row r scores the token after input r on its
+    tree path. The cache grows by n+1 rows: call :func:`compact_cache` after acceptance.
+    """
+    layout = layout or model_layout(model)
+    ids = np.empty(len(tree) + 1, dtype=np.int64)
+    ids[0] = root_token
+    ids[1:] = tree.tokens
+    out = model(
+        input_ids=torch.from_numpy(ids)[None, :],  # (1, n+1)
+        attention_mask=_mask_argument(layout, tree, past_len),
+        position_ids=torch.from_numpy(tree.position_ids(past_len))[None, :],  # (1, n+1)
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.logits[0]
+
+
+@torch.inference_mode()
+def compact_cache(cache: DynamicCache, past_len: int, path: np.ndarray | list[int], n_nodes: int) -> None:
+    """Keep the root and the accepted ``path`` (node indices, root to leaf) of the last verification.
+
+    Before: ``past_len`` tokens + root + ``n_nodes`` tree rows. After: ``past_len + 1 + len(path)``
+    tokens. A path that is a prefix of the node order (a chain) is a plain crop, no copy.
+    """
+    path = np.asarray(path, dtype=np.int64)
+    keep = len(path)
+    drop = n_nodes - keep
+    contiguous = bool(np.array_equal(path, np.arange(keep)))
+    if not contiguous:
+        src = torch.from_numpy(past_len + 1 + path)
+        dst = slice(past_len + 1, past_len + 1 + keep)
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer) or layer.is_sliding:
+            raise ModelError(f"cache layer {type(layer).__name__} cannot be compacted; use new_cache()")
+        if not layer.is_initialized:
+            continue
+        if not contiguous:
+            # (1, kv_heads, T, head_dim): move the accepted rows right after the root
+            layer.keys[:, :, dst] = layer.keys[:, :, src]
+            layer.values[:, :, dst] = layer.values[:, :, src]
+        if drop:
+            end = layer.keys.shape[-2] - drop
+            layer.keys = layer.keys[:, :, :end]
+            layer.values = layer.values[:, :, :end]

@@ -1,0 +1,210 @@
+"""Several draft sources in one tree under one budget.
+
+Every source proposes its own best ``budget`` nodes. Each node gets an estimated acceptance
+probability: the source's own weight, calibrated online per source from what verification accepted
+(:class:`Calibration`), then capped so that it never exceeds the estimate of a node the same source
+ranked higher. Nodes with the same path from different sources become one node (probability: the
+maximum over sources, or the noisy-or). The merged tree keeps the ``budget`` nodes of highest
+probability, ties broken by depth then path token ids. Since a parent's probability is never below
+its child's, the result is prefix-closed, and a node is dropped only when ``budget`` nodes rank at
+least as high: a merge never drops a path that a single source ranks above a kept one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from restspec.draft.base import Drafter, TreeLogits
+from restspec.draft.tree import DraftTree
+
+MATCH_LENGTH_EDGES = np.array([1, 2, 3, 4, 6, 9])
+"""Match-length buckets: 0, 1, 2, 3, 4-5, 6-8, 9+ tokens (0 = the source reports no match)."""
+MAX_DEPTH_BUCKET = 6
+"""Depths 1..5 have their own bucket, 6 and deeper share one."""
+WEIGHT_BUCKETS = 10
+"""A source's own weight is bucketed in tenths."""
+
+
+def node_outcomes(tree: DraftTree, accepted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which nodes verification settled, and which of those were accepted.
+
+    ``accepted``: the tokens the step gained (accepted drafts + the model's next token), so the
+    model's choice is known at depths 1..len(accepted). Returns (known bool[n], hit bool[n]): a node
+    is known when its parent was hit (or it hangs below the root) and its depth <= len(accepted)."""
+    n = len(tree)
+    known = np.zeros(n, bool)
+    hit = np.zeros(n, bool)
+    acc = np.asarray(accepted).tolist()
+    depths = tree.depths
+    for i, (tok, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist(), strict=True)):
+        d = int(depths[i])
+        if d <= len(acc) and (parent < 0 or hit[parent]):
+            known[i] = True
+            hit[i] = tok == acc[d - 1]
+    return known, hit
+
+
+class Calibration:
+    """Online acceptance rates per (source, match-length bucket, depth bucket, weight bucket).
+
+    ``estimate`` = (hits + strength * prior) / (trials + strength), prior = scale * the source's own
+    weight: the source's weights until evidence accumulates, then the observed rate."""
+
+    def __init__(self, n_sources: int, strength: float = 8.0, scales: Sequence[float] | None = None) -> None:
+        if strength <= 0:
+            raise ValueError(f"strength={strength} must be > 0")
+        shape = (n_sources, len(MATCH_LENGTH_EDGES) + 1, MAX_DEPTH_BUCKET, WEIGHT_BUCKETS)
+        self.hits = np.zeros(shape)
+        self.trials = np.zeros(shape)
+        self.strength = strength
+        self.scales = np.ones(n_sources) if scales is None else np.asarray(scales, np.float64)
+        if self.scales.shape != (n_sources,) or (self.scales <= 0).any():
+            raise ValueError(f"scales must be {n_sources} positive numbers, got {scales}")
+
+    def _bins(self, match_length: int, tree: DraftTree) -> tuple[int, np.ndarray, np.ndarray]:
+        length_bin = int(np.searchsorted(MATCH_LENGTH_EDGES, match_length, side="right"))
+        depth_bin = np.minimum(tree.depths, MAX_DEPTH_BUCKET) - 1
+        weight_bin = np.minimum((tree.weights * WEIGHT_BUCKETS).astype(np.int64), WEIGHT_BUCKETS - 1)
+        return length_bin, depth_bin, weight_bin
+
+    def estimate(self, source: int, match_length: int, tree: DraftTree) -> np.ndarray:
+        """float64[n]: calibrated probability per node, non-increasing in the source's node order."""
+        if len(tree) == 0:
+            return np.zeros(0)
+        length_bin, depth_bin, weight_bin = self._bins(match_length, tree)
+        hits = self.hits[source, length_bin, depth_bin, weight_bin]
+        trials = self.trials[source, length_bin, depth_bin, weight_bin]
+        prior = np.minimum(self.scales[source] * tree.weights, 1.0)
+        rate = (hits + self.strength * prior) / (trials + self.strength)
+        return np.minimum.accumulate(np.clip(rate, 0.0, 1.0))
+
+    def update(self, source: int, match_length: int, tree: DraftTree, accepted: np.ndarray) -> None:
+        if len(tree) == 0:
+            return
+        known, hit = node_outcomes(tree, accepted)
+        length_bin, depth_bin, weight_bin = self._bins(match_length, tree)
+        np.add.at(self.trials[source, length_bin], (depth_bin[known], weight_bin[known]), 1.0)
+        np.add.at(self.hits[source, length_bin], (depth_bin[hit], weight_bin[hit]), 1.0)
+
+
+def merge_trees(
+    trees: Sequence[DraftTree], probs: Sequence[np.ndarray], budget: int, combine: str = "max"
+) -> DraftTree:
+    """One tree of at most ``budget`` nodes from ``trees`` with per-node probabilities ``probs``.
+
+    Identical paths become one node with probability max (``combine="max"``) or noisy-or
+    (``"or"``: 1 - prod(1 - p)) over the sources. Each ``probs[s]`` must not increase from parent to
+    child. Nodes are ordered by probability (descending), depth, then path token ids."""
+    if combine not in ("max", "or"):
+        raise ValueError(f"combine={combine!r} must be 'max' or 'or'")
+    index: dict[tuple[int, int], int] = {}
+    paths: list[tuple[int, ...]] = []
+    parents: list[int] = []
+    miss: list[float] = []  # max: -p (min is best), or: prod(1 - p)
+    for tree, prob in zip(trees, probs, strict=True):
+        ids: list[int] = []
+        for tok, parent, p in zip(tree.tokens.tolist(), tree.parents.tolist(), prob.tolist(), strict=True):
+            merged_parent = -1 if parent < 0 else ids[parent]
+            key = (merged_parent, tok)
+            node = index.get(key)
+            if node is None:
+                node = index[key] = len(paths)
+                paths.append((paths[merged_parent] if merged_parent >= 0 else ()) + (tok,))
+                parents.append(merged_parent)
+                miss.append(-p if combine == "max" else 1.0 - p)
+            elif combine == "max":
+                miss[node] = min(miss[node], -p)
+            else:
+                miss[node] *= 1.0 - p
+            ids.append(node)
+    if not paths or budget <= 0:
+        return DraftTree.empty()
+    merged = [-x for x in miss] if combine == "max" else [1.0 - x for x in miss]
+    for i, parent in enumerate(parents):  # guard against float rounding: a child never beats its parent
+        if parent >= 0 and merged[i] > merged[parent]:
+            merged[i] = merged[parent]
+    order = sorted(range(len(paths)), key=lambda i: (-merged[i], len(paths[i]), paths[i]))[:budget]
+    position = {node: rank for rank, node in enumerate(order)}
+    return DraftTree(
+        np.asarray([paths[i][-1] for i in order], np.int32),
+        np.asarray([-1 if parents[i] < 0 else position[parents[i]] for i in order], np.int32),
+        np.clip(np.asarray([merged[i] for i in order], np.float32), 0.0, 1.0),
+    )
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """How :class:`MergedDrafter` ranks and combines sources."""
+
+    combine: str = "max"
+    """Probability of a path several sources propose: 'max' or 'or' (noisy-or)."""
+    calibrate: bool = True
+    """Learn per-source acceptance rates online from observe()."""
+    strength: float = 8.0
+    """Pseudo-observations behind a source's own weights in calibration."""
+
+    def __post_init__(self) -> None:
+        if self.combine not in ("max", "or"):
+            raise ValueError(f"combine={self.combine!r} must be 'max' or 'or'")
+        if self.strength <= 0:
+            raise ValueError(f"strength={self.strength} must be > 0")
+
+
+class MergedDrafter:
+    """Several drafters as one: their trees merged under one budget (see the module docstring).
+
+    ``scales``: a prior multiplier per source on its own weights (1 = trust them as given)."""
+
+    def __init__(
+        self,
+        drafters: Sequence[Drafter],
+        scales: Sequence[float] | None = None,
+        config: MergeConfig | None = None,
+    ) -> None:
+        if not drafters:
+            raise ValueError("drafters must hold at least one drafter")
+        self.drafters = list(drafters)
+        self.config = config or MergeConfig()
+        self.calibration = Calibration(len(self.drafters), self.config.strength, scales)
+        self._last: list[tuple[DraftTree, int]] = []
+
+    def start_request(self, prompt: np.ndarray) -> None:
+        for drafter in self.drafters:
+            drafter.start_request(prompt)
+
+    def stop_request(self) -> None:
+        for drafter in self.drafters:
+            drafter.stop_request()
+
+    def source_trees(self, context: np.ndarray, budget: int) -> list[tuple[DraftTree, int]]:
+        """Each source's own tree and its match length (0 when it reports none)."""
+        out = []
+        for drafter in self.drafters:
+            tree = drafter.propose(context, budget)
+            out.append((tree, int(getattr(drafter, "last_match_length", 0))))
+        return out
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        if budget <= 0:
+            self._last = []
+            return DraftTree.empty()
+        self._last = self.source_trees(context, budget)
+        trees = [tree for tree, _ in self._last]
+        if self.config.calibrate:
+            probs = [
+                self.calibration.estimate(s, length, tree) for s, (tree, length) in enumerate(self._last)
+            ]
+        else:
+            probs = [np.minimum.accumulate(tree.weights.astype(np.float64)) for tree in trees]
+        return merge_trees(trees, probs, budget, self.config.combine)
+
+    def observe(self, context: np.ndarray, accepted: np.ndarray, logits: TreeLogits | None = None) -> None:
+        if self.config.calibrate:
+            for s, (tree, length) in enumerate(self._last):
+                self.calibration.update(s, length, tree, accepted)
+        self._last = []
+        for drafter in self.drafters:
+            drafter.observe(context, accepted, logits)

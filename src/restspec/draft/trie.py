@@ -1,0 +1,341 @@
+"""Trie counting and top-c selection over continuations, vectorized.
+
+Given k continuations (rows of m tokens, -1 padded), every prefix of every row is a trie node whose
+count is the number of rows starting with it. :func:`select_tree` keeps the ``budget`` nodes with
+the highest counts. Ties are broken by depth (shallow first), then by the path's token ids
+(lexicographic), so the result is deterministic and independent of row order. Since a node's count
+never exceeds its parent's and a parent is shallower, this order lists parents before children and
+every prefix of it is prefix-closed.
+
+How (no per-token Python loop): the rows are sorted lexicographically (tokens packed several to an
+int64 key, then one ``np.lexsort``); in sorted order rows sharing a prefix are contiguous, so a node
+is a run of equal prefixes in one column and its count is the run's length.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba as nb
+import numpy as np
+
+from restspec.draft.tree import DraftTree
+
+_KEY_BITS = 62
+"""Bits of an int64 sort key used for packed tokens (kept below 63 so keys stay non-negative)."""
+
+
+def _sort_rows(rows: np.ndarray) -> np.ndarray:
+    """Row order that sorts ``rows`` (int64[k, m], values >= 0) lexicographically; stable."""
+    k, m = rows.shape
+    bits = max(int(rows.max()).bit_length(), 1)
+    per_key = max(_KEY_BITS // bits, 1)
+    keys = []
+    for start in range(0, m, per_key):
+        block = rows[:, start : start + per_key]
+        shifts = np.arange(block.shape[1] - 1, -1, -1, dtype=np.int64) * bits
+        keys.append((block << shifts).sum(axis=1))
+    if len(keys) == 1:
+        return np.argsort(keys[0], kind="stable")
+    return np.lexsort(keys[::-1])  # lexsort's last key is the primary one
+
+
+def count_trie(continuations: np.ndarray):
+    """Count every prefix of the rows of ``continuations`` (int32[k, m], -1 padded).
+
+    Returns ``(tokens, depths, counts, parents, order)`` over all trie nodes, each int64[N]: a node's
+    last token, depth (1 = first token), number of rows with its prefix, index of its parent node
+    (-1 for depth 1) and its rank in (path-lexicographic) order; nodes are listed column by column.
+    """
+    cont = np.asarray(continuations)
+    if cont.ndim != 2:
+        raise ValueError(f"continuations must be 2-D [k, m], got shape {cont.shape}")
+    k, m = cont.shape
+    if k == 0 or m == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, empty, empty
+    # (k, m): a token counts only while the row has had no -1 yet; shift so padding is 0
+    valid = np.logical_and.accumulate(cont >= 0, axis=1)
+    shifted = np.where(valid, cont.astype(np.int64) + 1, 0)
+    order = _sort_rows(shifted)
+    rows = shifted[order]  # (k, m), lexicographically sorted
+    # new[i, j]: row i starts a new prefix of length j + 1 (differs from row i - 1 at some column <= j)
+    new = np.empty((k, m), dtype=bool)
+    new[0] = True
+    np.logical_or.accumulate(rows[1:] != rows[:-1], axis=1, out=new[1:])
+    # run ids per column, numbered globally column by column: node_of[i, j]
+    new_t = new.T  # (m, k)
+    run_counts = new_t.sum(axis=1)
+    offsets = np.concatenate(([0], np.cumsum(run_counts)[:-1]))
+    node_of = np.cumsum(new_t, axis=1) - 1 + offsets[:, None]  # (m, k)
+    col, start = np.nonzero(new_t)  # every run: column and first row, column-major like node ids
+    total = len(col)
+    next_start = np.empty(total, np.int64)
+    next_start[:-1] = start[1:]
+    next_start[offsets[1:] - 1] = k  # the last run of each column ends at row k
+    next_start[-1] = k
+    counts = next_start - start
+    tokens = rows[start, col] - 1
+    parents = np.where(col > 0, node_of[np.maximum(col - 1, 0), start], -1)
+    keep = tokens >= 0
+    # renumber the kept (real-token) nodes; a kept node's parent is kept too (padding is a suffix)
+    new_index = np.cumsum(keep) - 1
+    parents = np.where(parents >= 0, new_index[np.maximum(parents, 0)], -1)[keep]
+    return tokens[keep], (col + 1)[keep], counts[keep], parents, start[keep]
+
+
+def select_tree_numpy(continuations: np.ndarray, budget: int) -> DraftTree:
+    """Pure-numpy :func:`select_tree` (the reference the numba kernel is tested against).
+
+    Nodes are ordered by count (descending), then depth (ascending), then path token ids; parents
+    precede children. ``weights[i] = count_i / k``, the fraction of rows with node i's prefix.
+    """
+    if budget < 0:
+        raise ValueError(f"budget={budget} must be >= 0")
+    tokens, depths, counts, parents, lex = count_trie(continuations)
+    n = len(tokens)
+    if n == 0 or budget == 0:
+        return DraftTree.empty()
+    k, m = np.shape(continuations)
+    # one int64 key per node: count desc, depth asc, lexicographic path order asc
+    key = ((k - counts) * (m + 1) + depths) * (k + 1) + lex
+    if budget < n:
+        chosen = np.argpartition(key, budget - 1)[:budget]
+        chosen = chosen[np.argsort(key[chosen], kind="stable")]
+    else:
+        chosen = np.argsort(key, kind="stable")
+    position = np.full(n, -1, np.int64)
+    position[chosen] = np.arange(len(chosen))
+    sel_parents = parents[chosen]
+    tree_parents = np.where(sel_parents >= 0, position[np.maximum(sel_parents, 0)], -1)
+    return DraftTree(tokens[chosen], tree_parents, counts[chosen] / k)
+
+
+# ---------------------------------------------------------------------------------------------
+# numba kernel: the same rule, about 10x faster than the numpy version on 5000 x 10 inputs.
+# Rows are sorted column by column (most significant first) only inside groups that share a
+# prefix, so most of the work stops at depth 1-3; a group of one row is a chain of count-1 nodes,
+# which are materialized only when fewer than ``budget`` nodes have a count of 2 or more.
+
+_RADIX_BITS = 8
+"""Digit width of the radix sort used for groups above ``_INSERTION_MAX`` rows (256 buckets)."""
+_INSERTION_MAX = 24
+"""Groups up to this size are sorted by insertion sort."""
+
+
+@nb.njit(cache=True)
+def _sort_group(order, lo, hi, keys, tmp_order, tmp_keys, bits):  # pragma: no cover - compiled
+    """Sort ``order[lo:hi]`` by ``keys[:hi - lo]`` (``keys[i]`` belongs to ``order[lo + i]``)."""
+    n = hi - lo
+    if n <= _INSERTION_MAX:
+        for i in range(1, n):
+            key = keys[i]
+            row = order[lo + i]
+            p = i - 1
+            while p >= 0 and keys[p] > key:
+                keys[p + 1] = keys[p]
+                order[lo + p + 1] = order[lo + p]
+                p -= 1
+            keys[p + 1] = key
+            order[lo + p + 1] = row
+        return
+    buckets = 1 << _RADIX_BITS
+    digit_mask = buckets - 1
+    hist = np.empty(buckets, np.int64)
+    shift = 0
+    while shift < bits:  # LSD radix sort
+        hist[:] = 0
+        for i in range(n):
+            hist[(keys[i] >> shift) & digit_mask] += 1
+        total = 0
+        for b in range(buckets):
+            c = hist[b]
+            hist[b] = total
+            total += c
+        for i in range(n):
+            d = (keys[i] >> shift) & digit_mask
+            pos = hist[d]
+            hist[d] = pos + 1
+            tmp_keys[pos] = keys[i]
+            tmp_order[pos] = order[lo + i]
+        for i in range(n):
+            keys[i] = tmp_keys[i]
+            order[lo + i] = tmp_order[i]
+        shift += _RADIX_BITS
+
+
+@nb.njit(cache=True)
+def _select_tree_kernel(continuations, budget, work):  # pragma: no cover - compiled
+    """``continuations``: int[k, m], -1 padded; ``work``: int64 scratch of ``_work_size(k, m)``.
+    Returns (tokens, parents, counts) of the selected nodes in final order (int64 each)."""
+    k, m = continuations.shape
+    length = work[5 * (k * m // 2 + 1) + 14 * k :]
+    # key(i, j) = token + 1 while row i has had no -1 yet, else 0 (padding); rows are read in place
+    max_token = 1
+    for i in range(k):
+        length[i] = m
+        for j in range(m):
+            t = continuations[i, j]
+            if t < 0:
+                length[i] = j
+                break
+            if t + 1 > max_token:
+                max_token = t + 1
+    bits = 0
+    while (1 << bits) <= max_token:
+        bits += 1
+    # every scratch array is a view of ``work`` (reused across calls: fresh large arrays cost more in
+    # page faults than the count itself)
+    cap = k * m // 2 + 1  # nodes with count >= 2: at most k / 2 per column
+    tokens = work[0:cap]
+    depths = work[cap : 2 * cap]
+    counts = work[2 * cap : 3 * cap]
+    parents = work[3 * cap : 4 * cap]
+    lex = work[4 * cap : 5 * cap]
+    base = 5 * cap
+    chain_row = work[base : base + k]  # chains of count-1 nodes: row, head column, rank, parent
+    chain_col = work[base + k : base + 2 * k]
+    chain_lex = work[base + 2 * k : base + 3 * k]
+    chain_parent = work[base + 3 * k : base + 4 * k]
+    order = work[base + 4 * k : base + 5 * k]
+    keys = work[base + 5 * k : base + 6 * k]
+    tmp_order = work[base + 6 * k : base + 7 * k]
+    tmp_keys = work[base + 7 * k : base + 8 * k]
+    group_lo = work[base + 8 * k : base + 9 * k]
+    group_hi = work[base + 9 * k : base + 10 * k]
+    group_parent = work[base + 10 * k : base + 11 * k]
+    next_lo = work[base + 11 * k : base + 12 * k]
+    next_hi = work[base + 12 * k : base + 13 * k]
+    next_parent = work[base + 13 * k : base + 14 * k]
+    n_chains = 0
+    for i in range(k):
+        order[i] = i
+    group_lo[0] = 0
+    group_hi[0] = k
+    group_parent[0] = -1
+    n_groups = 1
+    n = 0
+    for j in range(m):
+        n_next = 0
+        for g in range(n_groups):
+            lo = group_lo[g]
+            hi = group_hi[g]
+            same = True
+            for i in range(lo, hi):
+                row = order[i]
+                keys[i - lo] = continuations[row, j] + 1 if j < length[row] else 0
+                if keys[i - lo] != keys[0]:
+                    same = False
+            if not same:
+                _sort_group(order, lo, hi, keys, tmp_order, tmp_keys, bits)
+            i = lo
+            while i < hi:  # runs of one token inside the group are the group's children
+                t = keys[i - lo]
+                e = i + 1
+                while e < hi and keys[e - lo] == t:
+                    e += 1
+                if t != 0:
+                    if e - i > 1:
+                        tokens[n] = t - 1
+                        depths[n] = j + 1
+                        counts[n] = e - i
+                        parents[n] = group_parent[g]
+                        lex[n] = i
+                        next_lo[n_next] = i
+                        next_hi[n_next] = e
+                        next_parent[n_next] = n
+                        n_next += 1
+                        n += 1
+                    else:
+                        chain_row[n_chains] = order[i]
+                        chain_col[n_chains] = j
+                        chain_lex[n_chains] = i
+                        chain_parent[n_chains] = group_parent[g]
+                        n_chains += 1
+                i = e
+        group_lo, next_lo = next_lo, group_lo
+        group_hi, next_hi = next_hi, group_hi
+        group_parent, next_parent = next_parent, group_parent
+        n_groups = n_next
+        if n_groups == 0:
+            break
+    # rank nodes with count >= 2: count desc, depth asc, path lexicographic asc
+    rank_key = np.empty(n, np.int64)
+    for i in range(n):
+        rank_key[i] = ((k - counts[i]) * (m + 1) + depths[i]) * (k + 1) + lex[i]
+    ranked = np.argsort(rank_key)  # keys are distinct (lex differs between nodes of one depth)
+    n_multi = min(n, budget)
+    n_single = budget - n_multi
+    out_tokens = np.empty(budget, np.int64)
+    out_parents = np.empty(budget, np.int64)
+    out_counts = np.empty(budget, np.int64)
+    position = np.full(n, -1, np.int64)
+    for r in range(n_multi):
+        node = ranked[r]
+        position[node] = r
+        out_tokens[r] = tokens[node]
+        out_counts[r] = counts[node]
+        p = parents[node]
+        out_parents[r] = -1 if p < 0 else position[p]
+    size = n_multi
+    if n_single > 0 and n_chains > 0:
+        # count-1 nodes: depth asc, then lexicographic; a chain grows one node per depth
+        chain_order = np.argsort(chain_lex[:n_chains])
+        last = np.empty(n_chains, np.int64)
+        for c in range(n_chains):
+            p = chain_parent[c]
+            last[c] = -1 if p < 0 else position[p]  # the chain's parent has count >= 2: selected
+        for d in range(m):
+            for c_i in range(n_chains):
+                if size == budget:
+                    break
+                c = chain_order[c_i]
+                if chain_col[c] > d:
+                    continue
+                if d >= length[chain_row[c]] or last[c] == -2:
+                    continue
+                if chain_parent[c] >= 0 and last[c] < 0:
+                    last[c] = -2  # parent not selected: the whole chain is out
+                    continue
+                out_tokens[size] = continuations[chain_row[c], d]
+                out_counts[size] = 1
+                out_parents[size] = last[c]
+                last[c] = size
+                size += 1
+    return out_tokens[:size], out_parents[:size], out_counts[:size]
+
+
+def _work_size(k: int, m: int) -> int:
+    return 5 * (k * m // 2 + 1) + 15 * k
+
+
+_local = threading.local()
+
+
+def _workspace(size: int) -> np.ndarray:
+    """This thread's int64 scratch buffer of at least ``size`` entries."""
+    work = getattr(_local, "work", None)
+    if work is None or len(work) < size:
+        work = np.empty(max(size, 1), np.int64)
+        _local.work = work
+    return work
+
+
+def select_tree(continuations: np.ndarray, budget: int) -> DraftTree:
+    """The ``budget`` most frequent prefixes of ``continuations`` (int32[k, m], -1 padded) as a tree.
+
+    Nodes are ordered by count (descending), then depth (ascending), then path token ids; parents
+    precede children. ``weights[i] = count_i / k``, the fraction of rows with node i's prefix.
+    Same result as :func:`select_tree_numpy`, compiled with numba.
+    """
+    if budget < 0:
+        raise ValueError(f"budget={budget} must be >= 0")
+    cont = np.asarray(continuations)
+    if cont.ndim != 2:
+        raise ValueError(f"continuations must be 2-D [k, m], got shape {cont.shape}")
+    k, m = cont.shape
+    if k == 0 or m == 0 or budget == 0:
+        return DraftTree.empty()
+    work = _workspace(_work_size(k, m))
+    tokens, parents, counts = _select_tree_kernel(np.ascontiguousarray(cont, dtype=np.int32), budget, work)
+    return DraftTree(tokens, parents, counts / k)

@@ -1,0 +1,137 @@
+"""AdaptiveBudget: tree size from a latency curve and node weights; calibration caching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from restspec.decode.budget import (
+    AdaptiveBudget,
+    BudgetPolicy,
+    LatencyCurve,
+    best_budget,
+    calibration_path,
+    load_or_calibrate,
+)
+from restspec.draft.tree import DraftTree
+
+WEIGHTS = [0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1, 0.05]
+
+
+def chain(weights):
+    return DraftTree.chain(list(range(10, 10 + len(weights))), weights)
+
+
+def test_flat_latency_takes_the_whole_tree():
+    # every node adds expected tokens at no cost: verify all 8
+    flat = LatencyCurve((1, 100), (0.05, 0.05))
+    assert AdaptiveBudget(flat, max_budget=64, correct=False).choose(chain(WEIGHTS), 300) == 8
+    assert AdaptiveBudget(flat, max_budget=5, correct=False).choose(chain(WEIGHTS), 300) == 5
+
+
+def test_steep_latency_takes_a_small_tree():
+    # each extra input costs half a plain step: c=1 -> 1.9 / 1.5 = 1.27 tokens per unit time,
+    # c=2 -> 2.7 / 2.0 = 1.35, c=3 -> 3.2 / 2.5 = 1.28: two nodes
+    steep = LatencyCurve((1, 2), (1.0, 1.5))
+    assert AdaptiveBudget(steep, correct=False).choose(chain(WEIGHTS), 300) == 2
+    # each extra input costs a whole plain step: no draft node is certain, so none pays
+    linear = LatencyCurve((1, 2), (1.0, 2.0))
+    assert AdaptiveBudget(linear, correct=False).choose(chain(WEIGHTS), 300) == 0
+
+
+def test_worked_example_on_the_reference_curve():
+    # DESIGN facts: 1 -> 58 ms, 8 -> 95 ms, 16 -> 120 ms
+    curve = LatencyCurve.reference()
+    lat = curve.table(65)
+    w = np.asarray(WEIGHTS)
+    rates = [(1 + w[:c].sum()) / lat[c + 1] for c in range(9)]
+    assert best_budget(w, lat, 64) == int(np.argmax(rates))
+    assert 2 <= best_budget(w, lat, 64) <= 8
+
+
+def test_zero_weights_and_empty_trees_choose_nothing():
+    curve = LatencyCurve.reference()
+    policy = AdaptiveBudget(curve, correct=False)
+    assert policy.choose(DraftTree.empty(), 100) == 0
+    assert policy.choose(chain([0.0, 0.0]), 100) == 0
+    assert isinstance(policy, BudgetPolicy)
+    assert AdaptiveBudget(curve, max_budget=0).choose(chain(WEIGHTS), 10) == 0
+
+
+def test_latency_curve_is_monotone_and_extrapolates():
+    curve = LatencyCurve((1, 4, 8), (1.0, 0.9, 2.0))  # a noisy dip is flattened
+    assert curve.seconds == (1.0, 1.0, 2.0)
+    assert float(curve(6)) == pytest.approx(1.5)
+    assert float(curve(12)) == pytest.approx(3.0)  # along the last segment
+    with pytest.raises(ValueError, match="start at 1"):
+        LatencyCurve((2, 4), (1.0, 2.0))
+    with pytest.raises(ValueError, match="increase strictly"):
+        LatencyCurve((1, 1), (1.0, 2.0))
+
+
+def test_online_correction_shrinks_trees_when_drafts_fail():
+    # moderately steep curve: with the weights believed, 4 nodes pay; observed acceptance 0 -> scale
+    # falls and the policy drafts less
+    curve = LatencyCurve((1, 2, 65), (1.0, 1.1, 20.0))  # 0.3 per node after the first
+    policy = AdaptiveBudget(curve, max_budget=16)
+    tree = chain([0.95, 0.9, 0.85, 0.8])
+    past = 100
+    first = policy.choose(tree, past)
+    assert first == 4
+    for _ in range(60):
+        past += 1  # nothing accepted: the cache grows by the bonus token only
+        last = policy.choose(tree, past)
+    assert policy.scale < 0.5
+    assert last < first
+    # a new request (cache length jumps) is not taken as evidence
+    before = policy.scale
+    policy.choose(tree, 5)
+    assert policy.scale == before
+
+
+def test_calibration_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
+    calls = []
+
+    def measure(width):
+        calls.append(width)
+        return 0.05 + 0.004 * width
+
+    curve = load_or_calibrate("tiny-model", "float32", measure, max_width=17)
+    path = calibration_path("tiny-model", "float32")
+    assert path.is_file() and str(path).startswith(str(tmp_path))
+    record = json.loads(path.read_text())
+    assert record["model"] == "tiny-model" and record["dtype"] == "float32"
+    assert curve.sizes[0] == 1 and curve.sizes[-1] == 17
+    assert float(curve(9)) == pytest.approx(0.05 + 0.004 * 9)
+    n = len(calls)
+    again = load_or_calibrate("tiny-model", "float32", measure, max_width=17)
+    assert len(calls) == n  # read from the cache, nothing measured
+    assert again == curve
+    load_or_calibrate("tiny-model", "bfloat16", measure, max_width=17)
+    assert len(calls) > n  # another dtype is another calibration
+    load_or_calibrate("tiny-model", "float32", measure, max_width=17, recalibrate=True)
+    assert len(calls) > 2 * n - 1
+
+
+def test_for_model_calibrates_once_with_the_decode_forward(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    from restspec.decode.budget import ForwardLatencyProbe
+    from restspec.models import LoadedModel
+
+    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
+    probe = ForwardLatencyProbe(tiny_model, past_len=20)
+    for width in (1, 9, 3):
+        assert probe(width) > 0
+        assert probe.cache.get_seq_length() == 20  # restored after every forward
+
+    loaded = LoadedModel(tiny_model, tiny_tokenizer, "tiny")
+    policy = AdaptiveBudget.for_model(loaded, max_budget=8)
+    assert policy.max_budget == 8
+    assert policy.latency.sizes[0] == 1 and policy.latency.sizes[-1] == 9
+    files = list((tmp_path / "latency").glob("tiny-float32-*.json"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    again = AdaptiveBudget.for_model(loaded, max_budget=8)
+    assert again.latency == policy.latency and files[0].stat().st_mtime_ns == mtime

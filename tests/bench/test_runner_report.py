@@ -1,0 +1,111 @@
+"""Runner + report on a tiny random model with transformers' own methods (plain, prompt lookup)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from restspec.bench.methods import HFGenerateMethod, TurnOutput, parse_methods
+from restspec.bench.report import render_table, summarize, to_json, write_json, write_plot
+from restspec.bench.runner import BenchRun, TurnRecord, run_bench
+from restspec.bench.workloads import BenchItem
+from restspec.errors import RestspecError
+
+FIGURES = {"tokens_per_s", "speedup", "mean_accepted", "exact"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model, tiny_tokenizer):
+    items = [
+        BenchItem("c0", "code", ("def add(a, b):\n    return a + b\ndef add(a, b):\n",), chat=False),
+        BenchItem("q1", "chat", ("hello there", "and again"), chat=True),
+        BenchItem("q2", "chat", ("one two three one two",), chat=True),
+    ]
+    methods = [
+        HFGenerateMethod("plain", tiny_model, tiny_tokenizer),
+        HFGenerateMethod("pld", tiny_model, tiny_tokenizer, prompt_lookup_num_tokens=10),
+    ]
+    seen = []
+    run = run_bench(items, methods, tiny_tokenizer, max_new_tokens=12, progress=seen.append)
+    assert len(seen) == len(items) * len(methods)
+    return run
+
+
+def test_every_turn_of_every_method_is_recorded(tiny_run):
+    assert tiny_run.methods == ["plain", "pld"]
+    # 1 + 2 + 1 turns per method
+    assert len(tiny_run.records) == 8
+    turns = [(r.item_id, r.turn) for r in tiny_run.records if r.method == "pld"]
+    assert turns == [("c0", 0), ("q1", 0), ("q1", 1), ("q2", 0)]
+    for r in tiny_run.records:
+        assert 1 <= len(r.output.output_ids) <= 12
+        assert r.output.forwards >= 1 and r.output.elapsed_s > 0
+    # greedy prompt lookup is lossless in float32 on this model: identical to plain
+    assert all(r.identical for r in tiny_run.records)
+    # the second chat turn carries the first answer: a longer prompt
+    q1 = [r for r in tiny_run.records if r.method == "plain" and r.item_id == "q1"]
+    assert q1[1].prompt_tokens > q1[0].prompt_tokens
+
+
+def test_json_has_the_issue_shape(tiny_run, tmp_path):
+    summaries = summarize(tiny_run)
+    path = tmp_path / "out" / "bench.json"
+    write_json(path, tiny_run, summaries)
+    data = json.loads(path.read_text())
+    assert data == to_json(tiny_run, summaries)
+    assert [m["method"] for m in data["methods"]] == ["plain", "pld"]
+    for m in data["methods"]:
+        assert FIGURES <= set(m)
+        assert set(m["categories"]) == {"code", "chat"}
+        for cat in m["categories"].values():
+            assert FIGURES <= set(cat)
+        assert m["exact"] == 1.0
+    plain = data["methods"][0]
+    assert plain["speedup"] == 1.0 and plain["mean_accepted"] == 1.0
+
+
+def test_plot_is_written(tiny_run, tmp_path):
+    path = tmp_path / "img" / "bench.png"
+    write_plot(path, summarize(tiny_run), title="tiny")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_renders(tiny_run):
+    from rich.console import Console
+
+    console = Console(record=True, width=140)
+    console.print(render_table(summarize(tiny_run)))
+    text = console.export_text()
+    assert "plain" in text and "pld" in text and "chat" in text
+
+
+def _record(method, ids, seconds, forwards, identical=None, category="c"):
+    out = TurnOutput(np.asarray(ids, np.int32), seconds, forwards, 0.0, seconds / 2, 0.0)
+    return TurnRecord("i", category, 0, method, 5, out, identical)
+
+
+def test_figures_are_ratios_of_sums():
+    run = BenchRun(["plain", "fast"], 0.0, 8)
+    run.records += [
+        _record("plain", [1, 2, 3, 4], 4.0, 4, True),
+        _record("fast", [1, 2, 3, 4], 1.0, 2, True),
+        _record("plain", [5, 6], 2.0, 2, True, category="d"),
+        _record("fast", [5, 7], 2.0, 1, False, category="d"),
+    ]
+    plain, fast = summarize(run)
+    assert plain.overall.tokens_per_s == pytest.approx(1.0)
+    assert fast.overall.tokens_per_s == pytest.approx(2.0)  # 6 tokens / 3 s
+    assert fast.overall.speedup == pytest.approx(2.0)
+    assert fast.overall.mean_accepted == pytest.approx(2.0)  # 6 tokens / 3 forwards
+    assert fast.overall.exact == pytest.approx(0.5)
+    assert fast.categories["c"].speedup == pytest.approx(4.0)
+    assert fast.categories["d"].exact == 0.0
+    assert fast.overall.time_split["forward"] == pytest.approx(0.5)
+
+
+def test_method_names_are_checked():
+    assert parse_methods("plain, pld,plain") == ["plain", "pld"]
+    with pytest.raises(RestspecError, match="unknown method 'nope'"):
+        parse_methods("plain,nope")

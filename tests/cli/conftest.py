@@ -1,0 +1,117 @@
+"""Tiny, fast stand-ins for the CLI tests: a random Llama saved as a Hugging Face folder with a small
+byte-level BPE tokenizer (with a chat template), and a datastore built from a few lines of code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "for i in range(10):\n    print(i)\n",
+    "import os\n\nfor root, dirs, files in os.walk('.'):\n    print(root, len(files))\n",
+    "The quick brown fox jumps over the lazy dog. The dog sleeps.",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+    "        self.items.append(item)\n",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_CONTEXT = 128
+"""max_position_embeddings of the tiny model, small so that a too-long prompt is easy to make."""
+TINY_SEED = 0
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama with a 128-token context, saved with its tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TINY_CONTEXT,
+        initializer_range=0.5,  # peaked distributions: few near-ties between top tokens
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(TINY_SEED)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_datastore_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A datastore over :data:`TINY_CORPUS`, tokenized with the tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from restspec.datastore import Datastore
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    out = tmp_path_factory.mktemp("tiny-ds") / "ds"
+    Datastore.build_from_texts(TINY_CORPUS * 3, out, tokenizer, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_context() -> int:
+    return TINY_CONTEXT
+
+
+def assert_one_line_user_error(result, *needles: str) -> None:
+    """Exit code 2, no traceback, exactly one line on stderr (``error: ...``) containing each needle."""
+    from restspec.cli.common import USER_ERROR_EXIT_CODE
+
+    assert result.exit_code == USER_ERROR_EXIT_CODE, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error:"), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """The assertion that a CLI run ended on a user error reported as one line."""
+    return assert_one_line_user_error
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No hub access, and a default datastore (if any test builds one) lands in tmp, not ~/.cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path / "cache"))

@@ -1,0 +1,193 @@
+"""Tiny random models of several architectures, a byte-level tokenizer and test drafters.
+
+Models run in float64 with a large initializer range so that their distributions are peaked: greedy
+near-ties (where two kernels may round differently) become vanishingly rare, and the parity assertion
+stays exact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from restspec.draft.base import StatelessDrafter
+from restspec.draft.tree import DraftTree
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 96
+"""Vocabulary of the tiny parity models."""
+MAX_POSITIONS = 256
+INIT_RANGE = 0.3
+"""Initializer std of the tiny models: large enough for peaked, tie-free distributions."""
+SLIDING_WINDOW = 7
+"""Small enough that parity prompts plus outputs cross it."""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny tensors: threads only add synchronisation cost on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _common(**extra):
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        initializer_range=INIT_RANGE,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def build_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**_common())
+    if arch == "qwen2":
+        return tf.Qwen2Config(**_common())
+    if arch == "qwen2-hybrid":  # layer 0 full attention, layer 1 sliding window
+        return tf.Qwen2Config(
+            **_common(use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1)
+        )
+    if arch == "mistral":  # every layer slides
+        return tf.MistralConfig(**_common(sliding_window=SLIDING_WINDOW))
+    if arch == "phi3":
+        return tf.Phi3Config(**_common())
+    if arch == "gemma":
+        return tf.GemmaConfig(**_common(head_dim=8))
+    if arch == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=MAX_POSITIONS,
+            initializer_range=INIT_RANGE,
+            bos_token_id=None,
+            eos_token_id=None,
+            tie_word_embeddings=False,
+        )
+    raise ValueError(arch)
+
+
+ARCHS = ("llama", "qwen2", "qwen2-hybrid", "mistral", "phi3", "gemma", "gpt2")
+
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def tiny_model(arch: str) -> torch.nn.Module:
+    """A tiny random float64 model (built once per session), no end-of-sequence token."""
+    if arch not in _MODELS:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(build_config(arch), dtype=torch.float64).eval()
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+        _MODELS[arch] = model
+    return _MODELS[arch]
+
+
+class IdTokenizer:
+    """Decodes ids as space-separated numbers: enough for loops that only need text for stop strings."""
+
+    eos_token_id = None
+
+    def decode(self, ids, **kwargs) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+def plain_greedy(model, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy decoding: the reference for parity."""
+    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def trie(sequences: Sequence[Sequence[int]], budget: int) -> DraftTree:
+    """A prefix tree of ``sequences`` (inserted in order, parents before children), first ``budget`` nodes."""
+    index: dict[tuple[int, int], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    for seq in sequences:
+        parent = -1
+        for token in seq:
+            key = (parent, int(token))
+            if key not in index:
+                if len(tokens) == budget:
+                    break
+                index[key] = len(tokens)
+                tokens.append(int(token))
+                parents.append(parent)
+            parent = index[key]
+    if not tokens:
+        return DraftTree.empty()
+    return DraftTree(np.array(tokens), np.array(parents))
+
+
+class OracleDrafter(StatelessDrafter):
+    """Drafts from the known greedy continuation ``truth`` (prompt + output), corrupted by ``mode``:
+
+    - empty: nothing; chain: the true continuation as one deep chain;
+    - wrong: only wrong tokens at every root child (every path wrong);
+    - fan: a wide fan of wrong root children, the right one last, its subtree a chain;
+    - mixed: a trie of corrupted copies of the continuation (random token swaps);
+    - eos: the continuation with an end-of-sequence token planted inside (see test).
+    """
+
+    def __init__(self, truth: Sequence[int], mode: str, vocab: int, seed: int = 0) -> None:
+        self.truth = list(truth)
+        self.mode = mode
+        self.vocab = vocab
+        self.rng = np.random.default_rng(seed)
+        self.proposed = 0
+
+    def _wrong(self, avoid: int, count: int) -> list[int]:
+        pool = [t for t in self.rng.permutation(self.vocab).tolist() if t != avoid]
+        return pool[:count]
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        self.proposed += 1
+        pos = len(context)
+        cont = self.truth[pos : pos + budget]
+        if self.mode == "empty" or budget == 0:
+            return DraftTree.empty()
+        if not cont:  # past the known continuation: random guesses
+            return trie([self.rng.integers(0, self.vocab, size=3).tolist()], budget)
+        if self.mode == "chain":
+            return DraftTree.chain(cont)
+        if self.mode == "wrong":
+            return trie([[w, *self._wrong(-1, 2)] for w in self._wrong(cont[0], 4)], budget)
+        if self.mode == "fan":
+            fan = [[w] for w in self._wrong(cont[0], max(budget // 2, 1))]
+            return trie([*fan, cont], budget)
+        if self.mode == "mixed":
+            copies = []
+            for _ in range(4):
+                copy = list(cont)
+                j = int(self.rng.integers(0, len(copy)))
+                copy[j] = int(self.rng.integers(0, self.vocab))
+                copies.append(copy)
+            self.rng.shuffle(copies)
+            return trie([*copies, cont], budget)
+        raise ValueError(self.mode)

@@ -1,0 +1,75 @@
+"""Speculative greedy output equals ``model.generate(do_sample=False)`` token for token, on tiny random
+models of several architectures, for many prompts and adversarial draft trees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ARCHS, VOCAB, IdTokenizer, OracleDrafter, plain_greedy, tiny_model
+
+from restspec.decode import GenerationConfig, SpeculativeGenerator
+
+MODES = ("empty", "chain", "wrong", "fan", "mixed")
+NEW_TOKENS = 24
+PROMPT_LENGTHS = (1, 3, 9, 17)
+BUDGETS = (4, 16)  # alternated over prompts and modes  # 1: nothing to prefill; 9 and 17 cross the sliding window
+
+
+def prompts(count_seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(count_seed)
+    return [rng.integers(0, VOCAB, size=n).tolist() for n in PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_parity_every_tree_shape(arch):
+    model = tiny_model(arch)
+    for i, prompt in enumerate(prompts(ARCHS.index(arch))):
+        expected = plain_greedy(model, prompt, NEW_TOKENS)
+        for j, mode in enumerate(MODES):
+            for budget in BUDGETS[(i + j) % 2 :: 2]:
+                drafter = OracleDrafter(prompt + expected, mode, VOCAB, seed=budget)
+                gen = SpeculativeGenerator(model, IdTokenizer(), drafter, budget=budget)
+                result = gen.generate(prompt, GenerationConfig(max_new_tokens=NEW_TOKENS))
+                assert result.output_ids.tolist() == expected, (arch, mode, budget, prompt)
+                assert result.finish_reason == "length"
+                assert sum(s.emitted for s in result.steps) == NEW_TOKENS
+                accepted = sum(s.accepted for s in result.steps)
+                if mode in ("empty", "wrong"):
+                    assert accepted == 0
+                if mode == "chain":  # the truth, so every step accepts its whole (depth-limited) tree
+                    assert len(result.steps) < NEW_TOKENS / 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+def test_eos_inside_a_draft_stops_there(arch):
+    model = tiny_model(arch)
+    prompt = prompts(7)[2]
+    free = plain_greedy(model, prompt, NEW_TOKENS)
+    eos = free[9]  # a token the model emits at step 10 (maybe earlier too)
+    model.generation_config.eos_token_id = eos
+    try:
+        expected = plain_greedy(model, prompt, NEW_TOKENS)
+        stop = expected.index(eos)
+        assert expected[stop + 1 :] in ([], [0] * (len(expected) - stop - 1))  # generate pads after EOS
+        expected = expected[: stop + 1]
+        # the chain drafts past the EOS: tokens after it must not be emitted
+        for mode in ("chain", "mixed"):
+            drafter = OracleDrafter(prompt + free, mode, VOCAB)
+            gen = SpeculativeGenerator(model, IdTokenizer(), drafter, budget=16)
+            result = gen.generate(prompt, GenerationConfig(max_new_tokens=NEW_TOKENS))
+            assert result.output_ids.tolist() == expected
+            assert result.finish_reason == "eos"
+    finally:
+        model.generation_config.eos_token_id = None
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 5, 13])
+def test_never_more_than_max_new_tokens_even_when_a_step_accepts_many(max_new):
+    model = tiny_model("llama")
+    prompt = prompts(3)[1]
+    expected = plain_greedy(model, prompt, max_new)
+    drafter = OracleDrafter(prompt + plain_greedy(model, prompt, 40), "chain", VOCAB)
+    gen = SpeculativeGenerator(model, IdTokenizer(), drafter, budget=32)
+    result = gen.generate(prompt, GenerationConfig(max_new_tokens=max_new))
+    assert result.output_ids.tolist() == expected
+    assert all(s.drafted <= max_new - 1 for s in result.steps)  # depth capped to what can be emitted

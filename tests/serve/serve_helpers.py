@@ -1,0 +1,187 @@
+"""Helpers of the server tests: a tiny random Llama with a byte-level BPE tokenizer and a ChatML chat
+template saved as a Hugging Face folder, test drafters, a real uvicorn server in a thread, an SSE reader.
+(A module of its own, not conftest, so that its name cannot clash with other test folders' conftest.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CONTEXT_LENGTH = 96
+"""max_position_embeddings of the tiny model: small, so a too-long prompt is cheap to make."""
+VOCAB_TRAINING_SIZE = 320
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "import os\nimport sys\n\nfor name in os.listdir('.'):\n    print(name)\n",
+    "Speculative decoding drafts tokens and verifies them in one forward pass.",
+] * 8
+SERVER_START_TIMEOUT_S = 10.0
+
+
+def build_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_TRAINING_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_model_folder(folder: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT_LENGTH,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+def free_loopback_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def running_server(app) -> Iterator[str]:
+    """A real uvicorn server for ``app`` on 127.0.0.1 (a free port), in a thread; yields its base URL."""
+    import uvicorn
+
+    sock = free_loopback_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        host, port = sock.getsockname()[:2]
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=SERVER_START_TIMEOUT_S)
+        sock.close()
+
+
+class LookupDrafter:
+    """Prompt lookup as a test drafter: after the last earlier occurrence of the context's final token,
+    draft the tokens that followed it as a chain. A tiny random model falls into loops under greedy
+    decoding, so these drafts get accepted and the speculative statistics move."""
+
+    def start_request(self, prompt: np.ndarray) -> None:
+        return None
+
+    def propose(self, context: np.ndarray, budget: int):
+        from restspec.draft.tree import DraftTree
+
+        earlier = np.flatnonzero(context[:-1] == context[-1])
+        if budget == 0 or len(earlier) == 0:
+            return DraftTree.empty()
+        start = int(earlier[-1]) + 1
+        return DraftTree.chain(context[start : start + budget])
+
+    def observe(self, context, accepted, logits=None) -> None:
+        return None
+
+    def stop_request(self) -> None:
+        return None
+
+
+class SlowDrafter(LookupDrafter):
+    """LookupDrafter that sleeps in every step, so a request takes long enough to be interrupted."""
+
+    def __init__(self, step_delay_s: float) -> None:
+        self.step_delay_s = step_delay_s
+        self.active = False
+        self.requests_started = 0
+        self.requests_stopped = 0
+
+    def start_request(self, prompt: np.ndarray) -> None:
+        self.active = True
+        self.requests_started += 1
+
+    def propose(self, context: np.ndarray, budget: int):
+        time.sleep(self.step_delay_s)
+        return super().propose(context, budget)
+
+    def stop_request(self) -> None:
+        self.active = False
+        self.requests_stopped += 1
+
+
+def sse_events(lines) -> list:
+    """The JSON payloads of an SSE body's ``data:`` lines, then the string ``"[DONE]"`` if it came."""
+    import json
+
+    events = []
+    for line in lines:
+        if not line.startswith("data: "):
+            assert line == "" or line.startswith(":"), f"unexpected SSE line {line!r}"
+            continue
+        data = line.removeprefix("data: ")
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+MODEL_ID = "tiny-llama"
+MODEL_ALIAS = "tiny"
+DEFAULT_MAX_TOKENS = 12
+"""max_tokens of a request that leaves it out, in the test app."""
+DRAFT_BUDGET = 4
+
+
+def make_app(generator, **config):
+    from restspec.decode import GenerationConfig
+    from restspec.serve import ServerConfig, create_app
+
+    config.setdefault("aliases", (MODEL_ALIAS,))
+    config.setdefault("defaults", GenerationConfig(max_new_tokens=DEFAULT_MAX_TOKENS))
+    return create_app(generator, ServerConfig(MODEL_ID, **config))
