@@ -21,15 +21,31 @@ def model_dir(tiny_model, tiny_tokenizer, tmp_path_factory):
 def test_bench_writes_table_json_and_plot(model_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
-        json.dumps({"question_id": 1, "category": "a", "turns": ["hi hi hi", "again"]}) + "\n"
-        + json.dumps({"question_id": 2, "category": "b", "turns": ["x y x y"]}) + "\n"
+        json.dumps({"question_id": 1, "category": "a", "turns": ["hi hi hi", "again"]})
+        + "\n"
+        + json.dumps({"question_id": 2, "category": "b", "turns": ["x y x y"]})
+        + "\n"
     )
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
     result = CliRunner().invoke(
         app,
-        ["bench", "--workload", str(prompts), "--model", str(model_dir), "--methods", "plain,pld,restspec-plain",
-         "--max-new-tokens", "6", "--json", str(out), "--plot", str(png), "--no-warmup"],
+        [
+            "bench",
+            "--workload",
+            str(prompts),
+            "--model",
+            str(model_dir),
+            "--methods",
+            "plain,pld,restspec-plain",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            "--no-warmup",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "restspec-plain" in result.output

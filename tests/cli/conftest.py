@@ -110,8 +110,14 @@ def one_line_error():
     return assert_one_line_user_error
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("restspec-cache")
+
+
 @pytest.fixture(autouse=True)
-def _offline_and_private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No hub access, and a default datastore (if any test builds one) lands in tmp, not ~/.cache."""
+def _offline_and_private_cache(monkeypatch: pytest.MonkeyPatch, _session_cache: Path) -> None:
+    """No hub access; caches (default datastore, latency calibration) go to one temporary folder per
+    test session, not ~/.cache: `--budget auto` calibrates the tiny model once, not in every test."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESTSPEC_CACHE", str(_session_cache))

@@ -15,12 +15,14 @@ from restspec.cli.generate import DEMO_PROMPTS
 
 runner = CliRunner()
 NEW_TOKENS = 12
+FIXED_BUDGET = "4"
 PROMPT = "def fibonacci(n):\n"
 
 
 @pytest.fixture
 def tiny_args(tiny_model_dir: Path, tiny_datastore_dir: Path) -> list[str]:
-    """Flags that run the tiny model greedily in float64 (no near-ties: exact parity)."""
+    """Flags that run the tiny model greedily in float64 (no near-ties: exact parity), drafting up to
+    FIXED_BUDGET tokens per step (the 'auto' budget is tested on its own)."""
     return [
         "--model",
         str(tiny_model_dir),
@@ -30,6 +32,8 @@ def tiny_args(tiny_model_dir: Path, tiny_datastore_dir: Path) -> list[str]:
         "float64",
         "--max-new-tokens",
         str(NEW_TOKENS),
+        "--budget",
+        FIXED_BUDGET,
     ]
 
 
@@ -62,7 +66,7 @@ def test_generate_json_has_text_token_ids_and_statistics(tiny_args, tiny_model_d
     assert stats["elapsed_s"] > 0
 
 
-@pytest.mark.parametrize("budget", ["auto", "4"])
+@pytest.mark.parametrize("budget", ["auto", "1", "8"])
 def test_restspec_greedy_output_equals_plain_greedy(tiny_args, budget):
     plain = run_json([*tiny_args, "--budget", "0"])
     fast = run_json([*tiny_args, "--budget", budget])

@@ -7,10 +7,43 @@ import pytest
 
 BIG_VOCAB = 70_000
 """Above 65,535: forces uint32 token storage."""
-WORDS = (
-    "the a cat dog sat on mat ran to home def return if else for in range print import class self "
-    "x y z 0 1 2 ( ) : = + - . ,"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "ran",
+    "to",
+    "home",
+    "def",
+    "return",
+    "if",
+    "else",
+    "for",
+    "in",
+    "range",
+    "print",
+    "import",
+    "class",
+    "self",
+    "x",
+    "y",
+    "z",
+    "0",
+    "1",
+    "2",
+    "(",
+    ")",
+    ":",
+    "=",
+    "+",
+    "-",
+    ".",
+    ",",
+]
 
 
 def word_tokenizer(words, unk="[UNK]"):

@@ -72,7 +72,7 @@ def test_undecodable_files_skipped_and_counted(tmp_path, small_tokenizer):
 def test_empty_corpus_is_an_error(tmp_path, small_tokenizer):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "bad.bin").write_bytes(b"\xff\xff")
-    with pytest.raises(CorpusError, match="no tokens.*1 undecodable"):
+    with pytest.raises(CorpusError, match=r"no tokens.*1 undecodable"):
         Datastore.build([tmp_path / "empty.txt", tmp_path / "bad.bin"], tmp_path / "ds", small_tokenizer)
     with pytest.raises(CorpusError, match="no tokens"):
         Datastore.build_from_texts([], tmp_path / "ds", small_tokenizer, progress=False)
@@ -89,7 +89,7 @@ def test_jsonl_bad_lines_and_missing_field(tmp_path, small_tokenizer):
     ds = Datastore.build([path], tmp_path / "ds", small_tokenizer, jsonl_field="text", progress=False)
     assert ds.num_docs == 1
     assert ds.corpus_stats.skipped_records == 3
-    with pytest.raises(CorpusError, match="no tokens.*4 JSON lines.*--jsonl-field"):
+    with pytest.raises(CorpusError, match=r"no tokens.*4 JSON lines.*--jsonl-field"):
         Datastore.build([path], tmp_path / "ds2", small_tokenizer, jsonl_field="body", progress=False)
 
 
@@ -100,7 +100,7 @@ def test_missing_path(tmp_path, small_tokenizer):
 
 def test_existing_out_needs_overwrite(tmp_path, small_tokenizer):
     Datastore.build_from_texts([DOC_A], tmp_path / "ds", small_tokenizer, progress=False)
-    with pytest.raises(DatastoreError, match="already exists.*--force"):
+    with pytest.raises(DatastoreError, match=r"already exists.*--force"):
         Datastore.build_from_texts([DOC_B], tmp_path / "ds", small_tokenizer, progress=False)
     ds = Datastore.build_from_texts([DOC_B], tmp_path / "ds", small_tokenizer, progress=False, overwrite=True)
     assert ds.longest_match(ids(small_tokenizer, "the cat")).length == 2
@@ -227,3 +227,19 @@ def test_progress_bar_reports_tokens(tmp_path, small_tokenizer, capsys):
     err = capsys.readouterr().err
     assert "tokens/s" in err
     assert "1 documents" in err
+
+
+def test_compact_merges_small_shards(tmp_path, small_tokenizer):
+    ds = Datastore.build_from_texts([DOC_A], tmp_path / "ds", small_tokenizer, progress=False)
+    for text in [DOC_B, DOC_C, DOC_B]:
+        ds.append_texts([text], small_tokenizer)
+    ctx = ids(small_tokenizer, "on the mat")
+    before = ds.longest_match(ctx)
+    assert len(ds.shards) == 4 and before.count == 2
+    assert ds.compact() == 3
+    assert len(ds.shards) == 1 and ds.num_docs == 4
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["datastore.json", "shard-00004.rsds"]
+    again = Datastore.open(tmp_path / "ds", small_tokenizer)
+    match = again.longest_match(ctx)
+    assert (match.length, match.count) == (before.length, before.count)
+    assert again.compact() == 0

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from restspec.datastore import Datastore, default_datastore_path, ensure_default_datastore, tokenizer_fingerprint
+from restspec.datastore import (
+    Datastore,
+    default_datastore_path,
+    ensure_default_datastore,
+    tokenizer_fingerprint,
+)
 from restspec.datastore import default as default_mod
 
 

@@ -32,9 +32,9 @@ def patch(path, offset, data: bytes):
 
 def test_open_maps_without_copying(ds_path):
     ds = Datastore.open(ds_path)
-    assert isinstance(ds.shards[0].tokens, np.memmap)
-    assert isinstance(ds.shards[0].sa, np.memmap)
-    assert not ds.shards[0].tokens.flags.writeable
+    for arr in (ds.shards[0].tokens, ds.shards[0].sa, ds.shards[0].bucket):
+        assert not arr.flags.owndata and not arr.flags.writeable  # views of the read-only mapping
+        assert isinstance(arr.base, np.memmap)
     ds.verify()
     info = ds.info()
     assert info["token_dtype"] == "uint16"
@@ -49,7 +49,7 @@ def test_missing_and_not_a_datastore(tmp_path):
     with pytest.raises(DatastoreError, match="is a file"):
         Datastore.open(tmp_path / "file")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(DatastoreError, match="no datastore.json.*did not finish"):
+    with pytest.raises(DatastoreError, match=r"no datastore.json.*did not finish"):
         Datastore.open(tmp_path / "folder")
 
 
@@ -60,7 +60,7 @@ def test_manifest_magic_version_and_garbage(ds_path):
     with pytest.raises(DatastoreError, match="magic 'something-else', expected 'restspec-datastore'"):
         Datastore.open(ds_path)
     manifest_path.write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(DatastoreError, match="format version 99.*reads version 1.*rebuild"):
+    with pytest.raises(DatastoreError, match=r"format version 99.*reads version 1.*rebuild"):
         Datastore.open(ds_path)
     manifest_path.write_bytes(b"\xff{not json")
     with pytest.raises(DatastoreError, match="corrupt"):
@@ -104,7 +104,7 @@ def test_corrupt_body_detected_by_verify(ds_path):
     path = shard_file(ds_path)
     patch(path, HEADER_BYTES + 2, b"\x07\x00")  # a token in the body
     ds = Datastore.open(ds_path)  # open stays cheap: it does not read the body
-    with pytest.raises(DatastoreError, match="section 'tokens' has CRC-32 .* the file is corrupt"):
+    with pytest.raises(DatastoreError, match=r"section 'tokens' has CRC-32 .* the file is corrupt"):
         ds.verify()
 
 

@@ -12,7 +12,10 @@ from restspec.decode import GenerationConfig, SpeculativeGenerator
 MODES = ("empty", "chain", "wrong", "fan", "mixed")
 NEW_TOKENS = 24
 PROMPT_LENGTHS = (1, 3, 9, 17)
-BUDGETS = (4, 16)  # alternated over prompts and modes  # 1: nothing to prefill; 9 and 17 cross the sliding window
+BUDGETS = (
+    4,
+    16,
+)  # alternated over prompts and modes  # 1: nothing to prefill; 9 and 17 cross the sliding window
 
 
 def prompts(count_seed: int) -> list[list[int]]:

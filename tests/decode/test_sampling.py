@@ -21,13 +21,21 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from restspec.decode import GenerationConfig, SamplingConfig, SpeculativeGenerator, forward_tree, new_cache, prefill
+from restspec.decode import (
+    GenerationConfig,
+    SamplingConfig,
+    SpeculativeGenerator,
+    forward_tree,
+    new_cache,
+    prefill,
+)
 from restspec.decode.accept import (
     Acceptance,
     child_lookup,
     draw,
     draw_from_cdf,
     sample_accept,
+    walk_cdfs,
     warped_cdf,
     warped_probs,
 )
@@ -100,11 +108,13 @@ def small_model():
 
 
 PROMPT = [1, 4, 2, 7, 3]
-# every first token is a root child, so the first step always emits >= 2 tokens; some grandchildren
-# (and one deeper chain) are drafted, the rest of the second tokens come from the bonus draw.
+# every first token is a root child, so the first step always emits >= 2 tokens; two grandchildren
+# per root child (a+1 and a+3 mod V) and a deeper chain are drafted, the other second tokens come
+# from the bonus draw.
+_GRAND = [(a, (a + step) % SMALL_VOCAB) for a in range(SMALL_VOCAB) for step in (1, 3)]
 FIRST_STEP_TREE = DraftTree(
-    np.array([0, 1, 2, 3, 4, 5, 6, 7, 5, 2, 6, 1, 0]),
-    np.array([-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 3, 8, 11]),
+    np.array([*range(SMALL_VOCAB), *(t for _, t in _GRAND), 2, 5]),
+    np.array([*([-1] * SMALL_VOCAB), *(a for a, _ in _GRAND), SMALL_VOCAB, 2 * SMALL_VOCAB + SMALL_VOCAB]),
 )
 
 
@@ -125,11 +135,14 @@ def tree_logits(model) -> torch.Tensor:
     return forward_tree(model, cache, PROMPT[-1], FIRST_STEP_TREE, len(PROMPT) - 1).to(torch.float32)
 
 
-def first_two(acceptance_fn, logits, cfg, draws: int, seed: int) -> np.ndarray:
+def first_two(walk_fn, logits, cfg, draws: int, seed: int) -> np.ndarray:
+    """Counts (V, V) of the first two tokens of ``draws`` first steps. The warped CDF table of the tree
+    rows is computed once (sample_accept = warped_cdf + walk_cdfs)."""
     gen = torch.Generator().manual_seed(seed)
+    cdfs = warped_cdf(logits, cfg)
     counts = np.zeros((SMALL_VOCAB, SMALL_VOCAB), dtype=np.int64)
     for _ in range(draws):
-        tokens = acceptance_fn(FIRST_STEP_TREE, logits, cfg, gen).tokens
+        tokens = walk_fn(FIRST_STEP_TREE, cdfs, gen).tokens
         counts[tokens[0], tokens[1]] += 1
     return counts
 
@@ -150,10 +163,9 @@ def homogeneity_p_value(a: np.ndarray, b: np.ndarray, expected: np.ndarray) -> f
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
 
 
-def retry_once_accept(tree, logits, cfg, gen) -> Acceptance:
+def retry_once_walk(tree, cdfs, gen) -> Acceptance:
     """BIASED: a draw that misses every drafted child gets a second chance (favours drafted tokens)."""
     children = child_lookup(tree)
-    cdfs = warped_cdf(logits, cfg)
     path, tokens, node = [], [], -1
     while True:
         token = draw_from_cdf(cdfs[node + 1], gen)
@@ -167,14 +179,13 @@ def retry_once_accept(tree, logits, cfg, gen) -> Acceptance:
         node = child
 
 
-TYPICAL_THRESHOLD = 0.3
+TYPICAL_THRESHOLD = 0.2
 
 
-def typical_accept(tree, logits, cfg, gen) -> Acceptance:
-    """BIASED: take a drafted child whenever the model gives it probability >= 0.3 (typical acceptance)."""
+def typical_walk(tree, cdfs, gen) -> Acceptance:
+    """BIASED: take a drafted child whenever the model gives it probability >= 0.2 (typical acceptance)."""
     children = child_lookup(tree)
-    probs = warped_probs(logits, cfg)
-    cdfs = probs.double().cumsum(-1)
+    probs = np.diff(cdfs, axis=-1, prepend=0.0)
     path, tokens, node = [], [], -1
     while True:
         likely = [t for (p, t) in children if p == node and probs[node + 1, t] >= TYPICAL_THRESHOLD]
@@ -207,18 +218,18 @@ def test_speculative_first_two_tokens_match_plain_sampling(small_model, case):
     plain = plain_counts(joint, seed=7)
     expected = joint.numpy() * DRAWS
     logits = tree_logits(small_model)
-    spec = first_two(sample_accept, logits, cfg, DRAWS, seed=11)
+    spec = first_two(walk_cdfs, logits, cfg, DRAWS, seed=11)
     assert spec[joint.numpy() == 0].sum() == 0  # filtered tokens (top-k / top-p) are never emitted
     assert homogeneity_p_value(spec, plain, expected) > P_PASS
     # the same statistic rejects a biased acceptance rule
-    biased = first_two(typical_accept, logits, cfg, DRAWS, seed=11)
+    biased = first_two(typical_walk, logits, cfg, DRAWS, seed=11)
     assert homogeneity_p_value(biased, plain, expected) < P_REJECT
 
 
 def test_retry_once_bias_is_rejected(small_model):
     cfg = SAMPLING_CASES["temperature"]
     joint = plain_joint(small_model, cfg)
-    biased = first_two(retry_once_accept, tree_logits(small_model), cfg, DRAWS, seed=12)
+    biased = first_two(retry_once_walk, tree_logits(small_model), cfg, DRAWS, seed=12)
     assert homogeneity_p_value(biased, plain_counts(joint, seed=8), joint.numpy() * DRAWS) < P_REJECT
 
 
@@ -228,8 +239,12 @@ def test_row_by_row_and_batched_warping_draw_the_same_tokens(cfg):
     logits = torch.randn(FIRST_STEP_TREE.tokens.size + 1, SMALL_VOCAB, generator=gen, dtype=torch.float64)
     logits[:, :3] += 2.0  # make the drafted low ids likely, so paths get long
     for seed in range(200):
-        lazy = sample_accept(FIRST_STEP_TREE, logits, cfg, torch.Generator().manual_seed(seed), batch_rows=False)
-        batch = sample_accept(FIRST_STEP_TREE, logits, cfg, torch.Generator().manual_seed(seed), batch_rows=True)
+        lazy = sample_accept(
+            FIRST_STEP_TREE, logits, cfg, torch.Generator().manual_seed(seed), batch_rows=False
+        )
+        batch = sample_accept(
+            FIRST_STEP_TREE, logits, cfg, torch.Generator().manual_seed(seed), batch_rows=True
+        )
         assert lazy.tokens == batch.tokens
         assert lazy.path.tolist() == batch.path.tolist()
 

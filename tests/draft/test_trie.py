@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from restspec.draft import DraftTree, count_trie, select_tree, select_tree_numpy
@@ -99,7 +99,7 @@ def build(rows_and_lengths) -> np.ndarray:
     return cont
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(continuation_arrays, st.integers(0, 40))
 def test_matches_brute_force_trie(rows_and_lengths, budget):
     cont = build(rows_and_lengths)
@@ -111,7 +111,7 @@ def test_matches_brute_force_trie(rows_and_lengths, budget):
     np.testing.assert_allclose(tree.weights, reference.weights)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(continuation_arrays, st.integers(0, 40), st.randoms(use_true_random=False))
 def test_prefix_closed_within_budget_deterministic(rows_and_lengths, budget, rnd):
     cont = build(rows_and_lengths)

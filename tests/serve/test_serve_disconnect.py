@@ -36,6 +36,16 @@ def slow_server(tiny_model):
         yield base_url, app.state.worker, drafter
 
 
+def finished_jobs(worker) -> int:
+    """How many jobs the worker finished, once it is idle (a response can reach the client a moment
+    before its job's record is filed)."""
+    start = time.monotonic()
+    while worker.busy or worker.queued:
+        assert time.monotonic() - start < STOP_TIMEOUT_S, "the worker stayed busy"
+        time.sleep(POLL_S)
+    return len(worker.recent)
+
+
 def wait_until_idle(worker, jobs_before: int) -> float:
     """Seconds until the worker finished a new job and is idle; fails after STOP_TIMEOUT_S."""
     start = time.monotonic()
@@ -57,7 +67,7 @@ def assert_next_request_succeeds(base_url: str) -> None:
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_closing_a_stream_after_the_first_chunk_stops_generation(slow_server, path):
     base_url, worker, drafter = slow_server
-    jobs_before = len(worker.recent)
+    jobs_before = finished_jobs(worker)
     body = {"max_tokens": LONG_MAX_TOKENS, "stream": True} | (
         {"messages": [{"role": "user", "content": PROMPT}]} if "chat" in path else {"prompt": PROMPT}
     )
@@ -82,7 +92,7 @@ def test_closing_a_stream_after_the_first_chunk_stops_generation(slow_server, pa
 
 def test_a_non_streaming_client_that_gives_up_stops_generation(slow_server):
     base_url, worker, drafter = slow_server
-    jobs_before = len(worker.recent)
+    jobs_before = finished_jobs(worker)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             f"{base_url}/v1/completions",
@@ -112,7 +122,7 @@ def test_concurrent_requests_are_served_one_at_a_time_with_their_own_answers(slo
         return response.json()["choices"][0]["text"]
 
     alone = [ask(p) for p in prompts]
-    jobs_before = len(worker.recent)
+    jobs_before = finished_jobs(worker)
     together: dict[int, str] = {}
     threads = [
         threading.Thread(target=lambda i=i: together.__setitem__(i, ask(prompts[i]))) for i in range(3)
@@ -123,7 +133,7 @@ def test_concurrent_requests_are_served_one_at_a_time_with_their_own_answers(slo
         thread.join(timeout=REQUEST_TIMEOUT_S)
     assert [together.get(i) for i in range(3)] == alone
 
-    records = list(worker.recent)[jobs_before:]
+    records = list(worker.recent)[jobs_before : finished_jobs(worker)]
     assert len(records) == len(prompts)
     for earlier, later in itertools.pairwise(records):
         assert later.started_at >= earlier.finished_at  # never two generations at once
@@ -131,13 +141,14 @@ def test_concurrent_requests_are_served_one_at_a_time_with_their_own_answers(slo
 
 def test_a_queued_request_whose_client_left_is_never_generated(slow_server):
     base_url, worker, _ = slow_server
-    jobs_before = len(worker.recent)
+    jobs_before = finished_jobs(worker)
     body = {"prompt": PROMPT, "max_tokens": LONG_MAX_TOKENS}
     with (
         httpx.Client(timeout=REQUEST_TIMEOUT_S) as client,
         client.stream("POST", f"{base_url}/v1/completions", json={**body, "stream": True}) as running,
     ):
-        next(line for line in running.iter_lines() if line.startswith("data: "))  # it holds the worker now
+        lines = running.iter_lines()  # keep a reference: a collected line iterator closes the connection
+        next(line for line in lines if line.startswith("data: "))  # it holds the worker now
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
                 f"{base_url}/v1/completions", json=body, timeout=httpx.Timeout(REQUEST_TIMEOUT_S, read=0.5)
@@ -145,7 +156,7 @@ def test_a_queued_request_whose_client_left_is_never_generated(slow_server):
         assert worker.queued == 1
         time.sleep(2 * DISCONNECT_POLL_S)  # the queued request's handler notices its client left
     wait_until_idle(worker, jobs_before + 1)
-    streamed, queued = list(worker.recent)[jobs_before:]
+    streamed, queued = list(worker.recent)[jobs_before : finished_jobs(worker)]
     assert streamed.cancelled and 0 < streamed.tokens < LONG_MAX_TOKENS // 2
     assert queued.cancelled and queued.chunks == 0 and queued.tokens == 0
     assert_next_request_succeeds(base_url)

@@ -233,7 +233,7 @@ def _rest(ctx: MethodContext) -> BenchMethod:
     from restspec.decode.budget import FixedBudget
     from restspec.draft import DatastoreDrafter
 
-    drafter = DatastoreDrafter(ctx.datastores()[0], max_span=REST_MAX_SPAN, min_span=REST_MIN_SPAN)
+    drafter = DatastoreDrafter(ctx.datastores()[0], max_len=REST_MAX_SPAN, min_len=REST_MIN_SPAN)
     return LoopMethod("rest", ctx.model, ctx.tokenizer, drafter, FixedBudget(REST_BUDGET))
 
 

@@ -104,7 +104,6 @@ def _load_model():
 def greedy_with_candidates(model, prompt: np.ndarray, max_new_tokens: int, eos: Sequence[int], top_k: int):
     """Plain greedy decoding with a KV cache. Returns (output int32[T], top int32[P + T, top_k])."""
     import torch
-
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -116,7 +115,9 @@ def greedy_with_candidates(model, prompt: np.ndarray, max_new_tokens: int, eos: 
         while True:
             n = ids.shape[1]
             position_ids = torch.arange(past, past + n)[None]
-            logits = model(input_ids=ids, past_key_values=cache, position_ids=position_ids, use_cache=True).logits
+            logits = model(
+                input_ids=ids, past_key_values=cache, position_ids=position_ids, use_cache=True
+            ).logits
             past += n
             # (1, n, V) -> top-k per position, best first (ties: lower id first, like argmax)
             top = torch.topk(logits[0].float(), top_k, dim=-1, sorted=True).indices.numpy().astype(np.int32)
@@ -157,7 +158,9 @@ def record_references(
         refs.append(Reference(task_id, prompt, output, top))
         save_references(partial, refs, model_name=name)
         if progress:
-            progress(f"[{i + 1}/{n_prompts}] {task_id}: {len(output)} tokens, {time.perf_counter() - t0:.0f} s")
+            progress(
+                f"[{i + 1}/{n_prompts}] {task_id}: {len(output)} tokens, {time.perf_counter() - t0:.0f} s"
+            )
     save_references(path, refs, model_name=name)
     partial.unlink(missing_ok=True)
     return refs
@@ -187,7 +190,8 @@ def load_references(path: Path) -> list[Reference]:
 def longest_accepted(tree: DraftTree, truth: np.ndarray) -> int:
     """Draft tokens greedy verification accepts: the longest tree path equal to a prefix of ``truth``."""
     children: dict[tuple[int, int], int] = {
-        (parent, tok): i for i, (tok, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist()))
+        (parent, tok): i
+        for i, (tok, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist(), strict=True))
     }
     node, accepted = -1, 0
     for tok in truth.tolist():
@@ -335,3 +339,39 @@ def markdown_table(results: Sequence[ReplayResult]) -> str:
             cells.append(f"**{text}**" if value is not None and value == best[b] else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def select_tree_inputs(k: int = 5000, m: int = 10, vocab_size: int = 49152, seed: int = 0) -> dict:
+    """Two k x m inputs for timing :func:`select_tree`: skewed (50 continuations, Zipf-distributed,
+    each row diverging to random tokens with probability 0.15 per position, like a datastore's) and
+    uniform random (every row distinct: the most nodes)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, vocab_size, (50, m))
+    skewed = base[np.minimum(rng.zipf(1.5, k) - 1, 49)]
+    for j in range(m):
+        diverge = rng.random(k) < 0.15
+        skewed[diverge, j:] = rng.integers(0, vocab_size, (int(diverge.sum()), m - j))
+    uniform = rng.integers(0, vocab_size, (k, m))
+    return {"skewed": skewed.astype(np.int32), "uniform": uniform.astype(np.int32)}
+
+
+def time_select_tree(budget: int = 64, calls: int = 500) -> list[tuple[str, str, float, float]]:
+    """(input, implementation, wall ms per call, CPU ms per call) for select_tree and its numpy reference."""
+    from restspec.draft.trie import select_tree, select_tree_numpy
+
+    rows = []
+    for name, cont in select_tree_inputs().items():
+        for fn, n in ((select_tree, calls), (select_tree_numpy, max(calls // 20, 1))):
+            fn(cont, budget)  # compile / warm up
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                fn(cont, budget)
+            wall = (time.perf_counter() - wall) / n * 1e3
+            cpu = (time.process_time() - cpu) / n * 1e3
+            rows.append((name, fn.__name__, wall, cpu))
+    return rows
+
+
+if __name__ == "__main__":  # python -m restspec.bench.simulate: time select_tree (k=5000, m=10, c=64)
+    for name, impl, wall, cpu in time_select_tree():
+        print(f"{name:8s} {impl:18s} wall {wall:7.3f} ms/call  cpu {cpu:7.3f} ms/call")

@@ -83,6 +83,11 @@ def bench(
         bool, typer.Option("--recalibrate", help="Measure forward latency again for the adaptive budget, "
                            "replacing the cached calibration.")
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="torch intra-op threads (default: torch's choice, the core count).",
+                     show_default=False),
+    ] = None,
     warmup: Annotated[
         bool, typer.Option("--warmup/--no-warmup", help="One untimed short generate per method first.")
     ] = True,
@@ -103,6 +108,12 @@ def bench(
         raise GenerationError(f"--max-new-tokens={max_new_tokens} must be >= 1")
     if not temperature >= 0.0:
         raise GenerationError(f"--temperature={temperature} must be >= 0 (0 = greedy)")
+    if threads is not None:
+        if threads < 1:
+            raise GenerationError(f"--threads={threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
     names = parse_methods(methods)
     items = select(load_workload(workload, chat=chat), limit, per_category=per_category)
     datastores = list(datastore or [])

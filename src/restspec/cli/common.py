@@ -281,6 +281,9 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
     from restspec.draft import default_drafter
     from restspec.models import load_model
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own status line says what is loading
     err = stderr_console()
     with err.status(f"Loading model {options.model} ({options.dtype})…", spinner="dots"):
         loaded = load_model(options.model, dtype=options.dtype)

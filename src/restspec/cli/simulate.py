@@ -1,1 +1,97 @@
-"""restspec CLI commands (placeholder until written)."""
+"""``restspec simulate``: mean accepted tokens per step of each drafter, without running the model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from restspec.cli.app import app
+from restspec.cli.common import cli_errors, stderr_console
+
+
+def _int_list(value: str, flag: str) -> list[int]:
+    from restspec.errors import RestspecError
+
+    try:
+        values = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise RestspecError(f"{flag}={value!r} must be comma-separated integers, e.g. 4,8,16") from None
+    if not values or min(values) < 1:
+        raise RestspecError(f"{flag}={value!r} must list integers >= 1")
+    return values
+
+
+@app.command()
+@cli_errors
+def simulate(
+    prompts: Annotated[int, typer.Option("--prompts", help="HumanEval prompts to replay (file order).")] = 40,
+    new_tokens: Annotated[
+        int, typer.Option("--new-tokens", help="Greedy tokens recorded per prompt (at most).")
+    ] = 128,
+    budgets: Annotated[str, typer.Option("--budgets", help="Tree sizes, comma-separated.")] = "4,8,16,32,64",
+    drafters: Annotated[
+        str,
+        typer.Option(
+            "--drafters", help="Drafters, comma-separated: datastore,context,history,recycle,merged."
+        ),
+    ] = "datastore,context,history,recycle,merged",
+    datastore: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--datastore", "-d", help="Datastore(s) to draft from (default: the standard library's)."
+        ),
+    ] = None,
+    references: Annotated[
+        Path | None,
+        typer.Option("--references", help="Reference cache (.npz); recorded there first if missing."),
+    ] = None,
+    markdown: Annotated[
+        Path | None, typer.Option("--markdown", help="Also write the table as Markdown to this file.")
+    ] = None,
+) -> None:
+    """Replay recorded greedy outputs of the embedded model through each drafter (no model run)
+    and print the mean accepted tokens per step for each budget.
+
+    The first run records the references (plain greedy decoding on HumanEval with the model's top
+    candidates per position; a few minutes) into the cache; later runs only replay."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from restspec.bench import simulate as sim
+    from restspec.datastore import Datastore, ensure_default_datastore
+    from restspec.errors import RestspecError
+    from restspec.models import load_tokenizer
+
+    budget_list = _int_list(budgets, "--budgets")
+    names = [n.strip() for n in drafters.split(",") if n.strip()]
+    unknown = [n for n in names if n not in sim.DRAFTER_NAMES]
+    if unknown or not names:
+        raise RestspecError(f"--drafters={drafters!r}: choose from {', '.join(sim.DRAFTER_NAMES)}")
+    if prompts < 1 or new_tokens < 1:
+        raise RestspecError(f"--prompts={prompts} and --new-tokens={new_tokens} must be >= 1")
+    console = stderr_console()
+    path = references or sim.cache_dir() / f"humaneval-{sim.MODEL_NAME}-{prompts}x{new_tokens}.npz"
+    if path.exists():
+        refs = sim.load_references(path)
+    else:
+        console.print(f"Recording {prompts} greedy references of {new_tokens} tokens into {path}")
+        refs = sim.record_references(path, prompts, new_tokens, progress=console.print)
+    tokenizer = load_tokenizer("smollm2")
+    paths = datastore or [ensure_default_datastore(tokenizer)]
+    stores = [Datastore.open(p, tokenizer) for p in paths]
+    vocab_size = max(len(tokenizer), *(ds.vocab_size for ds in stores))
+    tokens = sum(len(r.output) for r in refs)
+    console.print(f"Replaying {len(refs)} references ({tokens:,} output tokens) from {path}")
+
+    def report(result: sim.ReplayResult) -> None:
+        console.print(
+            f"  {result.drafter:>9} b={result.budget:<3} {result.mean_accepted:.3f} tokens/step "
+            f"({result.propose_s / max(result.steps, 1) * 1e3:.2f} ms drafting per step)"
+        )
+
+    results = sim.simulate(refs, stores, vocab_size, names, budget_list, progress=report)
+    table = sim.markdown_table(results)
+    typer.echo(table)
+    if markdown is not None:
+        markdown.write_text(table + "\n", encoding="utf-8")

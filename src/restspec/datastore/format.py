@@ -193,9 +193,12 @@ def open_shard(path: Path) -> Shard:
         if info["length"] == 0:
             arrays[name] = np.zeros(0, dtype=np.dtype(info["dtype"]))
             continue
-        arrays[name] = np.memmap(
+        mapped = np.memmap(
             path, dtype=np.dtype(info["dtype"]), mode="r", offset=info["offset"], shape=(info["length"],)
         )
+        # a plain ndarray view of the mapping (its .base keeps the map alive): numba dispatches on
+        # exact ndarrays about 2 us faster than on the memmap subclass
+        arrays[name] = mapped.view(np.ndarray)
     return Shard(path=path, meta=meta, header_crc=crc, **arrays)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -313,7 +314,7 @@ class Datastore:
             raise DatastoreError(
                 f"datastore {str(self.path)!r} changed on disk since it was opened; open it again"
             )
-        first = 1 + max((int(s.path.name.split("-")[1].split(".")[0]) for s in self.shards), default=-1)
+        first = 1 + max((_shard_index(s.path) for s in self.shards), default=-1)
         stats = BuildStats()
         writer = ShardWriter(self.path, self.vocab_size, self.fingerprint, shard_tokens, first, stats)
         try:
@@ -332,6 +333,52 @@ class Datastore:
         self.shards = self.shards + [open_shard(self.path / e["file"]) for e in entries]
         return stats
 
+    def compact(self, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> int:
+        """Merge runs of consecutive shards whose tokens together fit ``shard_tokens`` into one shard
+        each (many small appends make every lookup visit many shards). Documents keep their order.
+        Atomic like :meth:`append`: new shard files, then the manifest, then old files are deleted.
+        Returns the number of shards removed."""
+        groups: list[list[int]] = []
+        size = 0
+        for i, shard in enumerate(self.shards):
+            if groups and size + shard.num_tokens <= shard_tokens:
+                groups[-1].append(i)
+                size += shard.num_tokens
+            else:
+                groups.append([i])
+                size = shard.num_tokens
+        if all(len(g) == 1 for g in groups):
+            return 0
+        manifest = read_manifest(self.path)
+        entries_by_file = {e["file"]: e for e in manifest["shards"]}
+        next_index = 1 + max(_shard_index(s.path) for s in self.shards)
+        new_entries: list[dict] = []
+        stats = BuildStats()
+        for group in groups:
+            if len(group) == 1:
+                new_entries.append(entries_by_file[self.shards[group[0]].path.name])
+                continue
+            writer = ShardWriter(self.path, self.vocab_size, self.fingerprint, 2**62, next_index, stats)
+            try:
+                for i in group:
+                    for doc in _shard_docs(self.shards[i], self._sep):
+                        writer.add(doc.astype(np.int64))
+                new_entries.extend(writer.finish())
+            except BaseException:
+                writer.abort()
+                raise
+            next_index += 1
+        old = [s.path for s in self.shards]
+        manifest["shards"] = new_entries
+        write_manifest(self.path, manifest)
+        self._manifest = manifest
+        self.shards = [open_shard(self.path / e["file"]) for e in new_entries]
+        kept = {s.path for s in self.shards}
+        for path in old:
+            if path not in kept:
+                path.unlink(missing_ok=True)
+        return len(old) - len(self.shards)
+
     # ------------------------------------------------------------------ search
     def _k(self):
         if self._kernels is None:
@@ -344,10 +391,13 @@ class Datastore:
         length is the maximum and the count sums the shards that reach it."""
         if not 1 <= min_len <= max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
-        ctx = np.asarray(ids, dtype=np.int64)
+        ctx = ids if type(ids) is np.ndarray and ids.dtype == np.int64 else np.asarray(ids, dtype=np.int64)
         if ctx.ndim != 1:
             raise ValueError(f"ids must be 1-D, got shape {ctx.shape}")
-        ctx = np.ascontiguousarray(ctx[-max_len:])
+        if len(ctx) > max_len:
+            ctx = ctx[-max_len:]
+        if not ctx.flags.c_contiguous:
+            ctx = np.ascontiguousarray(ctx)
         kernel = self._k().longest_match
         best = 0
         found: list[ShardRange] = []
@@ -355,9 +405,9 @@ class Datastore:
             length, lo, hi = kernel(shard.tokens, shard.sa, shard.bucket, ctx, self._sep)
             if length > best:
                 best = length
-                found = [ShardRange(i, int(lo), int(hi))]
+                found = [ShardRange(i, lo, hi)]
             elif length == best and length > 0:
-                found.append(ShardRange(i, int(lo), int(hi)))
+                found.append(ShardRange(i, lo, hi))
         if best < min_len:
             return Match.none()
         return Match(best, sum(r.hi - r.lo for r in found), tuple(found))
@@ -379,6 +429,17 @@ class Datastore:
             kernel(shard.tokens, shard.sa, r.lo, offset, r.hi - r.lo, match.count, m, self._sep, out)
             offset += r.hi - r.lo
         return out
+
+
+def _shard_index(path: Path) -> int:
+    """shard-00012.rsds -> 12."""
+    return int(path.name.split("-")[1].split(".")[0])
+
+
+def _shard_docs(shard: Shard, separator: int) -> list[np.ndarray]:
+    """The documents of a shard (the pieces between separators)."""
+    seps = np.flatnonzero(np.asarray(shard.tokens) == separator)
+    return [shard.tokens[a + 1 : b] for a, b in itertools.pairwise(seps) if b > a + 1]
 
 
 def _manifest(vocab_size: int, fingerprint: str, entries: list[dict]) -> dict:

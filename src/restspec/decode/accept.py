@@ -79,20 +79,20 @@ def warped_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor
     return warp_logits(logits, sampling).softmax(dim=-1)
 
 
-def warped_cdf(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """float64 cumulative sums (..., V) of :func:`warped_probs` (what :func:`draw_from_cdf` reads)."""
-    return warped_probs(logits, sampling).to(torch.float64).cumsum(-1)
+def warped_cdf(logits: torch.Tensor, sampling: SamplingConfig) -> np.ndarray:
+    """float64 cumulative sums (..., V) of :func:`warped_probs`, as numpy (what the draws read)."""
+    return warped_probs(logits, sampling).to(torch.float64).cumsum(-1).numpy()
 
 
-def draw_from_cdf(cdf: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token by inverse CDF from one uniform number of ``generator``; ``cdf``: (V,)."""
-    u = torch.rand(1, generator=generator, dtype=torch.float64) * cdf[-1]
-    return int(torch.searchsorted(cdf, u, right=True))  # first token with cdf > u, so p > 0
+def draw_from_cdf(cdf: np.ndarray, generator: torch.Generator | None) -> int:
+    """One token by inverse CDF from one uniform number of ``generator``; ``cdf``: float64[V]."""
+    u = torch.rand(1, generator=generator, dtype=torch.float64).item() * cdf[-1]
+    return int(np.searchsorted(cdf, u, side="right"))  # first token with cdf > u, so p > 0
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from ``probs`` (V,) with one uniform number from ``generator``."""
-    return draw_from_cdf(probs.to(torch.float64).cumsum(0), generator)
+    return draw_from_cdf(probs.to(torch.float64).cumsum(0).numpy(), generator)
 
 
 _BATCH_WARP_ELEMENTS = 1 << 16
@@ -113,17 +113,32 @@ def sample_accept(
     ``batch_rows`` forces warping all rows at once (True) or only the visited rows (False); by
     default small logits are warped at once. Both give the same tokens.
     """
-    children = child_lookup(tree) if len(tree) else {}
     if batch_rows is None:
         batch_rows = logits.numel() <= _BATCH_WARP_ELEMENTS
-    cdfs = warped_cdf(logits, sampling) if batch_rows else None
+    if batch_rows:
+        return walk_cdfs(tree, warped_cdf(logits, sampling), generator)
+    return walk_cdfs(tree, _LazyCdfs(logits, sampling), generator)
+
+
+class _LazyCdfs:
+    """Row r of the warped CDF table, computed on first use."""
+
+    def __init__(self, logits: torch.Tensor, sampling: SamplingConfig) -> None:
+        self._logits = logits
+        self._sampling = sampling
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return warped_cdf(self._logits[row], self._sampling)
+
+
+def walk_cdfs(tree: DraftTree, cdfs: np.ndarray | _LazyCdfs, generator: torch.Generator | None) -> Acceptance:
+    """The sampling walk over warped CDF rows (n+1, V): one draw per visited row (row 0 = root)."""
+    children = child_lookup(tree) if len(tree) else {}
     path: list[int] = []
     tokens: list[int] = []
     node = -1
     while True:
-        row = node + 1
-        cdf = cdfs[row] if cdfs is not None else warped_cdf(logits[row], sampling)
-        token = draw_from_cdf(cdf, generator)
+        token = draw_from_cdf(cdfs[node + 1], generator)
         tokens.append(token)
         child = children.get((node, token))
         if child is None:

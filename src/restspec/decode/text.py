@@ -22,6 +22,7 @@ class IncrementalDecoder:
         self._ids: list[int] = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:]) if len(prompt_ids) else []
         self._prefix = 0
         self._read = len(self._ids)
+        self._sent = 0  # characters after decode(ids[prefix:read]) already returned
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -31,17 +32,24 @@ class IncrementalDecoder:
         self._ids.extend(ids)
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         new_text = self._decode(self._ids[self._prefix :])
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_INCOMPLETE):
+        start = len(prefix_text) + self._sent
+        if new_text.endswith(_INCOMPLETE):  # emit what is complete, wait for the rest
+            delta = new_text.rstrip(_INCOMPLETE)[start:]
+            self._sent += len(delta)
+            return delta
+        if len(new_text) <= len(prefix_text):
             return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return new_text[len(prefix_text) :]
+        self._prefix, self._read, self._sent = self._read, len(self._ids), 0
+        return new_text[start:]
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         new_text = self._decode(self._ids[self._prefix :])
+        start = len(prefix_text) + self._sent
         self._prefix = self._read = len(self._ids)
-        return new_text[len(prefix_text) :]
+        self._sent = 0
+        return new_text[start:]
 
 
 class StopStringMatcher:

@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING
 
 from restspec.draft.base import Drafter, EmptyDrafter, StatelessDrafter, TreeLogits
 from restspec.draft.lookup import Lookup, longest_suffix_continuations
-from restspec.draft.merge import Calibration, MergeConfig, MergedDrafter, merge_trees, node_outcomes
+from restspec.draft.merge import (
+    Calibration,
+    MergeConfig,
+    MergedDrafter,
+    extend_best_first,
+    merge_trees,
+    node_outcomes,
+)
 from restspec.draft.recycle import RecycleDrafter
 from restspec.draft.sources import ContextDrafter, DatastoreDrafter, HistoryDrafter, LookupConfig
 from restspec.draft.tree import DraftTree
@@ -52,6 +59,7 @@ __all__ = [
     "TreeLogits",
     "count_trie",
     "default_drafter",
+    "extend_best_first",
     "longest_suffix_continuations",
     "merge_trees",
     "node_outcomes",

@@ -135,6 +135,66 @@ def merge_trees(
     )
 
 
+def extend_best_first(
+    candidates: DraftTree,
+    root: int,
+    table: np.ndarray,
+    hit_rates: np.ndarray,
+    budget: int,
+    max_depth: int,
+) -> DraftTree:
+    """The ``budget`` most probable nodes among ``candidates`` and their extensions from ``table``.
+
+    ``candidates``: a merged tree (weights = probabilities, non-increasing from parent to child).
+    ``table``: int32[V, k], the model's recent top-k next tokens after each token (-1 = unknown);
+    ``hit_rates``: float[k], probability that the rank-r entry is the model's next token. Every taken
+    node (and the root, token ``root``, probability 1) offers its table row as children with
+    probability p(node) * hit_rates[r]; a child equal to a candidate merges with it (the larger
+    probability wins). Taken best-first, ties by depth then path, so parents precede children."""
+    import heapq
+
+    cand_paths: list[tuple[int, ...]] = []
+    for tok, parent in zip(candidates.tokens.tolist(), candidates.parents.tolist(), strict=True):
+        cand_paths.append((cand_paths[parent] if parent >= 0 else ()) + (tok,))
+    vocab, k = table.shape
+    # heap entries: (-p, depth, path, from_table, rank, p_parent)
+    heap: list[tuple[float, int, tuple[int, ...], int, int, float]] = [
+        (-float(p), len(path), path, 0, 0, 0.0)
+        for path, p in zip(cand_paths, candidates.weights.tolist(), strict=True)
+    ]
+
+    def offer(parent_path: tuple[int, ...], parent_token: int, rank: int, p_parent: float) -> None:
+        if rank >= k or len(parent_path) >= max_depth or not 0 <= parent_token < vocab:
+            return
+        tok = int(table[parent_token, rank])
+        if tok >= 0:
+            p = p_parent * float(hit_rates[rank])
+            heapq.heappush(heap, (-p, len(parent_path) + 1, (*parent_path, tok), 1, rank, p_parent))
+
+    heapq.heapify(heap)
+    offer((), root, 0, 1.0)
+    taken: dict[tuple[int, ...], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    probs: list[float] = []
+    while heap and len(tokens) < budget:
+        neg_p, _, path, from_table, rank, p_parent = heapq.heappop(heap)
+        if from_table:  # the next rank below the same parent
+            offer(path[:-1], path[-2] if len(path) > 1 else root, rank + 1, p_parent)
+        if path in taken or (len(path) > 1 and path[:-1] not in taken):
+            continue
+        taken[path] = len(tokens)
+        tokens.append(path[-1])
+        parents.append(taken[path[:-1]] if len(path) > 1 else -1)
+        probs.append(-neg_p)
+        offer(path, path[-1], 0, -neg_p)
+    if not tokens:
+        return DraftTree.empty()
+    return DraftTree(
+        np.asarray(tokens, np.int32), np.asarray(parents, np.int32), np.clip(np.asarray(probs), 0.0, 1.0)
+    )
+
+
 @dataclass(frozen=True)
 class MergeConfig:
     """How :class:`MergedDrafter` ranks and combines sources."""
@@ -145,8 +205,15 @@ class MergeConfig:
     """Learn per-source acceptance rates online from observe()."""
     strength: float = 8.0
     """Pseudo-observations behind a source's own weights in calibration."""
+    extend: bool = True
+    """Use a :class:`RecycleDrafter` among the sources to extend every node of the merged tree (not
+    only the root) with the model's recent top candidates, best-first by probability."""
+    extend_depth: int = 10
+    """Deepest node an extension may add."""
 
     def __post_init__(self) -> None:
+        if self.extend_depth < 1:
+            raise ValueError(f"extend_depth={self.extend_depth} must be >= 1")
         if self.combine not in ("max", "or"):
             raise ValueError(f"combine={self.combine!r} must be 'max' or 'or'")
         if self.strength <= 0:
@@ -170,6 +237,10 @@ class MergedDrafter:
         self.config = config or MergeConfig()
         self.calibration = Calibration(len(self.drafters), self.config.strength, scales)
         self._last: list[tuple[DraftTree, int]] = []
+        from restspec.draft.recycle import RecycleDrafter
+
+        recyclers = [d for d in self.drafters if isinstance(d, RecycleDrafter)]
+        self.extender: RecycleDrafter | None = recyclers[0] if self.config.extend and recyclers else None
 
     def start_request(self, prompt: np.ndarray) -> None:
         for drafter in self.drafters:
@@ -180,9 +251,13 @@ class MergedDrafter:
             drafter.stop_request()
 
     def source_trees(self, context: np.ndarray, budget: int) -> list[tuple[DraftTree, int]]:
-        """Each source's own tree and its match length (0 when it reports none)."""
+        """Each source's own tree and its match length (0 when it reports none). The extender, if
+        any, proposes nothing here: it extends the merged tree instead."""
         out = []
         for drafter in self.drafters:
+            if drafter is self.extender:
+                out.append((DraftTree.empty(), 0))
+                continue
             tree = drafter.propose(context, budget)
             out.append((tree, int(getattr(drafter, "last_match_length", 0))))
         return out
@@ -199,7 +274,17 @@ class MergedDrafter:
             ]
         else:
             probs = [np.minimum.accumulate(tree.weights.astype(np.float64)) for tree in trees]
-        return merge_trees(trees, probs, budget, self.config.combine)
+        if self.extender is None or len(context) == 0:
+            return merge_trees(trees, probs, budget, self.config.combine)
+        candidates = merge_trees(trees, probs, sum(len(t) for t in trees), self.config.combine)
+        return extend_best_first(
+            candidates,
+            int(context[-1]),
+            self.extender.table,
+            self.extender.hit_rates,
+            budget,
+            self.config.extend_depth,
+        )
 
     def observe(self, context: np.ndarray, accepted: np.ndarray, logits: TreeLogits | None = None) -> None:
         if self.config.calibrate:

@@ -31,7 +31,9 @@ TEMPLATE_REFRESH = 64
 """Rebuild the template after this many new hit observations."""
 
 
-def best_first_template(hit: np.ndarray, size: int, max_depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def best_first_template(
+    hit: np.ndarray, size: int, max_depth: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``size`` rank paths of highest probability (product of ``hit`` along the path).
 
     Returns (parents int32[n], ranks int32[n], probs float64[n]) ordered by falling probability,

@@ -27,7 +27,7 @@ _KEY_BITS = 62
 
 def _sort_rows(rows: np.ndarray) -> np.ndarray:
     """Row order that sorts ``rows`` (int64[k, m], values >= 0) lexicographically; stable."""
-    k, m = rows.shape
+    m = rows.shape[1]
     bits = max(int(rows.max()).bit_length(), 1)
     per_key = max(_KEY_BITS // bits, 1)
     keys = []

@@ -331,6 +331,7 @@ async def _drain(request: Request, first: StreamChunk, job: Job) -> GenerationRe
         while chunk is not None:
             result = result_of(chunk)
             if result is not None:
+                await _finish(request, job)
                 return result
             if await request.is_disconnected():
                 return None
@@ -340,6 +341,13 @@ async def _drain(request: Request, first: StreamChunk, job: Job) -> GenerationRe
         return None
     finally:
         job.cancel()
+
+
+async def _finish(request: Request, job: Job) -> None:
+    """Wait for the job's end after its result (the generator's own clean-up, e.g. the drafter's
+    ``stop_request``), so that a client that got its answer finds the server idle."""
+    while await _next_chunk(request, job) is not None:
+        pass
 
 
 class _ClientGone(Exception):
@@ -400,6 +408,7 @@ async def _stream_events(
             chunk = await _next_chunk(request, job)
         if result is None:  # the client disconnected
             return
+        await _finish(request, job)
         yield event(
             kind.delta_choice("", FINISH_REASONS[result.finish_reason]), restspec=speculative_stats(result)
         )

@@ -1,0 +1,103 @@
+"""Tree verification: the mask, the logits of every tree row, and KV compaction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ARCHS, SLIDING_WINDOW, VOCAB, tiny_model
+
+from restspec.decode import compact_cache, forward_tree, model_layout, new_cache, prefill, tree_attention_bias
+from restspec.draft.tree import DraftTree
+
+# root ─┬─ 0:a ── 2:c ── 3:d
+#       ├─ 1:b ── 5:f
+#       └─ 4:e
+TREE = DraftTree(np.array([11, 12, 13, 14, 15, 16]), np.array([-1, -1, 0, 2, -1, 1]))
+CONTEXT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]  # the last token is the root
+
+
+def test_bias_is_the_boolean_tree_mask_made_additive():
+    bias = tree_attention_bias(TREE, past_len=5, dtype=torch.float32)
+    allowed = TREE.attention_mask(5)
+    assert bias.shape == (1, 1, 7, 12)
+    assert torch.equal(bias[0, 0] == 0, torch.from_numpy(allowed))
+    assert (bias[0, 0][~torch.from_numpy(allowed)] == torch.finfo(torch.float32).min).all()
+
+
+def test_sliding_window_hides_keys_at_or_before_q_minus_window():
+    window = 3
+    bias = tree_attention_bias(TREE, past_len=5, dtype=torch.float64, sliding_window=window)[0, 0] == 0
+    # root at position 5 sees cache positions 3, 4 and itself (k > 5 - 3)
+    assert bias[0].nonzero().flatten().tolist() == [3, 4, 5]
+    # node d (row 4) at position 5 + 3 = 8: sees k > 5, i.e. its ancestors a (6), c (7) and itself, not the root
+    assert bias[4].nonzero().flatten().tolist() == [6, 8, 9]
+
+
+def plain_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def path_tokens(tree: DraftTree, node: int) -> list[int]:
+    out = []
+    while node >= 0:
+        out.append(int(tree.tokens[node]))
+        node = int(tree.parents[node])
+    return out[::-1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_tree_row_scores_like_a_plain_forward_of_its_path(arch):
+    model = tiny_model(arch)
+    cache = new_cache()
+    prefill(model, cache, np.array(CONTEXT[:-1]))
+    past_len = len(CONTEXT) - 1
+    logits = forward_tree(model, cache, CONTEXT[-1], TREE, past_len)
+    assert logits.shape == (len(TREE) + 1, VOCAB)
+    assert cache.get_seq_length() == past_len + len(TREE) + 1
+    torch.testing.assert_close(logits[0], plain_logits(model, CONTEXT), rtol=1e-9, atol=1e-9)
+    for node in range(len(TREE)):
+        expected = plain_logits(model, CONTEXT + path_tokens(TREE, node))
+        torch.testing.assert_close(logits[node + 1], expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen2-hybrid"])
+@pytest.mark.parametrize("path", [[], [0], [0, 2, 3], [1, 5], [4]])
+def test_compaction_leaves_the_cache_of_the_accepted_path(arch, path):
+    model = tiny_model(arch)
+    cache = new_cache()
+    prefill(model, cache, np.array(CONTEXT[:-1]))
+    past_len = len(CONTEXT) - 1
+    forward_tree(model, cache, CONTEXT[-1], TREE, past_len)
+    compact_cache(cache, past_len, np.array(path), len(TREE))
+    accepted = [int(TREE.tokens[i]) for i in path]
+    reference = new_cache()
+    prefill(model, reference, np.array(CONTEXT + accepted))
+    assert cache.get_seq_length() == reference.get_seq_length() == len(CONTEXT) + len(path)
+    for layer, ref in zip(cache.layers, reference.layers, strict=True):
+        torch.testing.assert_close(layer.keys, ref.keys, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(layer.values, ref.values, rtol=1e-9, atol=1e-9)
+    # and the next step from the compacted cache scores like a plain forward (past the sliding window)
+    assert len(CONTEXT) + len(path) > SLIDING_WINDOW
+    nxt = forward_tree(model, cache, 7, DraftTree.empty(), len(CONTEXT) + len(path))
+    torch.testing.assert_close(nxt[0], plain_logits(model, [*CONTEXT, *accepted, 7]), rtol=1e-9, atol=1e-9)
+
+
+def test_a_chain_prefix_is_cropped_without_copying():
+    model = tiny_model("llama")
+    cache = new_cache()
+    prefill(model, cache, np.array(CONTEXT[:-1]))
+    forward_tree(model, cache, CONTEXT[-1], TREE, len(CONTEXT) - 1)
+    before = [layer.keys.data_ptr() for layer in cache.layers]
+    compact_cache(cache, len(CONTEXT) - 1, np.array([0]), len(TREE))
+    assert [layer.keys.data_ptr() for layer in cache.layers] == before  # a view: no copy
+
+
+def test_layout_of_the_architectures():
+    assert model_layout(tiny_model("mistral")).sliding_window == SLIDING_WINDOW
+    assert not model_layout(tiny_model("mistral")).hybrid
+    assert model_layout(tiny_model("qwen2-hybrid")).hybrid
+    assert model_layout(tiny_model("qwen2")).sliding_window is None
+    assert model_layout(tiny_model("gpt2")).max_positions == 256
+    assert not model_layout(tiny_model("llama")).hybrid

@@ -1,0 +1,173 @@
+"""MergedDrafter: one tree from several sources under one budget."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from restspec.draft import (
+    ContextDrafter,
+    MergeConfig,
+    MergedDrafter,
+    StatelessDrafter,
+    default_drafter,
+    extend_best_first,
+    merge_trees,
+    node_outcomes,
+    select_tree,
+)
+from restspec.draft.tree import DraftTree
+
+
+def node_paths(tree: DraftTree) -> list[tuple[int, ...]]:
+    paths: list[tuple[int, ...]] = []
+    for tok, parent in zip(tree.tokens.tolist(), tree.parents.tolist(), strict=True):
+        paths.append((paths[parent] if parent >= 0 else ()) + (tok,))
+    return paths
+
+
+class FixedDrafter(StatelessDrafter):
+    def __init__(self, tree: DraftTree, match_length: int = 3) -> None:
+        self.tree = tree
+        self.last_match_length = match_length
+
+    def propose(self, context, budget):
+        return self.tree.truncate(budget)
+
+
+def test_identical_paths_merge_and_take_the_higher_probability():
+    # source A: (1)=.6 (1,2)=.5 ; source B: (1)=.9 (3)=.2 -> (1)=.9 (1,2)=.5 (3)=.2
+    a = DraftTree(np.array([1, 2]), np.array([-1, 0]), np.array([0.6, 0.5]))
+    b = DraftTree(np.array([1, 3]), np.array([-1, -1]), np.array([0.9, 0.2]))
+    merged = merge_trees([a, b], [a.weights.astype(float), b.weights.astype(float)], 8)
+    assert node_paths(merged) == [(1,), (1, 2), (3,)]
+    np.testing.assert_allclose(merged.weights, [0.9, 0.5, 0.2])
+    # noisy-or: (1) = 1 - 0.4 * 0.1 = 0.96
+    merged_or = merge_trees([a, b], [a.weights.astype(float), b.weights.astype(float)], 8, combine="or")
+    np.testing.assert_allclose(merged_or.weights[0], 0.96, rtol=1e-6)
+    # budget 2 keeps the two most probable: (1) and (1,2)
+    assert node_paths(merge_trees([a, b], [a.weights.astype(float), b.weights.astype(float)], 2)) == [
+        (1,),
+        (1, 2),
+    ]
+
+
+def test_single_source_without_calibration_is_unchanged():
+    tree = select_tree(np.array([[1, 2, 3], [1, 2, 4], [5, 6, 7]], np.int32), 16)
+    drafter = MergedDrafter([FixedDrafter(tree)], config=MergeConfig(calibrate=False))
+    for budget in (0, 1, 3, 16):
+        assert node_paths(drafter.propose(np.array([0], np.int32), budget)) == node_paths(tree)[:budget]
+
+
+def test_node_outcomes_scores_only_settled_nodes():
+    # tree: (1) (1,2) (1,3) (4) (1,2,5); accepted [1 2] (draft 1, model's next token 2)
+    tree = DraftTree(np.array([1, 2, 3, 4, 5]), np.array([-1, 0, 0, -1, 1]))
+    known, hit = node_outcomes(tree, np.array([1, 2]))
+    assert known.tolist() == [True, True, True, True, False]  # depth 3 is beyond what is known
+    assert hit.tolist() == [True, True, False, False, False]
+
+
+def test_calibration_learns_that_a_source_is_wrong():
+    good = DraftTree(np.array([7]), np.array([-1]), np.array([0.5]))
+    bad = DraftTree(np.array([8]), np.array([-1]), np.array([0.6]))
+    drafter = MergedDrafter([FixedDrafter(good), FixedDrafter(bad)])
+    assert drafter.propose(np.array([0], np.int32), 1).tokens.tolist() == [8]
+    for _ in range(40):
+        drafter.propose(np.array([0], np.int32), 2)
+        drafter.observe(np.array([0], np.int32), np.array([7]))
+    assert drafter.propose(np.array([0], np.int32), 1).tokens.tolist() == [7]
+
+
+source_trees = st.lists(
+    st.tuples(
+        st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=4), min_size=1, max_size=12),
+        st.integers(0, 3),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(source_trees, st.integers(0, 20), st.sampled_from(["max", "or"]))
+def test_merge_within_budget_and_never_drops_a_higher_ranked_path(sources, budget, combine):
+    trees = []
+    for rows, pad in sources:
+        width = max(len(r) for r in rows)
+        cont = np.full((len(rows) + pad, width), -1, np.int32)
+        for i, r in enumerate(rows):
+            cont[i, : len(r)] = r
+        trees.append(select_tree(cont, 20))
+    probs = [np.minimum.accumulate(t.weights.astype(np.float64)) for t in trees]
+    merged = merge_trees(trees, probs, budget, combine)
+    assert len(merged) <= budget
+    paths = node_paths(merged)
+    assert len(set(paths)) == len(paths)
+    assert all(p[:-1] in paths[:i] for i, p in enumerate(paths) if len(p) > 1)  # parents first
+    kept = dict(zip(paths, merged.weights.tolist(), strict=True))
+    lowest_kept = min(kept.values(), default=np.inf)
+    for tree, prob in zip(trees, probs, strict=True):
+        for path, p in zip(node_paths(tree), prob.tolist(), strict=True):
+            # a path at least as probable as the merged value of a source path is >= that source's value
+            if path in kept:
+                assert kept[path] >= np.float32(p) - 1e-6
+            else:  # dropped: only when the tree is full of paths ranked at least as high
+                assert len(merged) == budget
+                assert lowest_kept >= np.float32(p) - 1e-6
+    again = merge_trees(trees, probs, budget, combine)
+    assert node_paths(again) == paths
+
+
+def test_default_drafter_runs_a_request_lifecycle():
+    drafter = default_drafter([], vocab_size=16)
+    context = np.array([1, 2, 3, 1, 2], np.int32)
+    drafter.start_request(context)
+    tree = drafter.propose(context, 4)
+    assert len(tree) <= 4
+    assert node_paths(tree)[0] == (3,)  # the context drafter saw "1 2" followed by 3
+    drafter.observe(context, np.array([3, 1], np.int32))
+    drafter.stop_request()
+    assert any(isinstance(d, ContextDrafter) for d in drafter.drafters)
+
+
+def test_extension_adds_table_children_below_every_node_best_first():
+    # candidates (5)=.6 (5,6)=.5; table rows: 1 -> [5 9], 5 -> [6 7], 6 -> [8 -]; hits .5 .2; root 1
+    # root offers (5)=.5 (merges with the candidate .6) and (9)=.2; (5) offers (5,6)=.3 (merges),
+    # (5,7)=.12; (5,6) offers (5,6,8)=.25 -> (5).6 (5,6).5 (5,6,8).25 (9).2 (5,7).12
+    candidates = DraftTree(np.array([5, 6]), np.array([-1, 0]), np.array([0.6, 0.5]))
+    table = np.full((10, 2), -1, np.int32)
+    table[1], table[5], table[6, 0] = [5, 9], [6, 7], 8
+    tree = extend_best_first(candidates, 1, table, np.array([0.5, 0.2]), 8, max_depth=5)
+    assert node_paths(tree) == [(5,), (5, 6), (5, 6, 8), (9,), (5, 7)]
+    np.testing.assert_allclose(tree.weights, [0.6, 0.5, 0.25, 0.2, 0.12], rtol=1e-6)
+    assert node_paths(extend_best_first(candidates, 1, table, np.array([0.5, 0.2]), 3, 5)) == [
+        (5,),
+        (5, 6),
+        (5, 6, 8),
+    ]
+    # depth limit 1: only root children
+    assert node_paths(extend_best_first(candidates, 1, table, np.array([0.5, 0.2]), 8, 1)) == [(5,), (9,)]
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.integers(0, 5), min_size=2, max_size=40),
+    st.integers(0, 12),
+    st.lists(st.lists(st.integers(0, 5), min_size=2, max_size=2), min_size=1, max_size=6),
+)
+def test_merged_drafter_trees_are_prefix_closed_within_budget(context, budget, tables):
+    drafter = default_drafter([], vocab_size=6)
+    recycle = drafter.extender
+    for row, tokens in enumerate(tables):
+        recycle.table[row, :2] = tokens if tokens[0] != tokens[1] else [tokens[0], -1]
+    ctx = np.asarray(context, np.int32)
+    drafter.start_request(ctx)
+    tree = drafter.propose(ctx, budget)
+    again = drafter.propose(ctx, budget)
+    drafter.stop_request()
+    assert len(tree) <= budget
+    paths = node_paths(tree)
+    assert all(p[:-1] in paths[:i] for i, p in enumerate(paths) if len(p) > 1)
+    assert np.all(np.diff(tree.weights) <= 1e-7)
+    assert paths == node_paths(again)

@@ -1,0 +1,122 @@
+"""Retrieving drafters: the request's context, past outputs, a datastore. Worked examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from restspec.datastore import Datastore
+from restspec.draft import ContextDrafter, DatastoreDrafter, HistoryDrafter, longest_suffix_continuations
+from restspec.draft.tree import DraftTree
+
+VOCAB = 100
+
+
+def node_paths(tree: DraftTree) -> list[tuple[int, ...]]:
+    paths: list[tuple[int, ...]] = []
+    for tok, parent in zip(tree.tokens.tolist(), tree.parents.tolist(), strict=True):
+        paths.append((paths[parent] if parent >= 0 else ()) + (tok,))
+    return paths
+
+
+def ids(*tokens: int) -> np.ndarray:
+    return np.asarray(tokens, np.int32)
+
+
+def test_lookup_finds_longest_suffix_and_all_its_occurrences():
+    # buffer: 1 2 3 | 1 2 4 | 9 2 5 ; query ends "1 2": longest suffix found is "1 2" (twice),
+    # continuations after each, most recent first: [4 9 2], [3 1 2]; "9 2" does not match "1 2"
+    buffer = ids(1, 2, 3, 1, 2, 4, 9, 2, 5)
+    found = longest_suffix_continuations(buffer, ids(7, 1, 2), max_len=4, min_len=1, m=3, max_rows=10)
+    assert found.length == 2
+    assert found.continuations.tolist() == [[4, 9, 2], [3, 1, 2]]
+
+
+def test_lookup_stops_at_separators_and_buffer_end():
+    # documents [5 6 7] and [5 6] separated by -1: after "5 6" come [7 -1 ...] and nothing
+    buffer = ids(5, 6, 7, -1, 5, 6)
+    found = longest_suffix_continuations(buffer, ids(5, 6), max_len=4, min_len=2, m=3, max_rows=10)
+    assert found.length == 2
+    assert found.continuations.tolist() == [[7, -1, -1]]
+
+
+def test_lookup_respects_min_len_and_max_rows():
+    buffer = ids(1, 8, 2, 8, 3, 8, 4)
+    # the suffix "8" (length 1) occurs 3 times; min_len=2 finds nothing
+    assert longest_suffix_continuations(buffer, ids(0, 8), max_len=4, min_len=2, m=2, max_rows=9).length == 0
+    found = longest_suffix_continuations(buffer, ids(0, 8), max_len=4, min_len=1, m=1, max_rows=2)
+    assert found.continuations.tolist() == [[4], [3]]  # the two most recent
+
+
+def test_context_drafter_builds_a_tree_from_all_earlier_occurrences():
+    # context: a b X c | a b Y | a b  (a=1 b=2 X=3 c=4 Y=5): "a b" occurred twice before the end,
+    # followed by [Y a] and [X c]: root children Y and X, each with one child
+    context = ids(1, 2, 3, 4, 1, 2, 5, 1, 2)
+    drafter = ContextDrafter(max_len=8, min_len=2, m=2)
+    tree = drafter.propose(context, 8)
+    assert drafter.last_match_length == 2
+    assert sorted(node_paths(tree)) == [(3,), (3, 4), (5,), (5, 1)]
+    # one occurrence each of 2 (+1 prior row): weight 1 / 3
+    np.testing.assert_allclose(tree.weights, [1 / 3] * 4, rtol=1e-6)
+    assert len(drafter.propose(context, 2)) == 2
+
+
+def test_context_drafter_without_repetition_drafts_nothing():
+    drafter = ContextDrafter(min_len=1)
+    assert len(drafter.propose(ids(1, 2, 3, 4), 8)) == 0
+    assert len(drafter.propose(ids(), 8)) == 0
+    assert len(drafter.propose(ids(1, 1), 0)) == 0
+
+
+def test_history_drafter_sees_only_finished_requests_and_evicts_oldest():
+    drafter = HistoryDrafter(max_tokens=5, min_len=2, m=3)
+    drafter.start_request(ids(9))
+    drafter.observe(ids(9), ids(1, 2, 3))
+    # the running request's own output is not history yet
+    assert len(drafter.propose(ids(1, 2), 4)) == 0
+    drafter.stop_request()
+    assert node_paths(drafter.propose(ids(7, 1, 2), 4)) == [(3,)]
+    # a second output of 4 tokens pushes the total to 7 > 5: the first output is evicted
+    drafter.start_request(ids(9))
+    drafter.observe(ids(9), ids(4, 5, 6, 7))
+    drafter.stop_request()
+    assert drafter.num_tokens == 4
+    assert len(drafter.propose(ids(1, 2), 4)) == 0
+    assert node_paths(drafter.propose(ids(4, 5), 4)) == [(6,), (6, 7)]
+
+
+def test_history_lifecycle_misuse_raises():
+    drafter = HistoryDrafter()
+    with pytest.raises(ValueError, match="start_request"):
+        drafter.stop_request()
+    with pytest.raises(ValueError, match="start_request"):
+        drafter.observe(ids(1), ids(2))
+    drafter.start_request(ids(1))
+    with pytest.raises(ValueError, match="twice"):
+        drafter.start_request(ids(1))
+
+
+@pytest.fixture
+def tiny_datastore(tmp_path):
+    # two documents; "1 2" is followed by 3 twice and by 4 once
+    docs = [ids(1, 2, 3, 9, 1, 2, 3), ids(1, 2, 4, 8)]
+    return Datastore.build_from_tokens(docs, tmp_path / "ds", vocab_size=VOCAB, fingerprint="test")
+
+
+def test_datastore_drafter_counts_continuations(tiny_datastore):
+    drafter = DatastoreDrafter(tiny_datastore, max_len=4, min_len=2, m=2, prior_rows=0)
+    tree = drafter.propose(ids(5, 1, 2), 8)
+    assert drafter.last_match_length == 2
+    # rows after "1 2": [3 9], [3 -], [4 8] (document ends pad); counts (3)=2 (4)=1 (3,9)=1 (4,8)=1
+    assert node_paths(tree) == [(3,), (4,), (3, 9), (4, 8)]
+    np.testing.assert_allclose(tree.weights, [2 / 3, 1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+    assert len(drafter.propose(ids(7, 7), 8)) == 0
+    assert drafter.last_match_length == 0
+
+
+def test_history_persists_to_a_datastore(tiny_datastore):
+    drafter = HistoryDrafter(persist=tiny_datastore)
+    drafter.start_request(ids(1))
+    drafter.observe(ids(1), ids(40, 41, 42))
+    drafter.stop_request()
+    assert tiny_datastore.longest_match(ids(40, 41)).length == 2
