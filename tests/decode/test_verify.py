@@ -30,7 +30,7 @@ def test_sliding_window_hides_keys_at_or_before_q_minus_window():
     bias = tree_attention_bias(TREE, past_len=5, dtype=torch.float64, sliding_window=window)[0, 0] == 0
     # root at position 5 sees cache positions 3, 4 and itself (k > 5 - 3)
     assert bias[0].nonzero().flatten().tolist() == [3, 4, 5]
-    # node d (row 4) at position 5 + 3 = 8: sees k > 5, i.e. its ancestors a (6), c (7) and itself, not the root
+    # node d (row 4) at position 5 + 3 = 8 sees k > 5: ancestors a (6), c (7) and itself, not the root
     assert bias[4].nonzero().flatten().tolist() == [6, 8, 9]
 
 

@@ -146,8 +146,12 @@ def test_extension_adds_table_children_below_every_node_best_first():
         (5, 6),
         (5, 6, 8),
     ]
-    # depth limit 1: only root children
-    assert node_paths(extend_best_first(candidates, 1, table, np.array([0.5, 0.2]), 8, 1)) == [(5,), (9,)]
+    # depth limit 1: extensions only below the root; the candidates stay
+    assert node_paths(extend_best_first(candidates, 1, table, np.array([0.5, 0.2]), 8, 1)) == [
+        (5,),
+        (5, 6),
+        (9,),
+    ]
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

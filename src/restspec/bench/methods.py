@@ -96,7 +96,7 @@ class _ForwardTimer:
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """End-of-sequence ids as transformers' ``generate`` would use them (generation config, else tokenizer)."""
+    """End-of-sequence ids as transformers' ``generate`` uses them (generation config, else tokenizer)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -157,7 +157,9 @@ class LoopMethod:
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float) -> TurnOutput:
         from restspec.decode import GenerationConfig, SamplingConfig
 
-        config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature))
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature)
+        )
         ids = [int(i) for i in prompt_ids]
         t0 = time.perf_counter()
         result = self.generator.generate(ids, config)
@@ -274,7 +276,9 @@ def _suffix_adaptive(ctx: MethodContext) -> BenchMethod:
     from restspec.bench.suffix import SuffixDrafter
 
     drafter = SuffixDrafter()
-    return LoopMethod("suffix-adaptive", ctx.model, ctx.tokenizer, drafter, ctx.adaptive_budget(drafter.max_tokens))
+    return LoopMethod(
+        "suffix-adaptive", ctx.model, ctx.tokenizer, drafter, ctx.adaptive_budget(drafter.max_tokens)
+    )
 
 
 METHODS: dict[str, Callable[[MethodContext], BenchMethod]] = {

@@ -115,7 +115,8 @@ def summarize(run: BenchRun) -> list[MethodSummary]:
 
 
 def to_json(run: BenchRun, summaries: Sequence[MethodSummary]) -> dict[str, Any]:
-    """``{"methods": [{"method", "tokens_per_s", "speedup", "mean_accepted", "exact", "categories"}], ...}``."""
+    """``{"methods": [{"method", "tokens_per_s", "speedup", "mean_accepted", "exact", "categories"}]}``
+    plus ``config``, ``machine`` and one record per turn."""
     return {
         "methods": [s.to_json() for s in summaries],
         "config": run.config_json(),
@@ -200,7 +201,12 @@ def write_plot(path: str | Path, summaries: Sequence[MethodSummary], *, title: s
         (axes[1], "accepted", "tokens per forward pass"),
     ]:
         for i, s in enumerate(summaries):
-            ax.bar(x + (i - (len(summaries) - 1) / 2) * width, [value(s, g, metric) for g in groups], width, label=s.method)
+            ax.bar(
+                x + (i - (len(summaries) - 1) / 2) * width,
+                [value(s, g, metric) for g in groups],
+                width,
+                label=s.method,
+            )
         ax.set_xticks(x, groups, rotation=20 if len(groups) > 4 else 0)
         ax.set_ylabel(label)
         if metric == "speed" and have_speedup:

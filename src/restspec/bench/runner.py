@@ -167,5 +167,7 @@ def run_bench(
                 identical = None
                 if plain is not None:
                     identical = bool(np.array_equal(out.output_ids, plain[turn][1].output_ids))
-                run.records.append(TurnRecord(item.item_id, item.category, turn, name, n_prompt, out, identical))
+                run.records.append(
+                    TurnRecord(item.item_id, item.category, turn, name, n_prompt, out, identical)
+                )
     return run

@@ -125,7 +125,9 @@ class SuffixDrafter:
             min_token_prob=self.config.min_token_prob,
             use_tree_spec=self.config.use_tree_spec,
         )
-        return suffix_draft_to_tree(list(draft.token_ids), list(draft.parents), list(draft.probs)).truncate(limit)
+        return suffix_draft_to_tree(list(draft.token_ids), list(draft.parents), list(draft.probs)).truncate(
+            limit
+        )
 
     def observe(self, context: np.ndarray, accepted: np.ndarray, logits: TreeLogits | None = None) -> None:
         if self._req is None:

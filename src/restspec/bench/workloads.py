@@ -69,7 +69,9 @@ def load_humaneval(path: Path | None = None) -> list[BenchItem]:
             record = _parse_json_line(line, path, lineno)
             if not isinstance(record.get("prompt"), str) or "task_id" not in record:
                 raise WorkloadError(f"{path}:{lineno}: a HumanEval record needs 'task_id' and 'prompt'")
-            items.append(BenchItem(str(record["task_id"]), HUMANEVAL_CATEGORY, (record["prompt"],), chat=False))
+            items.append(
+                BenchItem(str(record["task_id"]), HUMANEVAL_CATEGORY, (record["prompt"],), chat=False)
+            )
     if not items:
         raise WorkloadError(f"{path} holds no HumanEval tasks")
     return items

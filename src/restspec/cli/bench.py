@@ -42,8 +42,12 @@ def bench(
     ] = "humaneval",
     limit: Annotated[
         int | None,
-        typer.Option("--limit", "-l", help="Only the first N prompts (N per category with --per-category).",
-                     show_default=False),
+        typer.Option(
+            "--limit",
+            "-l",
+            help="Only the first N prompts (N per category with --per-category).",
+            show_default=False,
+        ),
     ] = None,
     per_category: Annotated[
         bool, typer.Option("--per-category", help="Apply --limit to every category.")
@@ -67,26 +71,37 @@ def bench(
     ] = "plain,pld,rest,restspec,restspec-plain,suffix",
     chat: Annotated[
         bool | None,
-        typer.Option("--chat/--no-chat", help="Apply the chat template to a plain prompt file "
-                     "(MT-Bench files always use it; HumanEval defaults to raw completion).",
-                     show_default=False),
+        typer.Option(
+            "--chat/--no-chat",
+            help="Apply the chat template to a plain prompt file "
+            "(MT-Bench files always use it; HumanEval defaults to raw completion).",
+            show_default=False,
+        ),
     ] = None,
     json_path: Annotated[
-        Path | None, typer.Option("--json", help="Write figures per method and category to this JSON file.",
-                                  show_default=False)
+        Path | None,
+        typer.Option(
+            "--json", help="Write figures per method and category to this JSON file.", show_default=False
+        ),
     ] = None,
     plot_path: Annotated[
-        Path | None, typer.Option("--plot", help="Write a bar chart (PNG) of speedups per category.",
-                                  show_default=False)
+        Path | None,
+        typer.Option("--plot", help="Write a bar chart (PNG) of speedups per category.", show_default=False),
     ] = None,
     recalibrate: Annotated[
-        bool, typer.Option("--recalibrate", help="Measure forward latency again for the adaptive budget, "
-                           "replacing the cached calibration.")
+        bool,
+        typer.Option(
+            "--recalibrate",
+            help="Measure forward latency again for the adaptive budget, replacing the cached calibration.",
+        ),
     ] = False,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", help="torch intra-op threads (default: torch's choice, the core count).",
-                     show_default=False),
+        typer.Option(
+            "--threads",
+            help="torch intra-op threads (default: torch's choice, the core count).",
+            show_default=False,
+        ),
     ] = None,
     warmup: Annotated[
         bool, typer.Option("--warmup/--no-warmup", help="One untimed short generate per method first.")
@@ -150,8 +165,14 @@ def bench(
         def advance(description: str) -> None:
             progress.update(task, advance=1, description=description)
 
-        run = run_bench(items, measured, loaded.tokenizer, max_new_tokens=max_new_tokens,
-                        temperature=temperature, progress=advance)
+        run = run_bench(
+            items,
+            measured,
+            loaded.tokenizer,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            progress=advance,
+        )
     run.machine = machine
     run.config = {
         "workload": workload,

@@ -36,7 +36,9 @@ class Acceptance:
 
 def child_lookup(tree: DraftTree) -> dict[tuple[int, int], int]:
     """{(parent node, token): child node}; parent -1 is the root."""
-    return {(p, t): i for i, (p, t) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist()))}
+    return {
+        (p, t): i for i, (p, t) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist(), strict=True))
+    }
 
 
 def greedy_accept(tree: DraftTree, logits: torch.Tensor) -> Acceptance:

@@ -7,6 +7,7 @@ The generate loop asks the drafter for ``policy.max_budget`` nodes, then verifie
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -72,12 +73,14 @@ CALIBRATION_ROUNDS = 5
 """Rounds over all sizes (interleaved, so machine noise hits all sizes alike); the median is kept."""
 CALIBRATION_SEED = 0
 """Seed of the random token ids the calibration forwards run on (latency does not depend on them)."""
-CORRECTION_PRIOR = 8.0
-"""Pseudo-count of expected accepted tokens behind the initial correction factor 1.0."""
-CORRECTION_DECAY = 0.98
-"""Per-step decay of the observed/predicted sums: the correction follows about the last 50 steps."""
-CORRECTION_RANGE = (0.25, 2.0)
-"""Clamp of the correction factor applied to the drafter's weights."""
+CALIBRATION_KNOTS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""Weights at which the online weight -> acceptance map is a free parameter (linear in between)."""
+CORRECTION_PRIOR = 4.0
+"""Ridge strength pulling the learned map toward the identity (the drafter's own weights)."""
+CORRECTION_DECAY = 0.999
+"""Per-step decay of the correction statistics (memory of about a thousand steps)."""
+CORRECTION_REFIT_STEPS = 8
+"""Refit the map every this many observed steps."""
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,12 @@ class LatencyCurve:
         sizes = tuple(int(s) for s in self.sizes)
         seconds = tuple(float(s) for s in self.seconds)
         if len(sizes) < 2 or len(sizes) != len(seconds):
-            raise ValueError(f"sizes and seconds need one entry per point (>= 2), got {len(sizes)}/{len(seconds)}")
+            raise ValueError(
+                f"sizes and seconds need one entry per point (>= 2), got {len(sizes)}/{len(seconds)}"
+            )
         if sizes[0] != 1:
             raise ValueError(f"sizes must start at 1 (a plain step), got {sizes[0]}")
-        if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        if any(b <= a for a, b in itertools.pairwise(sizes)):
             raise ValueError(f"sizes must increase strictly, got {sizes}")
         if any(not s > 0 for s in seconds):
             raise ValueError(f"seconds must be > 0, got {seconds}")
@@ -242,6 +247,79 @@ def load_or_calibrate(
     return curve
 
 
+def _hat_basis(weights: np.ndarray) -> np.ndarray:
+    """float64[n, K]: linear-interpolation coefficients of each weight on :data:`CALIBRATION_KNOTS`."""
+    knots = np.asarray(CALIBRATION_KNOTS)
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, 1.0)
+    hi = np.clip(np.searchsorted(knots, w, side="right"), 1, len(knots) - 1)
+    lo = hi - 1
+    t = (w - knots[lo]) / (knots[hi] - knots[lo])
+    basis = np.zeros((len(w), len(knots)))
+    rows = np.arange(len(w))
+    basis[rows, lo] = 1.0 - t
+    basis[rows, hi] += t
+    return basis
+
+
+class WeightCalibration:
+    """Learns ``p = g(w)``, the real acceptance probability of a node the drafter weighted ``w``,
+    from how many tokens each step accepted, online.
+
+    Nodes of one depth are disjoint events (at most one of them lies on the accepted path), so
+    ``P(accepted >= d) = sum of g(w_i) over depth-d nodes``; each step gives one such observation per
+    depth of the verified tree. ``g`` is piecewise linear on :data:`CALIBRATION_KNOTS`, fitted by
+    ridge regression toward the identity, then made non-decreasing and clipped to [0, 1].
+    """
+
+    def __init__(self) -> None:
+        k = len(CALIBRATION_KNOTS)
+        self._prior = np.asarray(CALIBRATION_KNOTS, dtype=np.float64)
+        self._xtx = np.zeros((k, k))
+        self._xty = np.zeros(k)
+        self._steps = 0
+        self.values = self._prior.copy()
+        """g at the knots."""
+
+    def __call__(self, weights: np.ndarray) -> np.ndarray:
+        return np.interp(np.asarray(weights, dtype=np.float64), CALIBRATION_KNOTS, self.values)
+
+    def observe(self, tree: DraftTree, accepted: int) -> None:
+        """``tree``: the nodes verified in a step; ``accepted``: how many draft tokens it accepted."""
+        if len(tree) == 0:
+            return
+        depths = tree.depths
+        basis = _hat_basis(tree.weights)
+        max_depth = int(depths.max())
+        x = np.zeros((max_depth, basis.shape[1]))  # (depth, knot): summed basis of that depth's nodes
+        np.add.at(x, depths - 1, basis)
+        y = (np.arange(1, max_depth + 1) <= accepted).astype(np.float64)
+        self._xtx = CORRECTION_DECAY * self._xtx + x.T @ x
+        self._xty = CORRECTION_DECAY * self._xty + x.T @ y
+        self._steps += 1
+        if self._steps % CORRECTION_REFIT_STEPS == 0:
+            self._refit()
+
+    def _refit(self) -> None:
+        k = len(self._prior)
+        a = self._xtx + CORRECTION_PRIOR * np.eye(k)
+        b = self._xty + CORRECTION_PRIOR * self._prior
+        theta = np.clip(np.linalg.solve(a, b), 0.0, 1.0)
+        self.values = _isotonic(theta, np.diag(a))
+
+
+def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``values`` in weighted least squares (pool adjacent
+    violators): a knot seen often outweighs a neighbour that only has its prior."""
+    blocks: list[list[float]] = []  # [weighted mean, total weight, count]
+    for v, w in zip(values.tolist(), weights.tolist(), strict=True):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.concatenate([np.full(n, v) for v, _, n in blocks])
+
+
 class AdaptiveBudget:
     """Choose each step's tree size to maximize expected tokens per second.
 
@@ -250,10 +328,11 @@ class AdaptiveBudget:
     (the accepted drafts plus the model's own next token) for ``L(c + 1)`` seconds; the policy picks the
     c with the best ratio. Flat latency favours the whole tree, steep latency small trees.
 
-    Online correction (``correct=True``): drafters' weights are estimates. The policy compares the
-    accepted count of each step (read from how far the cache grew by the next call: ``past_len`` grows
-    by accepted + 1 within a request) with the predicted ``sum(w[:c])``, and scales the weights by the
-    observed/predicted ratio over recent steps (clamped to :data:`CORRECTION_RANGE`).
+    Online correction (``correct=True``): drafters' weights are estimates, often overconfident for
+    low-weight nodes. The policy learns the real acceptance probability as a function of the weight
+    (:class:`WeightCalibration`) from the accepted count of each step, which it reads from how far the
+    cache grew by its next call (``past_len`` grows by accepted + 1 within a request; any other change
+    means a new request and is not used as evidence).
 
     ``AdaptiveBudget()`` uses :data:`REFERENCE_LATENCY_S`; ``AdaptiveBudget.for_model(loaded)``
     calibrates the real model once per machine and caches the curve.
@@ -266,52 +345,46 @@ class AdaptiveBudget:
         self._max_budget = int(max_budget)
         self.correct = correct
         self._table = self.latency.table(self._max_budget + 1)
-        self._observed = CORRECTION_PRIOR
-        self._predicted = CORRECTION_PRIOR
-        self._last: tuple[int, int, float] | None = None  # (past_len, chosen c, predicted accepted)
+        self.calibration = WeightCalibration()
+        self._last: tuple[int, DraftTree] | None = None  # (past_len, the verified tree)
 
     @property
     def max_budget(self) -> int:
         return self._max_budget
 
-    @property
-    def scale(self) -> float:
-        """Current factor on the drafter's weights (1.0 without correction or evidence)."""
-        if not self.correct:
-            return 1.0
-        lo, hi = CORRECTION_RANGE
-        return float(min(max(self._observed / self._predicted, lo), hi))
-
     def fresh(self) -> AdaptiveBudget:
-        """A new policy on the same calibration, with no correction history."""
+        """A new policy on the same latency curve, with no correction history."""
         return AdaptiveBudget(self.latency, self._max_budget, correct=self.correct)
 
     def _learn(self, past_len: int) -> None:
         if self._last is None:
             return
-        last_len, chosen, predicted = self._last
+        last_len, tree = self._last
         self._last = None
         gained = past_len - last_len
-        if not 1 <= gained <= chosen + 1:  # a new request started (or the cache was reset): no evidence
-            return
-        if chosen == 0:
-            return
-        self._observed = CORRECTION_DECAY * self._observed + (gained - 1)
-        self._predicted = CORRECTION_DECAY * self._predicted + predicted
+        if 1 <= gained <= len(tree) + 1:  # else a new request started: no evidence
+            self.calibration.observe(tree, gained - 1)
 
     def choose(self, tree: DraftTree, past_len: int) -> int:
         if self.correct:
             self._learn(past_len)
         limit = min(self._max_budget, len(tree))
-        scale = self.scale
-        c = best_budget(tree.weights, self._table, limit, scale)
+        if limit <= 0:
+            return 0
+        weights = tree.weights[:limit]
         if self.correct:
-            self._last = (past_len, c, float(tree.weights[:c].sum()))
+            weights = self.calibration(weights)
+        c = best_budget(weights, self._table, limit)
+        if self.correct and c > 0:
+            self._last = (past_len, tree.truncate(c))
         return c
 
     @classmethod
-    def for_model(cls, loaded: object, max_budget: int = 64, *, recalibrate: bool = False, **kwargs: object) -> AdaptiveBudget:
-        """Calibrated on ``loaded`` (a :class:`restspec.models.LoadedModel`), cached per machine + model + dtype."""
+    def for_model(
+        cls, loaded: object, max_budget: int = 64, *, recalibrate: bool = False, **kwargs: object
+    ) -> AdaptiveBudget:
+        """Calibrated on ``loaded`` (a :class:`restspec.models.LoadedModel`); the latency curve is cached
+        per machine + model + dtype."""
         model = loaded.model  # type: ignore[attr-defined]
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         name = str(getattr(loaded, "name", type(model).__name__))

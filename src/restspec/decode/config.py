@@ -58,5 +58,7 @@ class GenerationConfig:
         stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
         for stop in stops:
             if not isinstance(stop, str) or not stop:
-                raise GenerationError(f"stop_strings contains {stop!r}; each stop string must be non-empty text")
+                raise GenerationError(
+                    f"stop_strings contains {stop!r}; each stop string must be non-empty text"
+                )
         object.__setattr__(self, "stop_strings", stops)

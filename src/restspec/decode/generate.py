@@ -151,7 +151,9 @@ class SpeculativeGenerator:
         self.eos_token_ids = frozenset(eos)
 
     # ---- input ---------------------------------------------------------------------------------
-    def encode(self, prompt: str | Sequence[dict[str, str]] | Sequence[int] | np.ndarray, chat: bool = False) -> np.ndarray:
+    def encode(
+        self, prompt: str | Sequence[dict[str, str]] | Sequence[int] | np.ndarray, chat: bool = False
+    ) -> np.ndarray:
         """The prompt's token ids (int32[L]); ``chat`` (or a list of messages) applies the chat template."""
         if isinstance(prompt, str):
             ids = apply_chat_template(self.tokenizer, prompt) if chat else self.tokenizer(prompt)["input_ids"]

@@ -110,7 +110,9 @@ def tree_attention_bias(
     return bias
 
 
-def _mask_argument(layout: ModelLayout, tree: DraftTree, past_len: int) -> torch.Tensor | dict[str, torch.Tensor]:
+def _mask_argument(
+    layout: ModelLayout, tree: DraftTree, past_len: int
+) -> torch.Tensor | dict[str, torch.Tensor]:
     if layout.hybrid:
         return {
             _FULL: tree_attention_bias(tree, past_len, layout.dtype),
@@ -120,7 +122,9 @@ def _mask_argument(layout: ModelLayout, tree: DraftTree, past_len: int) -> torch
 
 
 @torch.inference_mode()
-def prefill(model: Any, cache: DynamicCache, token_ids: np.ndarray, layout: ModelLayout | None = None) -> None:
+def prefill(
+    model: Any, cache: DynamicCache, token_ids: np.ndarray, layout: ModelLayout | None = None
+) -> None:
     """Feed ``token_ids`` (int[L]) into an empty ``cache`` with the model's own causal mask."""
     if len(token_ids) == 0:
         return

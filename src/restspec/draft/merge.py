@@ -98,6 +98,21 @@ def merge_trees(
     Identical paths become one node with probability max (``combine="max"``) or noisy-or
     (``"or"``: 1 - prod(1 - p)) over the sources. Each ``probs[s]`` must not increase from parent to
     child. Nodes are ordered by probability (descending), depth, then path token ids."""
+    paths, merged = _merge_paths(trees, probs, budget, combine)
+    if not paths:
+        return DraftTree.empty()
+    position = {path: rank for rank, path in enumerate(paths)}
+    return DraftTree(
+        np.asarray([path[-1] for path in paths], np.int32),
+        np.asarray([position[path[:-1]] if len(path) > 1 else -1 for path in paths], np.int32),
+        np.clip(np.asarray(merged, np.float32), 0.0, 1.0),
+    )
+
+
+def _merge_paths(
+    trees: Sequence[DraftTree], probs: Sequence[np.ndarray], budget: int, combine: str
+) -> tuple[list[tuple[int, ...]], list[float]]:
+    """:func:`merge_trees` as (paths, probabilities) in final order."""
     if combine not in ("max", "or"):
         raise ValueError(f"combine={combine!r} must be 'max' or 'or'")
     index: dict[tuple[int, int], int] = {}
@@ -121,22 +136,17 @@ def merge_trees(
                 miss[node] *= 1.0 - p
             ids.append(node)
     if not paths or budget <= 0:
-        return DraftTree.empty()
+        return [], []
     merged = [-x for x in miss] if combine == "max" else [1.0 - x for x in miss]
     for i, parent in enumerate(parents):  # guard against float rounding: a child never beats its parent
         if parent >= 0 and merged[i] > merged[parent]:
             merged[i] = merged[parent]
     order = sorted(range(len(paths)), key=lambda i: (-merged[i], len(paths[i]), paths[i]))[:budget]
-    position = {node: rank for rank, node in enumerate(order)}
-    return DraftTree(
-        np.asarray([paths[i][-1] for i in order], np.int32),
-        np.asarray([-1 if parents[i] < 0 else position[parents[i]] for i in order], np.int32),
-        np.clip(np.asarray([merged[i] for i in order], np.float32), 0.0, 1.0),
-    )
+    return [paths[i] for i in order], [merged[i] for i in order]
 
 
 def extend_best_first(
-    candidates: DraftTree,
+    candidates: DraftTree | tuple[list[tuple[int, ...]], list[float]],
     root: int,
     table: np.ndarray,
     hit_rates: np.ndarray,
@@ -150,17 +160,21 @@ def extend_best_first(
     ``hit_rates``: float[k], probability that the rank-r entry is the model's next token. Every taken
     node (and the root, token ``root``, probability 1) offers its table row as children with
     probability p(node) * hit_rates[r]; a child equal to a candidate merges with it (the larger
-    probability wins). Taken best-first, ties by depth then path, so parents precede children."""
+    probability wins). Taken best-first, ties by depth then path, so parents precede children.
+    ``candidates`` may also be given as (paths, probabilities), parents first."""
     import heapq
 
-    cand_paths: list[tuple[int, ...]] = []
-    for tok, parent in zip(candidates.tokens.tolist(), candidates.parents.tolist(), strict=True):
-        cand_paths.append((cand_paths[parent] if parent >= 0 else ()) + (tok,))
+    if isinstance(candidates, DraftTree):
+        cand_paths: list[tuple[int, ...]] = []
+        for tok, parent in zip(candidates.tokens.tolist(), candidates.parents.tolist(), strict=True):
+            cand_paths.append((cand_paths[parent] if parent >= 0 else ()) + (tok,))
+        cand_probs = candidates.weights.tolist()
+    else:
+        cand_paths, cand_probs = candidates
     vocab, k = table.shape
     # heap entries: (-p, depth, path, from_table, rank, p_parent)
     heap: list[tuple[float, int, tuple[int, ...], int, int, float]] = [
-        (-float(p), len(path), path, 0, 0, 0.0)
-        for path, p in zip(cand_paths, candidates.weights.tolist(), strict=True)
+        (-float(p), len(path), path, 0, 0, 0.0) for path, p in zip(cand_paths, cand_probs, strict=True)
     ]
 
     def offer(parent_path: tuple[int, ...], parent_token: int, rank: int, p_parent: float) -> None:
@@ -276,7 +290,7 @@ class MergedDrafter:
             probs = [np.minimum.accumulate(tree.weights.astype(np.float64)) for tree in trees]
         if self.extender is None or len(context) == 0:
             return merge_trees(trees, probs, budget, self.config.combine)
-        candidates = merge_trees(trees, probs, sum(len(t) for t in trees), self.config.combine)
+        candidates = _merge_paths(trees, probs, sum(len(t) for t in trees), self.config.combine)
         return extend_best_first(
             candidates,
             int(context[-1]),

@@ -321,12 +321,13 @@ def _workspace(size: int) -> np.ndarray:
     return work
 
 
-def select_tree(continuations: np.ndarray, budget: int) -> DraftTree:
+def select_tree(continuations: np.ndarray, budget: int, *, denominator: float | None = None) -> DraftTree:
     """The ``budget`` most frequent prefixes of ``continuations`` (int32[k, m], -1 padded) as a tree.
 
     Nodes are ordered by count (descending), then depth (ascending), then path token ids; parents
     precede children. ``weights[i] = count_i / k``, the fraction of rows with node i's prefix.
-    Same result as :func:`select_tree_numpy`, compiled with numba.
+    Same result as :func:`select_tree_numpy`, compiled with numba. ``denominator`` replaces k in the
+    weights (e.g. k + pseudo-counts; it must be >= k).
     """
     if budget < 0:
         raise ValueError(f"budget={budget} must be >= 0")
@@ -337,5 +338,7 @@ def select_tree(continuations: np.ndarray, budget: int) -> DraftTree:
     if k == 0 or m == 0 or budget == 0:
         return DraftTree.empty()
     work = _workspace(_work_size(k, m))
+    if denominator is not None and denominator < k:
+        raise ValueError(f"denominator={denominator} must be >= the number of rows {k}")
     tokens, parents, counts = _select_tree_kernel(np.ascontiguousarray(cont, dtype=np.int32), budget, work)
-    return DraftTree(tokens, parents, counts / k)
+    return DraftTree(tokens, parents, counts / (k if denominator is None else denominator))

@@ -27,7 +27,7 @@ from restspec.decode import GenerationConfig, GenerationResult, StreamChunk
 from restspec.errors import GenerationError
 
 RECENT_JOBS_KEPT = 32
-"""How many finished jobs :attr:`GenerationWorker.recent` remembers (for ``/health`` and tests)."""
+"""How many finished jobs :attr:`GenerationWorker.recent` remembers (for debugging and tests)."""
 
 
 class ContextLengthError(GenerationError):
@@ -211,4 +211,4 @@ class GenerationWorker:
 
 def result_of(chunk: StreamChunk) -> GenerationResult | None:
     """The final result a stream's last chunk carries (``None`` on the others)."""
-    return getattr(chunk, "result", None)
+    return chunk.result

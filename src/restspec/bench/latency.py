@@ -1,0 +1,270 @@
+"""Decode latency on the embedded model: forward cost by tree size, and the loop's non-model time.
+
+    python -m restspec.bench.latency [--model smollm2] [--cache 500] [--repeats 10] [--out FILE]
+
+Measures, on a cache of ``--cache`` tokens of real text:
+1. the forward pass over root + n draft nodes, n in 0 (a plain step), 1, 4, 8, 16, 32, 64;
+2. the non-model time of a step (mask building, acceptance, KV compaction, bookkeeping; drafting
+   excluded), from the generate loop's own StepStats and per component;
+3. the plain loop (empty drafter) against ``model.generate`` (greedy, same tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from restspec.decode import (
+    GenerationConfig,
+    SamplingConfig,
+    SpeculativeGenerator,
+    compact_cache,
+    forward_tree,
+    model_layout,
+    new_cache,
+    prefill,
+    tree_attention_bias,
+)
+from restspec.decode.accept import greedy_accept, sample_accept
+from restspec.draft.base import StatelessDrafter
+from restspec.draft.tree import DraftTree
+
+TREE_SIZES = (0, 1, 4, 8, 16, 32, 64)
+STEP_TREE_SIZE = 8
+NGRAM = 3
+"""Prompt-lookup drafter: match the last NGRAM tokens in the context, draft what followed."""
+LOOP_NEW_TOKENS = 64
+
+
+def sample_text(min_tokens: int, tokenizer) -> np.ndarray:
+    """Real text (Python standard library source) of at least ``min_tokens`` tokens."""
+    import json.decoder
+    import textwrap
+
+    text = inspect.getsource(json.decoder) + inspect.getsource(textwrap)
+    ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
+    while len(ids) < min_tokens:
+        ids = np.concatenate([ids, ids])
+    return ids[:min_tokens]
+
+
+def random_tree(size: int, seed: int, vocab: int) -> DraftTree:
+    """A bushy prefix-closed tree of ``size`` nodes (each node's parent drawn among earlier nodes)."""
+    rng = np.random.default_rng(seed)
+    parents = [-1] + [int(rng.integers(-1, i)) for i in range(1, size)]
+    tokens = rng.choice(vocab, size=size, replace=False)
+    return DraftTree(tokens[:size], np.asarray(parents[:size]))
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+class PromptLookupDrafter(StatelessDrafter):
+    """Drafts a chain: the tokens that followed the last occurrence of the context's last NGRAM tokens."""
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        if len(context) <= NGRAM or budget == 0:
+            return DraftTree.empty()
+        key = context[-NGRAM:]
+        windows = np.lib.stride_tricks.sliding_window_view(context[:-1], NGRAM)
+        hits = np.flatnonzero((windows == key).all(axis=1))
+        if len(hits) == 0:
+            return DraftTree.empty()
+        start = int(hits[-1]) + NGRAM
+        return DraftTree.chain(context[start : start + budget])
+
+
+def forward_latency(model, context: np.ndarray, repeats: int) -> dict[int, list[float]]:
+    layout = model_layout(model)
+    cache = new_cache()
+    prefill(model, cache, context[:-1], layout)
+    past_len = len(context) - 1
+    vocab = model.get_input_embeddings().num_embeddings
+    out = {}
+    for size in TREE_SIZES:
+        tree = random_tree(size, seed=size, vocab=vocab) if size else DraftTree.empty()
+
+        def run(tree=tree) -> None:
+            forward_tree(model, cache, int(context[-1]), tree, past_len, layout)
+            compact_cache(cache, past_len, np.zeros(0, np.int64), len(tree))
+            cache.crop(-1)  # drop the root row too: back to past_len
+
+        out[size] = timed(run, repeats)
+    return out
+
+
+def component_times(model, context: np.ndarray, repeats: int) -> dict[str, float]:
+    """Median seconds of each non-model part of a step with an 8-node tree."""
+    layout = model_layout(model)
+    past_len = len(context) - 1
+    tree = random_tree(STEP_TREE_SIZE, seed=1, vocab=model.get_input_embeddings().num_embeddings)
+    cache = new_cache()
+    prefill(model, cache, context[:-1], layout)
+    logits = forward_tree(model, cache, int(context[-1]), tree, past_len, layout).float()
+    nucleus = SamplingConfig(temperature=0.8, top_p=0.95, top_k=50)
+    gen = torch.Generator().manual_seed(0)
+    deep_path = tree.paths()[0]
+    base = {layer_idx: (layer.keys, layer.values) for layer_idx, layer in enumerate(cache.layers)}
+
+    def restore() -> None:
+        for layer_idx, layer in enumerate(cache.layers):
+            layer.keys, layer.values = base[layer_idx]
+
+    def gather() -> None:
+        restore()
+        compact_cache(cache, past_len, deep_path, len(tree))
+
+    parts = {
+        "mask + position ids (8 nodes)": lambda: (
+            tree_attention_bias(tree, past_len, layout.dtype),
+            tree.position_ids(past_len),
+        ),
+        "greedy acceptance": lambda: greedy_accept(tree, logits),
+        "sampling acceptance (T=0.8, top-k 50, top-p 0.95)": lambda: sample_accept(
+            tree, logits, nucleus, gen
+        ),
+        f"KV compaction, gather of a depth-{len(deep_path)} path": gather,
+    }
+    out = {name: statistics.median(timed(fn, repeats * 5)) for name, fn in parts.items()}
+    restore()
+    return out
+
+
+def loop_stats(model, tokenizer, prompt: np.ndarray, drafter, budget: int) -> dict[str, float]:
+    gen = SpeculativeGenerator(model, tokenizer, drafter, budget=budget)
+    result = gen.generate(prompt, GenerationConfig(max_new_tokens=LOOP_NEW_TOKENS))
+    steps = result.steps
+    return {
+        "tokens_per_s": result.tokens_per_s,
+        "mean_accepted": result.mean_accepted,
+        "forward_ms": 1e3 * statistics.mean(s.forward_s for s in steps),
+        "non_model_ms": 1e3 * statistics.mean(s.accept_s for s in steps),
+        "draft_ms": 1e3 * statistics.mean(s.draft_s for s in steps),
+        "output": result.output_ids.tolist(),
+    }
+
+
+def hf_generate(model, prompt: np.ndarray) -> tuple[float, list[int]]:
+    ids = torch.as_tensor(prompt.astype(np.int64))[None, :]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=LOOP_NEW_TOKENS,
+            min_new_tokens=LOOP_NEW_TOKENS,
+            do_sample=False,
+        )
+    elapsed = time.perf_counter() - start
+    return (out.shape[1] - ids.shape[1]) / elapsed, out[0, ids.shape[1] :].tolist()
+
+
+def ms(values: list[float]) -> str:
+    q = np.percentile(np.asarray(values) * 1e3, [10, 50, 90])
+    return f"{q[1]:.1f} | {q[0]:.1f}–{q[2]:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cache", type=int, default=500, help="tokens in the KV cache")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
+    args = parser.parse_args(argv)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from restspec.models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    context = sample_text(args.cache + 1, tokenizer)
+    with torch.inference_mode():
+        fwd = forward_latency(model, context, args.repeats)
+        parts = component_times(model, context, args.repeats)
+    single = statistics.median(fwd[0])
+
+    # the loop: a prompt that repeats itself, so prompt lookup gets accepted drafts
+    prompt = np.concatenate([context[:200], context[:150]])
+    plain = loop_stats(model, tokenizer, prompt, None, 0)
+    spec = loop_stats(model, tokenizer, prompt, PromptLookupDrafter(), STEP_TREE_SIZE)
+    hf_tps, hf_out = hf_generate(model, prompt)
+    plain2 = loop_stats(model, tokenizer, prompt, None, 0)
+
+    lines = [
+        f"Model `{loaded.name}` ({args.dtype}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"cache of {args.cache} tokens, {args.repeats} repeats.",
+        "",
+        "### Forward latency by tree size",
+        "",
+        "| draft nodes | tokens in the forward | median ms | p10–p90 ms | vs plain step |",
+        "|---:|---:|---:|---|---:|",
+    ]
+    for size, values in fwd.items():
+        med, spread = ms(values).split(" | ")
+        lines.append(
+            f"| {size} | {size + 1} | {med} | {spread} | {statistics.median(values) / single:.2f}× |"
+        )
+    lines += [
+        "",
+        f"### Non-model time per step (tree of {STEP_TREE_SIZE} nodes; drafting excluded)",
+        "",
+        "| part | median µs | share of a plain forward |",
+        "|---|---:|---:|",
+    ]
+    for name, value in parts.items():
+        lines.append(f"| {name} | {value * 1e6:.0f} | {100 * value / single:.2f}% |")
+    lines += [
+        "",
+        f"Measured inside the generate loop ({LOOP_NEW_TOKENS} new tokens, greedy, StepStats.accept_s = "
+        "mask + acceptance + compaction + bookkeeping):",
+        "",
+        "| loop | tokens/s | tokens per step | forward ms/step | non-model ms/step "
+        "| non-model / plain forward |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, stats in (
+        ("plain (EmptyDrafter)", plain),
+        ("plain, second run", plain2),
+        (f"prompt lookup, chain ≤ {STEP_TREE_SIZE}", spec),
+    ):
+        lines.append(
+            f"| {name} | {stats['tokens_per_s']:.1f} | {stats['mean_accepted']:.2f} "
+            f"| {stats['forward_ms']:.1f} | {stats['non_model_ms']:.2f} "
+            f"| {100 * stats['non_model_ms'] / (single * 1e3):.1f}% |"
+        )
+    same = plain["output"] == hf_out == spec["output"]
+    lines += [
+        f"| `model.generate(do_sample=False)` | {hf_tps:.1f} | 1.00 | | | |",
+        "",
+        f"Outputs identical (plain loop, prompt lookup, model.generate): {same}.",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n")
+    print(json.dumps({"single_forward_ms": single * 1e3, "identical": same}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
