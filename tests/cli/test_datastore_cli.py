@@ -72,6 +72,8 @@ def test_build_inspect_lookup(built, tok_dir):
     assert (found["match_length"], found["occurrences"]) == (4, 2)
     texts = [c["text"] for c in found["continuations"]]
     assert len(texts) == 2 and all(t.startswith(", y ) : return x") for t in texts)
+    comma = found["continuations"][0]["ids"][0]
+    assert found["next_tokens"] == [{"count": 2, "id": comma, "text": ","}]
 
     result = run("lookup", built, "--text", "the cat", "--model", tok_dir)
     assert result.exit_code == 0 and "no suffix of at least 2 tokens" in result.output
@@ -81,6 +83,7 @@ def test_datastore_group_alias(built, tok_dir):
     result = run("datastore", "lookup", built, "--text", "return x", "--model", tok_dir)
     assert result.exit_code == 0, result.output
     assert "2 occurrences" in result.output
+    assert "'+'" in result.output and "'-'" in result.output  # the two next tokens
 
 
 def test_build_from_stdin(tmp_path, tok_dir):

@@ -242,3 +242,14 @@ def test_compact_merges_small_shards(tmp_path, small_tokenizer):
     match = again.longest_match(ctx)
     assert (match.length, match.count) == (before.length, before.count)
     assert again.compact() == 0
+
+
+def test_append_tokens_out_of_vocab_ends_the_document(tmp_path, small_tokenizer):
+    ds = Datastore.build_from_texts([DOC_A], tmp_path / "ds", small_tokenizer, progress=False)
+    v = ds.vocab_size
+    ds.append_tokens([[1, 2, v + 5, 3, 4, -1, 5]])  # e.g. ids from a model's padded output layer
+    assert ds.shards[-1].num_docs == 3 and ds.shards[-1].num_tokens == 5
+    assert ds.longest_match([2, 3], min_len=2).length == 0  # no match across the dropped id
+    assert ds.longest_match([3, 4]).count == 1
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        Datastore.build_from_tokens([[1, v]], tmp_path / "bad", vocab_size=v, fingerprint="x")

@@ -179,3 +179,11 @@ def test_health_reports_an_idle_server(client):
     response = client.get("/health")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "model": MODEL_ID, "busy": False, "queued": 0}
+
+
+def test_the_largest_seed_is_served(client):
+    from restspec.serve.schemas import MAX_SEED
+
+    body = {"prompt": CODE_PROMPT, "max_tokens": 2, "temperature": 1.0, "seed": MAX_SEED}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text

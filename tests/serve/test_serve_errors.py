@@ -58,6 +58,8 @@ BAD_CHAT_BODIES = [
     ({"messages": USER, "n": 2}, "n", ["n=2", "n=1"]),
     ({"messages": USER, "seed": -1}, "seed", ["greater than or equal to 0"]),
     ({"messages": USER, "seed": "abc"}, "seed", []),
+    ({"messages": USER, "seed": 2**64}, "seed", ["less than or equal to"]),
+    ({"messages": USER, "temperature": True}, "temperature", []),
     ({"messages": USER, "logprobs": True}, "logprobs", ["not supported"]),
     ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty", ["not supported"]),
     ({"messages": USER, "tools": [{"type": "function"}]}, "tools", ["tool calling"]),

@@ -425,6 +425,7 @@ def render(results: dict, command: str) -> str:
         if all(parts):
             cells = " | ".join(f"{p['p50_ms']:.3f} / {p['p99_ms']:.3f}" for p in parts)
             lines.append(f"| {name} | {cells} | {r['mean_match_len']:.2f} | {r['matched_share']:.0%} |")
+    lines += ["", *_goals(results)]
     lines += [
         "",
         METHOD,
@@ -437,6 +438,60 @@ def render(results: dict, command: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+GOAL_OPEN_MS = 50.0
+GOAL_P50_MS = 0.1
+GOAL_P99_MS = 0.5
+GOAL_SORT_TOK_PER_S = 5_000_000
+
+
+def _goals(results: dict) -> list[str]:
+    """The issue's goals against the 50M-token (synthetic) figures, computed, not typed in."""
+    look = results.get("lookup", {}).get("synthetic")
+    build = results.get("build", {}).get("synthetic")
+    if not look or not build:
+        return []
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    full, part = look.get("ours_min", look["ours"]), look.get("ours_search_conts_min")
+    rows = [
+        ("open < 50 ms", f"{look['open_ms_median']:.2f} ms", mark(look["open_ms_median"] < GOAL_OPEN_MS)),
+        (
+            "lookup p50 < 0.1 ms (with tree, min)",
+            f"{full['p50_ms']:.3f} ms",
+            mark(full["p50_ms"] < GOAL_P50_MS),
+        ),
+        (
+            "lookup p99 < 0.5 ms (with tree, min)",
+            f"{full['p99_ms']:.3f} ms",
+            mark(full["p99_ms"] < GOAL_P99_MS),
+        ),
+        (
+            "lookup p50 / p99 without the tree (min)",
+            f"{part['p50_ms']:.3f} / {part['p99_ms']:.3f} ms" if part else "—",
+            mark(bool(part) and part["p50_ms"] < GOAL_P50_MS and part["p99_ms"] < GOAL_P99_MS),
+        ),
+        (
+            "lookup p99 < 0.5 ms (with tree, raw)",
+            f"{look['ours']['p99_ms']:.3f} ms",
+            mark(look["ours"]["p99_ms"] < GOAL_P99_MS),
+        ),
+        (
+            "suffix sorting >= 5M tokens/s",
+            f"{build['sort_tok_per_s'] / 1e6:.2f}M tokens/s",
+            mark(build["sort_tok_per_s"] >= GOAL_SORT_TOK_PER_S),
+        ),
+    ]
+    return [
+        "### Goals (50M-token datastore)",
+        "",
+        "| goal | measured | |",
+        "|---|---|---|",
+        *(f"| {g} | {v} | {m} |" for g, v, m in rows),
+    ]
 
 
 METHOD = f"""### Method

@@ -34,6 +34,8 @@ REST_MIN_SPAN = 2
 """REST as published: shortest suffix tried."""
 REST_BUDGET = 64
 """REST as published: draft tree nodes verified every step."""
+PAD_WIDTH = 8
+"""Draft nodes of every step in the fixed-width variants (``plain-w8``, ``restspec-w8``)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,44 @@ class LoopMethod:
         return TurnOutput(output, elapsed, len(steps), draft_s, forward_s, accept_s, result.finish_reason)
 
 
+class PaddedDrafter:
+    """Every tree exactly ``width`` nodes: ``inner``'s best nodes, then zero-weight padding children of
+    the root (ids the tree does not use there). Every verification forward then has the same shape,
+    which makes reduced-precision (bfloat16) kernels round alike in the plain and speculative runs.
+    A padding node the model happens to agree with is accepted like any draft (still exact greedy)."""
+
+    def __init__(self, inner: Any, width: int) -> None:
+        if width < 1:
+            raise ValueError(f"width={width} must be >= 1")
+        self.inner = inner
+        self.width = width
+
+    def start_request(self, prompt: np.ndarray) -> None:
+        self.inner.start_request(prompt)
+
+    def stop_request(self) -> None:
+        self.inner.stop_request()
+
+    def observe(self, context: np.ndarray, accepted: np.ndarray, logits: Any = None) -> None:
+        self.inner.observe(context, accepted, logits)
+
+    def propose(self, context: np.ndarray, budget: int) -> Any:
+        from restspec.draft.tree import DraftTree
+
+        width = min(self.width, budget)
+        tree = self.inner.propose(context, width).truncate(width)
+        missing = width - len(tree)
+        if missing <= 0:
+            return tree
+        used = set(tree.tokens[tree.parents < 0].tolist())
+        pad = [t for t in range(missing + len(used)) if t not in used][:missing]
+        return DraftTree(
+            np.concatenate([tree.tokens, pad]).astype(np.int32),
+            np.concatenate([tree.parents, np.full(missing, -1)]).astype(np.int32),
+            np.concatenate([tree.weights, np.zeros(missing)]).astype(np.float32),
+        )
+
+
 # ---------------------------------------------------------------------------------------------------
 # Method registry: name -> builder(context) -> BenchMethod
 
@@ -272,6 +312,18 @@ def _restspec_fixed(size: int) -> Callable[[MethodContext], BenchMethod]:
     return build
 
 
+def _padded(name: str, width: int, drafted: bool) -> Callable[[MethodContext], BenchMethod]:
+    def build(ctx: MethodContext) -> BenchMethod:
+        from restspec.decode.budget import FixedBudget
+        from restspec.draft import default_drafter
+        from restspec.draft.base import EmptyDrafter
+
+        inner = default_drafter(ctx.datastores(), ctx.vocab_size) if drafted else EmptyDrafter()
+        return LoopMethod(name, ctx.model, ctx.tokenizer, PaddedDrafter(inner, width), FixedBudget(width))
+
+    return build
+
+
 def _suffix_adaptive(ctx: MethodContext) -> BenchMethod:
     from restspec.bench.suffix import SuffixDrafter
 
@@ -293,6 +345,9 @@ METHODS: dict[str, Callable[[MethodContext], BenchMethod]] = {
     "restspec-fixed8": _restspec_fixed(8),
     "restspec-fixed16": _restspec_fixed(16),
     "suffix-adaptive": _suffix_adaptive,
+    # every forward PAD_WIDTH + 1 wide: the bfloat16 exactness experiment (compare with --reference plain-w8)
+    f"plain-w{PAD_WIDTH}": _padded(f"plain-w{PAD_WIDTH}", PAD_WIDTH, drafted=False),
+    f"restspec-w{PAD_WIDTH}": _padded(f"restspec-w{PAD_WIDTH}", PAD_WIDTH, drafted=True),
 }
 """Every method name ``--methods`` accepts."""
 

@@ -3,7 +3,8 @@
 Figures aggregate over turns as ratios of sums (so long outputs weigh more, as they do for a user):
 ``tokens_per_s`` = generated tokens / wall seconds, ``speedup`` = tokens_per_s / plain's (over the
 same turns), ``mean_accepted`` = generated tokens / model forward passes (plain greedy: 1.0),
-``exact`` = fraction of turns whose output ids equal plain greedy's.
+``exact`` = fraction of turns whose output ids equal the reference method's (plain greedy unless
+``--reference`` names another, such as ``plain-w8`` for the fixed-width bfloat16 experiment).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _figures(records: Sequence[TurnRecord], plain: Sequence[TurnRecord] | None, 
 
 def summarize(run: BenchRun) -> list[MethodSummary]:
     """Per method (in run order): overall figures and figures per category (in workload order)."""
-    exact_known = BASELINE in run.methods and run.temperature == 0.0
+    exact_known = run.reference in run.methods and run.temperature == 0.0
     by_method: dict[str, list[TurnRecord]] = {m: [] for m in run.methods}
     for r in run.records:
         by_method[r.method].append(r)

@@ -37,7 +37,7 @@ class TurnRecord:
     prompt_tokens: int
     output: TurnOutput
     identical: bool | None
-    """Output ids equal plain greedy's for this turn (None when plain was not run)."""
+    """Output ids equal the reference method's (plain greedy) for this turn (None when it was not run)."""
 
     def to_json(self) -> dict[str, Any]:
         o = self.output
@@ -62,6 +62,8 @@ class BenchRun:
     methods: list[str]
     temperature: float
     max_new_tokens: int
+    reference: str = "plain"
+    """The method whose outputs ``identical`` / ``exact`` compare against."""
     config: dict[str, Any] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
     records: list[TurnRecord] = field(default_factory=list)
@@ -71,6 +73,7 @@ class BenchRun:
             "methods": self.methods,
             "temperature": self.temperature,
             "max_new_tokens": self.max_new_tokens,
+            "reference": self.reference,
             **self.config,
         }
 
@@ -132,10 +135,12 @@ def run_bench(
     temperature: float = 0.0,
     progress: Callable[[str], None] | None = None,
     rotate: bool = True,
+    reference: str = "plain",
 ) -> BenchRun:
     """Run every method on every item, interleaved per item; returns every turn's record.
 
-    ``progress(description)`` is called after each (item, method) pair.
+    ``progress(description)`` is called after each (item, method) pair. ``identical`` compares every
+    turn's output ids with the ``reference`` method's (plain greedy by default).
     """
     if max_new_tokens < 1:
         raise RestspecError(f"--max-new-tokens={max_new_tokens} must be >= 1")
@@ -144,7 +149,7 @@ def run_bench(
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise RestspecError(f"methods must have distinct names, got {names}")
-    run = BenchRun(list(names), temperature, max_new_tokens)
+    run = BenchRun(list(names), temperature, max_new_tokens, reference=reference)
     for index, item in enumerate(items):
         shift = index % len(methods) if rotate else 0
         order = list(methods[shift:]) + list(methods[:shift])
@@ -161,12 +166,12 @@ def run_bench(
             outputs[method.name] = turns
             if progress is not None:
                 progress(f"{item.item_id} · {method.name}")
-        plain = outputs.get("plain")
+        ref = outputs.get(reference)
         for name in names:  # records in the stable method order
             for turn, (n_prompt, out) in enumerate(outputs[name]):
                 identical = None
-                if plain is not None:
-                    identical = bool(np.array_equal(out.output_ids, plain[turn][1].output_ids))
+                if ref is not None:
+                    identical = bool(np.array_equal(out.output_ids, ref[turn][1].output_ids))
                 run.records.append(
                     TurnRecord(item.item_id, item.category, turn, name, n_prompt, out, identical)
                 )

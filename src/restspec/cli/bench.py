@@ -66,9 +66,14 @@ def bench(
             help="Comma-separated methods: plain (transformers greedy generate), pld (transformers prompt "
             "lookup, 10 tokens), rest (REST as published: datastore only, spans 16..2, 64-node trees), "
             "restspec (our default), restspec-plain (our loop, no drafts), suffix (Arctic Inference's "
-            "SuffixDecoding, optional extra), and variants: restspec-fixed4/8/16, suffix-adaptive.",
+            "SuffixDecoding, optional extra), and variants: restspec-fixed4/8/16, suffix-adaptive, "
+            "plain-w8/restspec-w8 (every forward 9 wide: bfloat16 exactness).",
         ),
     ] = "plain,pld,rest,restspec,restspec-plain,suffix",
+    reference: Annotated[
+        str,
+        typer.Option("--reference", help="Method whose outputs 'exact' compares against (must be in --methods)."),
+    ] = "plain",
     chat: Annotated[
         bool | None,
         typer.Option(
@@ -130,6 +135,8 @@ def bench(
 
         torch.set_num_threads(threads)
     names = parse_methods(methods)
+    if reference not in names and reference != "plain":  # without plain there is just no exact figure
+        raise GenerationError(f"--reference={reference!r} must be one of --methods ({', '.join(names)})")
     items = select(load_workload(workload, chat=chat), limit, per_category=per_category)
     datastores = list(datastore or [])
     check_datastore_paths(datastores)
@@ -172,6 +179,7 @@ def bench(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             progress=advance,
+            reference=reference,
         )
     run.machine = machine
     run.config = {

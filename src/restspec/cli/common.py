@@ -281,11 +281,11 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
     from restspec.draft import default_drafter
     from restspec.models import load_model
 
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # our own status line says what is loading
     err = stderr_console()
-    with err.status(f"Loading model {options.model} ({options.dtype})…", spinner="dots"):
+    with (
+        err.status(f"Loading model {options.model} ({options.dtype})…", spinner="dots"),
+        _without_transformers_progress_bars(),
+    ):
         loaded = load_model(options.model, dtype=options.dtype)
     paths = list(options.datastores)
     if not paths:
@@ -299,6 +299,30 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
         budget = options.budget_policy(loaded)
     generator = SpeculativeGenerator(loaded.model, loaded.tokenizer, drafter=drafter, budget=budget)
     return Engine(options=options, loaded=loaded, datastores=datastores, drafter=drafter, generator=generator)
+
+
+@contextmanager
+def _without_transformers_progress_bars() -> Iterator[None]:
+    """Our status line says what is loading; transformers' own bars would print over it (its GGUF
+    de-quantizer calls tqdm directly, past ``disable_progress_bar``, so that one is silenced here)."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support: nothing more to silence
+        gguf_utils = None
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def model_vocab_size(loaded: LoadedModel) -> int:

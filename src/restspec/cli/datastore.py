@@ -145,6 +145,8 @@ def lookup(
     conts = ds.continuations(match, k=k, m=m)
     counts = Counter(tuple(t for t in row if t >= 0) for row in conts.tolist())
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CONTINUATIONS]
+    next_counts = Counter(t for t in conts[:, 0].tolist() if t >= 0)
+    next_top = sorted(next_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CONTINUATIONS]
     result = {
         "context_tokens": len(ids),
         "match_length": match.length,
@@ -154,6 +156,7 @@ def lookup(
         "continuations": [
             {"count": c, "ids": list(row), "text": tokenizer.decode(list(row))} for row, c in top
         ],
+        "next_tokens": [{"count": c, "id": t, "text": tokenizer.decode([t])} for t, c in next_top],
     }
     if as_json:
         _out(json.dumps(result, indent=1, ensure_ascii=False))
@@ -162,6 +165,10 @@ def lookup(
         _out(f"no suffix of at least {min_len} tokens of the text occurs in {path}")
         return
     _out(f"match: {match.length} tokens {result['matched_text']!r}, {match.count:,} occurrences")
+    _out(f"next token (over {len(conts):,} gathered occurrences):")
+    for c in result["next_tokens"]:
+        _out(f"  {c['count']:>6,} × {c['text']!r}")
+    _out("most frequent continuations:")
     for c in result["continuations"]:
         _out(f"  {c['count']:>6,} × {c['text']!r}")
 

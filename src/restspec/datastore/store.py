@@ -258,7 +258,8 @@ class Datastore:
         out = Path(out)
         if out.exists() and not overwrite:
             raise DatastoreError(
-                f"{str(out)!r} already exists; choose another --out or pass --force to replace it"
+                f"{str(out)!r} already exists; choose another --out, or replace it with --force "
+                "(overwrite=True)"
             )
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -292,8 +293,12 @@ class Datastore:
     def append_tokens(
         self, docs: Iterable[np.ndarray | Sequence[int]], *, shard_tokens: int = DEFAULT_SHARD_TOKENS
     ):
-        """Add the documents as new shard(s); old shards are untouched. Returns the BuildStats."""
-        arrays = (np.asarray(d, dtype=np.int64) for d in docs)
+        """Add the documents as new shard(s); old shards are untouched. Returns the BuildStats.
+
+        An id outside [0, vocab_size) (a model may have more output rows than its tokenizer has
+        tokens) can never be matched: it ends the document there instead of failing."""
+        vocab = self.vocab_size
+        arrays = (piece for d in docs for piece in _split_out_of_vocab(np.asarray(d, dtype=np.int64), vocab))
         return self._append(arrays, shard_tokens)
 
     def append_texts(self, texts: Iterable[str], tokenizer, *, shard_tokens: int = DEFAULT_SHARD_TOKENS):
@@ -429,6 +434,14 @@ class Datastore:
             kernel(shard.tokens, shard.sa, r.lo, offset, r.hi - r.lo, match.count, m, self._sep, out)
             offset += r.hi - r.lo
         return out
+
+
+def _split_out_of_vocab(doc: np.ndarray, vocab_size: int) -> list[np.ndarray]:
+    bad = np.flatnonzero((doc < 0) | (doc >= vocab_size))
+    if not len(bad):
+        return [doc]
+    edges = [-1, *bad.tolist(), len(doc)]
+    return [doc[a + 1 : b] for a, b in itertools.pairwise(edges) if b > a + 1]
 
 
 def _shard_index(path: Path) -> int:

@@ -9,6 +9,7 @@ tokens, everything but the root. The plain baseline is this loop with an :class:
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -186,7 +187,7 @@ class SpeculativeGenerator:
         generator = None
         if not config.sampling.greedy:
             generator = torch.Generator()
-            generator.manual_seed(seed if seed is not None else int(torch.seed()))
+            generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         return _Request(
             prompt=prompt_ids,
             config=config,

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from restspec.decode import GenerationConfig, GenerationResult, SamplingConfig, StreamChunk
 from restspec.errors import RestspecError
 from restspec.serve.errors import APIError, install_error_handlers, logger
-from restspec.serve.schemas import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+from restspec.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from restspec.serve.worker import ContextLengthError, GenerationWorker, Job, result_of
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -155,7 +155,7 @@ def _echo_text(prompt: str | list[int], generator: Any) -> Callable[[], str]:
     return lambda: generator.tokenizer.decode(prompt, skip_special_tokens=False)
 
 
-def _generation_config(body: _SamplingRequest, config: ServerConfig) -> GenerationConfig:
+def _generation_config(body: SamplingRequest, config: ServerConfig) -> GenerationConfig:
     """The request's fields over the server's defaults; invalid combinations are 400s."""
     _check_model(body.model, config)
     defaults = config.defaults
@@ -270,7 +270,7 @@ async def _serve(
     request: Request,
     worker: GenerationWorker,
     config: ServerConfig,
-    body: _SamplingRequest,
+    body: SamplingRequest,
     *,
     prompt: Any,
     chat: bool,

@@ -21,6 +21,9 @@ _MAX_SHOWN = 80
 MAX_TEMPERATURE = 2.0
 """OpenAI's upper bound for ``temperature``."""
 
+MAX_SEED = 2**64 - 1
+"""The largest seed torch's random generator takes."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -57,7 +60,7 @@ class StreamOptions(_Strict):
     """Send one more chunk before ``[DONE]`` with ``usage`` and no choices (OpenAI's behaviour)."""
 
 
-class _SamplingRequest(_Strict):
+class SamplingRequest(_Strict):
     """Fields shared by ``/v1/chat/completions`` and ``/v1/completions``."""
 
     model: str | None = None
@@ -67,7 +70,7 @@ class _SamplingRequest(_Strict):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     """restspec extension: keep only the k most likely tokens when sampling (0 = all)."""
-    seed: Annotated[int, Field(ge=0)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: str | list[str] | None = None
     n: int | None = None
     stream: bool = False
@@ -88,7 +91,7 @@ class _SamplingRequest(_Strict):
         return stop
 
     @model_validator(mode="after")
-    def _check_unsupported(self) -> _SamplingRequest:
+    def _check_unsupported(self) -> SamplingRequest:
         if self.n is not None and self.n != 1:
             raise UnsupportedValue(
                 "n", self.n, "restspec returns one completion per request; send n=1 or leave it out"
@@ -117,7 +120,7 @@ class _SamplingRequest(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     """OpenAI's newer name for ``max_tokens``; wins when both are given."""
@@ -154,7 +157,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return [m.as_template_message() for m in self.messages]
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
     """A string, a list of one string, or a list of token ids."""
     echo: bool = False
