@@ -36,6 +36,7 @@ from restspec.decode.accept import (
     draw_from_cdf,
     sample_accept,
     walk_cdfs,
+    warp_logits,
     warped_cdf,
     warped_probs,
 )
@@ -70,12 +71,21 @@ def transformers_warp(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor
     ],
 )
 def test_warp_equals_transformers_processors(cfg):
-    from restspec.decode import warp_logits
-
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(16, 300, generator=gen, dtype=torch.float64) * 3
     logits[3, :10] = logits[3, 0]  # ties at the top
     assert torch.equal(warp_logits(logits, cfg), transformers_warp(logits, cfg))
+
+
+@pytest.mark.parametrize(
+    "cfg", [SamplingConfig(temperature=0.8, top_k=50, top_p=0.9), SamplingConfig(top_k=5, top_p=0.5)]
+)
+def test_top_p_after_top_k_shortcut_equals_transformers(cfg):
+    # with top-k and top-p both set, top-p runs on the k survivors only (no sort of the vocabulary)
+    for seed in range(50):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(4, 3000, generator=gen) * (0.1 + 5 * torch.rand(1, generator=gen))
+        assert torch.equal(warp_logits(logits, cfg), transformers_warp(logits, cfg))
 
 
 def test_draw_never_picks_a_zero_probability_token():

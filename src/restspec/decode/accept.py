@@ -65,8 +65,13 @@ def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         scores = scores / sampling.temperature
     if sampling.top_k:
         k = min(sampling.top_k, scores.shape[-1])
-        kth = torch.topk(scores, k)[0][..., -1, None]
-        scores = scores.masked_fill(scores < kth, -float("inf"))
+        top, top_ids = torch.topk(scores, k)  # (..., k) descending
+        kth = top[..., -1, None]
+        below = scores < kth
+        if sampling.top_p < 1.0 and bool((below.sum(-1) == scores.shape[-1] - k).all()):
+            # no ties at the k-th score: top-p only needs the k survivors, not a sort of all V
+            return _top_p_of_top_k(scores.shape, top, top_ids, sampling.top_p)
+        scores = scores.masked_fill(below, -float("inf"))
     if sampling.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
@@ -74,6 +79,19 @@ def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         remove[..., -1:] = False  # keep at least the best token
         scores = scores.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
     return scores
+
+
+def _top_p_of_top_k(
+    shape: torch.Size, top: torch.Tensor, top_ids: torch.Tensor, top_p: float
+) -> torch.Tensor:
+    """TopPLogitsWarper applied to a vector whose only finite scores are ``top`` (descending) at
+    ``top_ids``: the -inf entries sort first with probability 0, so they change no cumulative sum."""
+    ascending, ids = top.flip(-1), top_ids.flip(-1)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1:] = False
+    out = torch.full(shape, -float("inf"), dtype=top.dtype)
+    return out.scatter(-1, ids, ascending.masked_fill(remove, -float("inf")))
 
 
 def warped_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
