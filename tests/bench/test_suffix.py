@@ -31,11 +31,14 @@ def test_drafter_lifecycle_and_global_cache():
 
     drafter = SuffixDrafter()
     prompt = np.array([1, 2, 3, 4, 5, 1, 2, 3, 6, 7, 1, 2, 3, 4, 8], np.int32)
+    prompt.flags.writeable = False  # the generate loop passes read-only views
     drafter.start_request(prompt)
     with pytest.raises(ValueError, match="still active"):
         drafter.start_request(prompt)
     # "1 2" occurred three times in the prompt, followed by "3 4" twice and "3 6" once
-    tree = drafter.propose(np.array([9, 1, 2], np.int32), 16)
+    context = np.array([9, 1, 2], np.int32)
+    context.flags.writeable = False
+    tree = drafter.propose(context, 16)
     assert tree.tokens[0] == 3 and tree.parents[0] == -1
     assert len(drafter.propose(np.array([9, 1, 2], np.int32), 1)) == 1
     drafter.observe(prompt, np.array([40, 41, 42, 43], np.int32))

@@ -78,7 +78,11 @@ def test_warp_equals_transformers_processors(cfg):
 
 
 @pytest.mark.parametrize(
-    "cfg", [SamplingConfig(temperature=0.8, top_k=50, top_p=0.9), SamplingConfig(top_k=5, top_p=0.5)]
+    "cfg",
+    [
+        SamplingConfig(temperature=0.8, top_k=50, top_p=0.9),
+        SamplingConfig(temperature=1.0, top_k=5, top_p=0.5),
+    ],
 )
 def test_top_p_after_top_k_shortcut_equals_transformers(cfg):
     # with top-k and top-p both set, top-p runs on the k survivors only (no sort of the vocabulary)

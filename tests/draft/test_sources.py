@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from restspec.datastore import Datastore
 from restspec.draft import ContextDrafter, DatastoreDrafter, HistoryDrafter, longest_suffix_continuations
@@ -114,9 +116,32 @@ def test_datastore_drafter_counts_continuations(tiny_datastore):
     assert drafter.last_match_length == 0
 
 
-def test_history_persists_to_a_datastore(tiny_datastore):
-    drafter = HistoryDrafter(persist=tiny_datastore)
-    drafter.start_request(ids(1))
-    drafter.observe(ids(1), ids(40, 41, 42))
-    drafter.stop_request()
-    assert tiny_datastore.longest_match(ids(40, 41)).length == 2
+def test_history_persists_to_a_datastore_in_batches(tiny_datastore):
+    drafter = HistoryDrafter(persist=tiny_datastore, persist_every=5)
+    shards = len(tiny_datastore.shards)
+    for output in (ids(40, 41, 42), ids(50, 51, 52), ids(60, 61)):
+        drafter.start_request(ids(1))
+        drafter.observe(ids(1), output)
+        drafter.stop_request()
+    # 3 tokens wait; 6 >= 5 are appended as one shard; the last 2 wait for flush()
+    assert len(tiny_datastore.shards) == shards + 1
+    assert tiny_datastore.longest_match(ids(50, 51)).length == 2
+    assert tiny_datastore.longest_match(ids(60, 61)).length == 0
+    drafter.flush()
+    assert len(tiny_datastore.shards) == shards + 2
+    assert tiny_datastore.longest_match(ids(60, 61)).length == 2
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(0, 4), min_size=0, max_size=60), st.integers(0, 20))
+def test_lookup_drafters_are_prefix_closed_within_budget_deterministic(context, budget):
+    ctx = np.asarray(context, np.int32)
+    history = HistoryDrafter(min_len=1)
+    history.add(ctx[: len(ctx) // 2])
+    for drafter in (ContextDrafter(), ContextDrafter(min_len=2, m=3), history):
+        tree = drafter.propose(ctx, budget)
+        assert len(tree) <= budget
+        paths = node_paths(tree)
+        assert all(p[:-1] in paths[:i] for i, p in enumerate(paths) if len(p) > 1)
+        assert np.all(np.diff(tree.weights) <= 0)
+        assert paths == node_paths(drafter.propose(ctx, budget))

@@ -160,3 +160,38 @@ def test_a_queued_request_whose_client_left_is_never_generated(slow_server):
     assert streamed.cancelled and 0 < streamed.tokens < LONG_MAX_TOKENS // 2
     assert queued.cancelled and queued.chunks == 0 and queued.tokens == 0
     assert_next_request_succeeds(base_url)
+
+
+def test_stopping_the_server_stops_a_running_generation(tiny_model):
+    from restspec.decode import SpeculativeGenerator
+
+    model, tokenizer = tiny_model
+    slower = 4 * STEP_DELAY_S  # LONG_MAX_TOKENS need >= 40 steps: 8 s, far past the 2 s graceful shutdown
+    drafter = SlowDrafter(slower)
+    app = make_app(SpeculativeGenerator(model, tokenizer, drafter=drafter, budget=1))
+    worker = app.state.worker
+    streaming = threading.Event()
+
+    def read_stream(base_url: str) -> None:
+        body = {"prompt": PROMPT, "max_tokens": LONG_MAX_TOKENS, "stream": True}
+        with (
+            httpx.Client(timeout=REQUEST_TIMEOUT_S) as client,
+            client.stream("POST", f"{base_url}/v1/completions", json=body) as response,
+        ):
+            try:
+                for _ in response.iter_lines():
+                    streaming.set()
+            except httpx.HTTPError:  # the server went away mid-stream
+                pass
+
+    start = time.monotonic()
+    with running_server(app) as base_url:
+        reader = threading.Thread(target=read_stream, args=(base_url,), daemon=True)
+        reader.start()
+        assert streaming.wait(REQUEST_TIMEOUT_S)
+    reader.join(REQUEST_TIMEOUT_S)
+    wait_until_idle(worker, 0)
+    assert time.monotonic() - start < LONG_MAX_TOKENS // 2 * slower
+    [record] = worker.recent
+    assert record.cancelled and record.tokens < LONG_MAX_TOKENS // 2
+    assert drafter.requests_stopped == drafter.requests_started == 1

@@ -49,6 +49,12 @@ class SuffixConfig:
             raise ValueError(f"min_token_prob={self.min_token_prob} must lie in [0, 1]")
 
 
+def _writable_int32(ids: np.ndarray) -> np.ndarray:
+    """A contiguous, writable int32 copy: Arctic's native calls reject read-only arrays (the generate
+    loop hands drafters read-only views of its context)."""
+    return np.array(ids, dtype=np.int32, copy=True, order="C")
+
+
 def _import_cache() -> type:
     try:
         from arctic_inference.suffix_decoding import SuffixDecodingCache
@@ -107,7 +113,7 @@ class SuffixDrafter:
         if self._req is not None:
             raise ValueError(f"request {self._req} is still active; call stop_request first")
         self._req = next(self._ids)
-        self.cache.start_request(self._req, np.ascontiguousarray(prompt, dtype=np.int32))
+        self.cache.start_request(self._req, _writable_int32(prompt))
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         if self._req is None:
@@ -115,7 +121,7 @@ class SuffixDrafter:
         limit = min(budget, self.config.max_spec_tokens)
         if limit <= 0:
             return DraftTree.empty()
-        tail = np.ascontiguousarray(context[-self.config.max_tree_depth :], dtype=np.int32)
+        tail = _writable_int32(context[-self.config.max_tree_depth :])
         draft = self.cache.speculate(
             self._req,
             tail,
@@ -133,7 +139,7 @@ class SuffixDrafter:
         if self._req is None:
             raise ValueError("observe before start_request")
         if len(accepted):
-            self.cache.add_active_response(self._req, np.ascontiguousarray(accepted, dtype=np.int32))
+            self.cache.add_active_response(self._req, _writable_int32(accepted))
 
     def stop_request(self) -> None:
         if self._req is not None:

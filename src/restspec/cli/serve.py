@@ -34,6 +34,9 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_TOKENS = 256
 """``max_tokens`` of a request that leaves it out (``--max-new-tokens`` changes it)."""
 MAX_PORT = 65535
+GRACEFUL_SHUTDOWN_S = 5
+"""On Ctrl-C, how long open requests may finish before they are cut (their generation then stops)."""
+SERVER_PANEL = "Server"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -80,23 +83,31 @@ def serve(
         str,
         typer.Option(
             "--host",
+            rich_help_panel=SERVER_PANEL,
             help="Address to listen on. The server has no authentication: keep the default loopback "
             "address unless a proxy in front of it checks who calls.",
         ),
     ] = DEFAULT_HOST,
     port: Annotated[
-        int, typer.Option("--port", "-p", help="Port to listen on (0 = any free port).")
+        int,
+        typer.Option(
+            "--port", "-p", rich_help_panel=SERVER_PANEL, help="Port to listen on (0 = any free port)."
+        ),
     ] = DEFAULT_PORT,
     served_model_name: Annotated[
         str | None,
         typer.Option(
             "--served-model-name",
+            rich_help_panel=SERVER_PANEL,
             help="The model id clients send and GET /v1/models lists (default: the loaded model's name).",
             show_default=False,
         ),
     ] = None,
     log_level: Annotated[
-        str, typer.Option("--log-level", help=f"uvicorn's log level: {', '.join(LOG_LEVELS)}.")
+        str,
+        typer.Option(
+            "--log-level", rich_help_panel=SERVER_PANEL, help=f"uvicorn's log level: {', '.join(LOG_LEVELS)}."
+        ),
     ] = "info",
     model: ModelOption = EMBEDDED_MODEL,
     datastore: DatastoreOption = None,
@@ -142,13 +153,16 @@ def serve(
         engine = load_engine(options)
         server_app = app_for_engine(engine, model_name=served_model_name)
         bound_host, bound_port = sock.getsockname()[:2]
+        bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host  # IPv6 in a URL
         config = server_app.state.config
         err.print(
             f"[bold]restspec serve[/]: model [cyan]{config.model_id}[/] "
             f"on http://{bound_host}:{bound_port}/v1 (budget {options.budget}; Ctrl-C stops)"
         )
         server = uvicorn.Server(
-            uvicorn.Config(server_app, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+            uvicorn.Config(
+                server_app, log_level=log_level.lower(), timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+            )
         )
         server.run(sockets=[sock])
     finally:

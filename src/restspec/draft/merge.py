@@ -8,6 +8,13 @@ maximum over sources, or the noisy-or). The merged tree keeps the ``budget`` nod
 probability, ties broken by depth then path token ids. Since a parent's probability is never below
 its child's, the result is prefix-closed, and a node is dropped only when ``budget`` nodes rank at
 least as high: a merge never drops a path that a single source ranks above a kept one.
+
+A :class:`RecycleDrafter` among the sources is used as an *extender* (``MergeConfig.extend``):
+instead of a tree of its own from the root, every merged node (and the root) offers the model's
+recent top candidates after its token as children, with probability p(node) * hit rate of the
+candidate's rank, and the final ``budget`` nodes are taken best-first from candidates and extensions
+alike (:func:`extend_best_first`). On HumanEval this lifts short retrieved chains and gives
+recycling the context it lacks (``docs/benchmarks-simulator.md``).
 """
 
 from __future__ import annotations

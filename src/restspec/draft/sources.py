@@ -133,13 +133,16 @@ class HistoryDrafter:
     """Outputs of earlier requests in this process, searched like :class:`ContextDrafter`.
 
     Keeps at most ``max_tokens`` tokens of past outputs (the oldest outputs are evicted first). An
-    output joins the history at :meth:`stop_request`; with ``persist`` (a datastore) it is also
-    appended to it as a new shard, so later processes can draft from it."""
+    output joins the history at :meth:`stop_request`; with ``persist`` (a datastore) outputs are also
+    appended to it as a new shard once ``persist_every`` tokens have gathered (every shard costs a
+    suffix-array build and a search per lookup, so not one per request), and by :meth:`flush`,
+    which the owner calls before exiting, so later processes can draft from them."""
 
     def __init__(
         self,
         max_tokens: int = 200_000,
         persist: Datastore | None = None,
+        persist_every: int = 16_384,
         max_len: int = 16,
         min_len: int = 2,
         k: int = 256,
@@ -148,8 +151,12 @@ class HistoryDrafter:
     ) -> None:
         if max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+        if persist_every < 1:
+            raise ValueError(f"persist_every={persist_every} must be >= 1")
         self.max_tokens = max_tokens
         self.persist = persist
+        self.persist_every = persist_every
+        self._pending: list[np.ndarray] = []  # outputs not yet appended to ``persist``
         self.config = LookupConfig(max_len=max_len, min_len=min_len, k=k, m=m, prior_rows=prior_rows)
         self.last_match_length = 0
         self._outputs: deque[np.ndarray] = deque()
@@ -203,7 +210,9 @@ class HistoryDrafter:
         if len(output) == 0:
             return
         if self.persist is not None:
-            self.persist.append_tokens([output])
+            self._pending.append(output)
+            if sum(len(o) for o in self._pending) >= self.persist_every:
+                self.flush()
         output = output[-self.max_tokens :]
         self._outputs.append(output)
         self._stored += len(output)
@@ -213,3 +222,9 @@ class HistoryDrafter:
         for out in self._outputs:
             parts.extend((out, np.array([SEPARATOR], np.int32)))
         self._buffer = np.concatenate(parts)
+
+    def flush(self) -> None:
+        """Append the outputs gathered since the last flush to ``persist`` as one shard."""
+        if self.persist is not None and self._pending:
+            pending, self._pending = self._pending, []
+            self.persist.append_tokens(pending)

@@ -42,9 +42,10 @@ def check_context_length(prompt_tokens: int, generator: Any, param: str) -> None
     """Raise :class:`ContextLengthError` if ``prompt_tokens`` leave no room for one generated token."""
     context = getattr(getattr(generator, "layout", None), "max_positions", None)
     if context is not None and prompt_tokens >= context:
+        what = "prompt built from the messages" if param == "messages" else "prompt"
         raise ContextLengthError(
-            f"this model's maximum context length is {context} tokens, but the {param} has {prompt_tokens} "
-            f"tokens; shorten it to at most {context - 1} tokens (longer completions need a shorter {param})",
+            f"this model's maximum context length is {context} tokens, but the {what} has {prompt_tokens} "
+            f"tokens; shorten it to at most {context - 1} tokens (fewer leave more room for the completion)",
             param,
         )
 
