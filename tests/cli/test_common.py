@@ -202,3 +202,20 @@ def test_missing_model_path_is_a_one_line_error(model, tiny_datastore_dir: Path,
         app, ["generate", "hello", "--model", model, "--datastore", str(tiny_datastore_dir)]
     )
     one_line_error(result, model)
+
+
+def test_datastore_of_another_tokenizer_is_a_one_line_error(
+    tiny_model_dir: Path, tmp_path: Path, one_line_error
+):
+    from transformers import AutoTokenizer
+
+    from restspec.datastore import Datastore
+
+    other = AutoTokenizer.from_pretrained(tiny_model_dir)
+    other.add_tokens(["<an extra token>"])  # another vocabulary, so another fingerprint
+    store = tmp_path / "other.ds"
+    Datastore.build_from_texts(["x = 1\n", "y = 2\n"], store, other, progress=False)
+    result = runner.invoke(
+        app, ["generate", "x =", "--model", str(tiny_model_dir), "--datastore", str(store), "--budget", "2"]
+    )
+    one_line_error(result, "tokenizer")

@@ -72,6 +72,8 @@ def build_config(arch: str):
         return tf.Phi3Config(**_common())
     if arch == "gemma":
         return tf.GemmaConfig(**_common(head_dim=8))
+    if arch == "gemma2":  # alternating sliding / full layers, logit soft-capping
+        return tf.Gemma2Config(**_common(head_dim=8, sliding_window=SLIDING_WINDOW))
     if arch == "gpt2":
         return tf.GPT2Config(
             vocab_size=VOCAB,
@@ -87,7 +89,7 @@ def build_config(arch: str):
     raise ValueError(arch)
 
 
-ARCHS = ("llama", "qwen2", "qwen2-hybrid", "mistral", "phi3", "gemma", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen2-hybrid", "mistral", "phi3", "gemma", "gemma2", "gpt2")
 
 _MODELS: dict[str, torch.nn.Module] = {}
 

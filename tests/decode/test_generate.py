@@ -224,5 +224,7 @@ def test_text_prompt_and_chat_template():
     chat = gen.encode("hi", chat=True)
     assert tok.decode(chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert gen.encode([{"role": "user", "content": "hi"}]).tolist() == chat.tolist()
+    with pytest.raises(GenerationError, match="chat=True"):
+        gen.encode([1, 2, 3], chat=True)
     result = gen.generate("hi", GenerationConfig(max_new_tokens=4), chat=True)
     assert result.prompt_ids.tolist() == chat.tolist() and len(result.output_ids) <= 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from restspec.draft import RecycleDrafter, TreeLogits
-from restspec.draft.recycle import best_first_template
+from restspec.draft.recycle import best_first_template, top_k_rows
 from restspec.draft.tree import DraftTree
 
 VOCAB = 10
@@ -80,3 +80,12 @@ def test_budget_is_respected_when_rows_are_missing():
     for budget in range(6):
         tree = drafter.propose(np.array([1], np.int32), budget)
         assert len(tree) <= min(budget, 3)  # only token 1's row is known: at most its 3 children
+
+
+def test_top_k_rows_matches_tree_logits_top_candidates():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 300)).astype(np.float32)
+    expected = TreeLogits(np.zeros(5, np.int32), logits).top_candidates(8)
+    assert top_k_rows(logits, 8).tolist() == expected.tolist()
+    # ties keep the lower id first; k above V gives V columns (like top_candidates)
+    assert top_k_rows(np.array([[1.0, 3.0, 3.0]]), 5).tolist() == [[1, 2, 0]]

@@ -218,3 +218,22 @@ def write_plot(path: str | Path, summaries: Sequence[MethodSummary], *, title: s
         axes[0].set_title(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def render_markdown(summaries: Sequence[MethodSummary]) -> str:
+    """The figures as a Markdown table (one row per method and category), for docs/benchmarks.md."""
+    multi = any(len(s.categories) > 1 for s in summaries)
+    lines = [
+        "| method | category | tok/s | speedup | tok/step | exact | draft/fwd/acc/other % |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        rows = [("all", s.overall)] + (list(s.categories.items()) if multi else [])
+        for cat, fig in rows:
+            split = "/".join(f"{100 * fig.time_split[p]:.0f}" for p in TIME_PARTS)
+            exact = _fmt(None if fig.exact is None else 100 * fig.exact, ".0f", "%")
+            lines.append(
+                f"| {s.method} | {cat} | {fig.tokens_per_s:.2f} | {_fmt(fig.speedup, '.2f', 'x')} | "
+                f"{fig.mean_accepted:.2f} | {exact} | {split} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -72,7 +72,9 @@ def bench(
     ] = "plain,pld,rest,restspec,restspec-plain,suffix",
     reference: Annotated[
         str,
-        typer.Option("--reference", help="Method whose outputs 'exact' compares against (must be in --methods)."),
+        typer.Option(
+            "--reference", help="Method whose outputs 'exact' compares against (must be in --methods)."
+        ),
     ] = "plain",
     chat: Annotated[
         bool | None,
@@ -92,6 +94,10 @@ def bench(
     plot_path: Annotated[
         Path | None,
         typer.Option("--plot", help="Write a bar chart (PNG) of speedups per category.", show_default=False),
+    ] = None,
+    markdown_path: Annotated[
+        Path | None,
+        typer.Option("--markdown", help="Write the table as Markdown to this file.", show_default=False),
     ] = None,
     recalibrate: Annotated[
         bool,
@@ -118,7 +124,7 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from restspec.bench.methods import MethodContext, build_methods, parse_methods
-    from restspec.bench.report import render_table, summarize, write_json, write_plot
+    from restspec.bench.report import render_markdown, render_table, summarize, write_json, write_plot
     from restspec.bench.runner import machine_info, run_bench, warm_up
     from restspec.bench.workloads import load_workload, select
     from restspec.errors import GenerationError
@@ -198,6 +204,10 @@ def bench(
     if json_path is not None:
         write_json(json_path, run, summaries)
         err.print(f"wrote {json_path}")
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(render_markdown(summaries), encoding="utf-8")
+        err.print(f"wrote {markdown_path}")
     if plot_path is not None:
         write_plot(plot_path, summaries, title=title)
         err.print(f"wrote {plot_path}")

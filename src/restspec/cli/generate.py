@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, TextIO
 
 import numpy as np
 import typer
+from rich import box
 from rich.table import Table
 
 from restspec.cli.app import app
@@ -61,13 +62,13 @@ class DemoPrompt:
 
 DEMO_PROMPTS: tuple[DemoPrompt, ...] = (
     DemoPrompt(
-        "code: walk a tree",
+        "code: os.walk",
         'import os\n\n\ndef find_files(root, suffix):\n    """Return the paths of all files below root whose '
         'name ends with suffix."""\n',
         chat=False,
     ),
     DemoPrompt(
-        "code: parse args",
+        "code: argparse",
         "import argparse\n\n\ndef parse_args():\n"
         '    parser = argparse.ArgumentParser(description="Copy files.")\n'
         '    parser.add_argument("source", help="the file to copy")\n',
@@ -75,7 +76,7 @@ DEMO_PROMPTS: tuple[DemoPrompt, ...] = (
     ),
     DemoPrompt("chat: explain", "Explain what a Python dictionary is, with a short example.", chat=True),
     DemoPrompt(
-        "chat: write code", "Write a Python function that checks whether a string is a palindrome.", chat=True
+        "chat: palindrome", "Write a Python function that checks whether a string is a palindrome.", chat=True
     ),
 )
 
@@ -145,14 +146,14 @@ def demo(
 
 
 def _demo_table(rows: Sequence[tuple[DemoPrompt, GenerationResult, GenerationResult]]) -> Table:
-    table = Table(title="restspec demo: plain greedy decoding vs restspec")
-    table.add_column("prompt")
+    table = Table(title="plain greedy decoding vs restspec", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("prompt", no_wrap=True)
     table.add_column("tokens", justify="right")
-    table.add_column("plain tok/s", justify="right")
-    table.add_column("restspec tok/s", justify="right")
+    table.add_column("plain\ntok/s", justify="right")
+    table.add_column("restspec\ntok/s", justify="right")
     table.add_column("speedup", justify="right")
-    table.add_column("accepted/step", justify="right")
-    table.add_column("identical", justify="center")
+    table.add_column("accepted\nper step", justify="right")
+    table.add_column("identical", justify="center", min_width=len("identical"))
     for prompt, base, fast in rows:
         table.add_row(
             prompt.label,

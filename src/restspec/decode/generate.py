@@ -160,6 +160,8 @@ class SpeculativeGenerator:
             ids = apply_chat_template(self.tokenizer, prompt) if chat else self.tokenizer(prompt)["input_ids"]
         elif len(prompt) and isinstance(prompt[0], dict):
             ids = apply_chat_template(self.tokenizer, prompt)  # type: ignore[arg-type]
+        elif chat:
+            raise GenerationError("chat=True needs the prompt as text or messages, not token ids")
         else:
             ids = prompt
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
