@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from restspec.decode import budget as budget_module
 from restspec.decode.budget import (
     CORRECTION_REFIT_STEPS,
     AdaptiveBudget,
@@ -110,6 +111,7 @@ def test_weight_calibration_learns_per_depth_rates():
 
 def test_calibration_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(budget_module, "_load_per_core", lambda: 0.5)
     calls = []
 
     def measure(width):
@@ -138,6 +140,7 @@ def test_for_model_calibrates_once_with_the_decode_forward(tiny_model, tiny_toke
     from restspec.models import LoadedModel
 
     monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(budget_module, "_load_per_core", lambda: 0.5)
     probe = ForwardLatencyProbe(tiny_model, past_len=20)
     for width in (1, 9, 3):
         assert probe(width) > 0
@@ -152,3 +155,11 @@ def test_for_model_calibrates_once_with_the_decode_forward(tiny_model, tiny_toke
     mtime = files[0].stat().st_mtime_ns
     again = AdaptiveBudget.for_model(loaded, max_budget=8)
     assert again.latency == policy.latency and files[0].stat().st_mtime_ns == mtime
+
+
+def test_calibration_on_a_busy_machine_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(budget_module, "_load_per_core", lambda: 4.0)
+    curve = load_or_calibrate("tiny-model", "float32", lambda w: 0.05 + 0.01 * w, max_width=9)
+    assert curve.sizes[-1] == 9
+    assert not calibration_path("tiny-model", "float32").exists()

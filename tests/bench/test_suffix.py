@@ -50,3 +50,21 @@ def test_drafter_lifecycle_and_global_cache():
     drafter.stop_request()
     with pytest.raises(ValueError, match="propose before start_request"):
         drafter.propose(prompt, 4)
+
+
+def test_padded_drafter_fills_every_tree_to_the_width():
+    from restspec.bench.methods import PaddedDrafter
+    from restspec.draft.base import EmptyDrafter, StatelessDrafter
+    from restspec.draft.tree import DraftTree
+
+    class Two(StatelessDrafter):
+        def propose(self, context, budget):
+            return DraftTree(np.array([1, 5]), np.array([-1, 0]), np.array([0.9, 0.5]))
+
+    tree = PaddedDrafter(Two(), 4).propose(np.array([7], np.int32), 64)
+    # the two real nodes first, then root children 0 and 2 (1 is taken at the root), weight 0
+    assert tree.tokens.tolist() == [1, 5, 0, 2]
+    assert tree.parents.tolist() == [-1, 0, -1, -1]
+    assert tree.weights.tolist() == [pytest.approx(0.9), 0.5, 0.0, 0.0]
+    assert len(PaddedDrafter(EmptyDrafter(), 8).propose(np.array([7], np.int32), 64)) == 8
+    assert len(PaddedDrafter(Two(), 8).propose(np.array([7], np.int32), 3)) == 3  # never over budget

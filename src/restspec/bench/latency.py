@@ -1,6 +1,6 @@
 """Decode latency on the embedded model: forward cost by tree size, and the loop's non-model time.
 
-    python -m restspec.bench.latency [--model smollm2] [--cache 500] [--repeats 10] [--out FILE]
+    python -m restspec.bench.latency [--model smollm2] [--cache 500] [--repeats 10] [--threads N] [--out FILE]
 
 Measures, on a cache of ``--cache`` tokens of real text:
 1. the forward pass over root + n draft nodes, n in 0 (a plain step), 1, 4, 8, 16, 32, 64;
@@ -122,7 +122,7 @@ def component_times(model, context: np.ndarray, repeats: int) -> dict[str, float
     logits = forward_tree(model, cache, int(context[-1]), tree, past_len, layout).float()
     nucleus = SamplingConfig(temperature=0.8, top_p=0.95, top_k=50)
     gen = torch.Generator().manual_seed(0)
-    deep_path = tree.paths()[0]
+    deep_path = max(tree.paths(), key=len)
     base = {layer_idx: (layer.keys, layer.values) for layer_idx, layer in enumerate(cache.layers)}
 
     def restore() -> None:
@@ -190,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=int, default=500, help="tokens in the KV cache")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ["HF_HUB_OFFLINE"] = "1"
     from restspec.models import load_model
 

@@ -141,8 +141,9 @@ def render_table(summaries: Sequence[MethodSummary], *, title: str = "restspec b
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
+    longest = max((len(s.method) for s in summaries), default=6)
+    table.add_column("method", justify="left", no_wrap=True, min_width=longest)
     for col, justify in [
-        ("method", "left"),
         ("category", "left"),
         ("tok/s", "right"),
         ("speedup", "right"),
@@ -150,7 +151,7 @@ def render_table(summaries: Sequence[MethodSummary], *, title: str = "restspec b
         ("exact", "right"),
         ("draft/fwd/acc/other %", "right"),
     ]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     multi = any(len(s.categories) > 1 for s in summaries)
     for s in summaries:
         rows = [("all", s.overall)]
@@ -213,7 +214,7 @@ def write_plot(path: str | Path, summaries: Sequence[MethodSummary], *, title: s
         if metric == "speed" and have_speedup:
             ax.axhline(1.0, color="black", linewidth=0.8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(ncols=min(len(summaries), 4), fontsize="small")
+    axes[0].legend(ncols=min(len(summaries), 3), fontsize="small", loc="best")
     if title:
         axes[0].set_title(title)
     fig.savefig(path, dpi=110)

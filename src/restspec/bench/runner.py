@@ -136,11 +136,13 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     rotate: bool = True,
     reference: str = "plain",
+    on_item: Callable[[BenchRun], None] | None = None,
 ) -> BenchRun:
     """Run every method on every item, interleaved per item; returns every turn's record.
 
     ``progress(description)`` is called after each (item, method) pair. ``identical`` compares every
-    turn's output ids with the ``reference`` method's (plain greedy by default).
+    turn's output ids with the ``reference`` method's (plain greedy by default). ``on_item(run)`` is
+    called after every item with the records so far (to save partial results of a long run).
     """
     if max_new_tokens < 1:
         raise RestspecError(f"--max-new-tokens={max_new_tokens} must be >= 1")

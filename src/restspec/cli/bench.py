@@ -125,7 +125,7 @@ def bench(
 
     from restspec.bench.methods import MethodContext, build_methods, parse_methods
     from restspec.bench.report import render_markdown, render_table, summarize, write_json, write_plot
-    from restspec.bench.runner import machine_info, run_bench, warm_up
+    from restspec.bench.runner import BenchRun, machine_info, run_bench, warm_up
     from restspec.bench.workloads import load_workload, select
     from restspec.errors import GenerationError
     from restspec.models import load_model
@@ -171,6 +171,23 @@ def bench(
         f"{len(items)} prompts ({turns} turns) × {len(names)} methods, max {max_new_tokens} new tokens, "
         f"{dtype_name}, model loaded in {load_s:.0f} s"
     )
+    run_config = {
+        "workload": workload,
+        "limit": limit,
+        "per_category": per_category,
+        "model": loaded.name,
+        "dtype": dtype_name,
+        "datastores": [str(p) for p in datastores],
+        "items": len(items),
+        "turns": turns,
+    }
+
+    def save_partial(partial: BenchRun) -> None:
+        partial.machine = machine
+        partial.config = {**run_config, "items_done": len({r.item_id for r in partial.records})}
+        if json_path is not None:
+            write_json(json_path, partial, summarize(partial))
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("bench", total=len(items) * len(names))
@@ -186,23 +203,13 @@ def bench(
             temperature=temperature,
             progress=advance,
             reference=reference,
+            on_item=save_partial,
         )
-    run.machine = machine
-    run.config = {
-        "workload": workload,
-        "limit": limit,
-        "per_category": per_category,
-        "model": loaded.name,
-        "dtype": dtype_name,
-        "datastores": [str(p) for p in datastores],
-        "items": len(items),
-        "turns": turns,
-    }
+    save_partial(run)
     summaries = summarize(run)
     title = f"restspec bench: {Path(workload).name if workload != 'humaneval' else workload}, {dtype_name}"
     Console().print(render_table(summaries, title=title))
     if json_path is not None:
-        write_json(json_path, run, summaries)
         err.print(f"wrote {json_path}")
     if markdown_path is not None:
         markdown_path.parent.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,9 @@ CALIBRATION_PAST_LEN = 320
 """Cache length the calibration forwards run on (a typical prompt plus part of an answer)."""
 CALIBRATION_ROUNDS = 5
 """Rounds over all sizes (interleaved, so machine noise hits all sizes alike); the fastest is kept."""
+BUSY_LOAD_PER_CORE = 1.5
+"""A calibration measured while the load average per core exceeds this is used but not cached:
+forwards slowed by other processes would mis-shape the curve for every later run."""
 CALIBRATION_SEED = 0
 """Seed of the random token ids the calibration forwards run on (latency does not depend on them)."""
 CALIBRATION_KNOTS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -184,6 +187,14 @@ def machine_key() -> dict:
     }
 
 
+def _load_per_core() -> float:
+    """1-minute load average per core (0 where the OS does not report it)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def calibration_path(model_name: str, dtype: str, key: dict | None = None) -> Path:
     """``$RESTSPEC_CACHE/latency/<model>-<dtype>-<hash of machine key>.json``."""
     key = machine_key() if key is None else key
@@ -220,7 +231,10 @@ def load_or_calibrate(
     max_width: int,
     recalibrate: bool = False,
 ) -> LatencyCurve:
-    """The cached calibration for this machine + model + dtype, measuring (and caching) it if missing."""
+    """The cached calibration for this machine + model + dtype, measuring (and caching) it if missing.
+
+    A calibration taken on a busy machine (load per core above :data:`BUSY_LOAD_PER_CORE`) is
+    returned but not cached."""
     path = calibration_path(model_name, dtype)
     if not recalibrate and path.is_file():
         try:
@@ -231,7 +245,10 @@ def load_or_calibrate(
         except (ValueError, KeyError, TypeError):
             pass  # unreadable cache: measure again
     sizes = sorted({s for s in CALIBRATION_SIZES if s < max_width} | {1, max_width})
+    load_before = _load_per_core()
     curve = calibrate(measure, sizes)
+    if max(load_before, _load_per_core()) > BUSY_LOAD_PER_CORE:
+        return curve  # measured on a busy machine: use it now, measure again next time
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "model": model_name,
