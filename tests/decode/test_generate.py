@@ -202,6 +202,19 @@ def test_drafter_lifecycle_observe_and_budget_policy():
     assert np.concatenate([a for a, _ in drafter.observed]).tolist() == result.output_ids.tolist()
 
 
+class OutOfVocabularyDrafter(RecordingDrafter):
+    def propose(self, context, budget):
+        return DraftTree.chain([VOCAB + 5])
+
+
+def test_a_draft_outside_the_vocabulary_is_a_clear_error():
+    drafter = OutOfVocabularyDrafter()
+    gen = SpeculativeGenerator(tiny_model("llama"), IdTokenizer(), drafter, budget=3)
+    with pytest.raises(GenerationError, match=f"token {VOCAB + 5} but the model has {VOCAB}"):
+        gen.generate(PROMPT)
+    assert drafter.events[-1] == "stop"
+
+
 def test_stop_request_runs_when_a_step_fails():
     drafter = RecordingDrafter(fail_at=2)
     gen = SpeculativeGenerator(tiny_model("llama"), IdTokenizer(), drafter, budget=3)

@@ -242,6 +242,11 @@ class MethodContext:
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
+    @property
+    def latency_curve(self) -> Any:
+        """The calibrated forward latency curve, once an adaptive method asked for it (else None)."""
+        return None if self._adaptive is None else self._adaptive.latency
+
     def datastores(self) -> list[Any]:
         if self._datastores is None:
             from restspec.datastore import Datastore

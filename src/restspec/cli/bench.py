@@ -180,6 +180,7 @@ def bench(
         "datastores": [str(p) for p in datastores],
         "items": len(items),
         "turns": turns,
+        "latency_curve": None if ctx.latency_curve is None else ctx.latency_curve.to_json(),
     }
 
     def save_partial(partial: BenchRun) -> None:

@@ -5,6 +5,7 @@ All three load the model through :func:`restspec.cli.common.load_engine`, so fla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -399,17 +400,18 @@ def chat(
 
 
 def _user_lines(stdin: TextIO, interactive: bool) -> Iterable[str]:
-    """Lines typed by the user (a ``you> `` prompt when interactive) until end of input."""
+    """Lines the user enters until end of input; at a terminal with a ``you> `` prompt and line editing."""
+    if not interactive:
+        yield from iter(stdin.readline, "")
+        return
+    with contextlib.suppress(ImportError):  # not on every platform
+        import readline  # noqa: F401  (gives input() line editing and history)
     while True:
-        if interactive:
-            sys.stdout.write("you> ")
-            sys.stdout.flush()
-        line = stdin.readline()
-        if not line:
-            if interactive:
-                sys.stdout.write("\n")
+        try:
+            yield input("you> ")
+        except EOFError:
+            sys.stdout.write("\n")
             return
-        yield line
 
 
 def _stdout_console():

@@ -150,6 +150,7 @@ class SpeculativeGenerator:
         if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(eos)
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
 
     # ---- input ---------------------------------------------------------------------------------
     def encode(
@@ -167,7 +168,7 @@ class SpeculativeGenerator:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         if arr.size == 0:
             raise GenerationError("the prompt is empty; pass at least one token of text")
-        vocab = self.model.get_input_embeddings().num_embeddings
+        vocab = self.vocab_size
         if arr.min() < 0 or arr.max() >= vocab:
             raise GenerationError(f"prompt token ids must lie in [0, {vocab}), got {arr.min()}..{arr.max()}")
         return arr.astype(np.int32)
@@ -217,6 +218,11 @@ class SpeculativeGenerator:
         tree = tree.truncate(self.policy.choose(tree, past_len))
         # tokens this step may still emit: accepted path + 1
         tree = limit_depth(tree, req.max_total - req.length - 1)
+        if len(tree) and int(tree.tokens.max()) >= self.vocab_size:
+            raise GenerationError(
+                f"the drafter proposed token {int(tree.tokens.max())} but the model has {self.vocab_size} "
+                "tokens; was its datastore built with another tokenizer?"
+            )
         t2 = time.perf_counter()
         logits = forward_tree(self.model, req.cache, int(context[-1]), tree, past_len, self.layout)
         t3 = time.perf_counter()
