@@ -66,6 +66,8 @@ def test_greedy_output_is_identical_with_and_without_drafting(embedded, chat):
         b = spec.generate(prompt, config, chat=chat)
         assert b.output_ids.tolist() == a.output_ids.tolist()
         assert b.text == a.text and b.finish_reason == a.finish_reason
+        decoded = embedded.tokenizer.decode(a.output_ids.tolist(), skip_special_tokens=True)
+        assert a.text == decoded  # the incremental text adds up to a plain decode
         assert sum(s.accepted for s in b.steps) > 0  # drafts were really accepted
         assert len(b.steps) < len(a.steps)
     # and the plain loop is transformers' greedy decoding

@@ -241,3 +241,17 @@ def test_text_prompt_and_chat_template():
         gen.encode([1, 2, 3], chat=True)
     result = gen.generate("hi", GenerationConfig(max_new_tokens=4), chat=True)
     assert result.prompt_ids.tolist() == chat.tolist() and len(result.output_ids) <= 4
+
+
+def test_bfloat16_model_runs_with_a_bfloat16_mask():
+    from restspec.decode import model_layout
+
+    model = tiny_model("llama")
+    bf16 = type(model)(model.config).to(torch.bfloat16).eval()
+    bf16.load_state_dict(model.state_dict())
+    assert model_layout(bf16).dtype == torch.bfloat16
+    out = plain_greedy(bf16, PROMPT, 12)
+    gen = SpeculativeGenerator(bf16, IdTokenizer(), OracleDrafter(PROMPT + out, "chain", VOCAB), budget=4)
+    result = gen.generate(PROMPT, GenerationConfig(max_new_tokens=12))
+    assert len(result.output_ids) == 12 and result.finish_reason == "length"
+    assert sum(s.accepted for s in result.steps) > 0
