@@ -1,5 +1,6 @@
-"""Tiny, fast stand-ins for the CLI tests: a random Llama saved as a Hugging Face folder with a small
-byte-level BPE tokenizer (with a chat template), and a datastore built from a few lines of code."""
+"""Tiny, fast stand-ins for the CLI tests: a 2-layer Llama trained for a few steps on a few lines of
+code (so that it continues them and drafts get accepted), saved as a Hugging Face folder with a small
+byte-level BPE tokenizer (with a chat template), and a datastore built from the same lines."""
 
 from __future__ import annotations
 

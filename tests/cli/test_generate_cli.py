@@ -1,4 +1,4 @@
-"""``restspec demo``, ``generate`` and ``chat`` end to end on a tiny random model (fast), and once on the
+"""``restspec demo``, ``generate`` and ``chat`` end to end on a tiny model (fast), and once on the
 embedded model (slow)."""
 
 from __future__ import annotations
