@@ -79,8 +79,8 @@ def test_build_inspect_lookup(built, tok_dir):
     assert result.exit_code == 0 and "no suffix of at least 2 tokens" in result.output
 
 
-def test_datastore_group_alias(built, tok_dir):
-    result = run("datastore", "lookup", built, "--text", "return x", "--model", tok_dir)
+def test_lookup_shows_every_next_token(built, tok_dir):
+    result = run("lookup", built, "--text", "return x", "--model", tok_dir)
     assert result.exit_code == 0, result.output
     assert "2 occurrences" in result.output
     assert "'+'" in result.output and "'-'" in result.output  # the two next tokens

@@ -75,7 +75,7 @@ DatastoreOption = Annotated[
         metavar="PATH",
         rich_help_panel=MODEL_PANEL,
         help=(
-            "Datastore to draft from (a folder made by `restspec datastore build`); repeat the flag to "
+            "Datastore to draft from (a folder made by `restspec build`); repeat the flag to "
             "use several. Default: the Python standard library's sources and docs, built once into "
             "~/.cache/restspec (RESTSPEC_CACHE moves it)."
         ),
@@ -265,7 +265,7 @@ def check_datastore_paths(paths: Sequence[Path]) -> None:
     for path in paths:
         if not path.exists():
             raise DatastoreError(
-                f"datastore {str(path)!r} does not exist; build one with `restspec datastore build` "
+                f"datastore {str(path)!r} does not exist; build one with `restspec build` "
                 "or leave out --datastore to use the default"
             )
 

@@ -14,13 +14,6 @@ import typer
 from restspec.cli.app import app
 from restspec.cli.common import EMBEDDED_MODEL, ModelOption, cli_errors, stderr_console
 
-datastore_app = typer.Typer(
-    name="datastore",
-    help="Build, inspect and query datastores (same as the top-level commands).",
-    no_args_is_help=True,
-)
-app.add_typer(datastore_app)
-
 TOP_CONTINUATIONS = 5
 """Distinct continuations `lookup` shows (most frequent first)."""
 
@@ -180,10 +173,9 @@ def bench_datastore(ctx: typer.Context) -> None:
     main(list(ctx.args))
 
 
-for _target in (app, datastore_app):
-    _target.command("build")(build)
-    _target.command("inspect")(inspect)
-    _target.command("lookup")(lookup)
+app.command("build")(build)
+app.command("inspect")(inspect)
+app.command("lookup")(lookup)
 app.command("bench-datastore", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     bench_datastore
 )
