@@ -28,8 +28,17 @@ def tiny_run(tiny_model, tiny_tokenizer):
         HFGenerateMethod("pld", tiny_model, tiny_tokenizer, prompt_lookup_num_tokens=10),
     ]
     seen = []
-    run = run_bench(items, methods, tiny_tokenizer, max_new_tokens=12, progress=seen.append)
+    partial = []
+    run = run_bench(
+        items,
+        methods,
+        tiny_tokenizer,
+        max_new_tokens=12,
+        progress=seen.append,
+        on_item=lambda r: partial.append(len(r.records)),
+    )
     assert len(seen) == len(items) * len(methods)
+    assert partial == [2, 6, 8]  # records after each item: 1, 1 + 2, 1 + 2 + 1 turns x 2 methods
     return run
 
 

@@ -177,4 +177,6 @@ def run_bench(
                 run.records.append(
                     TurnRecord(item.item_id, item.category, turn, name, n_prompt, out, identical)
                 )
+        if on_item is not None:
+            on_item(run)
     return run

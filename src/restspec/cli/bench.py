@@ -193,8 +193,12 @@ def bench(
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("bench", total=len(items) * len(names))
 
+        started = time.perf_counter()
+
         def advance(description: str) -> None:
             progress.update(task, advance=1, description=description)
+            if not err.is_terminal:  # a log file: one line per (prompt, method)
+                err.print(f"[{time.perf_counter() - started:7.0f} s] done {description}")
 
         run = run_bench(
             items,
