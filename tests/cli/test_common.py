@@ -193,7 +193,7 @@ def test_missing_datastore_path_is_a_one_line_error(command, tmp_path: Path, one
     missing = tmp_path / "no-such-datastore"
     prompt = ["hello"] if command == "generate" else []
     result = runner.invoke(app, [command, *prompt, "--datastore", str(missing)], input="")
-    one_line_error(result, str(missing), "restspec datastore build")
+    one_line_error(result, str(missing), "restspec build")
 
 
 @pytest.mark.parametrize("model", ["no/such/model-folder", "missing-model.gguf"])

@@ -1,5 +1,5 @@
-"""Datastore commands: ``restspec build``, ``restspec inspect``, ``restspec lookup`` (also under
-``restspec datastore ...``) and ``restspec bench-datastore``."""
+"""Datastore commands: ``restspec build``, ``restspec inspect``, ``restspec lookup`` and
+``restspec bench-datastore``."""
 
 from __future__ import annotations
 
