@@ -19,6 +19,7 @@ import torch
 
 from restspec.bench.methods import BenchMethod, TurnOutput
 from restspec.bench.workloads import BenchItem
+from restspec.decode.budget import cpu_model_name
 from restspec.errors import RestspecError
 
 WARMUP_PROMPT = "def fibonacci(n):\n    "
@@ -79,15 +80,7 @@ class BenchRun:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model_name()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "cpu": cpu,

@@ -164,23 +164,26 @@ def _cache_root() -> Path:
     return Path(root)
 
 
-def machine_key() -> dict:
-    """What a latency calibration depends on besides the model: CPU, cores, threads, torch version."""
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else the platform's machine type."""
     import platform
 
-    import torch
-
-    cpu = platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> dict:
+    """What a latency calibration depends on besides the model: CPU, cores, threads, torch version."""
+    import torch
+
     return {
-        "cpu": cpu,
+        "cpu": cpu_model_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
