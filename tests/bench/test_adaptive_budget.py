@@ -35,13 +35,39 @@ def test_flat_latency_takes_the_whole_tree():
 
 
 def test_steep_latency_takes_a_small_tree():
-    # each extra input costs half a plain step: c=1 -> 1.9 / 1.5 = 1.27 tokens per unit time,
-    # c=2 -> 2.7 / 2.0 = 1.35, c=3 -> 3.2 / 2.5 = 1.28: two nodes
+    # each extra input costs half a plain step and the rate to beat is plain decoding's (1 token per
+    # step): a node pays when its weight exceeds 1 * 0.5, so 0.9, 0.8, 0.6 (0.5 only ties): 3 nodes
     steep = LatencyCurve((1, 2), (1.0, 1.5))
-    assert AdaptiveBudget(steep, correct=False).choose(chain(WEIGHTS), 300) == 2
+    assert AdaptiveBudget(steep, correct=False).choose(chain(WEIGHTS), 300) == 3
     # each extra input costs a whole plain step: no draft node is certain, so none pays
     linear = LatencyCurve((1, 2), (1.0, 2.0))
     assert AdaptiveBudget(linear, correct=False).choose(chain(WEIGHTS), 300) == 0
+
+
+def test_a_higher_achieved_rate_raises_the_bar_for_each_node():
+    # every step accepts all it verifies. 3 nodes: 4 tokens per 2.5 time units, the rate climbs above
+    # 1.2 and the 0.6 node no longer beats rate * 0.5; 2 nodes: 3 tokens per 2.0, the rate settles at
+    # 1.5 and the bar at 0.75, which 0.9 and 0.8 still clear
+    steep = LatencyCurve((1, 2), (1.0, 1.5))
+    policy = AdaptiveBudget(steep, correct=False)
+    past = 300
+    chosen = [policy.choose(chain(WEIGHTS), past)]
+    for _ in range(2000):
+        past += chosen[-1] + 1
+        chosen.append(policy.choose(chain(WEIGHTS), past))
+    assert chosen[0] == 3 and chosen[-1] == 2
+    assert policy.rate == pytest.approx(1.5, abs=0.01)
+
+
+def test_rate_rule_against_brute_force():
+    # best_budget(rate=r) maximizes expected tokens - r * seconds over every prefix
+    rng = np.random.default_rng(1)
+    lat = LatencyCurve.reference().table(65)
+    for _ in range(50):
+        w = np.sort(rng.random(20))[::-1]
+        r = float(rng.uniform(5, 40))
+        values = [1 + w[:c].sum() - r * lat[c + 1] for c in range(21)]
+        assert best_budget(w, lat, 64, rate=r) == int(np.argmax(values))
 
 
 def test_worked_example_on_the_reference_curve():

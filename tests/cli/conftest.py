@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_models import tiny_llama, trained_bpe_tokenizer
 
 TINY_CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -17,35 +18,12 @@ TINY_CORPUS = [
     "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
     "        self.items.append(item)\n",
 ]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 TINY_CONTEXT = 128
 """max_position_embeddings of the tiny model, small so that a too-long prompt is easy to make."""
 TINY_SEED = 0
 TRAIN_STEPS = 40
 TRAIN_LR = 1e-2
 """Enough for the tiny model to reproduce TINY_CORPUS greedily (loss < 0.1), a few seconds on one core."""
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def _train(model, tokenizer, steps: int, lr: float) -> None:
@@ -79,26 +57,16 @@ def _train(model, tokenizer, steps: int, lr: float) -> None:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama with a 128-token context, trained for a few steps on TINY_CORPUS (so it continues
     those texts and drafts from them get accepted), saved with its tokenizer as a Hugging Face folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    tokenizer = trained_bpe_tokenizer(TINY_CORPUS * 4, vocab_size=400, bos_token="<|endoftext|>")
+    model = tiny_llama(
+        tokenizer,
+        seed=TINY_SEED,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=TINY_CONTEXT,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
     )
-    torch.manual_seed(TINY_SEED)
-    model = LlamaForCausalLM(config)
     _train(model, tokenizer, steps=TRAIN_STEPS, lr=TRAIN_LR)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_config_kwargs
 
 from restspec.draft.base import StatelessDrafter
 from restspec.draft.tree import DraftTree
@@ -38,19 +39,13 @@ def _one_thread():
 
 
 def _common(**extra):
-    return dict(
+    return tiny_config_kwargs(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=MAX_POSITIONS,
         initializer_range=INIT_RANGE,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
-        tie_word_embeddings=False,
         **extra,
     )
 

@@ -13,17 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from tiny_models import tiny_llama, trained_bpe_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONTEXT_LENGTH = 96
 """max_position_embeddings of the tiny model: small, so a too-long prompt is cheap to make."""
 VOCAB_TRAINING_SIZE = 320
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
     "The quick brown fox jumps over the lazy dog.",
@@ -33,50 +29,11 @@ CORPUS = [
 SERVER_START_TIMEOUT_S = 10.0
 
 
-def build_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_TRAINING_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-    )
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
 def build_model_folder(folder: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=CONTEXT_LENGTH,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    """A random tiny Llama (never trained) and its tokenizer, trained on CORPUS, saved in ``folder``."""
+    tokenizer = trained_bpe_tokenizer(CORPUS, vocab_size=VOCAB_TRAINING_SIZE)
+    tokenizer.save_pretrained(folder)
+    model = tiny_llama(tokenizer, max_position_embeddings=CONTEXT_LENGTH, bos_token_id=None)
     model.save_pretrained(folder)
     return folder
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -148,13 +148,17 @@ class HFGenerateMethod:
 class LoopMethod:
     """restspec's generate loop with a drafter and a budget policy."""
 
-    def __init__(self, name: str, model: Any, tokenizer: Any, drafter: Any, budget: Any):
+    def __init__(
+        self, name: str, model: Any, tokenizer: Any, drafter: Any, budget: Any, *, fast_kernels: bool = True
+    ):
         from restspec.decode import SpeculativeGenerator
 
         self.name = name
         self.drafter = drafter
         self.budget = budget
-        self.generator = SpeculativeGenerator(model, tokenizer, drafter=drafter, budget=budget)
+        self.generator = SpeculativeGenerator(
+            model, tokenizer, drafter=drafter, budget=budget, fast_kernels=fast_kernels
+        )
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float) -> TurnOutput:
         from restspec.decode import GenerationConfig, SamplingConfig
@@ -228,7 +232,8 @@ class MethodContext:
     recalibrate: bool = False
     """Measure forward latency again instead of reading the cached calibration."""
     _datastores: list[Any] | None = None
-    _adaptive: Any = None
+    _adaptive: dict[bool, Any] = field(default_factory=dict)
+    """Calibrated adaptive policies by kernels (fast or stock)."""
 
     @property
     def model(self) -> Any:
@@ -244,8 +249,9 @@ class MethodContext:
 
     @property
     def latency_curve(self) -> Any:
-        """The calibrated forward latency curve, once an adaptive method asked for it (else None)."""
-        return None if self._adaptive is None else self._adaptive.latency
+        """The calibrated forward latency curve (fast kernels), once an adaptive method asked for it."""
+        policy = self._adaptive.get(True)
+        return None if policy is None else policy.latency
 
     def datastores(self) -> list[Any]:
         if self._datastores is None:
@@ -256,16 +262,17 @@ class MethodContext:
             self._datastores = [Datastore.open(p, self.tokenizer) for p in self.datastore_paths]
         return self._datastores
 
-    def adaptive_budget(self, max_budget: int = REST_BUDGET) -> Any:
-        """A fresh adaptive budget policy on the (once) calibrated latency curve of this model."""
+    def adaptive_budget(self, max_budget: int = REST_BUDGET, *, fast: bool = True) -> Any:
+        """A fresh adaptive budget policy on the (once) calibrated latency curve of this model, measured
+        with the ``fast`` kernels or the stock ones."""
         from restspec.decode.budget import AdaptiveBudget
 
-        if self._adaptive is None or self._adaptive.max_budget < max_budget:
-            self._adaptive = AdaptiveBudget.for_model(
-                self.loaded, max_budget=max(max_budget, REST_BUDGET), recalibrate=self.recalibrate
+        policy = self._adaptive.get(fast)
+        if policy is None or policy.max_budget < max_budget:
+            policy = self._adaptive[fast] = AdaptiveBudget.for_model(
+                self.loaded, max_budget=max(max_budget, REST_BUDGET), recalibrate=self.recalibrate, fast=fast
             )
-            self.recalibrate = False
-        return AdaptiveBudget(self._adaptive.latency, max_budget)
+        return AdaptiveBudget(policy.latency, max_budget)
 
 
 def _plain(ctx: MethodContext) -> BenchMethod:
@@ -284,11 +291,15 @@ def _rest(ctx: MethodContext) -> BenchMethod:
     return LoopMethod("rest", ctx.model, ctx.tokenizer, drafter, FixedBudget(REST_BUDGET))
 
 
-def _restspec(ctx: MethodContext) -> BenchMethod:
-    from restspec.draft import default_drafter
+def _restspec_kernels(name: str, fast: bool) -> Callable[[MethodContext], BenchMethod]:
+    def build(ctx: MethodContext) -> BenchMethod:
+        from restspec.draft import default_drafter
 
-    drafter = default_drafter(ctx.datastores(), ctx.vocab_size)
-    return LoopMethod("restspec", ctx.model, ctx.tokenizer, drafter, ctx.adaptive_budget())
+        drafter = default_drafter(ctx.datastores(), ctx.vocab_size)
+        budget = ctx.adaptive_budget(fast=fast)
+        return LoopMethod(name, ctx.model, ctx.tokenizer, drafter, budget, fast_kernels=fast)
+
+    return build
 
 
 def _restspec_plain(ctx: MethodContext) -> BenchMethod:
@@ -342,10 +353,11 @@ METHODS: dict[str, Callable[[MethodContext], BenchMethod]] = {
     "plain": _plain,
     "pld": _pld,
     "rest": _rest,
-    "restspec": _restspec,
+    "restspec": _restspec_kernels("restspec", fast=True),
     "restspec-plain": _restspec_plain,
     "suffix": _suffix,
     # named variants
+    "restspec-stock": _restspec_kernels("restspec-stock", fast=False),  # the model's own CPU kernels
     "restspec-fixed4": _restspec_fixed(4),
     "restspec-fixed8": _restspec_fixed(8),
     "restspec-fixed16": _restspec_fixed(16),

@@ -63,7 +63,7 @@ REFERENCE_LATENCY_S: tuple[tuple[int, float], ...] = (
 (docs/DESIGN facts). Used by ``AdaptiveBudget()`` before a model has been calibrated; only the shape
 matters for the choice (tokens per second is a ratio)."""
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 """Bump when the measurement changes, so cached calibrations are redone."""
 CALIBRATION_SIZES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 65)
 """Forward widths (root + tree nodes) measured by :func:`calibrate`; interpolated in between."""
@@ -84,6 +84,8 @@ CORRECTION_DECAY = 0.999
 """Per-step decay of the correction statistics (memory of about a thousand steps)."""
 CORRECTION_REFIT_STEPS = 8
 """Refit the map every this many observed steps."""
+RATE_DECAY = 0.995
+"""Per-step decay of the achieved tokens and seconds behind the long-run rate (about 200 steps)."""
 
 
 @dataclass(frozen=True)
@@ -142,21 +144,27 @@ class LatencyCurve:
         return cls(tuple(s for s, _ in REFERENCE_LATENCY_S), tuple(t for _, t in REFERENCE_LATENCY_S))
 
 
-def best_budget(weights: np.ndarray, latency: np.ndarray, limit: int, scale: float = 1.0) -> int:
-    """The c in 0..limit maximizing expected tokens per second, ``(1 + sum(w[:c])) / latency[c + 1]``.
+def best_budget(
+    weights: np.ndarray, latency: np.ndarray, limit: int, scale: float = 1.0, rate: float | None = None
+) -> int:
+    """The c in 0..limit with the best expected return of verifying ``c`` nodes.
 
     ``weights``: float[n] node acceptance estimates ordered as the tree (any prefix is a valid tree);
     ``latency``: float[>= limit + 2], seconds of a forward over ``width`` inputs at index ``width``
-    (root + c nodes = c + 1 inputs); ``scale`` multiplies the weights (capped at 1). Ties go to the
-    smaller tree.
+    (root + c nodes = c + 1 inputs); ``scale`` multiplies the weights (capped at 1). With ``rate``
+    (tokens per second the decoder achieves in the long run) c maximizes ``1 + sum(w[:c]) - rate *
+    latency[c + 1]``: a node is verified when it adds more expected tokens than the time it costs would
+    earn at that rate, which maximizes total tokens over total time (Dinkelbach). Without ``rate``, c
+    maximizes this step's own ratio ``(1 + sum(w[:c])) / latency[c + 1]``. Ties go to the smaller tree.
     """
     c_max = min(limit, len(weights))
     if c_max <= 0:
         return 0
     w = np.minimum(np.asarray(weights[:c_max], dtype=np.float64) * scale, 1.0)
     expected = 1.0 + np.concatenate(([0.0], np.cumsum(w)))  # [c_max + 1]: tokens per step at c = 0..c_max
-    rate = expected / latency[1 : c_max + 2]
-    return int(np.argmax(rate))
+    seconds = latency[1 : c_max + 2]
+    value = expected / seconds if rate is None else expected - rate * seconds
+    return int(np.argmax(value))
 
 
 def _cache_root() -> Path:
@@ -198,10 +206,10 @@ def _load_per_core() -> float:
         return 0.0
 
 
-def calibration_path(model_name: str, dtype: str, key: dict | None = None) -> Path:
-    """``$RESTSPEC_CACHE/latency/<model>-<dtype>-<hash of machine key>.json``."""
+def calibration_path(model_name: str, dtype: str, key: dict | None = None, *, fast: bool = True) -> Path:
+    """``$RESTSPEC_CACHE/latency/<model>-<dtype>-<hash of machine key, kernels>.json``."""
     key = machine_key() if key is None else key
-    blob = json.dumps({"machine": key, "version": CALIBRATION_VERSION}, sort_keys=True).encode()
+    blob = json.dumps({"machine": key, "version": CALIBRATION_VERSION, "fast": fast}, sort_keys=True).encode()
     digest = hashlib.sha256(blob).hexdigest()[:12]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_name)
     return _cache_root() / "latency" / f"{safe}-{dtype}-{digest}.json"
@@ -233,12 +241,14 @@ def load_or_calibrate(
     *,
     max_width: int,
     recalibrate: bool = False,
+    fast: bool = True,
 ) -> LatencyCurve:
-    """The cached calibration for this machine + model + dtype, measuring (and caching) it if missing.
+    """The cached calibration for this machine + model + dtype (+ ``fast`` kernels or not), measuring
+    (and caching) it if missing.
 
     A calibration taken on a busy machine (load per core above :data:`BUSY_LOAD_PER_CORE`) is
     returned but not cached."""
-    path = calibration_path(model_name, dtype)
+    path = calibration_path(model_name, dtype, fast=fast)
     if not recalibrate and path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -342,18 +352,23 @@ def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 class AdaptiveBudget:
-    """Choose each step's tree size to maximize expected tokens per second.
+    """Choose each step's tree size to maximize tokens per second over the whole run.
 
     With node weights w (estimated acceptance probabilities, ordered so that any prefix is a tree) and
     forward latency L(width), verifying the first c nodes yields ``1 + sum(w[:c])`` tokens in expectation
-    (the accepted drafts plus the model's own next token) for ``L(c + 1)`` seconds; the policy picks the
-    c with the best ratio. Flat latency favours the whole tree, steep latency small trees.
+    (the accepted drafts plus the model's own next token) for ``L(c + 1)`` seconds. The policy keeps
+    the rate it achieves, r = tokens / seconds over recent steps (starting at plain decoding's
+    1 / L(1)), and picks the c maximizing ``1 + sum(w[:c]) - r * L(c + 1)`` (:func:`best_budget`):
+    a node is verified only if it is expected to add more tokens than its extra latency would earn at
+    rate r. Maximizing each step's own ratio instead over-spends on weak trees (a step expected to
+    gain 0.3 tokens happily adds nodes worth 0.05 each). Flat latency favours large trees, steep
+    latency small ones.
 
     Online correction (``correct=True``): drafters' weights are estimates, often overconfident for
     low-weight nodes. The policy learns the real acceptance probability as a function of the weight
     (:class:`WeightCalibration`) from the accepted count of each step, which it reads from how far the
     cache grew by its next call (``past_len`` grows by accepted + 1 within a request; any other change
-    means a new request and is not used as evidence).
+    means a new request and is not used as evidence). The achieved rate is learned the same way.
 
     ``AdaptiveBudget()`` uses :data:`REFERENCE_LATENCY_S`; ``AdaptiveBudget.for_model(loaded)``
     calibrates the real model once per machine and caches the curve.
@@ -367,11 +382,18 @@ class AdaptiveBudget:
         self.correct = correct
         self._table = self.latency.table(self._max_budget + 1)
         self.calibration = WeightCalibration()
+        self._tokens = 1.0  # decayed sums behind the achieved rate; prior: one plain step
+        self._seconds = float(self._table[1])
         self._last: tuple[int, DraftTree] | None = None  # (past_len, the verified tree)
 
     @property
     def max_budget(self) -> int:
         return self._max_budget
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second achieved over recent steps (by the latency curve)."""
+        return self._tokens / self._seconds
 
     def fresh(self) -> AdaptiveBudget:
         """A new policy on the same latency curve, with no correction history."""
@@ -384,42 +406,52 @@ class AdaptiveBudget:
         self._last = None
         gained = past_len - last_len
         if 1 <= gained <= len(tree) + 1:  # else a new request started: no evidence
-            self.calibration.observe(tree, gained - 1)
+            self._tokens = RATE_DECAY * self._tokens + gained
+            self._seconds = RATE_DECAY * self._seconds + float(self._table[len(tree) + 1])
+            if self.correct:
+                self.calibration.observe(tree, gained - 1)
 
     def choose(self, tree: DraftTree, past_len: int) -> int:
-        if self.correct:
-            self._learn(past_len)
+        self._learn(past_len)
         limit = min(self._max_budget, len(tree))
-        if limit <= 0:
-            return 0
-        weights = tree.weights[:limit]
-        if self.correct:
-            weights = self.calibration(weights)
-        c = best_budget(weights, self._table, limit)
-        if self.correct and c > 0:
-            self._last = (past_len, tree.truncate(c))
+        c = 0
+        if limit > 0:
+            weights = tree.weights[:limit]
+            if self.correct:
+                weights = self.calibration(weights)
+            c = best_budget(weights, self._table, limit, rate=self.rate)
+        self._last = (past_len, tree.truncate(c))
         return c
 
     @classmethod
     def for_model(
-        cls, loaded: object, max_budget: int = 64, *, recalibrate: bool = False, **kwargs: object
+        cls,
+        loaded: object,
+        max_budget: int = 64,
+        *,
+        recalibrate: bool = False,
+        fast: bool = True,
+        **kwargs: object,
     ) -> AdaptiveBudget:
-        """Calibrated on ``loaded`` (a :class:`restspec.models.LoadedModel`); the latency curve is cached
-        per machine + model + dtype."""
+        """Calibrated on ``loaded`` (a :class:`restspec.models.LoadedModel`) with ``fast`` kernels or not
+        (as the generator will run); the latency curve is cached per machine + model + dtype + kernels."""
         model = loaded.model  # type: ignore[attr-defined]
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         name = str(getattr(loaded, "name", type(model).__name__))
-        probe = ForwardLatencyProbe(model, past_len=CALIBRATION_PAST_LEN)
-        curve = load_or_calibrate(name, dtype, probe, max_width=max_budget + 1, recalibrate=recalibrate)
+        probe = ForwardLatencyProbe(model, past_len=CALIBRATION_PAST_LEN, fast=fast)
+        curve = load_or_calibrate(
+            name, dtype, probe, max_width=max_budget + 1, recalibrate=recalibrate, fast=fast
+        )
         return cls(curve, max_budget, **kwargs)  # type: ignore[arg-type]
 
 
 class ForwardLatencyProbe:
     """``probe(width)``: seconds of one :func:`~restspec.decode.verify.forward_tree` over ``width``
     inputs (root + width - 1 chained nodes) on a cache of ``past_len`` tokens; the cache is restored to
-    ``past_len`` tokens after every call, so all widths are measured on the same cache length."""
+    ``past_len`` tokens after every call, so all widths are measured on the same cache length.
+    ``fast``: run the forwards with the packed CPU kernels, as the generator does by default."""
 
-    def __init__(self, model: object, past_len: int = CALIBRATION_PAST_LEN) -> None:
+    def __init__(self, model: object, past_len: int = CALIBRATION_PAST_LEN, *, fast: bool = True) -> None:
         import torch
 
         from restspec.decode.verify import model_layout, new_cache, prefill
@@ -428,6 +460,7 @@ class ForwardLatencyProbe:
             raise ValueError(f"past_len={past_len} must be >= 1")
         self.model = model
         self.past_len = past_len
+        self.fast = fast
         self.layout = model_layout(model)
         vocab = int(model.get_input_embeddings().num_embeddings)  # type: ignore[attr-defined]
         rng = np.random.default_rng(CALIBRATION_SEED)
@@ -446,7 +479,9 @@ class ForwardLatencyProbe:
             raise ValueError(f"width={width} must lie in [1, {len(self._nodes) + 1}]")
         tree = DraftTree.chain(self._nodes[: width - 1])
         t0 = time.perf_counter()
-        forward_tree(self.model, self.cache, int(self._prompt[-1]), tree, self.past_len, self.layout)
+        forward_tree(
+            self.model, self.cache, int(self._prompt[-1]), tree, self.past_len, self.layout, fast=self.fast
+        )
         seconds = time.perf_counter() - t0
         # the cache holds past_len + width rows: keep the first past_len (compaction keeps "root" row
         # past_len - 1 and an empty path)

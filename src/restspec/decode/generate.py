@@ -140,8 +140,11 @@ class SpeculativeGenerator:
         tokenizer: Any,
         drafter: Drafter | None = None,
         budget: BudgetPolicy | int = 8,
+        *,
+        fast_kernels: bool = True,
     ) -> None:
         self.model = model
+        self.fast_kernels = fast_kernels  # verify through restspec.decode.kernels (packed CPU weights)
         self.tokenizer = tokenizer
         self.drafter: Drafter = drafter if drafter is not None else EmptyDrafter()
         self.policy: BudgetPolicy = FixedBudget(budget) if isinstance(budget, int) else budget
@@ -224,7 +227,9 @@ class SpeculativeGenerator:
                 "tokens; was its datastore built with another tokenizer?"
             )
         t2 = time.perf_counter()
-        logits = forward_tree(self.model, req.cache, int(context[-1]), tree, past_len, self.layout)
+        logits = forward_tree(
+            self.model, req.cache, int(context[-1]), tree, past_len, self.layout, fast=self.fast_kernels
+        )
         t3 = time.perf_counter()
         logits = logits.to(torch.float32)  # as transformers' generate does before choosing
         result: Acceptance = accept(tree, logits, req.config.sampling, req.generator)

@@ -13,6 +13,7 @@ and accepted rows gathered (:func:`compact_cache`), also for sliding-window mode
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from restspec.decode.kernels import fast_kernels
 from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
 
@@ -86,9 +88,54 @@ def model_layout(model: Any) -> ModelLayout:
     )
 
 
+class BufferedLayer(DynamicLayer):
+    """A ``DynamicLayer`` that writes new rows into a buffer with spare room instead of concatenating.
+
+    ``DynamicLayer.update`` copies the whole cache (``torch.cat``) on every forward: about 10 ms per
+    step at 500 tokens for SmolLM2-135M on 2 cores, 15 % of a step. Here ``keys`` / ``values`` are views
+    ``buffer[:, :, :length]`` of a (batch, kv_heads, capacity, head_dim) buffer that grows by doubling;
+    crops and :func:`compact_cache` slice and write those views, so rows past ``length`` are free.
+    """
+
+    GROW_MIN = 256
+    """Spare rows allocated at least whenever the buffer grows."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer = self._value_buffer = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            self._key_buffer = self._grown(self._key_buffer, key_states, length, end)
+            self._value_buffer = self._grown(self._value_buffer, value_states, length, end)
+        self._key_buffer[:, :, length:end] = key_states
+        self._value_buffer[:, :, length:end] = value_states
+        self.keys = self._key_buffer[:, :, :end]  # (batch, kv_heads, end, head_dim)
+        self.values = self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    @classmethod
+    def _grown(cls, old: torch.Tensor | None, new: torch.Tensor, length: int, end: int) -> torch.Tensor:
+        batch, heads, _, dim = new.shape
+        capacity = max(2 * end, end + cls.GROW_MIN)
+        buffer = new.new_empty((batch, heads, capacity, dim))
+        if old is not None and length:
+            buffer[:, :, :length] = old[:, :, :length]
+        return buffer
+
+
 def new_cache() -> DynamicCache:
-    """An empty cache of plain (non-sliding) layers, which compaction can gather from."""
-    return DynamicCache()
+    """An empty cache of :class:`BufferedLayer` (plain, non-sliding layers), which compaction can
+    gather from."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = BufferedLayer
+    return cache
 
 
 def tree_attention_bias(
@@ -150,23 +197,27 @@ def forward_tree(
     tree: DraftTree,
     past_len: int,
     layout: ModelLayout | None = None,
+    *,
+    fast: bool = True,
 ) -> torch.Tensor:
     """Score ``[root_token] + tree`` on top of ``cache`` (which holds ``past_len`` tokens) in one forward.
 
     Returns the raw logits (n+1, V) in the model's dtype; row r scores the token after input r on its
-    tree path. The cache grows by n+1 rows: call :func:`compact_cache` after acceptance.
+    tree path. The cache grows by n+1 rows: call :func:`compact_cache` after acceptance. ``fast``
+    runs the forward with :func:`~restspec.decode.kernels.fast_kernels` (packed CPU weights).
     """
     layout = layout or model_layout(model)
     ids = np.empty(len(tree) + 1, dtype=np.int64)
     ids[0] = root_token
     ids[1:] = tree.tokens
-    out = model(
-        input_ids=torch.from_numpy(ids)[None, :],  # (1, n+1)
-        attention_mask=_mask_argument(layout, tree, past_len),
-        position_ids=torch.from_numpy(tree.position_ids(past_len))[None, :],  # (1, n+1)
-        past_key_values=cache,
-        use_cache=True,
-    )
+    with fast_kernels(model)() if fast else contextlib.nullcontext():
+        out = model(
+            input_ids=torch.from_numpy(ids)[None, :],  # (1, n+1)
+            attention_mask=_mask_argument(layout, tree, past_len),
+            position_ids=torch.from_numpy(tree.position_ids(past_len))[None, :],  # (1, n+1)
+            past_key_values=cache,
+            use_cache=True,
+        )
     return out.logits[0]
 
 
