@@ -112,7 +112,7 @@ def test_online_correction_shrinks_trees_when_drafts_fail():
     for _ in range(80):
         past += 1  # nothing accepted: the cache grows by the bonus token only
         last = policy.choose(tree, past)
-    assert policy.calibration(np.array([0.9]))[0] < 0.3
+    assert policy.calibration(np.array([0.9]), np.array([1]))[0] < 0.3
     assert last < first
     # a new request (the cache length jumps) is not taken as evidence
     before = policy.calibration.values.copy()
@@ -123,16 +123,32 @@ def test_online_correction_shrinks_trees_when_drafts_fail():
 
 def test_weight_calibration_learns_per_depth_rates():
     # a chain of two nodes weighted 0.4 and 0.3 whose first node is accepted 10% of the time and the
-    # second never: g(0.4) -> ~0.1, g(0.3) -> ~0 (ridge toward identity keeps a little)
+    # second never: g_1(0.4) -> ~0.1, g_2(0.3) -> ~0 (ridge toward identity keeps a little)
     rng = np.random.default_rng(0)
     cal = WeightCalibration()
     tree = chain([0.4, 0.3])
     for _ in range(3000):
         cal.observe(tree, int(rng.random() < 0.1))
-    g = cal(np.array([0.3, 0.4, 1.0]))
-    assert g[1] == pytest.approx(0.1, abs=0.04)
-    assert g[0] <= g[1] + 1e-12 and g[0] < 0.06
+    g = cal(np.array([0.4, 0.3, 1.0, 0.4]), np.array([1, 2, 1, 6]))
+    assert g[0] == pytest.approx(0.1, abs=0.04)
+    assert g[1] < 0.06
     assert g[2] == pytest.approx(1.0)  # never observed: stays at the prior
+    assert g[3] == pytest.approx(0.4)  # depth 6 has a map of its own, never observed
+
+
+def test_weight_calibration_tells_depths_apart():
+    # the same weight 0.5 at depth 1 (a lone guess) is accepted 50% of the time, at depth 9 (deep in
+    # a chain whose 8 ancestors are always right) 10%: one map per depth bucket learns both
+    rng = np.random.default_rng(1)
+    cal = WeightCalibration()
+    lone = chain([0.5])
+    deep = chain([1.0] * 8 + [0.5])
+    for _ in range(3000):
+        cal.observe(lone, int(rng.random() < 0.5))
+        cal.observe(deep, 8 + int(rng.random() < 0.1))
+    g = cal(np.array([0.5, 0.5]), np.array([1, 9]))
+    assert g[0] == pytest.approx(0.5, abs=0.05)
+    assert g[1] == pytest.approx(0.1, abs=0.05)
 
 
 def test_calibration_is_cached(tmp_path, monkeypatch):

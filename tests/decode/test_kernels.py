@@ -64,6 +64,15 @@ def test_weights_changed_in_place_are_packed_again():
     assert not torch.allclose(fast, before)
 
 
+def test_no_packing_when_the_copy_would_not_fit_in_memory(monkeypatch):
+    monkeypatch.setattr(kernels, "_free_memory_bytes", lambda: 1000)
+    model = tiny32()
+    assert kernels.FastKernels(model).layers == 0
+    assert all("forward" not in vars(m) for m in model.modules())
+    stock = tree_logits(model, fast=False)
+    assert torch.equal(tree_logits(model, fast=True), stock)  # packed nothing: the same kernels
+
+
 def test_other_dtypes_are_not_packed():
     assert kernels.FastKernels(tiny_model("llama")).layers == 0  # float64
     assert kernels.FastKernels(copy.deepcopy(tiny_model("llama")).to(torch.bfloat16)).layers == 0

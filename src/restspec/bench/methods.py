@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from restspec.decode.budget import DEFAULT_MAX_BUDGET
 from restspec.errors import RestspecError
 
 PLD_NUM_TOKENS = 10
@@ -262,7 +263,7 @@ class MethodContext:
             self._datastores = [Datastore.open(p, self.tokenizer) for p in self.datastore_paths]
         return self._datastores
 
-    def adaptive_budget(self, max_budget: int = REST_BUDGET, *, fast: bool = True) -> Any:
+    def adaptive_budget(self, max_budget: int = DEFAULT_MAX_BUDGET, *, fast: bool = True) -> Any:
         """A fresh adaptive budget policy on the (once) calibrated latency curve of this model, measured
         with the ``fast`` kernels or the stock ones."""
         from restspec.decode.budget import AdaptiveBudget

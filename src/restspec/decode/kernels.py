@@ -64,22 +64,39 @@ class _PackedForward:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, m.bias, "none", [], "")
 
 
+def _free_memory_bytes() -> int | None:
+    """Memory available to this process now (Linux), None where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class FastKernels:
-    """The packed layers of one model; entering it routes that thread's forwards through them."""
+    """The packed layers of one model; entering it routes that thread's forwards through them.
+
+    Packs nothing (``layers == 0``: stock kernels) without oneDNN, for weights that are not float32
+    on the CPU, and when the packed copy would take more than half of the free memory."""
 
     def __init__(self, model: Any) -> None:
         self.layers = 0
         if not available():
             return
-        for module in model.modules():
-            if (
-                type(module) is torch.nn.Linear
-                and module.weight.dtype == torch.float32
-                and module.weight.device.type == "cpu"
-                and "forward" not in vars(module)
-            ):
-                module.forward = _PackedForward(module)
-                self.layers += 1
+        linears = [
+            module
+            for module in model.modules()
+            if type(module) is torch.nn.Linear
+            and module.weight.dtype == torch.float32
+            and module.weight.device.type == "cpu"
+            and "forward" not in vars(module)
+        ]
+        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        free = _free_memory_bytes()
+        if free is not None and size > free / 2:
+            return
+        for module in linears:
+            module.forward = _PackedForward(module)
+        self.layers = len(linears)
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
