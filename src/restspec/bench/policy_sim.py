@@ -75,3 +75,55 @@ def replay_policy(
         finally:
             drafter.stop_request()
     return PolicyReplay(steps, tokens, nodes, seconds, float(latency(1)))
+
+
+def policy_table(
+    refs: Sequence[Reference], datastores: Sequence, vocab_size: int, latency: LatencyCurve
+) -> str:
+    """Markdown: tokens per step, nodes per step and predicted speedup of restspec's default mix under
+    the adaptive and fixed budgets, REST as published and SuffixDecoding (if installed)."""
+    from restspec.bench.simulate import make_drafter
+    from restspec.decode.budget import AdaptiveBudget, FixedBudget
+
+    rows: list[tuple[str, str, Drafter, BudgetPolicy]] = [
+        (
+            "restspec default mix",
+            "adaptive",
+            make_drafter("merged", datastores, vocab_size),
+            AdaptiveBudget(latency),
+        )
+    ]
+    rows += [
+        (
+            "restspec default mix",
+            f"fixed {size}",
+            make_drafter("merged", datastores, vocab_size),
+            FixedBudget(size),
+        )
+        for size in (2, 4, 8, 16)
+    ]
+    rows.append(
+        (
+            "REST (datastore only)",
+            "fixed 64",
+            make_drafter("datastore", datastores, vocab_size),
+            FixedBudget(64),
+        )
+    )
+    try:
+        from restspec.bench.suffix import SuffixDrafter
+
+        suffix = SuffixDrafter()
+        rows.append(
+            ("SuffixDecoding (Arctic)", f"fixed {suffix.max_tokens}", suffix, FixedBudget(suffix.max_tokens))
+        )
+    except ImportError:
+        pass  # the optional extra is not installed
+    lines = [
+        "| drafter | budget | tokens/step | nodes/step | predicted speedup |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, budget, drafter, policy in rows:
+        r = replay_policy(refs, drafter, policy, latency, vocab_size)
+        lines.append(f"| {name} | {budget} | {r.mean_accepted:.2f} | {r.mean_nodes:.1f} | {r.speedup:.2f}x |")
+    return "\n".join(lines)

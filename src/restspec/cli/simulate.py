@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -51,6 +52,14 @@ def simulate(
     markdown: Annotated[
         Path | None, typer.Option("--markdown", help="Also write the table as Markdown to this file.")
     ] = None,
+    latency: Annotated[
+        Path | None,
+        typer.Option(
+            "--latency",
+            help="A latency calibration (JSON under ~/.cache/restspec/latency): also replay the budget "
+            "policies, each step timed with its curve.",
+        ),
+    ] = None,
 ) -> None:
     """Replay recorded greedy outputs of the embedded model through each drafter (no model run)
     and print the mean accepted tokens per step for each budget.
@@ -92,6 +101,15 @@ def simulate(
 
     results = sim.simulate(refs, stores, vocab_size, names, budget_list, progress=report)
     table = sim.markdown_table(results)
+    if latency is not None:
+        from restspec.bench.policy_sim import policy_table
+        from restspec.decode.budget import LatencyCurve
+
+        try:
+            curve = LatencyCurve.from_json(json.loads(latency.read_text(encoding="utf-8"))["curve"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RestspecError(f"--latency={latency}: not a latency calibration file ({exc})") from exc
+        table += "\n\n" + policy_table(refs, stores, vocab_size, curve)
     typer.echo(table)
     if markdown is not None:
         markdown.write_text(table + "\n", encoding="utf-8")
