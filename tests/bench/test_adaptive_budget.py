@@ -17,6 +17,7 @@ from restspec.decode.budget import (
     best_budget,
     calibration_path,
     load_or_calibrate,
+    read_calibration,
 )
 from restspec.draft.tree import DraftTree
 
@@ -205,3 +206,15 @@ def test_calibration_on_a_busy_machine_is_not_cached(tmp_path, monkeypatch):
     curve = load_or_calibrate("tiny-model", "float32", lambda w: 0.05 + 0.01 * w, max_width=9)
     assert curve.sizes[-1] == 9
     assert not calibration_path("tiny-model", "float32").exists()
+
+
+def test_a_corrupt_calibration_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(budget_module, "_load_per_core", lambda: 0.5)
+    path = calibration_path("tiny-model", "float32")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"curve": 3}')
+    with pytest.raises(ValueError, match="not a latency calibration"):
+        read_calibration(path)
+    curve = load_or_calibrate("tiny-model", "float32", lambda width: 0.05 + 0.004 * width, max_width=9)
+    assert read_calibration(path) == (curve, 9)  # measured again and cached over the corrupt file

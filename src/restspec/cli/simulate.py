@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -103,11 +102,11 @@ def simulate(
     table = sim.markdown_table(results)
     if latency is not None:
         from restspec.bench.policy_sim import policy_table
-        from restspec.decode.budget import LatencyCurve
+        from restspec.decode.budget import read_calibration
 
         try:
-            curve = LatencyCurve.from_json(json.loads(latency.read_text(encoding="utf-8"))["curve"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            curve, _ = read_calibration(latency)
+        except (OSError, ValueError) as exc:
             raise RestspecError(f"--latency={latency}: not a latency calibration file ({exc})") from exc
         table += "\n\n" + policy_table(refs, stores, vocab_size, curve)
     typer.echo(table)

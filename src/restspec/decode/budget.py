@@ -240,6 +240,16 @@ def calibrate(
     return LatencyCurve(tuple(sizes), tuple(float(np.min(samples[s])) for s in sizes))
 
 
+def read_calibration(path: Path) -> tuple[LatencyCurve, int]:
+    """The curve of a calibration file written by :func:`load_or_calibrate`, and the widest forward it
+    was measured for (0 if not recorded). ``ValueError`` if the file is not such a record."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return LatencyCurve.from_json(data["curve"]), int(data.get("max_width", 0))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a latency calibration: {exc!r}") from exc
+
+
 def load_or_calibrate(
     model_name: str,
     dtype: str,
@@ -257,11 +267,10 @@ def load_or_calibrate(
     path = calibration_path(model_name, dtype, fast=fast)
     if not recalibrate and path.is_file():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            curve = LatencyCurve.from_json(data["curve"])
-            if curve.sizes[-1] >= max_width or data.get("max_width", 0) >= max_width:
+            curve, measured_for = read_calibration(path)
+            if curve.sizes[-1] >= max_width or measured_for >= max_width:
                 return curve
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
             pass  # unreadable cache: measure again
     sizes = sorted({s for s in CALIBRATION_SIZES if s < max_width} | {1, max_width})
     load_before = _load_per_core()
