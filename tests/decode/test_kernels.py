@@ -96,3 +96,16 @@ def test_greedy_parity_in_float32_with_fast_kernels(arch):
         drafter = OracleDrafter(prompt + expected, mode, VOCAB)
         gen = SpeculativeGenerator(model, IdTokenizer(), drafter, budget=8)
         assert gen.generate(prompt, GenerationConfig(max_new_tokens=24)).output_ids.tolist() == expected
+
+
+def test_the_generator_packs_when_built_not_in_its_first_step():
+    model = tiny32()
+    SpeculativeGenerator(model, IdTokenizer(), budget=4, fast_kernels=False)
+    assert not any("forward" in vars(m) for m in model.modules())
+    SpeculativeGenerator(model, IdTokenizer(), budget=4)
+    assert kernels.fast_kernels(model).layers == 15
+    assert all(
+        isinstance(vars(m).get("forward"), kernels._PackedForward)
+        for m in model.modules()
+        if type(m) is torch.nn.Linear
+    )

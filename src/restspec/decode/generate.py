@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from restspec.decode import kernels
 from restspec.decode.accept import Acceptance, accept
 from restspec.decode.budget import BudgetPolicy, FixedBudget
 from restspec.decode.config import GenerationConfig
@@ -145,6 +146,8 @@ class SpeculativeGenerator:
     ) -> None:
         self.model = model
         self.fast_kernels = fast_kernels  # verify through restspec.decode.kernels (packed CPU weights)
+        if fast_kernels:
+            kernels.fast_kernels(model)  # pack now, not inside the first decode step
         self.tokenizer = tokenizer
         self.drafter: Drafter = drafter if drafter is not None else EmptyDrafter()
         self.policy: BudgetPolicy = FixedBudget(budget) if isinstance(budget, int) else budget

@@ -6,9 +6,10 @@ its own tree ancestors, and explicit ``position_ids`` put node i at ``past_len +
 mask, ``transformers`` (5.x) hands the mask to the attention kernel as-is, so the model no longer
 assumes causality; sliding-window attention is therefore applied here, in the mask.
 
-The cache is a ``DynamicCache`` without config: every layer is a plain ``DynamicLayer`` holding
-``keys`` / ``values`` of shape (batch=1, kv_heads, T, head_dim), so that rejected rows can be dropped
-and accepted rows gathered (:func:`compact_cache`), also for sliding-window models.
+The cache is a ``DynamicCache`` without config whose layers are :class:`BufferedLayer` (a plain,
+non-sliding ``DynamicLayer``) holding ``keys`` / ``values`` of shape (batch=1, kv_heads, T,
+head_dim), so that rejected rows can be dropped and accepted rows gathered (:func:`compact_cache`),
+also for sliding-window models.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def model_layout(model: Any) -> ModelLayout:
 class BufferedLayer(DynamicLayer):
     """A ``DynamicLayer`` that writes new rows into a buffer with spare room instead of concatenating.
 
-    ``DynamicLayer.update`` copies the whole cache (``torch.cat``) on every forward: about 10 ms per
-    step at 500 tokens for SmolLM2-135M on 2 cores, 15 % of a step. Here ``keys`` / ``values`` are views
+    ``DynamicLayer.update`` copies the whole cache (``torch.cat``) on every forward, a cost that grows
+    with the context. Here ``keys`` / ``values`` are views
     ``buffer[:, :, :length]`` of a (batch, kv_heads, capacity, head_dim) buffer that grows by doubling;
     crops and :func:`compact_cache` slice and write those views, so rows past ``length`` are free.
     """
