@@ -2,44 +2,28 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from replay_refs import VOCAB, OracleDrafter, reference
 
 from restspec.bench.policy_sim import policy_table, replay_policy
-from restspec.bench.simulate import Reference
 from restspec.decode.budget import FixedBudget, LatencyCurve
-from restspec.draft import StatelessDrafter
-from restspec.draft.tree import DraftTree
-
-VOCAB = 50
-
-
-def reference(prompt: list[int], output: list[int]) -> Reference:
-    full = np.asarray(prompt + output, np.int32)
-    top = np.stack([np.roll(full, -1), (np.roll(full, -1) + 1) % VOCAB], 1).astype(np.int32)
-    return Reference("r", np.asarray(prompt, np.int32), np.asarray(output, np.int32), top)
-
-
-class Oracle(StatelessDrafter):
-    def __init__(self, ref: Reference) -> None:
-        self.full = np.concatenate([ref.prompt, ref.output])
-
-    def propose(self, context, budget):
-        return DraftTree.chain(self.full[len(context) : len(context) + budget])
 
 
 def test_fixed_budget_oracle_is_timed_by_the_curve():
     # 10 tokens, every step accepts its 4-node chain + 1: 2 steps of a 5-wide forward (2.0 s each)
-    ref = reference([1, 2, 3], list(range(10, 20)))
+    ref = reference("r", [1, 2, 3], list(range(10, 20)))
     curve = LatencyCurve((1, 5), (1.0, 2.0))
-    r = replay_policy([ref], Oracle(ref), FixedBudget(4), curve, VOCAB)
+    r = replay_policy([ref], OracleDrafter(ref), FixedBudget(4), curve, VOCAB)
     assert (r.steps, r.tokens, r.nodes) == (2, 10, 8)
     assert r.seconds == pytest.approx(4.0)
     assert r.speedup == pytest.approx(10 * 1.0 / 4.0)  # against one token per 1.0 s
 
 
 def test_policy_table_lists_every_policy():
-    refs = [reference([1, 2, 3, 1, 2], [3, 1, 2, 3, 1, 2, 3, 4]), reference([5, 6], [5, 6, 5, 6, 7])]
+    refs = [
+        reference("a", [1, 2, 3, 1, 2], [3, 1, 2, 3, 1, 2, 3, 4]),
+        reference("b", [5, 6], [5, 6, 5, 6, 7]),
+    ]
     table = policy_table(refs, [], VOCAB, LatencyCurve.reference())
     rows = table.splitlines()[2:]
     assert [r.split(" | ")[1] for r in rows[:5]] == ["adaptive", "fixed 2", "fixed 4", "fixed 8", "fixed 16"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from replay_refs import TOP_K, VOCAB, OracleDrafter, reference
 
 from restspec.bench.simulate import (
-    Reference,
     load_references,
     longest_accepted,
     markdown_table,
@@ -14,28 +14,8 @@ from restspec.bench.simulate import (
     save_references,
     synthesized_logits,
 )
-from restspec.draft import EmptyDrafter, HistoryDrafter, RecycleDrafter, StatelessDrafter
+from restspec.draft import EmptyDrafter, HistoryDrafter, RecycleDrafter
 from restspec.draft.tree import DraftTree
-
-VOCAB = 50
-TOP_K = 3
-
-
-def reference(name: str, prompt: list[int], output: list[int]) -> Reference:
-    """A reference whose recorded top-1 is the true next token (rank 1, 2: other tokens)."""
-    full = np.asarray(prompt + output, np.int32)
-    top = np.stack([np.roll(full, -1), (np.roll(full, -1) + 1) % VOCAB, (np.roll(full, -1) + 2) % VOCAB], 1)
-    return Reference(name, np.asarray(prompt, np.int32), np.asarray(output, np.int32), top.astype(np.int32))
-
-
-class OracleDrafter(StatelessDrafter):
-    """Knows the reference: proposes the true next ``budget`` tokens as a chain."""
-
-    def __init__(self, ref: Reference) -> None:
-        self.full = np.concatenate([ref.prompt, ref.output])
-
-    def propose(self, context, budget):
-        return DraftTree.chain(self.full[len(context) : len(context) + budget])
 
 
 def test_longest_accepted_follows_the_matching_branch():
