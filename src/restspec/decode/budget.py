@@ -87,9 +87,9 @@ CORRECTION_DECAY = 0.999
 CORRECTION_REFIT_STEPS = 8
 """Refit the map every this many observed steps."""
 DEFAULT_MAX_BUDGET = 32
-"""Most draft nodes the adaptive policy verifies by default. A wider forward costs over 2.5 plain
-steps on the 2-core reference machine; in the HumanEval replay a cap of 16, 24 or 32 gained the same
-tokens per step as 64 while drafting a third less (docs/benchmarks.md)."""
+"""Most draft nodes the adaptive policy verifies by default: a forward over 33 inputs already costs
+about 2 plain steps on the 2-core reference machine (docs/benchmarks-decode.md), so wider trees
+rarely pay, and drafting 64 nodes a step costs drafting time for nodes that are never verified."""
 RATE_DECAY = 0.995
 """Per-step decay of the achieved tokens and seconds behind the long-run rate (about 200 steps)."""
 

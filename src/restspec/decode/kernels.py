@@ -4,11 +4,12 @@ On a 2-core x86 CPU in float32, ``F.linear`` over 2..16 rows leaves MKL's matrix
 costs about twice a one-row forward, although the weights are read once either way. oneDNN's matmul
 over weights packed once into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight`` and
 ``_linear_pointwise``, the kernels TorchInductor uses for frozen CPU linears) reads them at the
-matrix-vector speed: measured on SmolLM2-135M, 500 cached tokens, a forward over 1 / 2 / 4 / 8 / 16
-rows took 74 / 127 / 137 / 131 / 162 ms stock and 60 / 78 / 84 / 95 / 115 ms here (see
-docs/benchmarks-decode.md). The second part of the gain is attention: given a mask, transformers'
-SDPA path copies every key/value head ``n_rep`` times (``repeat_kv``) unless told that grouped-query
-SDPA is safe, which on CPU it is (``TRANSFORMERS_SDPA_FORCE_GQA``).
+matrix-vector speed: measured on SmolLM2-135M, 500 cached tokens, a forward over 1 / 2 / 5 / 9 / 17
+rows took 77 / 119 / 121 / 140 / 161 ms stock and 72 / 68 / 82 / 106 / 112 ms here
+(``python -m restspec.bench.latency``, docs/benchmarks-decode.md). The second part of the gain is
+attention: given a mask, transformers' SDPA path copies every key/value head ``n_rep`` times
+(``repeat_kv``) unless told that grouped-query SDPA is safe, which on CPU it is
+(``TRANSFORMERS_SDPA_FORCE_GQA``).
 
 :func:`fast_kernels` packs a model's float32 ``nn.Linear`` weights once (an extra copy of them in
 memory) and returns a context manager; only forwards run inside it use the packed weights. Outside
