@@ -55,6 +55,10 @@ def test_bench_writes_table_json_and_plot(model_dir, tmp_path):
         assert set(m["categories"]) == {"a", "b"}
         assert m["exact"] == 1.0  # our loop and prompt lookup reproduce plain greedy
     assert data["config"]["turns"] == 3
+    # restspec's plain loop: every step one input wide, listed in the steps-by-width table and JSON
+    assert "steps by forward width" in result.output
+    assert [row["inputs"] for row in data["methods"][2]["by_width"]] == ["1"]
+    assert data["methods"][0]["by_width"] == []
     assert png.stat().st_size > 0
 
 

@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 
 from restspec.bench.methods import HFGenerateMethod, TurnOutput, parse_methods
-from restspec.bench.report import render_table, summarize, to_json, write_json, write_plot
+from restspec.bench.report import (
+    render_markdown,
+    render_table,
+    render_width_table,
+    summarize,
+    to_json,
+    write_json,
+    write_plot,
+)
 from restspec.bench.runner import BenchRun, TurnRecord, run_bench
 from restspec.bench.workloads import BenchItem
+from restspec.decode.generate import StepStats
 from restspec.errors import RestspecError
 
 FIGURES = {"tokens_per_s", "speedup", "mean_accepted", "exact"}
@@ -112,6 +121,41 @@ def test_figures_are_ratios_of_sums():
     assert fast.categories["c"].speedup == pytest.approx(4.0)
     assert fast.categories["d"].exact == 0.0
     assert fast.overall.time_split["forward"] == pytest.approx(0.5)
+
+
+def test_steps_are_grouped_by_forward_width():
+    # a loop method's steps: two 1-wide plain steps, two 3-wide (2 nodes), one 9-wide; transformers'
+    # generate reports no steps and gets no rows
+    steps = (
+        StepStats(0, 0, 0.001, 0.060, 0.001, emitted=1),
+        StepStats(0, 0, 0.001, 0.070, 0.001, emitted=1),
+        StepStats(2, 1, 0.002, 0.070, 0.002, emitted=2),
+        StepStats(2, 2, 0.002, 0.080, 0.002, emitted=3),
+        StepStats(8, 5, 0.004, 0.100, 0.004, emitted=6),
+    )
+    loop = TurnOutput(np.arange(13, dtype=np.int32), 0.5, len(steps), 0.01, 0.38, 0.01, "length", steps)
+    run = BenchRun(["plain", "loop"], 0.0, 16)
+    run.records += [
+        _record("plain", list(range(13)), 1.0, 13, True),
+        TurnRecord("i", "c", 0, "loop", 5, loop, True),
+    ]
+    plain, summary = summarize(run)
+    assert plain.by_width == []
+    rows = {row.inputs: row for row in summary.by_width}
+    assert list(rows) == ["1", "2-3", "7-9"]
+    assert rows["1"].steps == 2 and rows["1"].share == pytest.approx(0.4)
+    assert rows["1"].forward_ms == pytest.approx(65.0)
+    assert rows["2-3"].tokens_per_step == pytest.approx(2.5)
+    assert rows["2-3"].step_ms == pytest.approx(79.0)
+    assert rows["7-9"].mean_inputs == 9.0
+    assert to_json(run, [plain, summary])["methods"][1]["by_width"][2]["tokens_per_step"] == 6.0
+    markdown = render_markdown([plain, summary])
+    assert "| loop | 2-3 | 40 | 3.0 | 75.0 | 79.0 | 2.50 |" in markdown
+    from rich.console import Console
+
+    console = Console(record=True, width=140)
+    console.print(render_width_table([plain, summary]))
+    assert "7-9" in console.export_text()
 
 
 def test_method_names_are_checked():

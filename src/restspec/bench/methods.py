@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from restspec.decode.budget import DEFAULT_MAX_BUDGET
+from restspec.decode.generate import StepStats
 from restspec.errors import RestspecError
 
 PLD_NUM_TOKENS = 10
@@ -55,6 +56,8 @@ class TurnOutput:
     """Seconds in model forwards: prefill plus every step."""
     accept_s: float
     finish_reason: str = ""
+    steps: tuple[StepStats, ...] = ()
+    """Every verification step, for methods that run restspec's loop (empty for transformers')."""
 
     @property
     def other_s(self) -> float:
@@ -177,7 +180,9 @@ class LoopMethod:
         accept_s = sum(s.accept_s for s in steps)
         output = np.asarray(result.output_ids, dtype=np.int32)
         # the prefill emits no token here (it feeds all but the last prompt token): steps = forwards that emit
-        return TurnOutput(output, elapsed, len(steps), draft_s, forward_s, accept_s, result.finish_reason)
+        return TurnOutput(
+            output, elapsed, len(steps), draft_s, forward_s, accept_s, result.finish_reason, tuple(steps)
+        )
 
 
 class PaddedDrafter:

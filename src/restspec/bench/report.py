@@ -19,6 +19,19 @@ from restspec.bench.runner import BenchRun, TurnRecord
 
 BASELINE = "plain"
 TIME_PARTS = ("draft", "forward", "accept", "other")
+WIDTH_BUCKETS: tuple[tuple[int, int], ...] = (
+    (1, 1),
+    (2, 3),
+    (4, 6),
+    (7, 9),
+    (10, 13),
+    (14, 17),
+    (18, 25),
+    (26, 33),
+    (34, 65),
+    (66, 1 << 30),
+)
+"""Forward widths (root + verified nodes) the per-width figures group steps by."""
 
 
 @dataclass(frozen=True)
@@ -50,14 +63,48 @@ class Figures:
 
 
 @dataclass(frozen=True)
+class WidthRow:
+    """The steps of one method whose forward was ``inputs`` wide: what they cost and what they gained.
+    Set beside the calibrated latency curve, this shows whether a method is limited by acceptance
+    (few tokens per step) or by cost (steps dearer than planned)."""
+
+    inputs: str
+    """Width range, e.g. "7-9" (root + verified nodes)."""
+    steps: int
+    share: float
+    """Fraction of the method's steps."""
+    mean_inputs: float
+    forward_ms: float
+    """Mean forward time of these steps."""
+    step_ms: float
+    """Mean time of the whole step: drafting, forward and acceptance."""
+    tokens_per_step: float
+    """Tokens emitted per step (accepted drafts + the model's own token)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs,
+            "steps": self.steps,
+            "share": round(self.share, 4),
+            "mean_inputs": round(self.mean_inputs, 2),
+            "forward_ms": round(self.forward_ms, 2),
+            "step_ms": round(self.step_ms, 2),
+            "tokens_per_step": round(self.tokens_per_step, 3),
+        }
+
+
+@dataclass(frozen=True)
 class MethodSummary:
     method: str
     overall: Figures
     categories: dict[str, Figures] = field(default_factory=dict)
+    by_width: list[WidthRow] = field(default_factory=list)
+    """Steps grouped by forward width (restspec's loop only; empty for transformers' generate)."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, **self.overall.to_json()}
         out["categories"] = {name: fig.to_json() for name, fig in self.categories.items()}
+        out["by_width"] = [row.to_json() for row in self.by_width]
         return out
 
 
@@ -94,6 +141,34 @@ def _figures(records: Sequence[TurnRecord], plain: Sequence[TurnRecord] | None, 
     )
 
 
+def _width_label(lo: int, hi: int) -> str:
+    if lo == hi:
+        return str(lo)
+    return f"{lo}+" if (lo, hi) == WIDTH_BUCKETS[-1] else f"{lo}-{hi}"
+
+
+def _by_width(records: Sequence[TurnRecord]) -> list[WidthRow]:
+    steps = [s for r in records for s in r.output.steps]
+    rows = []
+    for lo, hi in WIDTH_BUCKETS:
+        mine = [s for s in steps if lo <= s.drafted + 1 <= hi]
+        if not mine:
+            continue
+        n = len(mine)
+        rows.append(
+            WidthRow(
+                inputs=_width_label(lo, hi),
+                steps=n,
+                share=n / len(steps),
+                mean_inputs=sum(s.drafted + 1 for s in mine) / n,
+                forward_ms=1000 * sum(s.forward_s for s in mine) / n,
+                step_ms=1000 * sum(s.draft_s + s.forward_s + s.accept_s for s in mine) / n,
+                tokens_per_step=sum(s.emitted for s in mine) / n,
+            )
+        )
+    return rows
+
+
 def summarize(run: BenchRun) -> list[MethodSummary]:
     """Per method (in run order): overall figures and figures per category (in workload order)."""
     exact_known = run.reference in run.methods and run.temperature == 0.0
@@ -111,7 +186,7 @@ def summarize(run: BenchRun) -> list[MethodSummary]:
             plain = [r for r in plain_all if r.category == cat] if plain_all else None
             if mine:
                 cats[cat] = _figures(mine, plain, exact_known)
-        out.append(MethodSummary(method, overall, cats))
+        out.append(MethodSummary(method, overall, cats, _by_width(records)))
     return out
 
 
@@ -221,8 +296,45 @@ def write_plot(path: str | Path, summaries: Sequence[MethodSummary], *, title: s
     plt.close(fig)
 
 
+WIDTH_COLUMNS = ("method", "inputs", "steps %", "mean inputs", "forward ms", "step ms", "tok/step")
+
+
+def _width_cells(summaries: Sequence[MethodSummary]) -> list[list[str]]:
+    """One row of :data:`WIDTH_COLUMNS` cells per (method, width range)."""
+    return [
+        [
+            s.method,
+            row.inputs,
+            f"{100 * row.share:.0f}",
+            f"{row.mean_inputs:.1f}",
+            f"{row.forward_ms:.1f}",
+            f"{row.step_ms:.1f}",
+            f"{row.tokens_per_step:.2f}",
+        ]
+        for s in summaries
+        for row in s.by_width
+    ]
+
+
+def render_width_table(summaries: Sequence[MethodSummary], *, title: str = "steps by forward width") -> Any:
+    """A rich Table of every loop method's steps grouped by forward width (see :class:`WidthRow`)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, col in enumerate(WIDTH_COLUMNS):
+        table.add_column(col, justify="left" if i < 2 else "right", no_wrap=i == 0)
+    previous = None
+    for cells in _width_cells(summaries):
+        if previous is not None and cells[0] != previous:
+            table.add_section()
+        table.add_row(*(cells if cells[0] != previous else ["", *cells[1:]]))
+        previous = cells[0]
+    return table
+
+
 def render_markdown(summaries: Sequence[MethodSummary]) -> str:
-    """The figures as a Markdown table (one row per method and category), for docs/benchmarks.md."""
+    """The figures as Markdown tables, for docs/benchmarks.md: one row per method and category, then
+    (if any method ran restspec's loop) the steps by forward width."""
     multi = any(len(s.categories) > 1 for s in summaries)
     lines = [
         "| method | category | tok/s | speedup | tok/step | exact | draft/fwd/acc/other % |",
@@ -237,4 +349,9 @@ def render_markdown(summaries: Sequence[MethodSummary]) -> str:
                 f"| {s.method} | {cat} | {fig.tokens_per_s:.2f} | {_fmt(fig.speedup, '.2f', 'x')} | "
                 f"{fig.mean_accepted:.2f} | {exact} | {split} |"
             )
+    widths = _width_cells(summaries)
+    if widths:
+        lines += ["", "| " + " | ".join(WIDTH_COLUMNS) + " |"]
+        lines.append("|---|---|" + "---:|" * (len(WIDTH_COLUMNS) - 2))
+        lines += ["| " + " | ".join(cells) + " |" for cells in widths]
     return "\n".join(lines) + "\n"

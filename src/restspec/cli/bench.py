@@ -124,7 +124,14 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from restspec.bench.methods import MethodContext, build_methods, parse_methods
-    from restspec.bench.report import render_markdown, render_table, summarize, write_json, write_plot
+    from restspec.bench.report import (
+        render_markdown,
+        render_table,
+        render_width_table,
+        summarize,
+        write_json,
+        write_plot,
+    )
     from restspec.bench.runner import BenchRun, machine_info, run_bench, warm_up
     from restspec.bench.workloads import load_workload, select
     from restspec.errors import GenerationError
@@ -214,6 +221,8 @@ def bench(
     summaries = summarize(run)
     title = f"restspec bench: {Path(workload).name if workload != 'humaneval' else workload}, {dtype_name}"
     Console().print(render_table(summaries, title=title))
+    if any(summary.by_width for summary in summaries):
+        Console().print(render_width_table(summaries))
     if json_path is not None:
         err.print(f"wrote {json_path}")
     if markdown_path is not None:
