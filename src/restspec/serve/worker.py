@@ -179,6 +179,7 @@ class GenerationWorker:
             self._running = record
         record.started_at = time.time()
         chunks = None
+        last: Any = None  # the result chunk or the failure: handed over once the worker is free again
         try:
             if job.cancelled.is_set():
                 return
@@ -192,12 +193,15 @@ class GenerationWorker:
                 record.chunks += 1
                 record.tokens += len(chunk.token_ids)
                 record.completed = result_of(chunk) is not None
+                if record.completed:
+                    last = chunk
+                    continue
                 job.put(chunk)
                 if job.cancelled.is_set():
                     break
         except Exception as error:  # handed to the request, which answers it (400 for RestspecError)
             record.error = f"{type(error).__name__}: {error}"
-            job.put(_Failed(error))
+            last = _Failed(error)
         finally:
             if chunks is not None:
                 chunks.close()  # ends the drafter's request when we stopped early
@@ -207,6 +211,9 @@ class GenerationWorker:
                 self._running = None
                 self._live.discard(job)
                 self.recent.append(record)
+            # only now, so that a client answered from the last item finds the server idle
+            if last is not None:
+                job.put(last)
             job.put(_END)
 
 
