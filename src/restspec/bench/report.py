@@ -9,6 +9,7 @@ same turns), ``mean_accepted`` = generated tokens / model forward passes (plain 
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,19 +20,9 @@ from restspec.bench.runner import BenchRun, TurnRecord
 
 BASELINE = "plain"
 TIME_PARTS = ("draft", "forward", "accept", "other")
-WIDTH_BUCKETS: tuple[tuple[int, int], ...] = (
-    (1, 1),
-    (2, 3),
-    (4, 6),
-    (7, 9),
-    (10, 13),
-    (14, 17),
-    (18, 25),
-    (26, 33),
-    (34, 65),
-    (66, 1 << 30),
-)
-"""Forward widths (root + verified nodes) the per-width figures group steps by."""
+WIDTH_EDGES: tuple[int, ...] = (1, 2, 4, 7, 10, 14, 18, 26, 34, 66)
+"""Lowest forward width (root + verified nodes) of each group the per-width figures collect steps in:
+1, 2-3, 4-6, ..., 34-65, 66 and wider."""
 
 
 @dataclass(frozen=True)
@@ -141,23 +132,25 @@ def _figures(records: Sequence[TurnRecord], plain: Sequence[TurnRecord] | None, 
     )
 
 
-def _width_label(lo: int, hi: int) -> str:
-    if lo == hi:
-        return str(lo)
-    return f"{lo}+" if (lo, hi) == WIDTH_BUCKETS[-1] else f"{lo}-{hi}"
+def _width_label(group: int) -> str:
+    lo = WIDTH_EDGES[group]
+    if group == len(WIDTH_EDGES) - 1:
+        return f"{lo}+"
+    hi = WIDTH_EDGES[group + 1] - 1
+    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def _by_width(records: Sequence[TurnRecord]) -> list[WidthRow]:
     steps = [s for r in records for s in r.output.steps]
+    groups: dict[int, list] = {}
+    for s in steps:
+        groups.setdefault(bisect.bisect_right(WIDTH_EDGES, s.drafted + 1) - 1, []).append(s)
     rows = []
-    for lo, hi in WIDTH_BUCKETS:
-        mine = [s for s in steps if lo <= s.drafted + 1 <= hi]
-        if not mine:
-            continue
+    for group, mine in sorted(groups.items()):
         n = len(mine)
         rows.append(
             WidthRow(
-                inputs=_width_label(lo, hi),
+                inputs=_width_label(group),
                 steps=n,
                 share=n / len(steps),
                 mean_inputs=sum(s.drafted + 1 for s in mine) / n,

@@ -220,9 +220,10 @@ def bench(
     save_partial(run)
     summaries = summarize(run)
     title = f"restspec bench: {Path(workload).name if workload != 'humaneval' else workload}, {dtype_name}"
-    Console().print(render_table(summaries, title=title))
+    console = Console()
+    console.print(render_table(summaries, title=title))
     if any(summary.by_width for summary in summaries):
-        Console().print(render_width_table(summaries))
+        console.print(render_width_table(summaries))
     if json_path is not None:
         err.print(f"wrote {json_path}")
     if markdown_path is not None:
