@@ -109,3 +109,45 @@ def test_the_generator_packs_when_built_not_in_its_first_step():
         for m in model.modules()
         if type(m) is torch.nn.Linear
     )
+
+
+def test_linears_that_read_the_same_input_share_one_packed_matmul():
+    model = tiny32()
+    packed = kernels.fast_kernels(model)
+    assert (packed.layers, packed.groups) == (15, 4 * 2 + 1)  # qkv, o, gate+up, down per layer; LM head
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.forward.group is attn.k_proj.forward.group is attn.v_proj.forward.group
+    assert mlp.gate_proj.forward.group is mlp.up_proj.forward.group
+    assert attn.o_proj.forward.group is not attn.q_proj.forward.group
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v with biases
+def test_grouped_logits_are_bitwise_those_of_separate_packed_linears(arch, monkeypatch):
+    grouped = tree_logits(tiny32(arch), fast=True)
+    monkeypatch.setattr(kernels, "shared_input_groups", lambda model, linears: [[m] for m in linears])
+    separate = tree_logits(tiny32(arch), fast=True)
+    assert torch.equal(grouped, separate)
+
+
+def test_a_member_called_alone_or_out_of_order_computes_its_own_output():
+    model = tiny32()
+    attn = model.model.layers[0].self_attn
+    kernels.fast_kernels(model)
+    x, y = torch.randn(1, 3, attn.q_proj.in_features), torch.randn(1, 3, attn.q_proj.in_features)
+    with torch.inference_mode(), kernels.fast_kernels(model)():
+        attn.q_proj(x)  # keeps q/k/v outputs for x
+        got_k = attn.k_proj(y)  # another input: not x's outputs
+        got_v = attn.v_proj(x)
+    torch.testing.assert_close(got_k, torch.nn.functional.linear(y, attn.k_proj.weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_v, torch.nn.functional.linear(x, attn.v_proj.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_the_probe_cannot_run_gets_one_group_per_linear(monkeypatch):
+    model = tiny32()
+
+    def broken(*args, **kwargs):
+        raise TypeError("needs pixel_values")
+
+    monkeypatch.setattr(model, "forward", broken)
+    packed = kernels.FastKernels(model)
+    assert packed.groups == packed.layers == 15
