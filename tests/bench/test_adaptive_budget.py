@@ -134,7 +134,7 @@ def test_weight_calibration_learns_per_depth_rates():
     assert g[0] == pytest.approx(0.1, abs=0.04)
     assert g[1] < 0.06
     assert g[2] == pytest.approx(1.0)  # never observed: stays at the prior
-    assert g[3] == pytest.approx(0.4)  # depth 6 has a map of its own, never observed
+    assert g[3] == pytest.approx(0.4**2)  # depth 6 has a map of its own, never observed: the prior
 
 
 def test_weight_calibration_tells_depths_apart():
