@@ -316,12 +316,10 @@ def render_width_table(summaries: Sequence[MethodSummary], *, title: str = "step
     table = Table(title=title)
     for i, col in enumerate(WIDTH_COLUMNS):
         table.add_column(col, justify="left" if i < 2 else "right", no_wrap=i == 0)
-    previous = None
-    for cells in _width_cells(summaries):
-        if previous is not None and cells[0] != previous:
-            table.add_section()
-        table.add_row(*(cells if cells[0] != previous else ["", *cells[1:]]))
-        previous = cells[0]
+    for summary in summaries:
+        rows = _width_cells([summary])
+        for i, cells in enumerate(rows):
+            table.add_row(cells[0] if i == 0 else "", *cells[1:], end_section=i == len(rows) - 1)
     return table
 
 

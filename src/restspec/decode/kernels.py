@@ -180,13 +180,12 @@ class FastKernels:
         free = _free_memory_bytes()
         if free is not None and size > free / 2:
             return
-        self.groups = 0
-        for members in shared_input_groups(model, linears):
+        groups = shared_input_groups(model, linears)
+        for members in groups:
             group = _Group(members)
             for index, module in enumerate(members):
                 module.forward = _PackedForward(module, group, index)
-            self.groups += 1
-        self.layers = len(linears)
+        self.layers, self.groups = len(linears), len(groups)
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
