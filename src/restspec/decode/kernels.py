@@ -11,13 +11,14 @@ attention: given a mask, transformers' SDPA path copies every key/value head ``n
 (``repeat_kv``) unless told that grouped-query SDPA is safe, which on CPU it is
 (``TRANSFORMERS_SDPA_FORCE_GQA``).
 
-Each oneDNN call also costs about 40 µs besides the matmul itself (its own verbose log times the
-primitive at 10 µs of a 50 µs call on a 64x128 weight), about 9 ms over SmolLM2's 211 linears per
-forward. Linears that read the same input tensor, found by one probe forward (a layer's q/k/v
-projections, an MLP's gate and up), are therefore packed as one matmul over their concatenated
-weights: 121 calls instead of 211. Every output column is the same dot product as before, so the
-logits are bitwise those of separate packed linears; forwards at every width from 1 to 32 rows took
-a few percent less in an interleaved comparison.
+Each oneDNN call also costs about 25-30 µs besides the matmul itself (on a 64x128 weight a call took
+31-41 µs, of which oneDNN's own verbose log timed the primitive at 5-10 µs; commands in
+docs/benchmarks.md), some 5-7 ms over SmolLM2's 211 linears per forward. Linears that read the same
+input tensor, found by one probe forward (a layer's q/k/v projections, an MLP's gate and up), are
+therefore packed as one matmul over their concatenated weights: 121 calls instead of 211. Every
+output column is the same dot product as before, so the logits are bitwise those of separate packed
+linears; forwards at every width from 1 to 32 rows took a few percent less in an interleaved
+comparison.
 
 :func:`fast_kernels` packs a model's float32 ``nn.Linear`` weights once (an extra copy of them in
 memory) and returns a context manager; only forwards run inside it use the packed weights. Outside
