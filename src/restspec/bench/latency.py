@@ -93,9 +93,15 @@ class PromptLookupDrafter(StatelessDrafter):
         return DraftTree.chain(context[start : start + budget])
 
 
-def forward_latency(model, context: np.ndarray, repeats: int) -> dict[bool, dict[int, list[float]]]:
-    """Seconds of one forward per tree size, with the model's own kernels (``False``) and restspec's
-    packed ones (``True``), interleaved so that machine noise hits both alike (two warm-up rounds)."""
+VARIANTS = {"stock": {"fast": False}, "packed": {"fast": True, "direct": False}, "direct": {"fast": True}}
+"""The forwards compared: the model's own kernels (as ``model.generate`` runs it); restspec's packed
+kernels through the model's own forward; and restspec's default, packed kernels through the direct
+forward (:mod:`restspec.decode.direct`) where the model has one."""
+
+
+def forward_latency(model, context: np.ndarray, repeats: int) -> dict[str, dict[int, list[float]]]:
+    """Seconds of one forward per tree size and :data:`VARIANTS` entry, interleaved so that machine
+    noise hits all alike (two warm-up rounds)."""
     layout = model_layout(model)
     cache = new_cache()
     prefill(model, cache, context[:-1], layout)
@@ -104,17 +110,17 @@ def forward_latency(model, context: np.ndarray, repeats: int) -> dict[bool, dict
     trees = {
         size: random_tree(size, seed=size, vocab=vocab) if size else DraftTree.empty() for size in TREE_SIZES
     }
-    out: dict[bool, dict[int, list[float]]] = {False: {}, True: {}}
+    out: dict[str, dict[int, list[float]]] = {name: {} for name in VARIANTS}
     for round_ in range(repeats + 2):
         for size, tree in trees.items():
-            for fast in (False, True):
+            for name, kwargs in VARIANTS.items():
                 start = time.perf_counter()
-                forward_tree(model, cache, int(context[-1]), tree, past_len, layout, fast=fast)
+                forward_tree(model, cache, int(context[-1]), tree, past_len, layout, **kwargs)
                 seconds = time.perf_counter() - start
                 compact_cache(cache, past_len, np.zeros(0, np.int64), len(tree))
                 cache.crop(-1)  # drop the root row too: back to past_len
                 if round_ >= 2:
-                    out[fast].setdefault(size, []).append(seconds)
+                    out[name].setdefault(size, []).append(seconds)
     return out
 
 
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         fwd = forward_latency(model, context, args.repeats)
         parts = component_times(model, context, args.repeats)
-    single = statistics.median(fwd[False][0])  # a plain step with the model's own kernels
+    single = statistics.median(fwd["stock"][0])  # a plain step with the model's own kernels
 
     # the loop: a prompt that repeats itself, so prompt lookup gets accepted drafts
     prompt = np.concatenate([context[:200], context[:150]])
@@ -225,19 +231,27 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "### Forward latency by tree size",
         "",
-        "Stock: the model's own kernels (as `model.generate` runs it). Packed: restspec's default "
-        "(`restspec.decode.kernels`: oneDNN-packed linears, grouped-query SDPA). Ratios are to the "
-        "stock plain step.",
+        "Stock: the model's own kernels (as `model.generate` runs it). Packed: restspec's packed "
+        "kernels (`restspec.decode.kernels`: oneDNN-packed, grouped linears, grouped-query SDPA) "
+        "through the model's own forward. Direct: restspec's default, the packed kernels through "
+        "`restspec.decode.direct` where the model has a direct forward (else the same as packed). "
+        "Median ms (p10–p90); ratios are to the stock plain step.",
         "",
-        "| draft nodes | tokens in the forward | stock median ms (p10–p90) | packed median ms (p10–p90) "
-        "| stock vs plain step | packed vs plain step |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| draft nodes | tokens in the forward | "
+        + " | ".join(f"{name} ms" for name in VARIANTS)
+        + " | "
+        + " | ".join(f"{name} vs plain step" for name in VARIANTS)
+        + " |",
+        "|---:|---:|" + "---:|" * (2 * len(VARIANTS)),
     ]
     for size in TREE_SIZES:
-        stock, packed = fwd[False][size], fwd[True][size]
+        times = [fwd[name][size] for name in VARIANTS]
         lines.append(
-            f"| {size} | {size + 1} | {_median_spread(stock)} | {_median_spread(packed)} "
-            f"| {statistics.median(stock) / single:.2f}× | {statistics.median(packed) / single:.2f}× |"
+            f"| {size} | {size + 1} | "
+            + " | ".join(_median_spread(t) for t in times)
+            + " | "
+            + " | ".join(f"{statistics.median(t) / single:.2f}×" for t in times)
+            + " |"
         )
     lines += [
         "",

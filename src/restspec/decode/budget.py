@@ -63,7 +63,7 @@ REFERENCE_LATENCY_S: tuple[tuple[int, float], ...] = (
 (docs/DESIGN facts). Used by ``AdaptiveBudget()`` before a model has been calibrated; only the shape
 matters for the choice (tokens per second is a ratio)."""
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 """Bump when the measurement or the kernels change, so cached calibrations are redone (3: grouped
 linears in restspec.decode.kernels)."""
 CALIBRATION_SIZES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 65)

@@ -92,14 +92,17 @@ class _Group:
         )
         self.version = self._versions()
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output for input ``x``, side by side in the last dimension."""
+        if self._versions() != self.version:  # weights changed in place since packing
+            self._pack()
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``index``'s output for input ``x``."""
         kept = self._kept
         if index == 0 or kept is None or kept[0] is not x:
-            if self._versions() != self.version:  # weights changed in place since packing
-                self._pack()
-            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-            kept = (x, tuple(part.contiguous() for part in out.split(self.sizes, dim=-1)))
+            kept = (x, tuple(part.contiguous() for part in self.matmul(x).split(self.sizes, dim=-1)))
         # hold no tensors once every member is served
         self._kept = None if index == len(self.sizes) - 1 else kept
         return kept[1][index]
@@ -119,6 +122,20 @@ class _PackedForward:
         if not _active.get() or x.dtype != torch.float32:
             return F.linear(x, m.weight, m.bias)
         return self.group.output(self.index, x)
+
+
+def packed_group(modules: list[torch.nn.Linear]) -> _Group | None:
+    """The packed group whose members are exactly ``modules``, in that order (None if they are not
+    one group, e.g. not packed at all)."""
+    forwards = [vars(m).get("forward") for m in modules]
+    if not all(isinstance(f, _PackedForward) for f in forwards):
+        return None
+    group = forwards[0].group
+    if len(group.sizes) != len(modules) or any(
+        f.group is not group or f.index != i for i, f in enumerate(forwards)
+    ):
+        return None
+    return group
 
 
 def shared_input_groups(model: Any, linears: list[torch.nn.Linear]) -> list[list[torch.nn.Linear]]:

@@ -14,8 +14,9 @@ also for sliding-window models.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from restspec.decode.direct import DirectForward
 from restspec.decode.kernels import fast_kernels
 from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
@@ -200,26 +202,91 @@ def forward_tree(
     layout: ModelLayout | None = None,
     *,
     fast: bool = True,
+    direct: bool = True,
 ) -> torch.Tensor:
     """Score ``[root_token] + tree`` on top of ``cache`` (which holds ``past_len`` tokens) in one forward.
 
     Returns the raw logits (n+1, V) in the model's dtype; row r scores the token after input r on its
     tree path. The cache grows by n+1 rows: call :func:`compact_cache` after acceptance. ``fast``
-    runs the forward with :func:`~restspec.decode.kernels.fast_kernels` (packed CPU weights).
+    runs the forward with :func:`~restspec.decode.kernels.fast_kernels` (packed CPU weights) and,
+    unless ``direct`` is False, through the model's :class:`~restspec.decode.direct.DirectForward`
+    where a probe found it bitwise equal to the model's own forward.
     """
     layout = layout or model_layout(model)
     ids = np.empty(len(tree) + 1, dtype=np.int64)
     ids[0] = root_token
     ids[1:] = tree.tokens
-    with fast_kernels(model)() if fast else contextlib.nullcontext():
-        out = model(
-            input_ids=torch.from_numpy(ids)[None, :],  # (1, n+1)
-            attention_mask=_mask_argument(layout, tree, past_len),
-            position_ids=torch.from_numpy(tree.position_ids(past_len))[None, :],  # (1, n+1)
-            past_key_values=cache,
-            use_cache=True,
-        )
+    input_ids = torch.from_numpy(ids)[None, :]  # (1, n+1)
+    position_ids = torch.from_numpy(tree.position_ids(past_len))[None, :]  # (1, n+1)
+    mask = _mask_argument(layout, tree, past_len)
+    if not fast:
+        return _own_forward(model, cache, input_ids, position_ids, mask)
+    with fast_kernels(model)():
+        runner = _direct_forward(model, layout) if direct else None
+        if runner is None:
+            return _own_forward(model, cache, input_ids, position_ids, mask)
+        return runner(cache, input_ids, position_ids, mask)
+
+
+def _own_forward(
+    model: Any,
+    cache: DynamicCache,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    mask: torch.Tensor | dict[str, torch.Tensor],
+) -> torch.Tensor:
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
     return out.logits[0]
+
+
+_direct_forwards: weakref.WeakKeyDictionary[Any, DirectForward | None] = weakref.WeakKeyDictionary()
+
+
+def _direct_forward(model: Any, layout: ModelLayout) -> DirectForward | None:
+    """The model's :class:`~restspec.decode.direct.DirectForward` if it reproduces the model's own
+    forward bitwise (logits and cache rows) on a probe (checked once per model), else None."""
+    if model in _direct_forwards:
+        return _direct_forwards[model]
+    direct = None
+    if not layout.hybrid:
+        try:
+            candidate = DirectForward(model)
+        except AttributeError:  # not a Llama-family decoder
+            candidate = None
+        if candidate is not None and _agrees(model, candidate, layout):
+            direct = candidate
+    _direct_forwards[model] = direct
+    return direct
+
+
+@torch.inference_mode()
+def _agrees(model: Any, direct: DirectForward, layout: ModelLayout) -> bool:
+    """Both forwards score the same two-sibling tree on the same three-token cache, bitwise alike."""
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = np.arange(1, 4) % vocab
+    tree = DraftTree(np.arange(4, 6) % vocab, np.array([-1, -1]))
+    input_ids = torch.from_numpy(np.concatenate(([0], tree.tokens)).astype(np.int64))[None, :]
+    position_ids = torch.from_numpy(tree.position_ids(len(prompt)))[None, :]
+    mask = _mask_argument(layout, tree, len(prompt))
+    runs = []
+    for forward in (functools.partial(_own_forward, model), direct):
+        cache = new_cache()
+        prefill(model, cache, prompt, layout)
+        try:
+            logits = forward(cache, input_ids, position_ids, mask)
+        except Exception:  # a layer the direct forward does not know how to run
+            return False
+        runs.append((logits, [t for layer in cache.layers for t in (layer.keys, layer.values)]))
+    (own_logits, own_rows), (direct_logits, direct_rows) = runs
+    return torch.equal(own_logits, direct_logits) and all(
+        torch.equal(a, b) for a, b in zip(own_rows, direct_rows, strict=True)
+    )
 
 
 @torch.inference_mode()

@@ -1,0 +1,143 @@
+"""A direct forward for Llama-family decoders: the same operations as transformers' forward, without
+its per-call machinery.
+
+A verification forward over a few rows on a 2-core CPU is short (60-120 ms on SmolLM2-135M), and a
+good part of it is Python: transformers' model, decoder-layer, attention and MLP modules each go
+through ``nn.Module.__call__``, output-capturing decorators, attention-interface dispatch and cache
+bookkeeping, 30 times per forward. :class:`DirectForward` runs the same tensor operations as
+``LlamaModel`` / ``Qwen2Model`` / ``MistralModel`` in one loop over the layers' weights:
+
+- q/k/v (and gate/up) come from one packed matmul (:mod:`restspec.decode.kernels`) and are used
+  as views of its output, without the per-member copies a module call makes;
+- the rotary embedding is applied to q and k in one pass over their joint view;
+- attention is the same ``F.scaled_dot_product_attention`` call on the same cache layers.
+
+Each element goes through the same arithmetic in the same order, so the logits are bitwise those of
+the model's own forward. That is not assumed: :func:`~restspec.decode.verify.forward_tree` uses a
+model's direct forward only after a probe found it bitwise equal to the model's forward (a model
+with extra parts, e.g. Qwen3's q/k norms or Gemma's scaled embeddings, fails the probe and keeps its
+own forward). Measured on SmolLM2-135M with 500 cached tokens, it saved 5-14 ms per forward at every
+width from 1 to 32 rows (``python -m restspec.bench.latency``, docs/benchmarks-decode.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from restspec.decode.kernels import packed_group
+
+
+def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``, operation for operation."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Fused:
+    """Linears that read the same input, as one output whose last dimension is theirs side by side:
+    the packed group's matmul when they are one, the modules' own outputs joined otherwise."""
+
+    def __init__(self, *modules: torch.nn.Linear) -> None:
+        self.modules = modules
+        self.group = packed_group(list(modules))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None and x.dtype == torch.float32:
+            return self.group.matmul(x)
+        return torch.cat([m(x) for m in self.modules], dim=-1)
+
+
+class _Block(NamedTuple):
+    """One decoder layer's parts and sizes, read once."""
+
+    in_norm: Any
+    qkv: _Fused
+    q_size: int
+    k_size: int
+    head_dim: int
+    scaling: float
+    gqa: bool
+    o_proj: torch.nn.Module
+    mlp_norm: Any
+    gate_up: _Fused
+    gate_size: int
+    act: Any
+    down: torch.nn.Module
+
+
+class DirectForward:
+    """The decoder of a Llama-family ``*ForCausalLM`` (``model.model.layers`` of pre-norm attention
+    + gated MLP blocks, rotary positions, tied or untied LM head), run layer by layer.
+
+    Raises ``AttributeError`` for a model without those parts."""
+
+    def __init__(self, model: Any) -> None:
+        decoder = model.model
+        self.embed = decoder.embed_tokens
+        self.rotary = decoder.rotary_emb
+        self.norm = decoder.norm
+        self.lm_head = model.lm_head
+        self.layers = []
+        for layer in decoder.layers[: model.config.num_hidden_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                _Block(
+                    in_norm=layer.input_layernorm,
+                    qkv=_Fused(attn.q_proj, attn.k_proj, attn.v_proj),
+                    q_size=attn.q_proj.out_features,
+                    k_size=attn.k_proj.out_features,
+                    head_dim=attn.head_dim,
+                    scaling=attn.scaling,
+                    gqa=attn.num_key_value_groups > 1,
+                    o_proj=attn.o_proj,
+                    mlp_norm=layer.post_attention_layernorm,
+                    gate_up=_Fused(mlp.gate_proj, mlp.up_proj),
+                    gate_size=mlp.gate_proj.out_features,
+                    act=mlp.act_fn,
+                    down=mlp.down_proj,
+                )
+            )
+
+    @torch.inference_mode()
+    def __call__(
+        self, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (n, V) of ``input_ids`` (1, n) at ``position_ids`` (1, n) on top of ``cache``, with
+        the additive ``mask`` (1, 1, n, past + n)."""
+        x = self.embed(input_ids)
+        n = input_ids.shape[1]
+        cos, sin = self.rotary(x, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for index, b in enumerate(self.layers):
+            out = b.qkv(_rms_norm(b.in_norm, x))  # (1, n, q + k + v)
+            qk = out[..., : b.q_size + b.k_size].view(1, n, -1, b.head_dim).transpose(1, 2)
+            qk = (qk * cos) + (_rotate_half(qk) * sin)
+            q_heads = b.q_size // b.head_dim
+            values = out[..., b.q_size + b.k_size :].view(1, n, -1, b.head_dim).transpose(1, 2)
+            keys, values = cache.update(qk[:, q_heads:], values, index)
+            attn = F.scaled_dot_product_attention(
+                qk[:, :q_heads],
+                keys,
+                values,
+                attn_mask=mask,
+                dropout_p=0.0,
+                scale=b.scaling,
+                is_causal=False,
+                **({"enable_gqa": True} if b.gqa else {}),
+            )
+            attn = attn.transpose(1, 2).contiguous().reshape(1, n, -1).contiguous()
+            x = x + b.o_proj(attn)
+            out = b.gate_up(_rms_norm(b.mlp_norm, x))  # (1, n, gate + up)
+            x = x + b.down(b.act(out[..., : b.gate_size]) * out[..., b.gate_size :])
+        return self.lm_head(_rms_norm(self.norm, x))[0]
