@@ -178,6 +178,20 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
     assert len(calls) > 2 * n - 1
 
 
+def test_calibration_keeps_the_median_not_a_lucky_fast_sample():
+    from restspec.decode.budget import calibrate
+
+    samples = {w: iter([0.09, 0.07, 0.09, 0.10, 0.09, 0.09, 0.09]) for w in (1, 8)}
+    samples[1] = iter([0.05] * 8)
+
+    def measure(width):
+        return next(samples[width], 0.2)  # the warm-up call at the widest shape reads one sample
+
+    curve = calibrate(measure, sizes=(1, 8), rounds=6)
+    assert float(curve(8)) == pytest.approx(0.09)  # not the one fast 0.07
+    assert float(curve(1)) == pytest.approx(0.05)
+
+
 def test_for_model_calibrates_once_with_the_decode_forward(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
     from restspec.decode.budget import ForwardLatencyProbe
     from restspec.models import LoadedModel
