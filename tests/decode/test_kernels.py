@@ -11,7 +11,15 @@ import pytest
 import torch
 from conftest import ARCHS, VOCAB, IdTokenizer, OracleDrafter, plain_greedy, tiny_model
 
-from restspec.decode import GenerationConfig, SpeculativeGenerator, forward_tree, kernels, new_cache, prefill
+from restspec.decode import (
+    GenerationConfig,
+    SpeculativeGenerator,
+    forward_tree,
+    kernels,
+    new_cache,
+    prefill,
+    verify,
+)
 from restspec.draft.tree import DraftTree
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="torch built without oneDNN")
@@ -98,7 +106,7 @@ def test_greedy_parity_in_float32_with_fast_kernels(arch):
         assert gen.generate(prompt, GenerationConfig(max_new_tokens=24)).output_ids.tolist() == expected
 
 
-def test_the_generator_packs_when_built_not_in_its_first_step():
+def test_the_generator_packs_and_probes_when_built_not_in_its_first_step():
     model = tiny32()
     SpeculativeGenerator(model, IdTokenizer(), budget=4, fast_kernels=False)
     assert not any("forward" in vars(m) for m in model.modules())
@@ -109,6 +117,7 @@ def test_the_generator_packs_when_built_not_in_its_first_step():
         for m in model.modules()
         if type(m) is torch.nn.Linear
     )
+    assert verify._direct_forwards[model] is not None  # probed when built too
 
 
 def test_linears_that_read_the_same_input_share_one_packed_matmul():

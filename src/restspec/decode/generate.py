@@ -18,12 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from restspec.decode import kernels
 from restspec.decode.accept import Acceptance, accept
 from restspec.decode.budget import BudgetPolicy, FixedBudget
 from restspec.decode.config import GenerationConfig
 from restspec.decode.text import IncrementalDecoder, StopStringMatcher
-from restspec.decode.verify import ModelLayout, compact_cache, forward_tree, model_layout, new_cache, prefill
+from restspec.decode.verify import (
+    ModelLayout,
+    compact_cache,
+    forward_tree,
+    model_layout,
+    new_cache,
+    prefill,
+    prepare_fast_forward,
+)
 from restspec.draft.base import Drafter, EmptyDrafter, TreeLogits
 from restspec.draft.tree import DraftTree
 from restspec.errors import GenerationError
@@ -145,13 +152,15 @@ class SpeculativeGenerator:
         fast_kernels: bool = True,
     ) -> None:
         self.model = model
-        self.fast_kernels = fast_kernels  # verify through restspec.decode.kernels (packed CPU weights)
-        if fast_kernels:
-            kernels.fast_kernels(model)  # pack now, not inside the first decode step
+        # verify through restspec.decode.kernels (packed CPU weights) and, where it applies, the direct
+        # forward of restspec.decode.direct
+        self.fast_kernels = fast_kernels
         self.tokenizer = tokenizer
         self.drafter: Drafter = drafter if drafter is not None else EmptyDrafter()
         self.policy: BudgetPolicy = FixedBudget(budget) if isinstance(budget, int) else budget
         self.layout: ModelLayout = model_layout(model)
+        if fast_kernels:
+            prepare_fast_forward(model, self.layout)  # now, not inside the first decode step
         eos = set(self.layout.eos_token_ids)
         if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))

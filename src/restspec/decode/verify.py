@@ -245,6 +245,14 @@ def _own_forward(
     return out.logits[0]
 
 
+@torch.inference_mode()
+def prepare_fast_forward(model: Any, layout: ModelLayout | None = None) -> None:
+    """Pack the model's kernels and probe its direct forward now (both happen once per model), so that
+    the first ``forward_tree(..., fast=True)`` does not pay for them."""
+    with fast_kernels(model)():
+        _direct_forward(model, layout or model_layout(model))
+
+
 _direct_forwards: weakref.WeakKeyDictionary[Any, DirectForward | None] = weakref.WeakKeyDictionary()
 
 
