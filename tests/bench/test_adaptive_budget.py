@@ -181,8 +181,7 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
 def test_calibration_keeps_the_median_not_a_lucky_fast_sample():
     from restspec.decode.budget import calibrate
 
-    samples = {w: iter([0.09, 0.07, 0.09, 0.10, 0.09, 0.09, 0.09]) for w in (1, 8)}
-    samples[1] = iter([0.05] * 8)
+    samples = {1: iter([0.05] * 8), 8: iter([0.09, 0.07, 0.09, 0.10, 0.09, 0.09, 0.09])}
 
     def measure(width):
         return next(samples[width], 0.2)  # the warm-up call at the widest shape reads one sample

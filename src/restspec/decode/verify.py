@@ -213,12 +213,7 @@ def forward_tree(
     where a probe found it bitwise equal to the model's own forward.
     """
     layout = layout or model_layout(model)
-    ids = np.empty(len(tree) + 1, dtype=np.int64)
-    ids[0] = root_token
-    ids[1:] = tree.tokens
-    input_ids = torch.from_numpy(ids)[None, :]  # (1, n+1)
-    position_ids = torch.from_numpy(tree.position_ids(past_len))[None, :]  # (1, n+1)
-    mask = _mask_argument(layout, tree, past_len)
+    input_ids, position_ids, mask = _tree_inputs(root_token, tree, past_len, layout)
     if not fast:
         return _own_forward(model, cache, input_ids, position_ids, mask)
     with fast_kernels(model)():
@@ -226,6 +221,18 @@ def forward_tree(
         if runner is None:
             return _own_forward(model, cache, input_ids, position_ids, mask)
         return runner(cache, input_ids, position_ids, mask)
+
+
+def _tree_inputs(
+    root_token: int, tree: DraftTree, past_len: int, layout: ModelLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
+    """Input ids (1, n+1) of ``[root_token] + tree``, their position ids (1, n+1) and the tree mask."""
+    ids = np.empty(len(tree) + 1, dtype=np.int64)
+    ids[0] = root_token
+    ids[1:] = tree.tokens
+    input_ids = torch.from_numpy(ids)[None, :]
+    position_ids = torch.from_numpy(tree.position_ids(past_len))[None, :]
+    return input_ids, position_ids, _mask_argument(layout, tree, past_len)
 
 
 def _own_forward(
@@ -279,9 +286,7 @@ def _agrees(model: Any, direct: DirectForward, layout: ModelLayout) -> bool:
     vocab = model.get_input_embeddings().num_embeddings
     prompt = np.arange(1, 4) % vocab
     tree = DraftTree(np.arange(4, 6) % vocab, np.array([-1, -1]))
-    input_ids = torch.from_numpy(np.concatenate(([0], tree.tokens)).astype(np.int64))[None, :]
-    position_ids = torch.from_numpy(tree.position_ids(len(prompt)))[None, :]
-    mask = _mask_argument(layout, tree, len(prompt))
+    input_ids, position_ids, mask = _tree_inputs(0, tree, len(prompt), layout)
     runs = []
     for forward in (functools.partial(_own_forward, model), direct):
         cache = new_cache()
