@@ -231,3 +231,31 @@ def test_a_corrupt_calibration_is_measured_again(tmp_path, monkeypatch):
         read_calibration(path)
     curve = load_or_calibrate("tiny-model", "float32", lambda width: 0.05 + 0.004 * width, max_width=9)
     assert read_calibration(path) == (curve, 9)  # measured again and cached over the corrupt file
+
+
+def test_measured_steps_replace_a_calibration_that_called_a_node_free():
+    curve = LatencyCurve((1, 2, 3, 13), (0.050, 0.050, 0.055, 0.100))  # one node measured as free
+    policy = AdaptiveBudget(curve, correct=False)
+    tree = chain([0.15])
+    assert policy.choose(tree, 100) == 1  # a free node is worth 0.15 tokens
+    for _ in range(64):
+        policy.observe_step(1, 0.050)
+        policy.observe_step(2, 0.060)  # the loop's own steps: one node costs 20 % more
+    assert policy.choose(tree, 200) == 0
+    assert policy.choose(chain([0.5]), 300) == 1  # still worth it for a likely node
+
+
+def test_one_stalled_step_does_not_set_a_widths_cost():
+    curve = LatencyCurve((1, 2, 3, 13), (0.050, 0.050, 0.055, 0.100))
+    policy = AdaptiveBudget(curve, correct=False)
+    for _ in range(64):
+        policy.observe_step(1, 0.050)
+        policy.observe_step(2, 0.052)
+    policy.observe_step(2, 10.0)  # e.g. a kernel compiled on first use
+    for _ in range(16):
+        policy.observe_step(1, 0.050)
+    assert policy.choose(chain([0.15]), 100) == 1
+    policy.observe_step(0, 1.0)  # widths outside the table and non-positive times are ignored
+    policy.observe_step(99, 1.0)
+    policy.observe_step(2, 0.0)
+    assert policy.choose(chain([0.15]), 200) == 1

@@ -6,7 +6,7 @@ import pytest
 from replay_refs import VOCAB, OracleDrafter, reference
 
 from restspec.bench.policy_sim import policy_table, replay_policy
-from restspec.decode.budget import FixedBudget, LatencyCurve
+from restspec.decode.budget import DEFAULT_MAX_BUDGET, FixedBudget, LatencyCurve
 
 
 def test_fixed_budget_oracle_is_timed_by_the_curve():
@@ -26,7 +26,16 @@ def test_policy_table_lists_every_policy():
     ]
     table = policy_table(refs, [], VOCAB, LatencyCurve.reference())
     rows = table.splitlines()[2:]
-    assert [r.split(" | ")[1] for r in rows[:5]] == ["adaptive", "fixed 2", "fixed 4", "fixed 8", "fixed 16"]
+    assert [r.split(" | ")[1] for r in rows[:8]] == [
+        "adaptive, at most 8",
+        f"adaptive, at most {DEFAULT_MAX_BUDGET} (default)",
+        "adaptive, at most 16",
+        "adaptive, at most 32",
+        "fixed 2",
+        "fixed 4",
+        "fixed 8",
+        "fixed 16",
+    ]
     assert "REST (datastore only) | fixed 64" in table
     speedups = [float(r.rstrip("x |").split("| ")[-1]) for r in rows]
     assert all(s > 0 for s in speedups)

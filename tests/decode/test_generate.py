@@ -187,6 +187,22 @@ class HalfBudget:
         return 2
 
 
+class TimedHalfBudget(HalfBudget):
+    def __init__(self):
+        self.steps = []
+
+    def observe_step(self, width, seconds):
+        self.steps.append((width, seconds))
+
+
+def test_a_policy_that_learns_step_costs_is_told_each_steps_width_and_time():
+    policy = TimedHalfBudget()
+    generator = SpeculativeGenerator(tiny_model("llama"), IdTokenizer(), RecordingDrafter(), budget=policy)
+    result = generator.generate(PROMPT, GenerationConfig(max_new_tokens=5))
+    assert [w for w, _ in policy.steps] == [s.drafted + 1 for s in result.steps]
+    assert all(t > 0 for _, t in policy.steps)
+
+
 def test_drafter_lifecycle_observe_and_budget_policy():
     model = tiny_model("llama")
     drafter = RecordingDrafter()

@@ -78,10 +78,11 @@ def test_recorded_references_are_plain_greedy_outputs():
     """The recorder's KV-cache loop equals transformers' greedy generate, and its top-1 is the output."""
     import torch
 
-    from restspec.bench.simulate import _load_model, greedy_with_candidates, humaneval_prompts
+    from restspec.bench.simulate import _load_model, greedy_with_candidates
+    from restspec.bench.workloads import load_humaneval
 
     model, tokenizer, _ = _load_model()
-    _, text = humaneval_prompts(1)[0]
+    text = load_humaneval()[0].turns[0]
     prompt = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
     output, top = greedy_with_candidates(model, prompt, 12, [], TOP_K)
     expected = model.generate(
@@ -90,3 +91,37 @@ def test_recorded_references_are_plain_greedy_outputs():
     assert output.tolist() == expected.tolist()
     assert top.shape == (len(prompt) + len(output), TOP_K)
     assert top[len(prompt) - 1 : -1, 0].tolist() == output.tolist()
+
+
+def test_chat_references_follow_the_models_own_answers_and_resume(tmp_path, monkeypatch):
+    """Each turn of a chat item is one reference; the second turn's prompt carries the recorded
+    greedy answer to the first; an interrupted recording resumes from its partial file."""
+    from tiny_models import tiny_llama, trained_bpe_tokenizer
+
+    import restspec.bench.simulate as sim
+    from restspec.bench.runner import answer_text, prompt_ids
+    from restspec.bench.workloads import BenchItem
+
+    tokenizer = trained_bpe_tokenizer(["the cat sat on the mat, then the dog ran"] * 20, 300)
+    model = tiny_llama(tokenizer).eval()
+    monkeypatch.setattr(sim, "_load_model", lambda: (model, tokenizer, "tiny"))
+    items = [BenchItem("q1", "writing", ("the cat", "then the dog"), chat=True)]
+    path = tmp_path / "refs.npz"
+    refs = sim.record_references(path, items, max_new_tokens=5, progress=None)
+    assert [r.name for r in refs] == ["q1", "q1#1"]
+    answer = answer_text(tokenizer, refs[0].output)
+    messages = [
+        {"role": "user", "content": "the cat"},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "then the dog"},
+    ]
+    assert refs[1].prompt.tolist() == prompt_ids(tokenizer, items[0], messages)
+    # resume: with the first turn already in the partial file, only the second is recorded again
+    partial = tmp_path / "again.partial.npz"
+    save_references(partial, refs[:1], "tiny")
+    calls = []
+    real = sim.greedy_with_candidates
+    monkeypatch.setattr(sim, "greedy_with_candidates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = sim.record_references(tmp_path / "again.npz", items, max_new_tokens=5, progress=None)
+    assert len(calls) == 1 and not partial.exists()
+    assert [r.prompt.tolist() for r in again] == [r.prompt.tolist() for r in refs]

@@ -83,15 +83,16 @@ def policy_table(
     """Markdown: tokens per step, nodes per step and predicted speedup of restspec's default mix under
     the adaptive and fixed budgets, REST as published and SuffixDecoding (if installed)."""
     from restspec.bench.simulate import make_drafter
-    from restspec.decode.budget import AdaptiveBudget, FixedBudget
+    from restspec.decode.budget import DEFAULT_MAX_BUDGET, AdaptiveBudget, FixedBudget
 
     rows: list[tuple[str, str, Drafter, BudgetPolicy]] = [
         (
             "restspec default mix",
-            "adaptive",
+            f"adaptive, at most {cap}" + (" (default)" if cap == DEFAULT_MAX_BUDGET else ""),
             make_drafter("merged", datastores, vocab_size),
-            AdaptiveBudget(latency),
+            AdaptiveBudget(latency, cap),
         )
+        for cap in sorted({8, DEFAULT_MAX_BUDGET, 16, 32})
     ]
     rows += [
         (

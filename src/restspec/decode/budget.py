@@ -1,7 +1,9 @@
 """How many draft nodes to verify in a step.
 
 The generate loop asks the drafter for ``policy.max_budget`` nodes, then verifies the first
-``policy.choose(tree, past_len)`` of them (any prefix of a tree's nodes is a valid tree).
+``policy.choose(tree, past_len)`` of them (any prefix of a tree's nodes is a valid tree). A policy
+that also has ``observe_step(width, seconds)`` is told what each step cost: ``width`` inputs
+(root + verified nodes), ``seconds`` from the drafter's call to the end of the step.
 """
 
 from __future__ import annotations
@@ -88,12 +90,21 @@ CORRECTION_DECAY = 0.999
 """Per-step decay of the correction statistics (memory of about a thousand steps)."""
 CORRECTION_REFIT_STEPS = 8
 """Refit the map every this many observed steps."""
-DEFAULT_MAX_BUDGET = 32
-"""Most draft nodes the adaptive policy verifies by default: a forward over 33 inputs already costs
-about 2 plain steps on the 2-core reference machine (docs/benchmarks-decode.md), so wider trees
-rarely pay, and drafting 64 nodes a step costs drafting time for nodes that are never verified."""
+DEFAULT_MAX_BUDGET = 12
+"""Most draft nodes the adaptive policy verifies by default. A forward over 13 inputs already costs
+about 1.5 plain steps on the 2-core reference machine (docs/benchmarks-decode.md), and the policy's
+acceptance estimates are least reliable on its widest trees: replaying 20 HumanEval prompts and 48
+MT-Bench turns (``docs/benchmarks-simulator.md``), a cap of 10-16 nodes beat 24 and 32 on both
+workloads, 12 by the most. Drafting fewer nodes also costs less drafting time."""
 RATE_DECAY = 0.995
 """Per-step decay of the achieved tokens and seconds behind the long-run rate (about 200 steps)."""
+STEP_PRIOR_WEIGHT = 8.0
+"""Steps of the calibrated curve behind each width's latency until the loop's own steps outweigh it."""
+STEP_OUTLIER = 2.0
+"""An observed step counts as at most this multiple of its width's current estimate (one-time stalls,
+such as compiling a kernel on the first call, must not set a width's cost for hundreds of steps)."""
+STEP_REFIT_STEPS = 16
+"""Rebuild the latency table from observed steps every this many steps."""
 
 
 @dataclass(frozen=True)
@@ -299,18 +310,14 @@ def load_or_calibrate(
     return curve
 
 
-def _hat_basis(weights: np.ndarray) -> np.ndarray:
-    """float64[n, K]: linear-interpolation coefficients of each weight on :data:`CALIBRATION_KNOTS`."""
+def _knot_segments(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each weight lies on :data:`CALIBRATION_KNOTS`: (int[n] index of the knot below it,
+    float[n] fraction of the way to the next knot). A piecewise-linear g is then
+    ``(1 - t) * g[lo] + t * g[lo + 1]``."""
     knots = np.asarray(CALIBRATION_KNOTS)
     w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, 1.0)
-    hi = np.clip(np.searchsorted(knots, w, side="right"), 1, len(knots) - 1)
-    lo = hi - 1
-    t = (w - knots[lo]) / (knots[hi] - knots[lo])
-    basis = np.zeros((len(w), len(knots)))
-    rows = np.arange(len(w))
-    basis[rows, lo] = 1.0 - t
-    basis[rows, hi] += t
-    return basis
+    lo = np.clip(np.searchsorted(knots, w, side="right"), 1, len(knots) - 1) - 1
+    return lo, (w - knots[lo]) / (knots[lo + 1] - knots[lo])
 
 
 class WeightCalibration:
@@ -344,29 +351,28 @@ class WeightCalibration:
 
     def __call__(self, weights: np.ndarray, depths: np.ndarray) -> np.ndarray:
         """float64[n]: calibrated probabilities of nodes with these ``weights`` at these ``depths``."""
-        w = np.asarray(weights, dtype=np.float64)
+        lo, t = _knot_segments(weights)
         buckets = _depth_buckets(depths)
-        out = np.empty(len(w))
-        for b in np.unique(buckets).tolist():
-            at = buckets == b
-            out[at] = np.interp(w[at], CALIBRATION_KNOTS, self.values[b])
-        return out
+        return (1.0 - t) * self.values[buckets, lo] + t * self.values[buckets, lo + 1]
 
     def observe(self, tree: DraftTree, accepted: int) -> None:
         """``tree``: the nodes verified in a step; ``accepted``: how many draft tokens it accepted."""
         if len(tree) == 0:
             return
         depths = tree.depths
-        k = len(CALIBRATION_KNOTS)
-        basis = np.zeros((len(tree), self._prior.size))  # (node, bucket * knot)
-        offsets = _depth_buckets(depths)[:, None] * k + np.arange(k)[None, :]
-        np.put_along_axis(basis, offsets, _hat_basis(tree.weights), axis=1)
+        size = self._prior.size
+        lo, t = _knot_segments(tree.weights)
+        # x: (depth, bucket * knot), the interpolation coefficients of a depth's nodes, summed
+        column = (depths - 1) * size + _depth_buckets(depths) * len(CALIBRATION_KNOTS) + lo
         max_depth = int(depths.max())
-        x = np.zeros((max_depth, basis.shape[1]))  # (depth, bucket * knot): summed basis of its nodes
-        np.add.at(x, depths - 1, basis)
+        x = np.bincount(
+            np.concatenate([column, column + 1]), np.concatenate([1.0 - t, t]), minlength=max_depth * size
+        ).reshape(max_depth, size)
         y = (np.arange(1, max_depth + 1) <= accepted).astype(np.float64)
-        self._xtx = CORRECTION_DECAY * self._xtx + x.T @ x
-        self._xty = CORRECTION_DECAY * self._xty + x.T @ y
+        self._xtx *= CORRECTION_DECAY
+        self._xtx += x.T @ x
+        self._xty *= CORRECTION_DECAY
+        self._xty += x.T @ y
         self._steps += 1
         if self._steps % CORRECTION_REFIT_STEPS == 0:
             self._refit()
@@ -410,6 +416,13 @@ class AdaptiveBudget:
     gain 0.3 tokens happily adds nodes worth 0.05 each). Flat latency favours large trees, steep
     latency small ones.
 
+    Measured costs: the calibrated curve is a prior. The generate loop reports every step's wall time
+    by width (:meth:`observe_step`: drafting, forward and acceptance), and the table the choice uses
+    becomes the observed mean per width, each width's curve value counting as
+    :data:`STEP_PRIOR_WEIGHT` steps (scaled by the observed / calibrated ratio over all widths, so
+    that widths not seen yet move with the rest). A calibration taken at a noisy moment (say, one node
+    measured as free) is corrected by the run itself, on its real cache lengths and tree shapes.
+
     Online correction (``correct=True``): drafters' weights are estimates, often overconfident for
     low-weight nodes. The policy learns the real acceptance probability as a function of the weight
     (:class:`WeightCalibration`) from the accepted count of each step, which it reads from how far the
@@ -432,7 +445,11 @@ class AdaptiveBudget:
         self.latency = LatencyCurve.reference() if latency is None else latency
         self._max_budget = int(max_budget)
         self.correct = correct
-        self._table = self.latency.table(self._max_budget + 1)
+        self._curve_table = self.latency.table(self._max_budget + 1)
+        self._table = self._curve_table.copy()  # the curve, then what steps measured
+        self._step_s = np.zeros_like(self._table)  # decayed seconds and counts of steps by width
+        self._step_n = np.zeros_like(self._table)
+        self._steps_seen = 0
         self.calibration = WeightCalibration()
         self._tokens = 1.0  # decayed sums behind the achieved rate; prior: one plain step
         self._seconds = float(self._table[1])
@@ -462,6 +479,22 @@ class AdaptiveBudget:
             self._seconds = RATE_DECAY * self._seconds + float(self._table[len(tree) + 1])
             if self.correct:
                 self.calibration.observe(tree, gained - 1)
+
+    def observe_step(self, width: int, seconds: float) -> None:
+        """A step over ``width`` inputs (root + nodes) took ``seconds`` of wall time."""
+        if not 1 <= width < len(self._table) or not seconds > 0:
+            return
+        self._step_s *= RATE_DECAY
+        self._step_n *= RATE_DECAY
+        self._step_s[width] += min(seconds, STEP_OUTLIER * self._table[width])  # a stall is no width's cost
+        self._step_n[width] += 1.0
+        self._steps_seen += 1
+        if self._steps_seen % STEP_REFIT_STEPS == 0:
+            ratio = self._step_s.sum() / float(self._step_n @ self._curve_table)
+            prior = STEP_PRIOR_WEIGHT * ratio * self._curve_table
+            table = (self._step_s + prior) / (self._step_n + STEP_PRIOR_WEIGHT)
+            table[0] = table[1]
+            self._table = np.maximum.accumulate(table)
 
     def choose(self, tree: DraftTree, past_len: int) -> int:
         self._learn(past_len)

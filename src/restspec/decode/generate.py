@@ -158,6 +158,7 @@ class SpeculativeGenerator:
         self.tokenizer = tokenizer
         self.drafter: Drafter = drafter if drafter is not None else EmptyDrafter()
         self.policy: BudgetPolicy = FixedBudget(budget) if isinstance(budget, int) else budget
+        self._observe_step = getattr(self.policy, "observe_step", None)  # optional: learns step costs
         self.layout: ModelLayout = model_layout(model)
         if fast_kernels:
             prepare_fast_forward(model, self.layout)  # now, not inside the first decode step
@@ -253,6 +254,8 @@ class SpeculativeGenerator:
         root_and_nodes[1:] = tree.tokens
         self.drafter.observe(context, emitted, TreeLogits(root_and_nodes, logits.numpy()))
         t5 = time.perf_counter()
+        if self._observe_step is not None:
+            self._observe_step(len(tree) + 1, t5 - t0)
         req.steps.append(
             StepStats(
                 drafted=len(tree),

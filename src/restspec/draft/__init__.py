@@ -23,9 +23,14 @@ from restspec.draft.trie import count_trie, select_tree, select_tree_numpy
 if TYPE_CHECKING:
     from restspec.datastore import Datastore
 
-DEFAULT_SCALES = {"datastore": 1.0, "context": 1.0, "history": 1.0, "recycle": 1.0}
+DEFAULT_SCALES = {"datastore": 0.5, "context": 1.0, "history": 1.0, "recycle": 1.0}
 """Prior trust per source in :func:`default_drafter` (multiplies a source's own weights until
-calibration has evidence); tuned with ``restspec simulate``."""
+calibration has evidence); tuned by replaying HumanEval and MT-Bench under the adaptive budget
+(``docs/benchmarks-simulator.md``): the datastore's short matches are weaker evidence than their
+counts say, most of all in chat."""
+DEFAULT_MERGE = MergeConfig(combine="or")
+"""How :func:`default_drafter` merges: a path several sources propose is more likely than any one
+of them says (noisy-or), which the same replays favoured over the maximum."""
 
 
 def default_drafter(datastores: Sequence[Datastore], vocab_size: int) -> MergedDrafter:
@@ -38,10 +43,13 @@ def default_drafter(datastores: Sequence[Datastore], vocab_size: int) -> MergedD
         ("history", HistoryDrafter()),
         ("recycle", RecycleDrafter(vocab_size)),
     ]
-    return MergedDrafter([d for _, d in sources], scales=[DEFAULT_SCALES[name] for name, _ in sources])
+    return MergedDrafter(
+        [d for _, d in sources], scales=[DEFAULT_SCALES[name] for name, _ in sources], config=DEFAULT_MERGE
+    )
 
 
 __all__ = [
+    "DEFAULT_MERGE",
     "DEFAULT_SCALES",
     "Calibration",
     "ContextDrafter",

@@ -297,7 +297,9 @@ class MergedDrafter:
             probs = [np.minimum.accumulate(tree.weights.astype(np.float64)) for tree in trees]
         if self.extender is None or len(context) == 0:
             return merge_trees(trees, probs, budget, self.config.combine)
-        candidates = _merge_paths(trees, probs, sum(len(t) for t in trees), self.config.combine)
+        # a candidate ranked below ``budget`` others can never be taken (they and their parents come
+        # first), so only the first ``budget`` are offered to the extension
+        candidates = _merge_paths(trees, probs, budget, self.config.combine)
         return extend_best_first(
             candidates,
             int(context[-1]),

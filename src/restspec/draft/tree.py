@@ -138,11 +138,19 @@ class DraftTree:
         return np.flatnonzero(self.parents == node).astype(np.int32)
 
     def truncate(self, size: int) -> DraftTree:
-        """The first ``size`` nodes (prefix-closed because parents precede children)."""
+        """The first ``size`` nodes (prefix-closed because parents precede children).
+
+        A prefix of a valid tree is valid, so it is not checked again, and it keeps the depths
+        already computed (the generate loop truncates every step's tree once or twice)."""
         if size >= len(self):
             return self
         size = max(size, 0)
-        return DraftTree(self.tokens[:size], self.parents[:size], self.weights[:size])
+        prefix = object.__new__(DraftTree)
+        for name in ("tokens", "parents", "weights"):
+            object.__setattr__(prefix, name, getattr(self, name)[:size])
+        if "depths" in self.__dict__:
+            prefix.__dict__["depths"] = self.depths[:size]
+        return prefix
 
     def expected_accepted(self) -> float:
         """Expected number of draft tokens accepted (sum of node weights)."""
