@@ -243,6 +243,11 @@ def test_measured_steps_replace_a_calibration_that_called_a_node_free():
         policy.observe_step(2, 0.060)  # the loop's own steps: one node costs 20 % more
     assert policy.choose(tree, 200) == 0
     assert policy.choose(chain([0.5]), 300) == 1  # still worth it for a likely node
+    fixed = AdaptiveBudget(curve, correct=False, learn_costs=False).fresh()
+    for _ in range(64):
+        fixed.observe_step(1, 0.050)
+        fixed.observe_step(2, 0.060)
+    assert fixed.choose(tree, 100) == 1  # plans with the curve alone
 
 
 def test_one_stalled_step_does_not_set_a_widths_cost():

@@ -175,3 +175,28 @@ def test_merged_drafter_trees_are_prefix_closed_within_budget(context, budget, t
     assert all(p[:-1] in paths[:i] for i, p in enumerate(paths) if len(p) > 1)
     assert np.all(np.diff(tree.weights) <= 1e-7)
     assert paths == node_paths(again)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    source_trees,
+    st.integers(1, 12),
+    st.lists(st.lists(st.integers(0, 3), min_size=2, max_size=2), min_size=4, max_size=4),
+)
+def test_extension_needs_only_the_first_budget_candidates(sources, budget, rows):
+    """MergedDrafter offers the extension only the ``budget`` best merged candidates: the rest can
+    never be taken, so the tree equals the one extended from every candidate."""
+    trees = []
+    for paths, pad in sources:
+        width = max(len(r) for r in paths)
+        cont = np.full((len(paths) + pad, width), -1, np.int32)
+        for i, r in enumerate(paths):
+            cont[i, : len(r)] = r
+        trees.append(select_tree(cont, 20))
+    probs = [np.minimum.accumulate(t.weights.astype(np.float64)) for t in trees]
+    table = np.asarray([r if r[0] != r[1] else [r[0], -1] for r in rows], np.int32)
+    hit_rates = np.array([0.5, 0.2])
+    every = extend_best_first(merge_trees(trees, probs, 10**6, "or"), 0, table, hit_rates, budget, 6)
+    first = extend_best_first(merge_trees(trees, probs, budget, "or"), 0, table, hit_rates, budget, 6)
+    assert node_paths(first) == node_paths(every)
+    np.testing.assert_array_equal(first.weights, every.weights)

@@ -268,9 +268,11 @@ class MethodContext:
             self._datastores = [Datastore.open(p, self.tokenizer) for p in self.datastore_paths]
         return self._datastores
 
-    def adaptive_budget(self, max_budget: int = DEFAULT_MAX_BUDGET, *, fast: bool = True) -> Any:
+    def adaptive_budget(
+        self, max_budget: int = DEFAULT_MAX_BUDGET, *, fast: bool = True, learn_costs: bool = True
+    ) -> Any:
         """A fresh adaptive budget policy on the (once) calibrated latency curve of this model, measured
-        with the ``fast`` kernels or the stock ones."""
+        with the ``fast`` kernels or the stock ones; ``learn_costs``: from the loop's own steps too."""
         from restspec.decode.budget import AdaptiveBudget
 
         policy = self._adaptive.get(fast)
@@ -278,7 +280,7 @@ class MethodContext:
             policy = self._adaptive[fast] = AdaptiveBudget.for_model(
                 self.loaded, max_budget=max(max_budget, REST_BUDGET), recalibrate=self.recalibrate, fast=fast
             )
-        return AdaptiveBudget(policy.latency, max_budget)
+        return AdaptiveBudget(policy.latency, max_budget, learn_costs=learn_costs)
 
 
 def _plain(ctx: MethodContext) -> BenchMethod:
@@ -297,12 +299,14 @@ def _rest(ctx: MethodContext) -> BenchMethod:
     return LoopMethod("rest", ctx.model, ctx.tokenizer, drafter, FixedBudget(REST_BUDGET))
 
 
-def _restspec_kernels(name: str, fast: bool) -> Callable[[MethodContext], BenchMethod]:
+def _restspec_kernels(
+    name: str, fast: bool, learn_costs: bool = True
+) -> Callable[[MethodContext], BenchMethod]:
     def build(ctx: MethodContext) -> BenchMethod:
         from restspec.draft import default_drafter
 
         drafter = default_drafter(ctx.datastores(), ctx.vocab_size)
-        budget = ctx.adaptive_budget(fast=fast)
+        budget = ctx.adaptive_budget(fast=fast, learn_costs=learn_costs)
         return LoopMethod(name, ctx.model, ctx.tokenizer, drafter, budget, fast_kernels=fast)
 
     return build
@@ -364,6 +368,8 @@ METHODS: dict[str, Callable[[MethodContext], BenchMethod]] = {
     "suffix": _suffix,
     # named variants
     "restspec-stock": _restspec_kernels("restspec-stock", fast=False),  # the model's own CPU kernels
+    # the adaptive budget on the calibrated curve alone, not learning step costs from the loop
+    "restspec-curve": _restspec_kernels("restspec-curve", fast=True, learn_costs=False),
     "restspec-fixed4": _restspec_fixed(4),
     "restspec-fixed8": _restspec_fixed(8),
     "restspec-fixed16": _restspec_fixed(16),

@@ -93,9 +93,9 @@ CORRECTION_REFIT_STEPS = 8
 DEFAULT_MAX_BUDGET = 12
 """Most draft nodes the adaptive policy verifies by default. A forward over 13 inputs already costs
 about 1.5 plain steps on the 2-core reference machine (docs/benchmarks-decode.md), and the policy's
-acceptance estimates are least reliable on its widest trees: replaying 20 HumanEval prompts and 48
-MT-Bench turns (``docs/benchmarks-simulator.md``), a cap of 10-16 nodes beat 24 and 32 on both
-workloads, 12 by the most. Drafting fewer nodes also costs less drafting time."""
+acceptance estimates are least reliable on its widest trees: in replays of HumanEval and MT-Bench
+(``restspec simulate --latency``, docs/benchmarks.md "Replay") a cap of 12 beat 8, 16 and 32.
+Drafting fewer nodes also costs less drafting time."""
 RATE_DECAY = 0.995
 """Per-step decay of the achieved tokens and seconds behind the long-run rate (about 200 steps)."""
 STEP_PRIOR_WEIGHT = 8.0
@@ -422,6 +422,7 @@ class AdaptiveBudget:
     :data:`STEP_PRIOR_WEIGHT` steps (scaled by the observed / calibrated ratio over all widths, so
     that widths not seen yet move with the rest). A calibration taken at a noisy moment (say, one node
     measured as free) is corrected by the run itself, on its real cache lengths and tree shapes.
+    ``learn_costs=False`` plans with the calibrated curve alone.
 
     Online correction (``correct=True``): drafters' weights are estimates, often overconfident for
     low-weight nodes. The policy learns the real acceptance probability as a function of the weight
@@ -439,12 +440,14 @@ class AdaptiveBudget:
         max_budget: int = DEFAULT_MAX_BUDGET,
         *,
         correct: bool = True,
+        learn_costs: bool = True,
     ):
         if max_budget < 0:
             raise ValueError(f"max_budget={max_budget} must be >= 0")
         self.latency = LatencyCurve.reference() if latency is None else latency
         self._max_budget = int(max_budget)
         self.correct = correct
+        self.learn_costs = learn_costs
         self._curve_table = self.latency.table(self._max_budget + 1)
         self._table = self._curve_table.copy()  # the curve, then what steps measured
         self._step_s = np.zeros_like(self._table)  # decayed seconds and counts of steps by width
@@ -466,7 +469,9 @@ class AdaptiveBudget:
 
     def fresh(self) -> AdaptiveBudget:
         """A new policy on the same latency curve, with no correction history."""
-        return AdaptiveBudget(self.latency, self._max_budget, correct=self.correct)
+        return AdaptiveBudget(
+            self.latency, self._max_budget, correct=self.correct, learn_costs=self.learn_costs
+        )
 
     def _learn(self, past_len: int) -> None:
         if self._last is None:
@@ -482,7 +487,7 @@ class AdaptiveBudget:
 
     def observe_step(self, width: int, seconds: float) -> None:
         """A step over ``width`` inputs (root + nodes) took ``seconds`` of wall time."""
-        if not 1 <= width < len(self._table) or not seconds > 0:
+        if not self.learn_costs or not 1 <= width < len(self._table) or not seconds > 0:
             return
         self._step_s *= RATE_DECAY
         self._step_n *= RATE_DECAY
