@@ -89,9 +89,9 @@ source_trees = st.lists(
 )
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(source_trees, st.integers(0, 20), st.sampled_from(["max", "or"]))
-def test_merge_within_budget_and_never_drops_a_higher_ranked_path(sources, budget, combine):
+def source_trees_and_probs(sources) -> tuple[list[DraftTree], list[np.ndarray]]:
+    """Trees of up to 20 nodes from drawn continuation rows (``pad`` empty rows each), with
+    non-increasing probabilities."""
     trees = []
     for rows, pad in sources:
         width = max(len(r) for r in rows)
@@ -99,7 +99,13 @@ def test_merge_within_budget_and_never_drops_a_higher_ranked_path(sources, budge
         for i, r in enumerate(rows):
             cont[i, : len(r)] = r
         trees.append(select_tree(cont, 20))
-    probs = [np.minimum.accumulate(t.weights.astype(np.float64)) for t in trees]
+    return trees, [np.minimum.accumulate(t.weights.astype(np.float64)) for t in trees]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(source_trees, st.integers(0, 20), st.sampled_from(["max", "or"]))
+def test_merge_within_budget_and_never_drops_a_higher_ranked_path(sources, budget, combine):
+    trees, probs = source_trees_and_probs(sources)
     merged = merge_trees(trees, probs, budget, combine)
     assert len(merged) <= budget
     paths = node_paths(merged)
@@ -186,14 +192,7 @@ def test_merged_drafter_trees_are_prefix_closed_within_budget(context, budget, t
 def test_extension_needs_only_the_first_budget_candidates(sources, budget, rows):
     """MergedDrafter offers the extension only the ``budget`` best merged candidates: the rest can
     never be taken, so the tree equals the one extended from every candidate."""
-    trees = []
-    for paths, pad in sources:
-        width = max(len(r) for r in paths)
-        cont = np.full((len(paths) + pad, width), -1, np.int32)
-        for i, r in enumerate(paths):
-            cont[i, : len(r)] = r
-        trees.append(select_tree(cont, 20))
-    probs = [np.minimum.accumulate(t.weights.astype(np.float64)) for t in trees]
+    trees, probs = source_trees_and_probs(sources)
     table = np.asarray([r if r[0] != r[1] else [r[0], -1] for r in rows], np.int32)
     hit_rates = np.array([0.5, 0.2])
     every = extend_best_first(merge_trees(trees, probs, 10**6, "or"), 0, table, hit_rates, budget, 6)
