@@ -17,6 +17,7 @@ from restspec.draft import (
     node_outcomes,
     select_tree,
 )
+from restspec.draft.merge import _merge_paths
 from restspec.draft.tree import DraftTree
 
 
@@ -183,19 +184,20 @@ def test_merged_drafter_trees_are_prefix_closed_within_budget(context, budget, t
     assert paths == node_paths(again)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     source_trees,
     st.integers(1, 12),
     st.lists(st.lists(st.integers(0, 3), min_size=2, max_size=2), min_size=4, max_size=4),
 )
 def test_extension_needs_only_the_first_budget_candidates(sources, budget, rows):
-    """MergedDrafter offers the extension only the ``budget`` best merged candidates: the rest can
-    never be taken, so the tree equals the one extended from every candidate."""
+    """MergedDrafter offers the extension only the ``budget`` best merged candidates (as float64
+    paths and probabilities, ranked exactly as the extension ranks them): the rest can never be
+    taken, so the tree equals the one extended from every candidate."""
     trees, probs = source_trees_and_probs(sources)
     table = np.asarray([r if r[0] != r[1] else [r[0], -1] for r in rows], np.int32)
     hit_rates = np.array([0.5, 0.2])
-    every = extend_best_first(merge_trees(trees, probs, 10**6, "or"), 0, table, hit_rates, budget, 6)
-    first = extend_best_first(merge_trees(trees, probs, budget, "or"), 0, table, hit_rates, budget, 6)
+    every = extend_best_first(_merge_paths(trees, probs, 10**6, "or"), 0, table, hit_rates, budget, 6)
+    first = extend_best_first(_merge_paths(trees, probs, budget, "or"), 0, table, hit_rates, budget, 6)
     assert node_paths(first) == node_paths(every)
     np.testing.assert_array_equal(first.weights, every.weights)
