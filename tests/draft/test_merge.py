@@ -17,7 +17,7 @@ from restspec.draft import (
     node_outcomes,
     select_tree,
 )
-from restspec.draft.merge import _merge_paths
+from restspec.draft.merge import Calibration, _merge_paths, conditional_weights
 from restspec.draft.tree import DraftTree
 
 
@@ -78,6 +78,23 @@ def test_calibration_learns_that_a_source_is_wrong():
         drafter.propose(np.array([0], np.int32), 2)
         drafter.observe(np.array([0], np.int32), np.array([7]))
     assert drafter.propose(np.array([0], np.int32), 1).tokens.tolist() == [7]
+
+
+def test_calibrated_probability_is_the_product_of_conditional_rates():
+    # a chain 1 -> 2 -> 3; verification accepts node 2 in half of the steps that reach it, and node 3
+    # in half of those that accept node 2: node 3 is accepted in a quarter of all steps
+    chain = DraftTree(np.array([1, 2, 3]), np.array([-1, 0, 1]), np.array([0.9, 0.8, 0.7]))
+    np.testing.assert_allclose(conditional_weights(chain), [0.9, 0.8 / 0.9, 0.7 / 0.8], rtol=1e-6)
+    calibration = Calibration(1)
+    # before any evidence: the source's own path weights
+    np.testing.assert_allclose(calibration.estimate(0, 3, chain), [0.9, 0.8, 0.7], rtol=1e-6)
+    outcomes = [[1, 2, 3, 4], [1, 2, 9], [1, 9], [1, 9]]
+    for _ in range(200):
+        for accepted in outcomes:
+            calibration.update(0, 3, chain, np.array(accepted))
+    estimate = calibration.estimate(0, 3, chain)
+    np.testing.assert_allclose(estimate, [1.0, 0.5, 0.25], atol=0.02)
+    assert (np.diff(estimate) <= 0).all()  # a node never beats its parent
 
 
 source_trees = st.lists(
