@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from restspec.bench.report import (
     write_json,
     write_plot,
 )
-from restspec.bench.runner import BenchRun, TurnRecord, run_bench
+from restspec.bench.runner import BenchRun, TurnRecord, balanced_orders, run_bench
 from restspec.bench.workloads import BenchItem
 from restspec.decode.generate import StepStats
 from restspec.errors import RestspecError
@@ -162,3 +163,26 @@ def test_method_names_are_checked():
     assert parse_methods("plain, pld,plain") == ["plain", "pld"]
     with pytest.raises(RestspecError, match="unknown method 'nope'"):
         parse_methods("plain,nope")
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_balanced_orders_even_out_positions_and_predecessors(n):
+    rows = balanced_orders(n)
+    assert len(rows) == (2 * n if n % 2 else n)
+    per = len(rows) // n  # times each method fills each position, follows each other method
+    for row in rows:
+        assert sorted(row) == list(range(n))
+    for position in range(n):
+        assert Counter(row[position] for row in rows) == dict.fromkeys(range(n), per)
+    pairs = Counter((row[i], row[i + 1]) for row in rows for i in range(n - 1))
+    assert pairs == {(a, b): per for a in range(n) for b in range(n) if a != b}
+
+
+def test_the_runner_varies_the_predecessor_of_every_method(tiny_model, tiny_tokenizer):
+    items = [BenchItem(f"c{i}", "code", ("def f(x):\n",), chat=False) for i in range(6)]
+    methods = [HFGenerateMethod(name, tiny_model, tiny_tokenizer) for name in ("a", "b", "c")]
+    seen: list[str] = []
+    run_bench(items, methods, tiny_tokenizer, max_new_tokens=2, progress=seen.append)
+    order = [s.split(" · ")[1] for s in seen]
+    before_a = {order[i - 1] for i in range(1, len(order)) if order[i] == "a" and i % 3}
+    assert before_a == {"b", "c"}  # a plain rotation would always run "c" just before "a"

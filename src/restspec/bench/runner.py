@@ -1,7 +1,8 @@
 """Run several decoding methods side by side on one workload and one loaded model.
 
-Methods are interleaved per prompt (item 1: every method, item 2: every method, ...), with the
-method order rotated from item to item, so machine noise and cache warmth hit all methods alike.
+Methods are interleaved per prompt (item 1: every method, item 2: every method, ...), in an order
+that changes from item to item so that machine noise and what the method before left behind hit
+all methods alike (:func:`balanced_orders`).
 Every method gets exactly the same prompt ids for an item's first turn; later turns of a chat item
 follow the method's own earlier answers (as a user of that method would see them).
 """
@@ -119,6 +120,31 @@ def warm_up(methods: Sequence[BenchMethod], tokenizer: Any, *, max_new_tokens: i
         method.generate(ids, max_new_tokens, 0.0)
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` methods (a Williams design): over all rows every method takes every position
+    equally often and follows every other method equally often (once for even ``n``, over ``2 n``
+    rows twice for odd ``n``).
+
+    A plain rotation keeps each method behind the same neighbour on every item, and a method can
+    slow the one after it: on HumanEval, forwards of the method run right after REST's 65-wide trees
+    took 3-4 ms longer than the same forwards after a method with narrow trees
+    (docs/benchmarks.md, "Order effects")."""
+    if n < 1:
+        return []
+    first = [0]
+    low, high = 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(start + shift) % n for start in first] for shift in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
 def run_bench(
     items: Sequence[BenchItem],
     methods: Sequence[BenchMethod],
@@ -127,12 +153,13 @@ def run_bench(
     max_new_tokens: int,
     temperature: float = 0.0,
     progress: Callable[[str], None] | None = None,
-    rotate: bool = True,
+    balanced: bool = True,
     reference: str = "plain",
     on_item: Callable[[BenchRun], None] | None = None,
 ) -> BenchRun:
     """Run every method on every item, interleaved per item; returns every turn's record.
 
+    ``balanced``: vary the method order by item (:func:`balanced_orders`), else always as given.
     ``progress(description)`` is called after each (item, method) pair. ``identical`` compares every
     turn's output ids with the ``reference`` method's (plain greedy by default). ``on_item(run)`` is
     called after every item with the records so far (to save partial results of a long run).
@@ -145,9 +172,9 @@ def run_bench(
     if len(set(names)) != len(names):
         raise RestspecError(f"methods must have distinct names, got {names}")
     run = BenchRun(list(names), temperature, max_new_tokens, reference=reference)
+    orders = balanced_orders(len(methods)) if balanced else [list(range(len(methods)))]
     for index, item in enumerate(items):
-        shift = index % len(methods) if rotate else 0
-        order = list(methods[shift:]) + list(methods[:shift])
+        order = [methods[i] for i in orders[index % len(orders)]]
         outputs: dict[str, list[tuple[int, TurnOutput]]] = {}
         for method in order:
             messages: list[dict[str, str]] = []
