@@ -125,9 +125,10 @@ def balanced_orders(n: int) -> list[list[int]]:
     equally often and follows every other method equally often (once for even ``n``, over ``2 n``
     rows twice for odd ``n``).
 
-    A plain rotation keeps each method behind the same neighbour on every item, and a method can
-    slow the one after it: on HumanEval, forwards of the method run right after REST's 65-wide trees
-    took 3-4 ms longer than the same forwards after a method with narrow trees
+    A plain rotation keeps each method behind the same neighbour on every item, so anything a
+    method leaves behind is charged to the same next method every time: in HumanEval runs where
+    restspec always ran right after REST (64-node trees), its narrow forwards took 2-4 ms longer
+    than SuffixDecoding's at the same widths, and not in runs without REST just before it
     (docs/benchmarks.md, "Order effects")."""
     if n < 1:
         return []
