@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from replay_refs import VOCAB, OracleDrafter, reference
 
@@ -19,12 +21,15 @@ def test_fixed_budget_oracle_is_timed_by_the_curve():
     assert r.speedup == pytest.approx(10 * 1.0 / 4.0)  # against one token per 1.0 s
 
 
-def test_policy_table_lists_every_policy():
-    refs = [
+def two_refs():
+    return [
         reference("a", [1, 2, 3, 1, 2], [3, 1, 2, 3, 1, 2, 3, 4]),
         reference("b", [5, 6], [5, 6, 5, 6, 7]),
     ]
-    table = policy_table(refs, [], VOCAB, LatencyCurve.reference())
+
+
+def test_policy_table_lists_every_policy():
+    table = policy_table(two_refs(), [], VOCAB, LatencyCurve.reference())
     rows = table.splitlines()[2:]
     assert [r.split(" | ")[1] for r in rows[:8]] == [
         "adaptive, at most 8",
@@ -39,3 +44,11 @@ def test_policy_table_lists_every_policy():
     assert "REST (datastore only) | fixed 64" in table
     speedups = [float(r.rstrip("x |").split("| ")[-1]) for r in rows]
     assert all(s > 0 for s in speedups)
+
+
+def test_policy_table_without_arctic_inference_leaves_out_its_row(monkeypatch):
+    # the optional extra is missing: None in sys.modules makes its import raise ImportError
+    monkeypatch.setitem(sys.modules, "arctic_inference.suffix_decoding", None)
+    table = policy_table(two_refs(), [], VOCAB, LatencyCurve.reference())
+    assert "REST (datastore only) | fixed 64" in table
+    assert "SuffixDecoding" not in table
