@@ -12,16 +12,35 @@ from restspec.decode.budget import (
     CORRECTION_REFIT_STEPS,
     AdaptiveBudget,
     BudgetPolicy,
+    CpuSnapshot,
     LatencyCurve,
     WeightCalibration,
     best_budget,
     calibration_path,
+    cores_busy_elsewhere,
+    cpu_snapshot,
     load_or_calibrate,
     read_calibration,
 )
 from restspec.draft.tree import DraftTree
 
 WEIGHTS = [0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1, 0.05]
+
+
+def snapshots(monkeypatch, other_cores: float) -> None:
+    """Fake CPU counters: each snapshot 10 s after the last, this process busy on 2 cores and other
+    processes on ``other_cores``."""
+    clock = iter(range(0, 10_000, 10))
+
+    def snapshot():
+        t = float(next(clock))
+        return CpuSnapshot(t, (2.0 + other_cores) * t, 2.0 * t)
+
+    monkeypatch.setattr(budget_module, "cpu_snapshot", snapshot)
+
+
+def quiet_machine(monkeypatch) -> None:
+    snapshots(monkeypatch, other_cores=0.0)
 
 
 def chain(weights):
@@ -154,7 +173,7 @@ def test_weight_calibration_tells_depths_apart():
 
 def test_calibration_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
-    monkeypatch.setattr(budget_module, "_load_per_core", lambda: 0.5)
+    quiet_machine(monkeypatch)
     calls = []
 
     def measure(width):
@@ -196,7 +215,7 @@ def test_for_model_calibrates_once_with_the_decode_forward(tiny_model, tiny_toke
     from restspec.models import LoadedModel
 
     monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
-    monkeypatch.setattr(budget_module, "_load_per_core", lambda: 0.5)
+    quiet_machine(monkeypatch)
     probe = ForwardLatencyProbe(tiny_model, past_len=20)
     for width in (1, 9, 3):
         assert probe(width) > 0
@@ -215,15 +234,39 @@ def test_for_model_calibrates_once_with_the_decode_forward(tiny_model, tiny_toke
 
 def test_calibration_on_a_busy_machine_is_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
-    monkeypatch.setattr(budget_module, "_load_per_core", lambda: 4.0)
+    snapshots(monkeypatch, other_cores=1.0)  # another process kept one core busy all along
     curve = load_or_calibrate("tiny-model", "float32", lambda w: 0.05 + 0.01 * w, max_width=9)
     assert curve.sizes[-1] == 9
     assert not calibration_path("tiny-model", "float32").exists()
+    snapshots(monkeypatch, other_cores=0.1)  # background noise only: cached
+    load_or_calibrate("tiny-model", "float32", lambda w: 0.05 + 0.01 * w, max_width=9)
+    assert calibration_path("tiny-model", "float32").exists()
+
+
+def test_without_proc_stat_the_load_average_decides(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(budget_module, "cpu_snapshot", lambda: CpuSnapshot(0.0, None, 0.0))
+    monkeypatch.setattr(budget_module, "_load_per_core", lambda: 4.0)
+    load_or_calibrate("tiny-model", "float32", lambda w: 0.05 + 0.01 * w, max_width=9)
+    assert not calibration_path("tiny-model", "float32").exists()
+    monkeypatch.setattr(budget_module, "_load_per_core", lambda: 0.5)
+    load_or_calibrate("tiny-model", "float32", lambda w: 0.05 + 0.01 * w, max_width=9)
+    assert calibration_path("tiny-model", "float32").exists()
+
+
+def test_cores_busy_elsewhere_is_all_busy_time_less_our_own():
+    # 10 s: every process together busy for 25 CPU-seconds, this one for 18 -> others 0.7 cores
+    start, end = CpuSnapshot(100.0, 1000.0, 50.0), CpuSnapshot(110.0, 1025.0, 68.0)
+    assert cores_busy_elsewhere(start, end) == pytest.approx(0.7)
+    assert cores_busy_elsewhere(start, CpuSnapshot(110.0, None, 68.0)) is None
+    now = cpu_snapshot()  # the real counters: this process's time is part of the busy time
+    if now.busy is not None:
+        assert now.busy >= now.own > 0
 
 
 def test_a_corrupt_calibration_is_measured_again(tmp_path, monkeypatch):
     monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
-    monkeypatch.setattr(budget_module, "_load_per_core", lambda: 0.5)
+    quiet_machine(monkeypatch)
     path = calibration_path("tiny-model", "float32")
     path.parent.mkdir(parents=True)
     path.write_text('{"curve": 3}')

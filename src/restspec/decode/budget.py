@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +76,16 @@ CALIBRATION_PAST_LEN = 320
 """Cache length the calibration forwards run on (a typical prompt plus part of an answer)."""
 CALIBRATION_ROUNDS = 7
 """Rounds over all sizes (interleaved, so machine noise hits all sizes alike); the median is kept."""
+BUSY_OTHER_CORES = 0.25
+"""A calibration during which other processes (and, on a virtual machine, the hypervisor's steal)
+kept more than this many cores busy on average is used but not cached: forwards slowed by other
+work would mis-shape the curve for every later run. Read from ``/proc/stat`` less this process's own
+CPU time. The load average missed such a case: a test suite started next to a calibration on the
+2-core machine cached a curve of 188 ms for one input (about 55 ms on the quiet machine), because
+the 1-minute average had not yet risen."""
 BUSY_LOAD_PER_CORE = 1.5
-"""A calibration measured while the load average per core exceeds this is used but not cached:
-forwards slowed by other processes would mis-shape the curve for every later run."""
+"""Where there is no ``/proc/stat``: a calibration measured while the load average per core exceeds
+this is used but not cached."""
 CALIBRATION_SEED = 0
 """Seed of the random token ids the calibration forwards run on (latency does not depend on them)."""
 CALIBRATION_KNOTS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -226,6 +234,48 @@ def _load_per_core() -> float:
         return 0.0
 
 
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU time counters at one moment, in seconds."""
+
+    wall: float
+    busy: float | None
+    """CPU time every process has spent busy since boot (user, system, interrupts, and time the
+    hypervisor stole), from ``/proc/stat``; None where the OS has none."""
+    own: float
+    """CPU time of this process (all its threads)."""
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    times = os.times()
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            # cpu  user nice system idle iowait irq softirq steal ...
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        busy: float | None = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        busy = None
+    return CpuSnapshot(time.monotonic(), busy, times.user + times.system)
+
+
+def cores_busy_elsewhere(start: CpuSnapshot, end: CpuSnapshot) -> float | None:
+    """Cores that other processes (and the hypervisor) kept busy on average between two snapshots;
+    None where the OS does not tell."""
+    wall = end.wall - start.wall
+    if start.busy is None or end.busy is None or wall <= 0:
+        return None
+    return max((end.busy - start.busy) - (end.own - start.own), 0.0) / wall
+
+
+def _measured_while_busy(start: CpuSnapshot) -> bool:
+    """Whether other work competed for the CPU since ``start`` (:data:`BUSY_OTHER_CORES`, else
+    :data:`BUSY_LOAD_PER_CORE`)."""
+    elsewhere = cores_busy_elsewhere(start, cpu_snapshot())
+    if elsewhere is None:
+        return _load_per_core() > BUSY_LOAD_PER_CORE
+    return elsewhere > BUSY_OTHER_CORES
+
+
 def calibration_path(model_name: str, dtype: str, key: dict | None = None, *, fast: bool = True) -> Path:
     """``$RESTSPEC_CACHE/latency/<model>-<dtype>-<hash of machine key, kernels>.json``."""
     key = machine_key() if key is None else key
@@ -280,7 +330,7 @@ def load_or_calibrate(
     """The cached calibration for this machine + model + dtype (+ ``fast`` kernels or not), measuring
     (and caching) it if missing.
 
-    A calibration taken on a busy machine (load per core above :data:`BUSY_LOAD_PER_CORE`) is
+    A calibration taken while other work competed for the CPU (:data:`BUSY_OTHER_CORES`) is
     returned but not cached."""
     path = calibration_path(model_name, dtype, fast=fast)
     if not recalibrate and path.is_file():
@@ -291,9 +341,9 @@ def load_or_calibrate(
         except ValueError:
             pass  # unreadable cache: measure again
     sizes = sorted({s for s in CALIBRATION_SIZES if s < max_width} | {1, max_width})
-    load_before = _load_per_core()
+    start = cpu_snapshot()
     curve = calibrate(measure, sizes)
-    if max(load_before, _load_per_core()) > BUSY_LOAD_PER_CORE:
+    if _measured_while_busy(start):
         return curve  # measured on a busy machine: use it now, measure again next time
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -562,8 +612,6 @@ class ForwardLatencyProbe:
             prefill(model, self.cache, self._prompt[:-1], self.layout)
 
     def __call__(self, width: int) -> float:
-        import time
-
         from restspec.decode.verify import compact_cache, forward_tree
 
         if not 1 <= width <= len(self._nodes) + 1:
