@@ -10,6 +10,8 @@ import pytest
 
 from restspec.bench.methods import HFGenerateMethod, TurnOutput, parse_methods
 from restspec.bench.report import (
+    compare,
+    render_compare_table,
     render_markdown,
     render_table,
     render_width_table,
@@ -100,9 +102,42 @@ def test_table_renders(tiny_run):
     assert "plain" in text and "pld" in text and "chat" in text
 
 
-def _record(method, ids, seconds, forwards, identical=None, category="c"):
+def _record(method, ids, seconds, forwards, identical=None, category="c", item="i", turn=0):
     out = TurnOutput(np.asarray(ids, np.int32), seconds, forwards, 0.0, seconds / 2, 0.0)
-    return TurnRecord("i", category, 0, method, 5, out, identical)
+    return TurnRecord(item, category, turn, method, 5, out, identical)
+
+
+def test_paired_comparison_worked_example():
+    # tokens / seconds per item; item b has two turns, which count together (6 + 4 tokens in 2 s)
+    #            restspec    suffix
+    #   a (x)    10 / 1 s    10 / 2 s
+    #   b (x)    10 / 2 s    10 / 1 s
+    #   c (y)    20 / 1 s    20 / 2 s
+    run = BenchRun(["restspec", "suffix"], 0.0, 32)
+    for method, seconds in [("restspec", (1.0, 1.0, 1.0, 1.0)), ("suffix", (2.0, 0.5, 0.5, 2.0))]:
+        run.records += [
+            _record(method, range(10), seconds[0], 1, category="x", item="a"),
+            _record(method, range(6), seconds[1], 1, category="x", item="b"),
+            _record(method, range(4), seconds[2], 1, category="x", item="b", turn=1),
+            _record(method, range(20), seconds[3], 1, category="y", item="c"),
+        ]
+    rows = {(c.against, c.category): c for c in compare(run)}
+    assert set(rows) == {("suffix", "all"), ("suffix", "x"), ("suffix", "y")}
+    overall = rows["suffix", "all"]
+    assert overall.ratio == pytest.approx((40 / 4) / (40 / 5))  # ratios of sums, as the table
+    assert (overall.items, overall.faster) == (3, 2)
+    assert overall.low <= overall.ratio <= overall.high
+    assert overall.low < 1.0  # three items, one of them lost: a redraw can lose overall
+    assert rows["suffix", "x"].ratio == pytest.approx(1.0)
+    assert (rows["suffix", "x"].items, rows["suffix", "x"].faster) == (2, 1)
+    only = rows["suffix", "y"]  # one item: every redraw is that item
+    assert only.low == pytest.approx(2.0) and only.high == pytest.approx(2.0)
+    assert compare(run, "pld") == []  # not in the run: nothing to compare
+    assert compare(run) == compare(run)  # seeded: the same intervals every time
+    text = render_markdown([], compare(run))
+    assert "| restspec | suffix | y | 2.000 | 2.000-2.000 | 1/1 |" in text
+    assert render_compare_table(compare(run)).row_count == 3
+    assert to_json(run, summarize(run))["comparisons"][0]["against"] == "suffix"
 
 
 def test_figures_are_ratios_of_sums():

@@ -16,10 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from restspec.bench.runner import BenchRun, TurnRecord
 
 BASELINE = "plain"
 TIME_PARTS = ("draft", "forward", "accept", "other")
+OURS = "restspec"
+"""The method the paired comparison (:func:`compare`) sets against every other method of a run."""
+COMPARE_RESAMPLES = 2000
+"""Bootstrap resamples behind each paired comparison's interval."""
 WIDTH_EDGES: tuple[int, ...] = (1, 2, 4, 7, 10, 14, 18, 26, 34, 66)
 """Lowest forward width (root + verified nodes) of each group the per-width figures collect steps in:
 1, 2-3, 4-6, ..., 34-65, 66 and wider."""
@@ -183,11 +189,95 @@ def summarize(run: BenchRun) -> list[MethodSummary]:
     return out
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """One method's speed over another's on the same items, with the spread a different draw of items
+    would give: is a lead larger than what the choice of prompts explains?"""
+
+    method: str
+    against: str
+    category: str
+    """A workload category, or "all"."""
+    ratio: float
+    """tokens/s of ``method`` over ``against``'s on the same turns (ratios of sums, as the table)."""
+    low: float
+    high: float
+    """95 % bootstrap interval of ``ratio``: items drawn with replacement (an item's turns stay
+    together, both methods keep the same draw), :data:`COMPARE_RESAMPLES` times."""
+    items: int
+    faster: int
+    """Items on which ``method`` was faster (tokens/s of the item's turns together)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "against": self.against,
+            "category": self.category,
+            "ratio": round(self.ratio, 4),
+            "low": round(self.low, 4),
+            "high": round(self.high, 4),
+            "items": self.items,
+            "faster": self.faster,
+        }
+
+
+def compare(run: BenchRun, method: str = OURS, *, seed: int = 0) -> list[Comparison]:
+    """``method`` against every other method of ``run``, overall and per category (empty when
+    ``method`` was not run). The interval covers the choice of items, not the machine's drift
+    between runs: run-to-run spread comes on top."""
+    if method not in run.methods:
+        return []
+    # per (method, item): [tokens, seconds], items in run order
+    sums: dict[str, dict[str, list[float]]] = {m: {} for m in run.methods}
+    category: dict[str, str] = {}
+    for r in run.records:
+        cell = sums[r.method].setdefault(r.item_id, [0.0, 0.0])
+        cell[0] += len(r.output.output_ids)
+        cell[1] += r.output.elapsed_s
+        category[r.item_id] = r.category
+    rng = np.random.default_rng(seed)
+    groups = {"all": list(category)}
+    if len(set(category.values())) > 1:
+        for item, cat in category.items():
+            groups.setdefault(cat, []).append(item)
+    out = []
+    for other in run.methods:
+        if other == method:
+            continue
+        for name, items in groups.items():
+            items = [i for i in items if i in sums[method] and i in sums[other]]
+            if not items:
+                continue
+            a = np.asarray([sums[method][i] for i in items])  # (items, [tokens, seconds])
+            b = np.asarray([sums[other][i] for i in items])
+            draws = rng.integers(0, len(items), size=(COMPARE_RESAMPLES, len(items)))
+            a_draw, b_draw = a[draws].sum(axis=1), b[draws].sum(axis=1)  # (resamples, 2)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = (a_draw[:, 0] / a_draw[:, 1]) / (b_draw[:, 0] / b_draw[:, 1])
+                per_item = (a[:, 0] / a[:, 1]) / (b[:, 0] / b[:, 1])
+            total_a, total_b = a.sum(axis=0), b.sum(axis=0)
+            low, high = np.nanpercentile(ratios, [2.5, 97.5])
+            out.append(
+                Comparison(
+                    method,
+                    other,
+                    name,
+                    float((total_a[0] / total_a[1]) / (total_b[0] / total_b[1])),
+                    float(low),
+                    float(high),
+                    len(items),
+                    int((per_item > 1).sum()),
+                )
+            )
+    return out
+
+
 def to_json(run: BenchRun, summaries: Sequence[MethodSummary]) -> dict[str, Any]:
     """``{"methods": [{"method", "tokens_per_s", "speedup", "mean_accepted", "exact", "categories"}]}``
-    plus ``config``, ``machine`` and one record per turn."""
+    plus ``comparisons`` (:func:`compare`), ``config``, ``machine`` and one record per turn."""
     return {
         "methods": [s.to_json() for s in summaries],
+        "comparisons": [c.to_json() for c in compare(run)],
         "config": run.config_json(),
         "machine": run.machine,
         "turns": [r.to_json() for r in run.records],
@@ -247,7 +337,6 @@ def write_plot(path: str | Path, summaries: Sequence[MethodSummary], *, title: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +378,37 @@ def write_plot(path: str | Path, summaries: Sequence[MethodSummary], *, title: s
     plt.close(fig)
 
 
+COMPARE_COLUMNS = ("method", "against", "category", "ratio", "95 % interval", "faster on")
+
+
+def _compare_cells(comparisons: Sequence[Comparison]) -> list[list[str]]:
+    return [
+        [
+            c.method,
+            c.against,
+            c.category,
+            f"{c.ratio:.3f}",
+            f"{c.low:.3f}-{c.high:.3f}",
+            f"{c.faster}/{c.items}",
+        ]
+        for c in comparisons
+    ]
+
+
+def render_compare_table(comparisons: Sequence[Comparison]) -> Any:
+    """A rich Table of :func:`compare`'s rows: a ratio whose interval holds 1.0 is no lead."""
+    from rich.table import Table
+
+    table = Table(title="paired: tokens/s ratio on the same items, 95 % interval over items")
+    for i, col in enumerate(COMPARE_COLUMNS):
+        table.add_column(col, justify="left" if i < 3 else "right", no_wrap=i < 2)
+    rows = _compare_cells(comparisons)
+    for i, cells in enumerate(rows):
+        last = i == len(rows) - 1 or rows[i + 1][1] != cells[1]
+        table.add_row(*cells, end_section=last)
+    return table
+
+
 WIDTH_COLUMNS = ("method", "inputs", "steps %", "mean inputs", "forward ms", "step ms", "tok/step")
 
 
@@ -323,9 +443,9 @@ def render_width_table(summaries: Sequence[MethodSummary], *, title: str = "step
     return table
 
 
-def render_markdown(summaries: Sequence[MethodSummary]) -> str:
+def render_markdown(summaries: Sequence[MethodSummary], comparisons: Sequence[Comparison] = ()) -> str:
     """The figures as Markdown tables, for docs/benchmarks.md: one row per method and category, then
-    (if any method ran restspec's loop) the steps by forward width."""
+    (if any method ran restspec's loop) the steps by forward width, then the paired comparisons."""
     multi = any(len(s.categories) > 1 for s in summaries)
     lines = [
         "| method | category | tok/s | speedup | tok/step | exact | draft/fwd/acc/other % |",
@@ -345,4 +465,8 @@ def render_markdown(summaries: Sequence[MethodSummary]) -> str:
         lines += ["", "| " + " | ".join(WIDTH_COLUMNS) + " |"]
         lines.append("|---|---|" + "---:|" * (len(WIDTH_COLUMNS) - 2))
         lines += ["| " + " | ".join(cells) + " |" for cells in widths]
+    if comparisons:
+        lines += ["", "| " + " | ".join(COMPARE_COLUMNS) + " |"]
+        lines.append("|---|---|---|" + "---:|" * (len(COMPARE_COLUMNS) - 3))
+        lines += ["| " + " | ".join(cells) + " |" for cells in _compare_cells(comparisons)]
     return "\n".join(lines) + "\n"

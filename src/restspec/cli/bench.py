@@ -125,6 +125,8 @@ def bench(
 
     from restspec.bench.methods import MethodContext, build_methods, parse_methods
     from restspec.bench.report import (
+        compare,
+        render_compare_table,
         render_markdown,
         render_table,
         render_width_table,
@@ -224,11 +226,14 @@ def bench(
     console.print(render_table(summaries, title=title))
     if any(summary.by_width for summary in summaries):
         console.print(render_width_table(summaries))
+    comparisons = compare(run)
+    if comparisons:
+        console.print(render_compare_table(comparisons))
     if json_path is not None:
         err.print(f"wrote {json_path}")
     if markdown_path is not None:
         markdown_path.parent.mkdir(parents=True, exist_ok=True)
-        markdown_path.write_text(render_markdown(summaries), encoding="utf-8")
+        markdown_path.write_text(render_markdown(summaries, comparisons), encoding="utf-8")
         err.print(f"wrote {markdown_path}")
     if plot_path is not None:
         write_plot(plot_path, summaries, title=title)
