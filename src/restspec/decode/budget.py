@@ -81,7 +81,7 @@ BUSY_OTHER_CORES = 0.25
 kept more than this many cores busy on average is used but not cached: forwards slowed by other
 work would mis-shape the curve for every later run. Read from ``/proc/stat`` less this process's own
 CPU time. The load average missed such a case: a test suite started next to a calibration on the
-2-core machine cached a curve of 188 ms for one input (about 55 ms on the quiet machine), because
+2-core machine cached a curve of 188 ms for one input (39 ms measured again on the quiet machine), because
 the 1-minute average had not yet risen."""
 BUSY_LOAD_PER_CORE = 1.5
 """Where there is no ``/proc/stat``: a calibration measured while the load average per core exceeds
