@@ -171,6 +171,35 @@ def test_weight_calibration_tells_depths_apart():
     assert g[1] == pytest.approx(0.1, abs=0.05)
 
 
+def test_weight_calibration_statistics_follow_their_definition():
+    # per step: x[d] = the interpolation coefficients of the depth-(d+1) nodes on their bucket's knots,
+    # summed; y[d] = 1 if the step accepted d+1 drafts; xtx = decay * xtx + x.T x, xty likewise
+    rng = np.random.default_rng(2)
+    knots = np.asarray(budget_module.CALIBRATION_KNOTS)
+    edges = budget_module.CALIBRATION_DEPTH_EDGES
+    size = len(knots) * (len(edges) + 1)
+    cal = WeightCalibration()
+    xtx, xty = np.zeros((size, size)), np.zeros(size)
+    for _ in range(20):
+        n = int(rng.integers(1, 14))
+        parents = np.array([int(rng.integers(-1, i)) for i in range(n)])
+        tree = DraftTree(np.arange(n), parents, rng.random(n))
+        accepted = int(rng.integers(0, n + 1))
+        x = np.zeros((int(tree.depths.max()), size))
+        for w, d in zip(tree.weights.astype(np.float64), tree.depths, strict=True):
+            lo = min(int(np.searchsorted(knots, w, side="right")), len(knots) - 1) - 1
+            t = (w - knots[lo]) / (knots[lo + 1] - knots[lo])
+            column = int(np.searchsorted(edges, d, side="right")) * len(knots) + lo
+            x[d - 1, column] += 1 - t
+            x[d - 1, column + 1] += t
+        y = (np.arange(1, len(x) + 1) <= accepted).astype(np.float64)
+        xtx = budget_module.CORRECTION_DECAY * xtx + x.T @ x
+        xty = budget_module.CORRECTION_DECAY * xty + x.T @ y
+        cal.observe(tree, accepted)
+        np.testing.assert_allclose(cal._xtx, xtx, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(cal._xty, xty, rtol=1e-12, atol=1e-12)
+
+
 def test_calibration_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
     quiet_machine(monkeypatch)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from restspec.draft import RecycleDrafter, TreeLogits
 from restspec.draft.recycle import best_first_template, top_k_rows
@@ -89,3 +91,19 @@ def test_top_k_rows_matches_tree_logits_top_candidates():
     assert top_k_rows(logits, 8).tolist() == expected.tolist()
     # ties keep the lower id first; k above V gives V columns (like top_candidates)
     assert top_k_rows(np.array([[1.0, 3.0, 3.0]]), 5).tolist() == [[1, 2, 0]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 700),
+    st.integers(1, 12),
+    st.integers(1, 6),
+    st.integers(0, 2**32 - 1),
+)
+def test_top_k_rows_is_a_stable_top_k_when_blocks_are_skipped(vocab, k, levels, seed):
+    # few distinct values (many ties, -inf among them) over vocabularies of many blocks
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([[-np.inf], np.arange(levels - 1, dtype=np.float32)])
+    logits = rng.choice(values, size=(3, vocab)).astype(np.float32)
+    expected = np.argsort(-logits, axis=1, kind="stable")[:, : min(k, vocab)]
+    assert top_k_rows(logits, k).tolist() == expected.tolist()

@@ -50,6 +50,48 @@ def test_lookup_respects_min_len_and_max_rows():
     assert found.continuations.tolist() == [[4], [3]]  # the two most recent
 
 
+def brute_force_lookup(buffer, query, end, max_len, min_len, m, max_rows):
+    """The definition, one occurrence at a time: (length, rows)."""
+    buffer, query = buffer.tolist(), query.tolist()
+    limit = len(buffer) if end is None else min(end, len(buffer))
+    found: dict[int, list[int]] = {}
+    for length in range(min(max_len, len(query)), min_len - 1, -1):
+        suffix = query[-length:]
+        found[length] = [q for q in range(length - 1, limit - 1) if buffer[q - length + 1 : q + 1] == suffix]
+        if found[length]:
+            rows = []
+            for q in reversed(found[length][-max_rows:]):
+                row = []
+                for t in buffer[q + 1 : q + 1 + m]:
+                    if t < 0:
+                        break
+                    row.append(t)
+                rows.append(row + [-1] * (m - len(row)))
+            return length, rows
+    return 0, []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(-1, 3), max_size=60),
+    st.lists(st.integers(0, 3), min_size=1, max_size=12),
+    st.one_of(st.none(), st.integers(0, 70)),
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.integers(1, 5),
+    st.integers(1, 8),
+)
+def test_lookup_matches_the_brute_force_definition(buffer, query, end, max_len, min_len, m, max_rows):
+    min_len = min(min_len, max_len)
+    found = longest_suffix_continuations(
+        ids(*buffer), ids(*query), end=end, max_len=max_len, min_len=min_len, m=m, max_rows=max_rows
+    )
+    length, rows = brute_force_lookup(ids(*buffer), ids(*query), end, max_len, min_len, m, max_rows)
+    assert found.length == length
+    assert found.continuations.tolist() == rows
+    assert found.continuations.shape == (len(rows), m)
+
+
 def test_context_drafter_builds_a_tree_from_all_earlier_occurrences():
     # context: a b X c | a b Y | a b  (a=1 b=2 X=3 c=4 Y=5): "a b" occurred twice before the end,
     # followed by [Y a] and [X c]: root children Y and X, each with one child

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numba as nb
 import numpy as np
 
 from restspec.draft.tree import DraftTree
@@ -361,14 +362,72 @@ def load_or_calibrate(
     return curve
 
 
-def _knot_segments(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where each weight lies on :data:`CALIBRATION_KNOTS`: (int[n] index of the knot below it,
-    float[n] fraction of the way to the next knot). A piecewise-linear g is then
-    ``(1 - t) * g[lo] + t * g[lo + 1]``."""
-    knots = np.asarray(CALIBRATION_KNOTS)
-    w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, 1.0)
-    lo = np.clip(np.searchsorted(knots, w, side="right"), 1, len(knots) - 1) - 1
-    return lo, (w - knots[lo]) / (knots[lo + 1] - knots[lo])
+_KNOTS = np.asarray(CALIBRATION_KNOTS, dtype=np.float64)
+_DEPTH_EDGES = np.asarray(CALIBRATION_DEPTH_EDGES, dtype=np.int64)
+
+
+@nb.njit(cache=True)
+def _knot_columns(weights, depths, knots, edges):  # pragma: no cover - compiled
+    """Where each node lies on the piecewise-linear maps: (int64[n] column ``bucket * len(knots) +
+    lo`` of the knot below its weight in its depth bucket's row, float64[n] fraction ``t`` of the way
+    to the next knot). A map g is then ``(1 - t) * g[column] + t * g[column + 1]``; the bucket is the
+    number of ``edges`` at or below the depth, ``lo`` the number of knots at or below the weight
+    (clipped to [0, 1]) less one, kept inside the last segment."""
+    n = len(weights)
+    k = len(knots)
+    columns = np.empty(n, np.int64)
+    fractions = np.empty(n, np.float64)
+    for i in range(n):
+        w = min(max(np.float64(weights[i]), 0.0), 1.0)
+        lo = 0
+        while lo < k and knots[lo] <= w:
+            lo += 1
+        lo = min(max(lo, 1), k - 1) - 1
+        bucket = 0
+        while bucket < len(edges) and edges[bucket] <= depths[i]:
+            bucket += 1
+        columns[i] = bucket * k + lo
+        fractions[i] = (w - knots[lo]) / (knots[lo + 1] - knots[lo])
+    return columns, fractions
+
+
+@nb.njit(cache=True)
+def _interpolate(values, columns, fractions):  # pragma: no cover - compiled
+    out = np.empty(len(columns), np.float64)
+    for i in range(len(columns)):
+        out[i] = (1.0 - fractions[i]) * values[columns[i]] + fractions[i] * values[columns[i] + 1]
+    return out
+
+
+@nb.njit(cache=True)
+def _accumulate(xtx, xty, decay, columns, fractions, depths, accepted):  # pragma: no cover - compiled
+    """``xtx = decay * xtx + x.T @ x`` and ``xty = decay * xty + x.T @ y`` in place, for the design
+    rows x (per depth, the interpolation coefficients of its nodes, summed) and y (1 for the depths
+    the step accepted). x has two entries per node, so only those products are formed."""
+    size = len(xty)
+    x = np.zeros((depths.max(), size), np.float64)
+    for i in range(len(columns)):
+        x[depths[i] - 1, columns[i]] += 1.0 - fractions[i]
+        x[depths[i] - 1, columns[i] + 1] += fractions[i]
+    gram = np.zeros((size, size), np.float64)
+    moment = np.zeros(size, np.float64)
+    used = np.empty(size, np.int64)
+    for d in range(len(x)):
+        n_used = 0
+        for c in range(size):
+            if x[d, c] != 0.0:
+                used[n_used] = c
+                n_used += 1
+        for a in range(n_used):
+            ca = used[a]
+            if d < accepted:
+                moment[ca] += x[d, ca]
+            for b in range(n_used):
+                gram[ca, used[b]] += x[d, ca] * x[d, used[b]]
+    for a in range(size):
+        xty[a] = decay * xty[a] + moment[a]
+        for b in range(size):
+            xtx[a, b] = decay * xtx[a, b] + gram[a, b]
 
 
 class WeightCalibration:
@@ -402,28 +461,16 @@ class WeightCalibration:
 
     def __call__(self, weights: np.ndarray, depths: np.ndarray) -> np.ndarray:
         """float64[n]: calibrated probabilities of nodes with these ``weights`` at these ``depths``."""
-        lo, t = _knot_segments(weights)
-        buckets = _depth_buckets(depths)
-        return (1.0 - t) * self.values[buckets, lo] + t * self.values[buckets, lo + 1]
+        columns, fractions = _knot_columns(weights, depths, _KNOTS, _DEPTH_EDGES)
+        return _interpolate(self.values.reshape(-1), columns, fractions)
 
     def observe(self, tree: DraftTree, accepted: int) -> None:
         """``tree``: the nodes verified in a step; ``accepted``: how many draft tokens it accepted."""
         if len(tree) == 0:
             return
         depths = tree.depths
-        size = self._prior.size
-        lo, t = _knot_segments(tree.weights)
-        # x: (depth, bucket * knot), the interpolation coefficients of a depth's nodes, summed
-        column = (depths - 1) * size + _depth_buckets(depths) * len(CALIBRATION_KNOTS) + lo
-        max_depth = int(depths.max())
-        x = np.bincount(
-            np.concatenate([column, column + 1]), np.concatenate([1.0 - t, t]), minlength=max_depth * size
-        ).reshape(max_depth, size)
-        y = (np.arange(1, max_depth + 1) <= accepted).astype(np.float64)
-        self._xtx *= CORRECTION_DECAY
-        self._xtx += x.T @ x
-        self._xty *= CORRECTION_DECAY
-        self._xty += x.T @ y
+        columns, fractions = _knot_columns(tree.weights, depths, _KNOTS, _DEPTH_EDGES)
+        _accumulate(self._xtx, self._xty, CORRECTION_DECAY, columns, fractions, depths, accepted)
         self._steps += 1
         if self._steps % CORRECTION_REFIT_STEPS == 0:
             self._refit()
@@ -434,11 +481,6 @@ class WeightCalibration:
         theta = np.clip(np.linalg.solve(a, b), 0.0, 1.0).reshape(self.values.shape)
         seen = np.diag(a).reshape(self.values.shape)
         self.values = np.stack([_isotonic(t, w) for t, w in zip(theta, seen, strict=True)])
-
-
-def _depth_buckets(depths: np.ndarray) -> np.ndarray:
-    """int[n]: the :data:`CALIBRATION_DEPTH_EDGES` bucket of each depth (depth 1 -> 0)."""
-    return np.searchsorted(CALIBRATION_DEPTH_EDGES, np.asarray(depths), side="right")
 
 
 def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Suffix lookup in a token buffer: the longest context suffix that occurs in it, and what followed.
 
 Used by the drafters that search text they hold in memory (the request's own context, past
-outputs). Pure numpy over int32 arrays; documents in a buffer are separated by -1, which never
+outputs). A compiled scan over int32 arrays; documents in a buffer are separated by -1, which never
 equals a token, so a match or a continuation never spans two documents.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba as nb
 import numpy as np
 
 SEPARATOR = -1
@@ -50,21 +51,52 @@ def longest_suffix_continuations(
     q_len = min(max_len, len(query))
     if q_len < min_len or limit < 2 or len(query) == 0:
         return Lookup.none(m)
-    # (n,): candidate end positions of a match: the query's last token, followed by >= 1 token
-    ends = np.flatnonzero(buffer[: limit - 1] == query[-1])
-    if len(ends) == 0:
-        return Lookup.none(m)
-    # (n, q_len): buffer[end - j] vs query[-1 - j], matched while every earlier j matched too
-    back = ends[:, None] - np.arange(q_len)[None, :]
-    reversed_query = query[::-1][:q_len]
-    equal = (buffer[np.maximum(back, 0)] == reversed_query[None, :]) & (back >= 0)
-    lengths = np.logical_and.accumulate(equal, axis=1).sum(axis=1)
-    best = int(lengths.max())
+    best, rows = _lookup(
+        np.ascontiguousarray(buffer, dtype=np.int32),
+        np.array(query[-q_len:], dtype=np.int32),  # a writable copy: one compiled signature for all
+        limit,
+        min_len,
+        m,
+        max_rows,
+    )
+    return Lookup(best, rows) if best else Lookup.none(m)
+
+
+@nb.njit(cache=True)
+def _lookup(buffer, query, limit, min_len, m, max_rows):  # pragma: no cover - compiled
+    """:func:`longest_suffix_continuations` over ``query`` (the suffix of at most max_len tokens):
+    (length of the longest match, int32[n, m] continuations, most recent first); (0, empty) if the
+    longest is shorter than ``min_len``."""
+    q_len = len(query)
+    last = query[q_len - 1]
+    best = 0
+    count = 0  # occurrences of the best length so far
+    lengths = np.zeros(limit, np.int64)
+    for q in range(limit - 1):  # an occurrence ends at q and has at least one token after it
+        if buffer[q] != last:
+            continue
+        length = 1
+        while length < q_len and q - length >= 0 and buffer[q - length] == query[q_len - 1 - length]:
+            length += 1
+        lengths[q] = length
+        if length > best:
+            best = length
+            count = 0
+        if length == best:
+            count += 1
     if best < min_len:
-        return Lookup.none(m)
-    chosen = ends[lengths == best][-max_rows:][::-1]  # most recent first
-    # (n, m): the tokens after each occurrence, -1 past the buffer or after a separator
-    ahead = chosen[:, None] + 1 + np.arange(m)[None, :]
-    rows = np.where(ahead < len(buffer), buffer[np.minimum(ahead, len(buffer) - 1)], SEPARATOR)
-    rows = np.where(np.logical_and.accumulate(rows >= 0, axis=1), rows, SEPARATOR)
-    return Lookup(best, rows.astype(np.int32))
+        return 0, np.zeros((0, m), np.int32)
+    rows = np.full((min(count, max_rows), m), SEPARATOR, np.int32)
+    r = 0
+    for q in range(limit - 2, -1, -1):  # the most recent first
+        if r == len(rows):
+            break
+        if lengths[q] != best:
+            continue
+        for t in range(m):  # the tokens after it, up to the buffer's end or a separator
+            pos = q + 1 + t
+            if pos >= len(buffer) or buffer[pos] < 0:
+                break
+            rows[r, t] = buffer[pos]
+        r += 1
+    return best, rows

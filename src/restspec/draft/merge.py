@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numba as nb
 import numpy as np
 
 from restspec.draft.base import Drafter, TreeLogits
@@ -36,23 +37,39 @@ WEIGHT_BUCKETS = 10
 """A source's own weight is bucketed in tenths."""
 
 
+@nb.njit(cache=True)
+def _outcomes(tokens, parents, accepted):  # pragma: no cover - compiled
+    """(known, hit) bool[n] as :func:`node_outcomes` returns them."""
+    n = len(tokens)
+    known = np.zeros(n, np.bool_)
+    hit = np.zeros(n, np.bool_)
+    depth = np.zeros(n, np.int64)
+    for i in range(n):
+        p = parents[i]
+        depth[i] = 1 if p < 0 else depth[p] + 1
+        if depth[i] <= len(accepted) and (p < 0 or hit[p]):
+            known[i] = True
+            hit[i] = tokens[i] == accepted[depth[i] - 1]
+    return known, hit
+
+
 def node_outcomes(tree: DraftTree, accepted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Which nodes verification settled, and which of those were accepted.
 
     ``accepted``: the tokens the step gained (accepted drafts + the model's next token), so the
     model's choice is known at depths 1..len(accepted). Returns (known bool[n], hit bool[n]): a node
     is known when its parent was hit (or it hangs below the root) and its depth <= len(accepted)."""
-    n = len(tree)
-    known = np.zeros(n, bool)
-    hit = np.zeros(n, bool)
-    acc = np.asarray(accepted).tolist()
-    depths = tree.depths
-    for i, (tok, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist(), strict=True)):
-        d = int(depths[i])
-        if d <= len(acc) and (parent < 0 or hit[parent]):
-            known[i] = True
-            hit[i] = tok == acc[d - 1]
-    return known, hit
+    return _outcomes(tree.tokens, tree.parents, np.asarray(accepted, dtype=np.int64))
+
+
+@nb.njit(cache=True)
+def _conditional(weights, parents):  # pragma: no cover - compiled
+    n = len(weights)
+    out = np.empty(n, np.float64)
+    for i in range(n):
+        above = np.float64(weights[parents[i]]) if parents[i] >= 0 else 1.0
+        out[i] = min(max(np.float64(weights[i]) / max(above, 1e-12), 0.0), 1.0)
+    return out
 
 
 def conditional_weights(tree: DraftTree) -> np.ndarray:
@@ -60,19 +77,48 @@ def conditional_weights(tree: DraftTree) -> np.ndarray:
 
     A retrieving source weighs a node by the share of occurrences that followed its whole path, so
     this is the share of those that followed the parent and went on to the node."""
-    weights = tree.weights.astype(np.float64)
-    parents = tree.parents
-    above = np.where(parents >= 0, weights[np.maximum(parents, 0)], 1.0)
-    return np.clip(weights / np.maximum(above, 1e-12), 0.0, 1.0)
+    return _conditional(tree.weights, tree.parents)
 
 
-def path_products(rates: np.ndarray, parents: np.ndarray) -> np.ndarray:
-    """float64[n]: the product of ``rates`` over each node's path from the root (parents first)."""
-    out = rates.tolist()
-    for i, parent in enumerate(parents.tolist()):
-        if parent >= 0:
-            out[i] *= out[parent]
-    return np.asarray(out, dtype=np.float64)
+@nb.njit(cache=True)
+def _bins(weights, parents):  # pragma: no cover - compiled
+    """(depth bucket, weight bucket, conditional weight) of every node."""
+    n = len(weights)
+    conditional = _conditional(weights, parents)
+    depth = np.zeros(n, np.int64)
+    depth_bin = np.empty(n, np.int64)
+    weight_bin = np.empty(n, np.int64)
+    for i in range(n):
+        depth[i] = 1 if parents[i] < 0 else depth[parents[i]] + 1
+        depth_bin[i] = min(depth[i], MAX_DEPTH_BUCKET) - 1
+        weight_bin[i] = min(int(conditional[i] * WEIGHT_BUCKETS), WEIGHT_BUCKETS - 1)
+    return depth_bin, weight_bin, conditional
+
+
+@nb.njit(cache=True)
+def _estimate(hits, trials, strength, scale, weights, parents):  # pragma: no cover - compiled
+    """Calibrated path probabilities: the product of the nodes' (hits + strength * prior) / (trials +
+    strength) rates from the root down (``hits``, ``trials``: one match-length bin's tables)."""
+    depth_bin, weight_bin, conditional = _bins(weights, parents)
+    out = np.empty(len(weights), np.float64)
+    for i in range(len(weights)):
+        prior = min(scale * conditional[i], 1.0)
+        h = hits[depth_bin[i], weight_bin[i]]
+        t = trials[depth_bin[i], weight_bin[i]]
+        rate = min(max((h + strength * prior) / (t + strength), 0.0), 1.0)
+        out[i] = rate * out[parents[i]] if parents[i] >= 0 else rate
+    return out
+
+
+@nb.njit(cache=True)
+def _update(hits, trials, weights, tokens, parents, accepted):  # pragma: no cover - compiled
+    known, hit = _outcomes(tokens, parents, accepted)
+    depth_bin, weight_bin, _ = _bins(weights, parents)
+    for i in range(len(tokens)):
+        if known[i]:
+            trials[depth_bin[i], weight_bin[i]] += 1.0
+        if hit[i]:
+            hits[depth_bin[i], weight_bin[i]] += 1.0
 
 
 class Calibration:
@@ -99,32 +145,35 @@ class Calibration:
         if self.scales.shape != (n_sources,) or (self.scales <= 0).any():
             raise ValueError(f"scales must be {n_sources} positive numbers, got {scales}")
 
-    def _bins(self, match_length: int, tree: DraftTree) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        """(match-length bin, depth bins, weight bins, conditional weights) of ``tree``'s nodes."""
-        length_bin = int(np.searchsorted(MATCH_LENGTH_EDGES, match_length, side="right"))
-        depth_bin = np.minimum(tree.depths, MAX_DEPTH_BUCKET) - 1
-        conditional = conditional_weights(tree)
-        weight_bin = np.minimum((conditional * WEIGHT_BUCKETS).astype(np.int64), WEIGHT_BUCKETS - 1)
-        return length_bin, depth_bin, weight_bin, conditional
+    def _length_bin(self, match_length: int) -> int:
+        return int(np.searchsorted(MATCH_LENGTH_EDGES, match_length, side="right"))
 
     def estimate(self, source: int, match_length: int, tree: DraftTree) -> np.ndarray:
         """float64[n]: calibrated probability that verification accepts each node (its whole path)."""
         if len(tree) == 0:
             return np.zeros(0)
-        length_bin, depth_bin, weight_bin, conditional = self._bins(match_length, tree)
-        hits = self.hits[source, length_bin, depth_bin, weight_bin]
-        trials = self.trials[source, length_bin, depth_bin, weight_bin]
-        prior = np.minimum(self.scales[source] * conditional, 1.0)
-        rate = np.clip((hits + self.strength * prior) / (trials + self.strength), 0.0, 1.0)
-        return path_products(rate, tree.parents)
+        length_bin = self._length_bin(match_length)
+        return _estimate(
+            self.hits[source, length_bin],
+            self.trials[source, length_bin],
+            self.strength,
+            float(self.scales[source]),
+            tree.weights,
+            tree.parents,
+        )
 
     def update(self, source: int, match_length: int, tree: DraftTree, accepted: np.ndarray) -> None:
         if len(tree) == 0:
             return
-        known, hit = node_outcomes(tree, accepted)
-        length_bin, depth_bin, weight_bin, _ = self._bins(match_length, tree)
-        np.add.at(self.trials[source, length_bin], (depth_bin[known], weight_bin[known]), 1.0)
-        np.add.at(self.hits[source, length_bin], (depth_bin[hit], weight_bin[hit]), 1.0)
+        length_bin = self._length_bin(match_length)
+        _update(
+            self.hits[source, length_bin],
+            self.trials[source, length_bin],
+            tree.weights,
+            tree.tokens,
+            tree.parents,
+            np.asarray(accepted, dtype=np.int64),
+        )
 
 
 def merge_trees(

@@ -32,26 +32,45 @@ TEMPLATE_REFRESH = 64
 """Rebuild the template after this many new hit observations."""
 
 
+TOP_K_BLOCK = 64
+"""Logits per block in :func:`top_k_rows`: once k candidates are held, a block whose maximum does not
+beat the k-th is skipped after one pass over it (most of a row's 49152 logits on SmolLM2)."""
+
+
+@nb.njit(cache=True, inline="always")
+def _block_max(row, start, stop):  # pragma: no cover - compiled
+    best = row[start]
+    for v in range(start + 1, stop):
+        x = row[v]
+        best = x if x > best else best
+    return best
+
+
 @nb.njit(cache=True)
-def _top_k_rows_kernel(logits, k):  # pragma: no cover - compiled
+def _top_k_rows_kernel(logits, k, block):  # pragma: no cover - compiled
     n, vocab = logits.shape
     out = np.empty((n, k), np.int32)
     best = np.empty(k, np.float32)
     for r in range(n):
+        row = logits[r]
         size = 0
-        for v in range(vocab):
-            x = logits[r, v]
-            if size == k and not x > best[k - 1]:  # the common case: one comparison per token
-                continue
-            i = size if size < k else k - 1
-            if size < k:
-                size += 1
-            while i > 0 and best[i - 1] < x:  # insertion: equal values keep the lower id first
-                best[i] = best[i - 1]
-                out[r, i] = out[r, i - 1]
-                i -= 1
-            best[i] = x
-            out[r, i] = v
+        for start in range(0, vocab, block):
+            stop = min(start + block, vocab)
+            if size == k and not _block_max(row, start, stop) > best[k - 1]:
+                continue  # nothing in this block enters the top k
+            for v in range(start, stop):
+                x = row[v]
+                if size == k and not x > best[k - 1]:  # the common case: one comparison per token
+                    continue
+                i = size if size < k else k - 1
+                if size < k:
+                    size += 1
+                while i > 0 and best[i - 1] < x:  # insertion: equal values keep the lower id first
+                    best[i] = best[i - 1]
+                    out[r, i] = out[r, i - 1]
+                    i -= 1
+                best[i] = x
+                out[r, i] = v
         for i in range(size, k):
             out[r, i] = -1
     return out
@@ -63,7 +82,31 @@ def top_k_rows(logits: np.ndarray, k: int) -> np.ndarray:
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D [n, V], got shape {logits.shape}")
-    return _top_k_rows_kernel(logits, min(k, logits.shape[1]))
+    return _top_k_rows_kernel(logits, min(k, logits.shape[1]), TOP_K_BLOCK)
+
+
+@nb.njit(cache=True)
+def _refresh_rows(table, hits, inputs, top):  # pragma: no cover - compiled
+    """Score, then overwrite, the table rows of ``inputs`` with their new top candidates ``top``.
+
+    For each input whose row was known before the step (rows read before any is written, so a token
+    verified twice is scored against its old row both times), ``hits[r]`` counts old rank r holding
+    the new top-1. Returns how many inputs had a known row."""
+    n, width = top.shape
+    old = np.empty((n, table.shape[1]), table.dtype)
+    for r in range(n):
+        old[r] = table[inputs[r]]
+    known = 0
+    for r in range(n):
+        if old[r, 0] < 0:
+            continue
+        known += 1
+        for rank in range(old.shape[1]):
+            if old[r, rank] == top[r, 0]:
+                hits[rank] += 1.0
+    for r in range(n):  # in order: a token verified twice keeps its last row
+        table[inputs[r], :width] = top[r]
+    return known
 
 
 def best_first_template(
@@ -177,20 +220,14 @@ class RecycleDrafter:
             return
         inputs = np.asarray(logits.input_ids, dtype=np.int64)
         valid = (inputs >= 0) & (inputs < self.vocab_size)
-        inputs = inputs[valid]
-        rows = logits.logits if valid.all() else logits.logits[valid]
-        top = top_k_rows(rows, self.k)  # (n, k) best first
+        rows = logits.logits
+        if not valid.all():
+            inputs, rows = inputs[valid], rows[valid]
         if len(inputs) == 0:
             return
-        old = self.table[inputs]  # (n, k), before the update
-        known = old[:, 0] >= 0
-        if known.any():
-            # (n_known, k): old rank r holds the model's new top-1
-            hit = old[known] == top[known, :1]
-            self.hits += hit.sum(axis=0)
-            self.trials += int(known.sum())
-            self._since_refresh += int(known.sum())
-        self.table[inputs, : top.shape[1]] = top
+        known = _refresh_rows(self.table, self.hits, inputs, top_k_rows(rows, self.k))
+        self.trials += known
+        self._since_refresh += known
 
     def _learn_pairs(self, context: np.ndarray, accepted: np.ndarray) -> None:
         """Without logits: move each observed next token to the front of its predecessor's row."""

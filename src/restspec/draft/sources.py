@@ -222,6 +222,7 @@ class HistoryDrafter:
         for out in self._outputs:
             parts.extend((out, np.array([SEPARATOR], np.int32)))
         self._buffer = np.concatenate(parts)
+        self._buffer.setflags(write=False)  # read-only like the generate loop's context (one compiled lookup)
 
     def flush(self) -> None:
         """Append the outputs gathered since the last flush to ``persist`` as one shard."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numba as nb
 import numpy as np
 
 
@@ -24,6 +25,31 @@ def _frozen_int32(values: np.ndarray | list[int]) -> np.ndarray:
     arr = np.ascontiguousarray(values, dtype=np.int32)
     arr.setflags(write=False)
     return arr
+
+
+@nb.njit(cache=True)
+def _first_violation(tokens, parents, weights):  # pragma: no cover - compiled
+    """(code, index) of the first broken invariant, (0, -1) if none: 1 weight outside [0, 1] or not
+    finite, 2 negative token, 3 parent not before its node, 4 two siblings with one token. One
+    compiled pass: drafters build several trees per decoding step."""
+    n = len(tokens)
+    for i in range(n):
+        if not (weights[i] >= 0.0 and weights[i] <= 1.0):
+            return 1, i
+    for i in range(n):
+        if tokens[i] < 0:
+            return 2, i
+    for i in range(n):
+        if parents[i] < -1 or parents[i] >= i:
+            return 3, i
+    pairs = np.empty(n, np.int64)
+    for i in range(n):
+        pairs[i] = np.int64(parents[i]) * (np.int64(1) << 32) + tokens[i]
+    pairs.sort()
+    for i in range(1, n):
+        if pairs[i] == pairs[i - 1]:
+            return 4, i
+    return 0, -1
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,19 +74,16 @@ class DraftTree:
             weights = np.ascontiguousarray(self.weights, dtype=np.float32)
         if weights.shape != tokens.shape:
             raise ValueError(f"weights must have shape {tokens.shape}, got {weights.shape}")
-        if n and ((weights < 0).any() or (weights > 1).any() or not np.isfinite(weights).all()):
-            raise ValueError(f"weights must lie in [0, 1], got {weights.min()}..{weights.max()}")
         weights.setflags(write=False)
-        if n:
-            if (tokens < 0).any():
-                raise ValueError(f"token ids must be >= 0, got {tokens.min()}")
-            bad = np.flatnonzero((parents < -1) | (parents >= np.arange(n)))
-            if len(bad):
-                i = int(bad[0])
-                raise ValueError(f"parents[{i}]={parents[i]} must be -1 or a node before {i}")
-            pairs = parents.astype(np.int64) * (1 << 32) + tokens
-            if len(np.unique(pairs)) != n:
-                raise ValueError("two sibling nodes carry the same token; merge identical paths")
+        code, i = _first_violation(tokens, parents, weights) if n else (0, -1)
+        if code == 1:
+            raise ValueError(f"weights must lie in [0, 1], got {weights.min()}..{weights.max()}")
+        if code == 2:
+            raise ValueError(f"token ids must be >= 0, got {tokens.min()}")
+        if code == 3:
+            raise ValueError(f"parents[{i}]={parents[i]} must be -1 or a node before {i}")
+        if code == 4:
+            raise ValueError("two sibling nodes carry the same token; merge identical paths")
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "parents", parents)
         object.__setattr__(self, "weights", weights)
