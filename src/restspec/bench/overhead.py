@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import pickle
 import sys
 import time
@@ -185,10 +184,11 @@ def replay(trace: Trace, datastores: list[Any]) -> Replay:
 
 
 def trace_path(workload: str, limit: int, per_category: bool, max_new_tokens: int) -> Path:
-    root = Path(os.environ.get("RESTSPEC_CACHE") or Path.home() / ".cache" / "restspec")
+    from restspec.datastore.default import cache_dir
+
     name = Path(workload).stem if workload != "humaneval" else workload
     per = "-per-category" if per_category else ""
-    return root / "overhead" / f"{name}-{limit}{per}x{max_new_tokens}.pkl"
+    return cache_dir() / "overhead" / f"{name}-{limit}{per}x{max_new_tokens}.pkl"
 
 
 def main(argv: list[str] | None = None) -> int:

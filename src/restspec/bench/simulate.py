@@ -59,8 +59,9 @@ class Reference:
 
 def cache_dir() -> Path:
     """Where recorded references live: ``$RESTSPEC_CACHE/simulate`` (default ``~/.cache/restspec``)."""
-    root = os.environ.get("RESTSPEC_CACHE") or Path.home() / ".cache" / "restspec"
-    return Path(root) / "simulate"
+    from restspec.datastore.default import cache_dir as cache_root
+
+    return cache_root() / "simulate"
 
 
 def _load_model():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from restspec.draft.base import TreeLogits
-from restspec.draft.tree import DraftTree
+from restspec.draft.tree import DraftTree, node_depths
 from restspec.errors import RestspecError
 
 
@@ -77,12 +77,11 @@ def suffix_draft_to_tree(token_ids: list[int], parents: list[int], probs: list[f
         return DraftTree.empty()
     parents_arr = np.asarray(parents, dtype=np.int64)
     probs_arr = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
-    depth = np.zeros(n, dtype=np.int64)
-    for i in range(n):  # Arctic emits parents before children; depth needs that order
-        p = int(parents_arr[i])
-        if p >= i:
-            raise ValueError(f"suffix draft: parents[{i}]={p} does not precede node {i}")
-        depth[i] = 1 if p < 0 else depth[p] + 1
+    late = np.flatnonzero(parents_arr >= np.arange(n))
+    if len(late):  # Arctic emits parents before children; depth needs that order
+        i = int(late[0])
+        raise ValueError(f"suffix draft: parents[{i}]={parents_arr[i]} does not precede node {i}")
+    depth = node_depths(parents_arr)
     # falling probability, then shallower first, then original order: parents (prob >= child's) first
     order = np.lexsort((np.arange(n), depth, -probs_arr))
     new_index = np.empty(n, dtype=np.int64)

@@ -196,11 +196,6 @@ def best_budget(
     return int(np.argmax(value))
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("RESTSPEC_CACHE") or Path.home() / ".cache" / "restspec"
-    return Path(root)
-
-
 def cpu_model_name() -> str:
     """The CPU's model name from /proc/cpuinfo, else the platform's machine type."""
     import platform
@@ -283,7 +278,9 @@ def calibration_path(model_name: str, dtype: str, key: dict | None = None, *, fa
     blob = json.dumps({"machine": key, "version": CALIBRATION_VERSION, "fast": fast}, sort_keys=True).encode()
     digest = hashlib.sha256(blob).hexdigest()[:12]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_name)
-    return _cache_root() / "latency" / f"{safe}-{dtype}-{digest}.json"
+    from restspec.datastore.default import cache_dir
+
+    return cache_dir() / "latency" / f"{safe}-{dtype}-{digest}.json"
 
 
 def calibrate(

@@ -38,18 +38,16 @@ WEIGHT_BUCKETS = 10
 
 
 @nb.njit(cache=True)
-def _outcomes(tokens, parents, accepted):  # pragma: no cover - compiled
+def _outcomes(tokens, parents, depths, accepted):  # pragma: no cover - compiled
     """(known, hit) bool[n] as :func:`node_outcomes` returns them."""
     n = len(tokens)
     known = np.zeros(n, np.bool_)
     hit = np.zeros(n, np.bool_)
-    depth = np.zeros(n, np.int64)
     for i in range(n):
         p = parents[i]
-        depth[i] = 1 if p < 0 else depth[p] + 1
-        if depth[i] <= len(accepted) and (p < 0 or hit[p]):
+        if depths[i] <= len(accepted) and (p < 0 or hit[p]):
             known[i] = True
-            hit[i] = tokens[i] == accepted[depth[i] - 1]
+            hit[i] = tokens[i] == accepted[depths[i] - 1]
     return known, hit
 
 
@@ -59,7 +57,7 @@ def node_outcomes(tree: DraftTree, accepted: np.ndarray) -> tuple[np.ndarray, np
     ``accepted``: the tokens the step gained (accepted drafts + the model's next token), so the
     model's choice is known at depths 1..len(accepted). Returns (known bool[n], hit bool[n]): a node
     is known when its parent was hit (or it hangs below the root) and its depth <= len(accepted)."""
-    return _outcomes(tree.tokens, tree.parents, np.asarray(accepted, dtype=np.int64))
+    return _outcomes(tree.tokens, tree.parents, tree.depths, np.asarray(accepted, dtype=np.int64))
 
 
 @nb.njit(cache=True)
@@ -81,25 +79,23 @@ def conditional_weights(tree: DraftTree) -> np.ndarray:
 
 
 @nb.njit(cache=True)
-def _bins(weights, parents):  # pragma: no cover - compiled
+def _bins(weights, parents, depths):  # pragma: no cover - compiled
     """(depth bucket, weight bucket, conditional weight) of every node."""
     n = len(weights)
     conditional = _conditional(weights, parents)
-    depth = np.zeros(n, np.int64)
     depth_bin = np.empty(n, np.int64)
     weight_bin = np.empty(n, np.int64)
     for i in range(n):
-        depth[i] = 1 if parents[i] < 0 else depth[parents[i]] + 1
-        depth_bin[i] = min(depth[i], MAX_DEPTH_BUCKET) - 1
+        depth_bin[i] = min(depths[i], MAX_DEPTH_BUCKET) - 1
         weight_bin[i] = min(int(conditional[i] * WEIGHT_BUCKETS), WEIGHT_BUCKETS - 1)
     return depth_bin, weight_bin, conditional
 
 
 @nb.njit(cache=True)
-def _estimate(hits, trials, strength, scale, weights, parents):  # pragma: no cover - compiled
+def _estimate(hits, trials, strength, scale, weights, parents, depths):  # pragma: no cover - compiled
     """Calibrated path probabilities: the product of the nodes' (hits + strength * prior) / (trials +
     strength) rates from the root down (``hits``, ``trials``: one match-length bin's tables)."""
-    depth_bin, weight_bin, conditional = _bins(weights, parents)
+    depth_bin, weight_bin, conditional = _bins(weights, parents, depths)
     out = np.empty(len(weights), np.float64)
     for i in range(len(weights)):
         prior = min(scale * conditional[i], 1.0)
@@ -111,9 +107,9 @@ def _estimate(hits, trials, strength, scale, weights, parents):  # pragma: no co
 
 
 @nb.njit(cache=True)
-def _update(hits, trials, weights, tokens, parents, accepted):  # pragma: no cover - compiled
-    known, hit = _outcomes(tokens, parents, accepted)
-    depth_bin, weight_bin, _ = _bins(weights, parents)
+def _update(hits, trials, weights, tokens, parents, depths, accepted):  # pragma: no cover - compiled
+    known, hit = _outcomes(tokens, parents, depths, accepted)
+    depth_bin, weight_bin, _ = _bins(weights, parents, depths)
     for i in range(len(tokens)):
         if known[i]:
             trials[depth_bin[i], weight_bin[i]] += 1.0
@@ -160,6 +156,7 @@ class Calibration:
             float(self.scales[source]),
             tree.weights,
             tree.parents,
+            tree.depths,
         )
 
     def update(self, source: int, match_length: int, tree: DraftTree, accepted: np.ndarray) -> None:
@@ -172,6 +169,7 @@ class Calibration:
             tree.weights,
             tree.tokens,
             tree.parents,
+            tree.depths,
             np.asarray(accepted, dtype=np.int64),
         )
 

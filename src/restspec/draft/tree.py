@@ -28,6 +28,15 @@ def _frozen_int32(values: np.ndarray | list[int]) -> np.ndarray:
 
 
 @nb.njit(cache=True)
+def node_depths(parents):  # pragma: no cover - compiled
+    """int32[n]: 1 for children of the root, parent's depth + 1 below (parents precede children)."""
+    depths = np.empty(len(parents), np.int32)
+    for i in range(len(parents)):
+        depths[i] = 1 if parents[i] < 0 else depths[parents[i]] + 1
+    return depths
+
+
+@nb.njit(cache=True)
 def _first_violation(tokens, parents, weights):  # pragma: no cover - compiled
     """(code, index) of the first broken invariant, (0, -1) if none: 1 weight outside [0, 1] or not
     finite, 2 negative token, 3 parent not before its node, 4 two siblings with one token. One
@@ -110,9 +119,7 @@ class DraftTree:
     @cached_property
     def depths(self) -> np.ndarray:
         """int32[n]: 1 for children of the root, parent's depth + 1 below."""
-        depths = np.zeros(len(self), np.int32)
-        for i, p in enumerate(self.parents.tolist()):
-            depths[i] = 1 if p < 0 else depths[p] + 1
+        depths = node_depths(self.parents)
         depths.setflags(write=False)
         return depths
 
