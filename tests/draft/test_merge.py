@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +19,7 @@ from restspec.draft import (
     node_outcomes,
     select_tree,
 )
-from restspec.draft.merge import Calibration, _merge_paths, conditional_weights
+from restspec.draft.merge import Calibration, Candidates, conditional_weights, merge_candidates
 from restspec.draft.tree import DraftTree
 
 
@@ -214,7 +216,112 @@ def test_extension_needs_only_the_first_budget_candidates(sources, budget, rows)
     trees, probs = source_trees_and_probs(sources)
     table = np.asarray([r if r[0] != r[1] else [r[0], -1] for r in rows], np.int32)
     hit_rates = np.array([0.5, 0.2])
-    every = extend_best_first(_merge_paths(trees, probs, 10**6, "or"), 0, table, hit_rates, budget, 6)
-    first = extend_best_first(_merge_paths(trees, probs, budget, "or"), 0, table, hit_rates, budget, 6)
+    every = extend_best_first(merge_candidates(trees, probs, 10**6, "or"), 0, table, hit_rates, budget, 6)
+    first = extend_best_first(merge_candidates(trees, probs, budget, "or"), 0, table, hit_rates, budget, 6)
     assert node_paths(first) == node_paths(every)
     np.testing.assert_array_equal(first.weights, every.weights)
+
+
+def reference_merge(trees, probs, budget, combine):
+    """The merge by its definition, in Python: (paths, probabilities) sorted by (-p, depth, path)."""
+    miss: dict[tuple[int, ...], float] = {}  # max: -p (the least is the best), or: prod(1 - p)
+    for tree, prob in zip(trees, probs, strict=True):
+        for path, p in zip(node_paths(tree), np.asarray(prob, np.float64).tolist(), strict=True):
+            if combine == "max":
+                miss[path] = min(miss.get(path, -p), -p)
+            else:
+                miss[path] = miss[path] * (1.0 - p) if path in miss else 1.0 - p
+    merged = {path: -x if combine == "max" else 1.0 - x for path, x in miss.items()}
+    for path in sorted(merged, key=len):  # a child never beats its parent
+        if len(path) > 1:
+            merged[path] = min(merged[path], merged[path[:-1]])
+    order = sorted(merged, key=lambda path: (-merged[path], len(path), path))[: max(budget, 0)]
+    return order, [merged[path] for path in order]
+
+
+def reference_extend(cand_paths, cand_probs, root, table, hit_rates, budget, max_depth):
+    """Best-first extension by its definition, with Python's heap over (-p, depth, path, from the
+    table, rank, parent's p) tuples."""
+    vocab, k = table.shape
+    heap = [(-float(p), len(path), path, 0, 0, 0.0) for path, p in zip(cand_paths, cand_probs, strict=True)]
+
+    def offer(parent_path, parent_token, rank, p_parent):
+        if rank >= k or len(parent_path) >= max_depth or not 0 <= parent_token < vocab:
+            return
+        tok = int(table[parent_token, rank])
+        if tok >= 0:
+            p = p_parent * float(hit_rates[rank])
+            heapq.heappush(heap, (-p, len(parent_path) + 1, (*parent_path, tok), 1, rank, p_parent))
+
+    heapq.heapify(heap)
+    offer((), root, 0, 1.0)
+    taken: list[tuple[int, ...]] = []
+    probs: list[float] = []
+    while heap and len(taken) < budget:
+        neg_p, _, path, from_table, rank, p_parent = heapq.heappop(heap)
+        if from_table:
+            offer(path[:-1], path[-2] if len(path) > 1 else root, rank + 1, p_parent)
+        if path in taken or (len(path) > 1 and path[:-1] not in taken):
+            continue
+        taken.append(path)
+        probs.append(-neg_p)
+        offer(path, path[-1], 0, -neg_p)
+    return taken, probs
+
+
+tied_probs = st.sampled_from([1.0, 0.5, 0.5, 0.25, 0.3, 0.125, 0.1])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(source_trees, st.integers(0, 25), st.sampled_from(["max", "or"]), st.data())
+def test_compiled_merge_matches_its_definition_ties_included(sources, budget, combine, data):
+    trees, _ = source_trees_and_probs(sources)
+    # few distinct values, so that equal probabilities (ties by depth, then path) are common
+    probs = [
+        np.minimum.accumulate(np.asarray(data.draw(st.lists(tied_probs, min_size=len(t), max_size=len(t)))))
+        for t in trees
+    ]
+    merged = merge_candidates(trees, probs, budget, combine)
+    paths, expected = reference_merge(trees, probs, budget, combine)
+    tree_paths = node_paths(DraftTree(merged.tokens, merged.parents, np.clip(merged.probs, 0, 1)))
+    assert tree_paths == paths
+    np.testing.assert_array_equal(merged.probs, np.asarray(expected, np.float64))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    source_trees,
+    st.integers(0, 14),
+    st.integers(1, 6),
+    st.lists(st.lists(st.integers(-1, 4), min_size=3, max_size=3), min_size=5, max_size=5),
+    st.lists(st.sampled_from([0.5, 0.25, 0.2, 0.1]), min_size=3, max_size=3),
+    st.integers(-1, 5),
+    st.sampled_from(["max", "or"]),
+)
+def test_compiled_extension_matches_its_definition_ties_included(
+    sources, budget, max_depth, rows, hit_rates, root, combine
+):
+    trees, probs = source_trees_and_probs(sources)
+    table = np.full((5, 3), -1, np.int32)
+    for r, row in enumerate(rows):  # a row lists distinct tokens, best first, then unknowns
+        distinct = list(dict.fromkeys(t for t in row if t >= 0))
+        table[r, : len(distinct)] = distinct
+    candidates = merge_candidates(trees, probs, budget, combine)
+    cand_paths = node_paths(DraftTree(candidates.tokens, candidates.parents, np.clip(candidates.probs, 0, 1)))
+    tree = extend_best_first(candidates, root, table, np.asarray(hit_rates), budget, max_depth)
+    paths, expected = reference_extend(
+        cand_paths, candidates.probs.tolist(), root, table, np.asarray(hit_rates), budget, max_depth
+    )
+    assert node_paths(tree) == paths
+    np.testing.assert_array_equal(tree.weights, np.clip(np.asarray(expected), 0, 1).astype(np.float32))
+
+
+def test_candidates_must_match_their_trees():
+    tree = DraftTree(np.array([1, 2]), np.array([-1, 0]), np.array([0.5, 0.4]))
+    try:
+        merge_candidates([tree], [np.array([0.5])], 4, "max")
+    except ValueError as e:
+        assert "2 nodes got 1 probabilities" in str(e)
+    else:
+        raise AssertionError("a probability array shorter than its tree was accepted")
+    assert isinstance(merge_candidates([], [], 4, "or"), Candidates)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numba as nb
 import numpy as np
@@ -174,6 +175,16 @@ class Calibration:
         )
 
 
+class Candidates(NamedTuple):
+    """Merged nodes in rank order, parents first: ``tokens`` int32[n], ``parents`` int32[n] (index into
+    the same arrays, -1 = below the root), ``probs`` float64[n] (kept in float64, unlike a
+    :class:`DraftTree`'s float32 weights, so that the extension ranks exactly what the merge ranked)."""
+
+    tokens: np.ndarray
+    parents: np.ndarray
+    probs: np.ndarray
+
+
 def merge_trees(
     trees: Sequence[DraftTree], probs: Sequence[np.ndarray], budget: int, combine: str = "max"
 ) -> DraftTree:
@@ -182,55 +193,315 @@ def merge_trees(
     Identical paths become one node with probability max (``combine="max"``) or noisy-or
     (``"or"``: 1 - prod(1 - p)) over the sources. Each ``probs[s]`` must not increase from parent to
     child. Nodes are ordered by probability (descending), depth, then path token ids."""
-    paths, merged = _merge_paths(trees, probs, budget, combine)
-    if not paths:
+    merged = merge_candidates(trees, probs, budget, combine)
+    if len(merged.tokens) == 0:
         return DraftTree.empty()
-    position = {path: rank for rank, path in enumerate(paths)}
-    return DraftTree(
-        np.asarray([path[-1] for path in paths], np.int32),
-        np.asarray([position[path[:-1]] if len(path) > 1 else -1 for path in paths], np.int32),
-        np.clip(np.asarray(merged, np.float32), 0.0, 1.0),
+    return DraftTree(merged.tokens, merged.parents, np.clip(merged.probs.astype(np.float32), 0.0, 1.0))
+
+
+@nb.njit(cache=True)
+def _path_rows(tokens, parents, depths, width):  # pragma: no cover - compiled
+    """int64[n, width]: each node's path from the root (token ids, -1 past its depth); parents first."""
+    n = len(tokens)
+    rows = np.full((n, width), -1, np.int64)
+    for i in range(n):
+        if parents[i] >= 0:
+            rows[i, : depths[i] - 1] = rows[parents[i], : depths[i] - 1]
+        rows[i, depths[i] - 1] = tokens[i]
+    return rows
+
+
+@nb.njit(cache=True, inline="always")
+def _path_less(rows, i, j, depth):  # pragma: no cover - compiled
+    """Path i before path j (both of ``depth`` tokens) in token-id order."""
+    for d in range(depth):
+        if rows[i, d] != rows[j, d]:
+            return rows[i, d] < rows[j, d]
+    return False
+
+
+@nb.njit(cache=True)
+def _merge_kernel(tokens, parents, probs, offsets, budget, noisy_or):  # pragma: no cover - compiled
+    """(tokens, parents, probabilities) of :func:`merge_candidates`: source nodes with one path become
+    one node (found among its parent's children), then the nodes are ranked by (-p, depth, path)."""
+    total = len(tokens)
+    m_tok = np.empty(total, np.int64)
+    m_par = np.empty(total, np.int64)
+    depth = np.empty(total, np.int64)
+    miss = np.empty(total, np.float64)  # max: -p (min is best), or: prod(1 - p)
+    first_child = np.full(total, -1, np.int64)
+    next_sibling = np.full(total, -1, np.int64)
+    ids = np.empty(total, np.int64)  # merged node of every source node
+    root_child = -1
+    n = 0
+    for s in range(len(offsets) - 1):
+        base = offsets[s]
+        for j in range(base, offsets[s + 1]):
+            mp = -1 if parents[j] < 0 else ids[base + parents[j]]
+            tok = tokens[j]
+            p = probs[j]
+            node = root_child if mp < 0 else first_child[mp]
+            while node >= 0 and m_tok[node] != tok:
+                node = next_sibling[node]
+            if node < 0:
+                node = n
+                n += 1
+                m_tok[node] = tok
+                m_par[node] = mp
+                depth[node] = 1 if mp < 0 else depth[mp] + 1
+                miss[node] = 1.0 - p if noisy_or else -p
+                if mp < 0:
+                    next_sibling[node] = root_child
+                    root_child = node
+                else:
+                    next_sibling[node] = first_child[mp]
+                    first_child[mp] = node
+            elif noisy_or:
+                miss[node] *= 1.0 - p
+            else:
+                miss[node] = min(miss[node], -p)
+            ids[j] = node
+    merged = np.empty(n, np.float64)
+    for i in range(n):
+        merged[i] = 1.0 - miss[i] if noisy_or else -miss[i]
+        if m_par[i] >= 0 and merged[i] > merged[m_par[i]]:  # float rounding: a child never beats its parent
+            merged[i] = merged[m_par[i]]
+    width = 1
+    for i in range(n):
+        width = max(width, depth[i])
+    rows = _path_rows(m_tok[:n], m_par[:n], depth[:n], width)
+    order = np.arange(n)
+    for a in range(1, n):  # insertion sort by (-p, depth, path): a few dozen nodes
+        i = order[a]
+        b = a
+        while b > 0:
+            j = order[b - 1]
+            if merged[i] > merged[j] or (
+                merged[i] == merged[j]
+                and (depth[i] < depth[j] or (depth[i] == depth[j] and _path_less(rows, i, j, depth[i])))
+            ):
+                order[b] = j
+                b -= 1
+            else:
+                break
+        order[b] = i
+    order = order[: max(min(budget, n), 0)]
+    rank = np.full(n, -1, np.int64)
+    for r in range(len(order)):
+        rank[order[r]] = r
+    out_tokens = np.empty(len(order), np.int32)
+    out_parents = np.empty(len(order), np.int32)
+    out_probs = np.empty(len(order), np.float64)
+    for r in range(len(order)):
+        i = order[r]
+        out_tokens[r] = m_tok[i]
+        out_parents[r] = -1 if m_par[i] < 0 else rank[m_par[i]]
+        out_probs[r] = merged[i]
+    return out_tokens, out_parents, out_probs
+
+
+def merge_candidates(
+    trees: Sequence[DraftTree], probs: Sequence[np.ndarray], budget: int, combine: str
+) -> Candidates:
+    """:func:`merge_trees` before the conversion to a tree: the first ``budget`` merged nodes in rank
+    order, with float64 probabilities."""
+    if combine not in ("max", "or"):
+        raise ValueError(f"combine={combine!r} must be 'max' or 'or'")
+    if len(trees) != len(probs):
+        raise ValueError(f"got {len(trees)} trees but {len(probs)} probability arrays")
+    sizes = [len(tree) for tree in trees]
+    for size, prob in zip(sizes, probs, strict=True):
+        if len(prob) != size:
+            raise ValueError(f"a tree of {size} nodes got {len(prob)} probabilities")
+    if sum(sizes) == 0 or budget <= 0:
+        return Candidates(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
+    offsets = np.zeros(len(trees) + 1, np.int64)
+    offsets[1:] = np.cumsum(sizes)
+    return Candidates(
+        *_merge_kernel(
+            np.concatenate([tree.tokens for tree in trees]),
+            np.concatenate([tree.parents for tree in trees]),
+            np.concatenate([np.asarray(prob, np.float64) for prob in probs]),
+            offsets,
+            budget,
+            combine == "or",
+        )
     )
 
 
-def _merge_paths(
-    trees: Sequence[DraftTree], probs: Sequence[np.ndarray], budget: int, combine: str
-) -> tuple[list[tuple[int, ...]], list[float]]:
-    """:func:`merge_trees` as (paths, probabilities) in final order."""
-    if combine not in ("max", "or"):
-        raise ValueError(f"combine={combine!r} must be 'max' or 'or'")
-    index: dict[tuple[int, int], int] = {}
-    paths: list[tuple[int, ...]] = []
-    parents: list[int] = []
-    miss: list[float] = []  # max: -p (min is best), or: prod(1 - p)
-    for tree, prob in zip(trees, probs, strict=True):
-        ids: list[int] = []
-        for tok, parent, p in zip(tree.tokens.tolist(), tree.parents.tolist(), prob.tolist(), strict=True):
-            merged_parent = -1 if parent < 0 else ids[parent]
-            key = (merged_parent, tok)
-            node = index.get(key)
-            if node is None:
-                node = index[key] = len(paths)
-                paths.append((paths[merged_parent] if merged_parent >= 0 else ()) + (tok,))
-                parents.append(merged_parent)
-                miss.append(-p if combine == "max" else 1.0 - p)
-            elif combine == "max":
-                miss[node] = min(miss[node], -p)
+@nb.njit(cache=True, inline="always")
+def _entry_less(neg_p, depth, rows, origin, rank, p_parent, a, b):  # pragma: no cover - compiled
+    """Entry a pops before entry b: by (-p, depth, path, from the table, rank, parent's p)."""
+    if neg_p[a] != neg_p[b]:
+        return neg_p[a] < neg_p[b]
+    if depth[a] != depth[b]:
+        return depth[a] < depth[b]
+    for d in range(depth[a]):
+        if rows[a, d] != rows[b, d]:
+            return rows[a, d] < rows[b, d]
+    if origin[a] != origin[b]:
+        return origin[a] < origin[b]
+    if rank[a] != rank[b]:
+        return rank[a] < rank[b]
+    return p_parent[a] < p_parent[b]
+
+
+@nb.njit(cache=True)
+def _extend_kernel(
+    cand_tokens, cand_parents, cand_probs, root, table, hit_rates, budget, max_depth
+):  # pragma: no cover - compiled
+    """(tokens, parents, probabilities) of :func:`extend_best_first`: a heap of entries (a candidate,
+    or a table child offered below a path), popped best first; each taken node offers its row's
+    rank-0 child, each popped table child its parent's next rank."""
+    vocab, k = table.shape
+    c = len(cand_tokens)
+    cand_depths = np.empty(c, np.int64)
+    width = max_depth + 1
+    for i in range(c):
+        cand_depths[i] = 1 if cand_parents[i] < 0 else cand_depths[cand_parents[i]] + 1
+        width = max(width, cand_depths[i] + 1)
+    cap = c + (budget + 2) * (k + 1) + 1
+    neg_p = np.empty(cap, np.float64)
+    depth = np.empty(cap, np.int64)
+    rows = np.full((cap, width), -1, np.int64)
+    origin = np.empty(cap, np.int64)  # 0 = candidate, 1 = table child
+    rank = np.empty(cap, np.int64)
+    p_parent = np.empty(cap, np.float64)
+    heap = np.empty(cap, np.int64)
+    size = 0
+    used = 0
+    cand_rows = _path_rows(cand_tokens, cand_parents, cand_depths, width)
+    for i in range(c):
+        neg_p[used] = -cand_probs[i]
+        depth[used] = cand_depths[i]
+        rows[used] = cand_rows[i]
+        origin[used] = 0
+        rank[used] = 0
+        p_parent[used] = 0.0
+        used += 1
+    taken_tok = np.empty(budget, np.int64)
+    taken_par = np.empty(budget, np.int64)
+    taken_p = np.empty(budget, np.float64)
+    n = 0
+    # heapify the candidates, then push and pop one entry at a time
+    for i in range(used):
+        heap[size] = i
+        size += 1
+        child = size - 1
+        while child > 0:
+            parent = (child - 1) // 2
+            if _entry_less(neg_p, depth, rows, origin, rank, p_parent, heap[child], heap[parent]):
+                heap[child], heap[parent] = heap[parent], heap[child]
+                child = parent
             else:
-                miss[node] *= 1.0 - p
-            ids.append(node)
-    if not paths or budget <= 0:
-        return [], []
-    merged = [-x for x in miss] if combine == "max" else [1.0 - x for x in miss]
-    for i, parent in enumerate(parents):  # guard against float rounding: a child never beats its parent
-        if parent >= 0 and merged[i] > merged[parent]:
-            merged[i] = merged[parent]
-    order = sorted(range(len(paths)), key=lambda i: (-merged[i], len(paths[i]), paths[i]))[:budget]
-    return [paths[i] for i in order], [merged[i] for i in order]
+                break
+    # offers: (source entry whose path is the parent path, length of that prefix, parent token, rank, p)
+    pending_src = np.empty(2, np.int64)
+    pending_len = np.empty(2, np.int64)
+    pending_tok = np.empty(2, np.int64)
+    pending_rank = np.empty(2, np.int64)
+    pending_p = np.empty(2, np.float64)
+    # the root's rank-0 child first
+    pending_src[0] = -1
+    pending_len[0] = 0
+    pending_tok[0] = root
+    pending_rank[0] = 0
+    pending_p[0] = 1.0
+    pending = 1
+    while True:
+        for o in range(pending):  # offer(parent path, parent token, rank, p_parent)
+            length = pending_len[o]
+            tok_parent = pending_tok[o]
+            r = pending_rank[o]
+            if r >= k or length >= max_depth or tok_parent < 0 or tok_parent >= vocab:
+                continue
+            tok = table[tok_parent, r]
+            if tok < 0:
+                continue
+            e = used
+            used += 1
+            neg_p[e] = -(pending_p[o] * hit_rates[r])
+            depth[e] = length + 1
+            if length > 0:
+                rows[e, :length] = rows[pending_src[o], :length]
+            rows[e, length] = tok
+            origin[e] = 1
+            rank[e] = r
+            p_parent[e] = pending_p[o]
+            heap[size] = e
+            size += 1
+            child = size - 1
+            while child > 0:
+                parent = (child - 1) // 2
+                if _entry_less(neg_p, depth, rows, origin, rank, p_parent, heap[child], heap[parent]):
+                    heap[child], heap[parent] = heap[parent], heap[child]
+                    child = parent
+                else:
+                    break
+        pending = 0
+        if size == 0 or n >= budget:
+            break
+        e = heap[0]
+        size -= 1
+        heap[0] = heap[size]
+        parent = 0
+        while True:
+            left = 2 * parent + 1
+            if left >= size:
+                break
+            best = left
+            if left + 1 < size and _entry_less(
+                neg_p, depth, rows, origin, rank, p_parent, heap[left + 1], heap[left]
+            ):
+                best = left + 1
+            if _entry_less(neg_p, depth, rows, origin, rank, p_parent, heap[best], heap[parent]):
+                heap[best], heap[parent] = heap[parent], heap[best]
+                parent = best
+            else:
+                break
+        d = depth[e]
+        if origin[e] == 1:  # the next rank below the same parent
+            pending_src[pending] = e
+            pending_len[pending] = d - 1
+            pending_tok[pending] = rows[e, d - 2] if d > 1 else root
+            pending_rank[pending] = rank[e] + 1
+            pending_p[pending] = p_parent[e]
+            pending += 1
+        # the taken node of the parent path, then of the path itself (-2 = not taken)
+        node = -1
+        for level in range(d - 1):
+            found = -2
+            for t in range(n):
+                if taken_par[t] == node and taken_tok[t] == rows[e, level]:
+                    found = t
+                    break
+            node = found
+            if node == -2:
+                break
+        if node == -2:
+            continue
+        duplicate = False
+        for t in range(n):
+            if taken_par[t] == node and taken_tok[t] == rows[e, d - 1]:
+                duplicate = True
+                break
+        if duplicate:
+            continue
+        taken_tok[n] = rows[e, d - 1]
+        taken_par[n] = node
+        taken_p[n] = -neg_p[e]
+        n += 1
+        pending_src[pending] = e
+        pending_len[pending] = d
+        pending_tok[pending] = rows[e, d - 1]
+        pending_rank[pending] = 0
+        pending_p[pending] = -neg_p[e]
+        pending += 1
+    return taken_tok[:n].astype(np.int32), taken_par[:n].astype(np.int32), taken_p[:n]
 
 
 def extend_best_first(
-    candidates: DraftTree | tuple[list[tuple[int, ...]], list[float]],
+    candidates: DraftTree | Candidates,
     root: int,
     table: np.ndarray,
     hit_rates: np.ndarray,
@@ -239,58 +510,31 @@ def extend_best_first(
 ) -> DraftTree:
     """The ``budget`` most probable nodes among ``candidates`` and their extensions from ``table``.
 
-    ``candidates``: a merged tree (weights = probabilities, non-increasing from parent to child).
-    ``table``: int32[V, k], the model's recent top-k next tokens after each token (-1 = unknown);
-    ``hit_rates``: float[k], probability that the rank-r entry is the model's next token. Every taken
-    node (and the root, token ``root``, probability 1) offers its table row as children with
-    probability p(node) * hit_rates[r]; a child equal to a candidate merges with it (the larger
-    probability wins). Taken best-first, ties by depth then path, so parents precede children.
-    ``candidates`` may also be given as (paths, probabilities), parents first."""
-    import heapq
-
+    ``candidates``: a merged tree (weights = probabilities, non-increasing from parent to child), or
+    :class:`Candidates` from :func:`merge_candidates`. ``table``: int32[V, k], the model's recent top-k
+    next tokens after each token (-1 = unknown); ``hit_rates``: float[k], probability that the rank-r
+    entry is the model's next token. Every taken node (and the root, token ``root``, probability 1)
+    offers its table row as children with probability p(node) * hit_rates[r]; a child equal to a
+    candidate merges with it (the larger probability wins). Taken best-first, ties by depth, then
+    path token ids, then candidates before table children (then lower rank), so parents precede
+    children."""
     if isinstance(candidates, DraftTree):
-        cand_paths: list[tuple[int, ...]] = []
-        for tok, parent in zip(candidates.tokens.tolist(), candidates.parents.tolist(), strict=True):
-            cand_paths.append((cand_paths[parent] if parent >= 0 else ()) + (tok,))
-        cand_probs = candidates.weights.tolist()
-    else:
-        cand_paths, cand_probs = candidates
-    vocab, k = table.shape
-    # heap entries: (-p, depth, path, from_table, rank, p_parent)
-    heap: list[tuple[float, int, tuple[int, ...], int, int, float]] = [
-        (-float(p), len(path), path, 0, 0, 0.0) for path, p in zip(cand_paths, cand_probs, strict=True)
-    ]
-
-    def offer(parent_path: tuple[int, ...], parent_token: int, rank: int, p_parent: float) -> None:
-        if rank >= k or len(parent_path) >= max_depth or not 0 <= parent_token < vocab:
-            return
-        tok = int(table[parent_token, rank])
-        if tok >= 0:
-            p = p_parent * float(hit_rates[rank])
-            heapq.heappush(heap, (-p, len(parent_path) + 1, (*parent_path, tok), 1, rank, p_parent))
-
-    heapq.heapify(heap)
-    offer((), root, 0, 1.0)
-    taken: dict[tuple[int, ...], int] = {}
-    tokens: list[int] = []
-    parents: list[int] = []
-    probs: list[float] = []
-    while heap and len(tokens) < budget:
-        neg_p, _, path, from_table, rank, p_parent = heapq.heappop(heap)
-        if from_table:  # the next rank below the same parent
-            offer(path[:-1], path[-2] if len(path) > 1 else root, rank + 1, p_parent)
-        if path in taken or (len(path) > 1 and path[:-1] not in taken):
-            continue
-        taken[path] = len(tokens)
-        tokens.append(path[-1])
-        parents.append(taken[path[:-1]] if len(path) > 1 else -1)
-        probs.append(-neg_p)
-        offer(path, path[-1], 0, -neg_p)
-    if not tokens:
+        candidates = Candidates(candidates.tokens, candidates.parents, candidates.weights.astype(np.float64))
+    if budget <= 0:
         return DraftTree.empty()
-    return DraftTree(
-        np.asarray(tokens, np.int32), np.asarray(parents, np.int32), np.clip(np.asarray(probs), 0.0, 1.0)
+    tokens, parents, probs = _extend_kernel(
+        np.asarray(candidates.tokens, np.int64),
+        np.asarray(candidates.parents, np.int64),
+        np.asarray(candidates.probs, np.float64),
+        int(root),
+        np.ascontiguousarray(table, np.int32),
+        np.asarray(hit_rates, np.float64),
+        int(budget),
+        int(max_depth),
     )
+    if len(tokens) == 0:
+        return DraftTree.empty()
+    return DraftTree(tokens, parents, np.clip(probs, 0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -376,7 +620,7 @@ class MergedDrafter:
             return merge_trees(trees, probs, budget, self.config.combine)
         # a candidate ranked below ``budget`` others can never be taken (they and their parents come
         # first), so only the first ``budget`` are offered to the extension
-        candidates = _merge_paths(trees, probs, budget, self.config.combine)
+        candidates = merge_candidates(trees, probs, budget, self.config.combine)
         return extend_best_first(
             candidates,
             int(context[-1]),
