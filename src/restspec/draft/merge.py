@@ -346,6 +346,48 @@ def _entry_less(neg_p, depth, rows, origin, rank, p_parent, a, b):  # pragma: no
     return p_parent[a] < p_parent[b]
 
 
+@nb.njit(cache=True, inline="always")
+def _heap_push(heap, size, e, neg_p, depth, rows, origin, rank, p_parent):  # pragma: no cover - compiled
+    """Push entry ``e`` on the binary heap ``heap[:size]``; returns the new size."""
+    heap[size] = e
+    child = size
+    while child > 0:
+        parent = (child - 1) // 2
+        if not _entry_less(neg_p, depth, rows, origin, rank, p_parent, heap[child], heap[parent]):
+            break
+        heap[child], heap[parent] = heap[parent], heap[child]
+        child = parent
+    return size + 1
+
+
+@nb.njit(cache=True, inline="always")
+def _heap_pop(heap, size, neg_p, depth, rows, origin, rank, p_parent):  # pragma: no cover - compiled
+    """Remove the top of ``heap[:size]`` (the caller read it); returns the new size."""
+    size -= 1
+    heap[0] = heap[size]
+    parent = 0
+    while 2 * parent + 1 < size:
+        best = 2 * parent + 1
+        if best + 1 < size and _entry_less(
+            neg_p, depth, rows, origin, rank, p_parent, heap[best + 1], heap[best]
+        ):
+            best += 1
+        if not _entry_less(neg_p, depth, rows, origin, rank, p_parent, heap[best], heap[parent]):
+            break
+        heap[best], heap[parent] = heap[parent], heap[best]
+        parent = best
+    return size
+
+
+@nb.njit(cache=True, inline="always")
+def _taken_child(taken_tok, taken_par, n, node, tok):  # pragma: no cover - compiled
+    """The taken node with parent ``node`` (-1 = the root) and token ``tok``, -2 if none."""
+    for t in range(n):
+        if taken_par[t] == node and taken_tok[t] == tok:
+            return t
+    return -2
+
+
 @nb.njit(cache=True)
 def _extend_kernel(
     cand_tokens, cand_parents, cand_probs, root, table, hit_rates, budget, max_depth
@@ -383,18 +425,8 @@ def _extend_kernel(
     taken_par = np.empty(budget, np.int64)
     taken_p = np.empty(budget, np.float64)
     n = 0
-    # heapify the candidates, then push and pop one entry at a time
-    for i in range(used):
-        heap[size] = i
-        size += 1
-        child = size - 1
-        while child > 0:
-            parent = (child - 1) // 2
-            if _entry_less(neg_p, depth, rows, origin, rank, p_parent, heap[child], heap[parent]):
-                heap[child], heap[parent] = heap[parent], heap[child]
-                child = parent
-            else:
-                break
+    for i in range(used):  # the candidates first, then one entry at a time
+        size = _heap_push(heap, size, i, neg_p, depth, rows, origin, rank, p_parent)
     # offers: (source entry whose path is the parent path, length of that prefix, parent token, rank, p)
     pending_src = np.empty(2, np.int64)
     pending_len = np.empty(2, np.int64)
@@ -428,37 +460,12 @@ def _extend_kernel(
             origin[e] = 1
             rank[e] = r
             p_parent[e] = pending_p[o]
-            heap[size] = e
-            size += 1
-            child = size - 1
-            while child > 0:
-                parent = (child - 1) // 2
-                if _entry_less(neg_p, depth, rows, origin, rank, p_parent, heap[child], heap[parent]):
-                    heap[child], heap[parent] = heap[parent], heap[child]
-                    child = parent
-                else:
-                    break
+            size = _heap_push(heap, size, e, neg_p, depth, rows, origin, rank, p_parent)
         pending = 0
         if size == 0 or n >= budget:
             break
         e = heap[0]
-        size -= 1
-        heap[0] = heap[size]
-        parent = 0
-        while True:
-            left = 2 * parent + 1
-            if left >= size:
-                break
-            best = left
-            if left + 1 < size and _entry_less(
-                neg_p, depth, rows, origin, rank, p_parent, heap[left + 1], heap[left]
-            ):
-                best = left + 1
-            if _entry_less(neg_p, depth, rows, origin, rank, p_parent, heap[best], heap[parent]):
-                heap[best], heap[parent] = heap[parent], heap[best]
-                parent = best
-            else:
-                break
+        size = _heap_pop(heap, size, neg_p, depth, rows, origin, rank, p_parent)
         d = depth[e]
         if origin[e] == 1:  # the next rank below the same parent
             pending_src[pending] = e
@@ -467,25 +474,13 @@ def _extend_kernel(
             pending_rank[pending] = rank[e] + 1
             pending_p[pending] = p_parent[e]
             pending += 1
-        # the taken node of the parent path, then of the path itself (-2 = not taken)
+        # the taken node of the parent path (-2 = not taken); the path itself must not be taken yet
         node = -1
         for level in range(d - 1):
-            found = -2
-            for t in range(n):
-                if taken_par[t] == node and taken_tok[t] == rows[e, level]:
-                    found = t
-                    break
-            node = found
+            node = _taken_child(taken_tok, taken_par, n, node, rows[e, level])
             if node == -2:
                 break
-        if node == -2:
-            continue
-        duplicate = False
-        for t in range(n):
-            if taken_par[t] == node and taken_tok[t] == rows[e, d - 1]:
-                duplicate = True
-                break
-        if duplicate:
+        if node == -2 or _taken_child(taken_tok, taken_par, n, node, rows[e, d - 1]) != -2:
             continue
         taken_tok[n] = rows[e, d - 1]
         taken_par[n] = node
