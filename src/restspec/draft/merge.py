@@ -28,7 +28,7 @@ import numba as nb
 import numpy as np
 
 from restspec.draft.base import Drafter, TreeLogits
-from restspec.draft.tree import DraftTree
+from restspec.draft.tree import DraftTree, node_depths
 
 MATCH_LENGTH_EDGES = np.array([1, 2, 3, 4, 6, 9])
 """Match-length buckets: 0, 1, 2, 3, 4-5, 6-8, 9+ tokens (0 = the source reports no match)."""
@@ -330,8 +330,10 @@ def merge_candidates(
 
 
 @nb.njit(cache=True, inline="always")
-def _entry_less(neg_p, depth, rows, origin, rank, p_parent, a, b):  # pragma: no cover - compiled
-    """Entry a pops before entry b: by (-p, depth, path, from the table, rank, parent's p)."""
+def _entry_less(entries, a, b):  # pragma: no cover - compiled
+    """Entry a pops before entry b: by (-p, depth, path, from the table, rank, parent's p).
+    ``entries``: the arrays (neg_p, depth, rows, origin, rank, p_parent) of :func:`_extend_kernel`."""
+    neg_p, depth, rows, origin, rank, p_parent = entries
     if neg_p[a] != neg_p[b]:
         return neg_p[a] < neg_p[b]
     if depth[a] != depth[b]:
@@ -347,13 +349,13 @@ def _entry_less(neg_p, depth, rows, origin, rank, p_parent, a, b):  # pragma: no
 
 
 @nb.njit(cache=True, inline="always")
-def _heap_push(heap, size, e, neg_p, depth, rows, origin, rank, p_parent):  # pragma: no cover - compiled
+def _heap_push(heap, size, e, entries):  # pragma: no cover - compiled
     """Push entry ``e`` on the binary heap ``heap[:size]``; returns the new size."""
     heap[size] = e
     child = size
     while child > 0:
         parent = (child - 1) // 2
-        if not _entry_less(neg_p, depth, rows, origin, rank, p_parent, heap[child], heap[parent]):
+        if not _entry_less(entries, heap[child], heap[parent]):
             break
         heap[child], heap[parent] = heap[parent], heap[child]
         child = parent
@@ -361,18 +363,16 @@ def _heap_push(heap, size, e, neg_p, depth, rows, origin, rank, p_parent):  # pr
 
 
 @nb.njit(cache=True, inline="always")
-def _heap_pop(heap, size, neg_p, depth, rows, origin, rank, p_parent):  # pragma: no cover - compiled
+def _heap_pop(heap, size, entries):  # pragma: no cover - compiled
     """Remove the top of ``heap[:size]`` (the caller read it); returns the new size."""
     size -= 1
     heap[0] = heap[size]
     parent = 0
     while 2 * parent + 1 < size:
         best = 2 * parent + 1
-        if best + 1 < size and _entry_less(
-            neg_p, depth, rows, origin, rank, p_parent, heap[best + 1], heap[best]
-        ):
+        if best + 1 < size and _entry_less(entries, heap[best + 1], heap[best]):
             best += 1
-        if not _entry_less(neg_p, depth, rows, origin, rank, p_parent, heap[best], heap[parent]):
+        if not _entry_less(entries, heap[best], heap[parent]):
             break
         heap[best], heap[parent] = heap[parent], heap[best]
         parent = best
@@ -388,92 +388,84 @@ def _taken_child(taken_tok, taken_par, n, node, tok):  # pragma: no cover - comp
     return -2
 
 
+@nb.njit(cache=True, inline="always")
+def _offer(
+    src, length, parent_token, r, p, table, hit_rates, max_depth, used, size, heap, entries
+):  # pragma: no cover - compiled
+    """offer(): push the rank-``r`` table child of the path ``rows[src, :length]`` (the root's when
+    ``length`` is 0), whose last token is ``parent_token`` and probability ``p``, as entry ``used``;
+    returns (used, size)."""
+    neg_p, depth, rows, origin, rank, p_parent = entries
+    vocab, k = table.shape
+    if r >= k or length >= max_depth or parent_token < 0 or parent_token >= vocab:
+        return used, size
+    tok = table[parent_token, r]
+    if tok < 0:
+        return used, size
+    neg_p[used] = -(p * hit_rates[r])
+    depth[used] = length + 1
+    if length > 0:
+        rows[used, :length] = rows[src, :length]
+    rows[used, length] = tok
+    origin[used] = 1
+    rank[used] = r
+    p_parent[used] = p
+    return used + 1, _heap_push(heap, size, used, entries)
+
+
 @nb.njit(cache=True)
 def _extend_kernel(
     cand_tokens, cand_parents, cand_probs, root, table, hit_rates, budget, max_depth
 ):  # pragma: no cover - compiled
     """(tokens, parents, probabilities) of :func:`extend_best_first`: a heap of entries (a candidate,
-    or a table child offered below a path), popped best first; each taken node offers its row's
-    rank-0 child, each popped table child its parent's next rank."""
-    vocab, k = table.shape
+    or a table child offered below a path, :func:`_offer`), popped best first; each taken node offers
+    its row's rank-0 child, each popped table child its parent's next rank."""
+    k = table.shape[1]
     c = len(cand_tokens)
-    cand_depths = np.empty(c, np.int64)
+    cand_depths = node_depths(cand_parents)
     width = max_depth + 1
     for i in range(c):
-        cand_depths[i] = 1 if cand_parents[i] < 0 else cand_depths[cand_parents[i]] + 1
         width = max(width, cand_depths[i] + 1)
     cap = c + (budget + 2) * (k + 1) + 1
     neg_p = np.empty(cap, np.float64)
     depth = np.empty(cap, np.int64)
     rows = np.full((cap, width), -1, np.int64)
-    origin = np.empty(cap, np.int64)  # 0 = candidate, 1 = table child
-    rank = np.empty(cap, np.int64)
-    p_parent = np.empty(cap, np.float64)
+    origin = np.zeros(cap, np.int64)  # 0 = candidate, 1 = table child
+    rank = np.zeros(cap, np.int64)
+    p_parent = np.zeros(cap, np.float64)
+    entries = (neg_p, depth, rows, origin, rank, p_parent)
     heap = np.empty(cap, np.int64)
+    rows[:c] = _path_rows(cand_tokens, cand_parents, cand_depths, width)
     size = 0
-    used = 0
-    cand_rows = _path_rows(cand_tokens, cand_parents, cand_depths, width)
-    for i in range(c):
-        neg_p[used] = -cand_probs[i]
-        depth[used] = cand_depths[i]
-        rows[used] = cand_rows[i]
-        origin[used] = 0
-        rank[used] = 0
-        p_parent[used] = 0.0
-        used += 1
+    for i in range(c):  # the candidates, then the root's rank-0 child
+        neg_p[i] = -cand_probs[i]
+        depth[i] = cand_depths[i]
+        size = _heap_push(heap, size, i, entries)
+    used, size = _offer(-1, 0, root, 0, 1.0, table, hit_rates, max_depth, c, size, heap, entries)
     taken_tok = np.empty(budget, np.int64)
     taken_par = np.empty(budget, np.int64)
     taken_p = np.empty(budget, np.float64)
     n = 0
-    for i in range(used):  # the candidates first, then one entry at a time
-        size = _heap_push(heap, size, i, neg_p, depth, rows, origin, rank, p_parent)
-    # offers: (source entry whose path is the parent path, length of that prefix, parent token, rank, p)
-    pending_src = np.empty(2, np.int64)
-    pending_len = np.empty(2, np.int64)
-    pending_tok = np.empty(2, np.int64)
-    pending_rank = np.empty(2, np.int64)
-    pending_p = np.empty(2, np.float64)
-    # the root's rank-0 child first
-    pending_src[0] = -1
-    pending_len[0] = 0
-    pending_tok[0] = root
-    pending_rank[0] = 0
-    pending_p[0] = 1.0
-    pending = 1
-    while True:
-        for o in range(pending):  # offer(parent path, parent token, rank, p_parent)
-            length = pending_len[o]
-            tok_parent = pending_tok[o]
-            r = pending_rank[o]
-            if r >= k or length >= max_depth or tok_parent < 0 or tok_parent >= vocab:
-                continue
-            tok = table[tok_parent, r]
-            if tok < 0:
-                continue
-            e = used
-            used += 1
-            neg_p[e] = -(pending_p[o] * hit_rates[r])
-            depth[e] = length + 1
-            if length > 0:
-                rows[e, :length] = rows[pending_src[o], :length]
-            rows[e, length] = tok
-            origin[e] = 1
-            rank[e] = r
-            p_parent[e] = pending_p[o]
-            size = _heap_push(heap, size, e, neg_p, depth, rows, origin, rank, p_parent)
-        pending = 0
-        if size == 0 or n >= budget:
-            break
+    while size > 0 and n < budget:
         e = heap[0]
-        size = _heap_pop(heap, size, neg_p, depth, rows, origin, rank, p_parent)
+        size = _heap_pop(heap, size, entries)
         d = depth[e]
         if origin[e] == 1:  # the next rank below the same parent
-            pending_src[pending] = e
-            pending_len[pending] = d - 1
-            pending_tok[pending] = rows[e, d - 2] if d > 1 else root
-            pending_rank[pending] = rank[e] + 1
-            pending_p[pending] = p_parent[e]
-            pending += 1
+            parent_token = rows[e, d - 2] if d > 1 else root
+            used, size = _offer(
+                e,
+                d - 1,
+                parent_token,
+                rank[e] + 1,
+                p_parent[e],
+                table,
+                hit_rates,
+                max_depth,
+                used,
+                size,
+                heap,
+                entries,
+            )
         # the taken node of the parent path (-2 = not taken); the path itself must not be taken yet
         node = -1
         for level in range(d - 1):
@@ -486,12 +478,9 @@ def _extend_kernel(
         taken_par[n] = node
         taken_p[n] = -neg_p[e]
         n += 1
-        pending_src[pending] = e
-        pending_len[pending] = d
-        pending_tok[pending] = rows[e, d - 1]
-        pending_rank[pending] = 0
-        pending_p[pending] = -neg_p[e]
-        pending += 1
+        used, size = _offer(
+            e, d, rows[e, d - 1], 0, -neg_p[e], table, hit_rates, max_depth, used, size, heap, entries
+        )
     return taken_tok[:n].astype(np.int32), taken_par[:n].astype(np.int32), taken_p[:n]
 
 
