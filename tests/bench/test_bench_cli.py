@@ -70,3 +70,27 @@ def test_bench_user_errors_exit_2(model_dir, tmp_path):
     result = runner.invoke(app, ["bench", "--methods", "plain,warp"])
     assert result.exit_code == 2
     assert "unknown method 'warp'" in result.output
+
+
+def test_compare_pools_runs_and_writes_markdown(tmp_path):
+    def run_file(name, suffix_seconds):
+        turns = [
+            {"item_id": item, "category": "a", "method": method, "new_tokens": 10, "seconds": seconds}
+            for item, ours in (("1", 1.0), ("2", 1.0))
+            for method, seconds in (("restspec", ours), ("suffix", suffix_seconds))
+        ]
+        path = tmp_path / name
+        path.write_text(json.dumps({"turns": turns}))
+        return str(path)
+
+    runs = [run_file("one.json", 2.0), run_file("two.json", 0.5)]
+    md = tmp_path / "pooled.md"
+    result = CliRunner().invoke(app, ["compare", *runs, "--markdown", str(md)])
+    assert result.exit_code == 0, result.output
+    assert "paired over 2 runs" in result.output
+    # 40 tokens in 4 s against 40 in 5 s; faster on the first run's two items only
+    assert "| restspec | suffix | all | 1.250 |" in md.read_text()
+    assert "2/4" in md.read_text()
+    result = CliRunner().invoke(app, ["compare", runs[0], "--method", "pld"])
+    assert result.exit_code == 2
+    assert "'pld' is in none of the runs" in result.output

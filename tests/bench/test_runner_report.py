@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -11,6 +12,7 @@ import pytest
 from restspec.bench.methods import HFGenerateMethod, TurnOutput, parse_methods
 from restspec.bench.report import (
     compare,
+    pooled_compare,
     render_compare_table,
     render_markdown,
     render_table,
@@ -107,20 +109,28 @@ def _record(method, ids, seconds, forwards, identical=None, category="c", item="
     return TurnRecord(item, category, turn, method, 5, out, identical)
 
 
+def _worked_run(scale=1.0):
+    """The worked example's run: restspec faster on items a and c, suffix on b (``scale`` stretches
+    suffix's times)."""
+    run = BenchRun(["restspec", "suffix"], 0.0, 32)
+    for method, seconds in [("restspec", (1.0, 1.0, 1.0, 1.0)), ("suffix", (2.0, 0.5, 0.5, 2.0))]:
+        k = scale if method == "suffix" else 1.0
+        run.records += [
+            _record(method, range(10), k * seconds[0], 1, category="x", item="a"),
+            _record(method, range(6), k * seconds[1], 1, category="x", item="b"),
+            _record(method, range(4), k * seconds[2], 1, category="x", item="b", turn=1),
+            _record(method, range(20), k * seconds[3], 1, category="y", item="c"),
+        ]
+    return run
+
+
 def test_paired_comparison_worked_example():
     # tokens / seconds per item; item b has two turns, which count together (6 + 4 tokens in 2 s)
     #            restspec    suffix
     #   a (x)    10 / 1 s    10 / 2 s
     #   b (x)    10 / 2 s    10 / 1 s
     #   c (y)    20 / 1 s    20 / 2 s
-    run = BenchRun(["restspec", "suffix"], 0.0, 32)
-    for method, seconds in [("restspec", (1.0, 1.0, 1.0, 1.0)), ("suffix", (2.0, 0.5, 0.5, 2.0))]:
-        run.records += [
-            _record(method, range(10), seconds[0], 1, category="x", item="a"),
-            _record(method, range(6), seconds[1], 1, category="x", item="b"),
-            _record(method, range(4), seconds[2], 1, category="x", item="b", turn=1),
-            _record(method, range(20), seconds[3], 1, category="y", item="c"),
-        ]
+    run = _worked_run()
     rows = {(c.against, c.category): c for c in compare(run)}
     assert set(rows) == {("suffix", "all"), ("suffix", "x"), ("suffix", "y")}
     overall = rows["suffix", "all"]
@@ -138,6 +148,41 @@ def test_paired_comparison_worked_example():
     assert "| restspec | suffix | y | 2.000 | 2.000-2.000 | 1/1 |" in text
     assert render_compare_table(compare(run)).row_count == 3
     assert to_json(run, summarize(run))["comparisons"][0]["against"] == "suffix"
+
+
+def test_pooled_comparison_counts_every_runs_items_apart(tmp_path):
+    first, second = _worked_run(), _worked_run(scale=1.5)
+    paths = [tmp_path / "1.json", tmp_path / "2.json"]
+    for path, run in zip(paths, (first, second), strict=True):
+        write_json(path, run, summarize(run))
+    pooled = {(c.against, c.category): c for c in pooled_compare(paths)}
+    overall = pooled["suffix", "all"]
+    # restspec: 40 tokens in 4 s per run; suffix: 40 in 5 s, then in 7.5 s
+    assert overall.ratio == pytest.approx((80 / 8) / (80 / 12.5))
+    assert (overall.items, overall.faster) == (6, 4)  # item b lost in the first run only
+    assert overall.low <= overall.ratio <= overall.high
+    # the same as one run holding both runs' items under distinct names
+    merged = BenchRun(["restspec", "suffix"], 0.0, 32)
+    for index, run in enumerate((first, second), 1):
+        merged.records += [dataclasses.replace(r, item_id=f"{index}/{r.item_id}") for r in run.records]
+    assert pooled_compare(paths) == compare(merged)
+
+
+def test_pooled_comparison_errors_are_actionable(tmp_path):
+    run = _worked_run()
+    good = tmp_path / "run.json"
+    write_json(good, run, summarize(run))
+    with pytest.raises(RestspecError, match="no such file"):
+        pooled_compare([good, tmp_path / "missing.json"])
+    text = tmp_path / "notes.json"
+    text.write_text("not json")
+    with pytest.raises(RestspecError, match="not a file written by `restspec bench --json`"):
+        pooled_compare([text])
+    (tmp_path / "other.json").write_text(json.dumps({"methods": []}))
+    with pytest.raises(RestspecError, match="not a file written by"):
+        pooled_compare([tmp_path / "other.json"])
+    with pytest.raises(RestspecError, match="'pld' is in none of the runs; they hold restspec, suffix"):
+        pooled_compare([good], "pld")
 
 
 def test_figures_are_ratios_of_sums():

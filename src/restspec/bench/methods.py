@@ -300,13 +300,13 @@ def _rest(ctx: MethodContext) -> BenchMethod:
 
 
 def _restspec_kernels(
-    name: str, fast: bool, learn_costs: bool = True
+    name: str, fast: bool, learn_costs: bool = True, max_budget: int = DEFAULT_MAX_BUDGET
 ) -> Callable[[MethodContext], BenchMethod]:
     def build(ctx: MethodContext) -> BenchMethod:
         from restspec.draft import default_drafter
 
         drafter = default_drafter(ctx.datastores(), ctx.vocab_size)
-        budget = ctx.adaptive_budget(fast=fast, learn_costs=learn_costs)
+        budget = ctx.adaptive_budget(max_budget, fast=fast, learn_costs=learn_costs)
         return LoopMethod(name, ctx.model, ctx.tokenizer, drafter, budget, fast_kernels=fast)
 
     return build
@@ -370,6 +370,8 @@ METHODS: dict[str, Callable[[MethodContext], BenchMethod]] = {
     "restspec-stock": _restspec_kernels("restspec-stock", fast=False),  # the model's own CPU kernels
     # the adaptive budget on the calibrated curve alone, not learning step costs from the loop
     "restspec-curve": _restspec_kernels("restspec-curve", fast=True, learn_costs=False),
+    # the adaptive budget with a cap of 16 nodes instead of DEFAULT_MAX_BUDGET
+    "restspec-cap16": _restspec_kernels("restspec-cap16", fast=True, max_budget=16),
     "restspec-fixed4": _restspec_fixed(4),
     "restspec-fixed8": _restspec_fixed(8),
     "restspec-fixed16": _restspec_fixed(16),

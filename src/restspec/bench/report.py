@@ -14,11 +14,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from restspec.bench.runner import BenchRun, TurnRecord
+from restspec.errors import RestspecError
 
 BASELINE = "plain"
 TIME_PARTS = ("draft", "forward", "accept", "other")
@@ -221,27 +222,49 @@ class Comparison:
         }
 
 
+class TurnFigures(NamedTuple):
+    """What a paired comparison needs of one turn."""
+
+    item_id: str
+    category: str
+    method: str
+    tokens: int
+    seconds: float
+
+
 def compare(run: BenchRun, method: str = OURS, *, seed: int = 0) -> list[Comparison]:
     """``method`` against every other method of ``run``, overall and per category (empty when
     ``method`` was not run). The interval covers the choice of items, not the machine's drift
-    between runs: run-to-run spread comes on top."""
-    if method not in run.methods:
+    between runs: run-to-run spread comes on top (:func:`pooled_compare` pools several runs)."""
+    turns = [
+        TurnFigures(r.item_id, r.category, r.method, len(r.output.output_ids), r.output.elapsed_s)
+        for r in run.records
+    ]
+    return compare_turns(turns, run.methods, method, seed=seed)
+
+
+def compare_turns(
+    turns: Sequence[TurnFigures], methods: Sequence[str], method: str = OURS, *, seed: int = 0
+) -> list[Comparison]:
+    """:func:`compare` over turns from anywhere: ``method`` against each of ``methods`` on the items
+    both ran."""
+    if method not in methods:
         return []
     # per (method, item): [tokens, seconds], items in run order
-    sums: dict[str, dict[str, list[float]]] = {m: {} for m in run.methods}
+    sums: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     category: dict[str, str] = {}
-    for r in run.records:
-        cell = sums[r.method].setdefault(r.item_id, [0.0, 0.0])
-        cell[0] += len(r.output.output_ids)
-        cell[1] += r.output.elapsed_s
-        category[r.item_id] = r.category
+    for t in turns:
+        cell = sums[t.method].setdefault(t.item_id, [0.0, 0.0])
+        cell[0] += t.tokens
+        cell[1] += t.seconds
+        category[t.item_id] = t.category
     rng = np.random.default_rng(seed)
     groups = {"all": list(category)}
     if len(set(category.values())) > 1:
         for item, cat in category.items():
             groups.setdefault(cat, []).append(item)
     out = []
-    for other in run.methods:
+    for other in methods:
         if other == method:
             continue
         for name, items in groups.items():
@@ -270,6 +293,37 @@ def compare(run: BenchRun, method: str = OURS, *, seed: int = 0) -> list[Compari
                 )
             )
     return out
+
+
+def pooled_compare(paths: Sequence[str | Path], method: str = OURS, *, seed: int = 0) -> list[Comparison]:
+    """:func:`compare` over several runs' ``--json`` files together: an item of each run counts as an
+    item of its own (so the interval covers the choice of items and the spread between the runs'
+    measurements of them), methods are those of any run. ``RestspecError`` for a file that is not
+    such a record, or when no run has ``method``."""
+    turns: list[TurnFigures] = []
+    methods: list[str] = []
+    for index, path in enumerate(paths, 1):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            records = data["turns"]
+            turns += [
+                TurnFigures(
+                    f"{index}/{r['item_id']}", r["category"], r["method"], r["new_tokens"], r["seconds"]
+                )
+                for r in records
+            ]
+        except FileNotFoundError:
+            raise RestspecError(f"{path}: no such file") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RestspecError(
+                f"{path} is not a file written by `restspec bench --json` ({type(exc).__name__}: {exc})"
+            ) from None
+        methods += [m for m in dict.fromkeys(r["method"] for r in records) if m not in methods]
+    if method not in methods:
+        raise RestspecError(
+            f"method {method!r} is in none of the runs; they hold {', '.join(methods) or 'no turns'}"
+        )
+    return compare_turns(turns, methods, method, seed=seed)
 
 
 def to_json(run: BenchRun, summaries: Sequence[MethodSummary]) -> dict[str, Any]:
@@ -395,11 +449,13 @@ def _compare_cells(comparisons: Sequence[Comparison]) -> list[list[str]]:
     ]
 
 
-def render_compare_table(comparisons: Sequence[Comparison]) -> Any:
+def render_compare_table(
+    comparisons: Sequence[Comparison], *, title: str = "paired: tokens/s ratio on the same items"
+) -> Any:
     """A rich Table of :func:`compare`'s rows: a ratio whose interval holds 1.0 is no lead."""
     from rich.table import Table
 
-    table = Table(title="paired: tokens/s ratio on the same items, 95 % interval over items")
+    table = Table(title=f"{title}, 95 % interval over items")
     for i, col in enumerate(COMPARE_COLUMNS):
         table.add_column(col, justify="left" if i < 3 else "right", no_wrap=i < 2)
     rows = _compare_cells(comparisons)

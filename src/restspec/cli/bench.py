@@ -238,3 +238,32 @@ def bench(
     if plot_path is not None:
         write_plot(plot_path, summaries, title=title)
         err.print(f"wrote {plot_path}")
+
+
+@app.command("compare")
+@cli_errors
+def compare_runs(
+    runs: Annotated[
+        list[Path], typer.Argument(help="JSON files written by `restspec bench --json`.", show_default=False)
+    ],
+    method: Annotated[
+        str, typer.Option("--method", help="The method set against every other method of the runs.")
+    ] = "restspec",
+    markdown_path: Annotated[
+        Path | None,
+        typer.Option("--markdown", help="Write the table as Markdown to this file.", show_default=False),
+    ] = None,
+) -> None:
+    """Pool the paired comparisons of several benchmark runs: a lead that one noisy run cannot
+    settle may show over several. Every run's item counts as an item of its own."""
+    from rich.console import Console
+
+    from restspec.bench.report import pooled_compare, render_compare_table, render_markdown
+
+    comparisons = pooled_compare(runs, method)
+    title = f"paired over {len(runs)} run{'s' if len(runs) > 1 else ''}: tokens/s ratio on the same items"
+    Console().print(render_compare_table(comparisons, title=title))
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(render_markdown([], comparisons), encoding="utf-8")
+        stderr_console().print(f"wrote {markdown_path}")
