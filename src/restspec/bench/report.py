@@ -326,22 +326,31 @@ def pooled_compare(paths: Sequence[str | Path], method: str = OURS, *, seed: int
     return compare_turns(turns, methods, method, seed=seed)
 
 
-def to_json(run: BenchRun, summaries: Sequence[MethodSummary]) -> dict[str, Any]:
+def to_json(
+    run: BenchRun, summaries: Sequence[MethodSummary], comparisons: Sequence[Comparison] | None = None
+) -> dict[str, Any]:
     """``{"methods": [{"method", "tokens_per_s", "speedup", "mean_accepted", "exact", "categories"}]}``
-    plus ``comparisons`` (:func:`compare`), ``config``, ``machine`` and one record per turn."""
+    plus ``comparisons`` (:func:`compare`, computed here unless given), ``config``, ``machine`` and
+    one record per turn."""
+    comparisons = compare(run) if comparisons is None else comparisons
     return {
         "methods": [s.to_json() for s in summaries],
-        "comparisons": [c.to_json() for c in compare(run)],
+        "comparisons": [c.to_json() for c in comparisons],
         "config": run.config_json(),
         "machine": run.machine,
         "turns": [r.to_json() for r in run.records],
     }
 
 
-def write_json(path: str | Path, run: BenchRun, summaries: Sequence[MethodSummary]) -> None:
+def write_json(
+    path: str | Path,
+    run: BenchRun,
+    summaries: Sequence[MethodSummary],
+    comparisons: Sequence[Comparison] | None = None,
+) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_json(run, summaries), indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(to_json(run, summaries, comparisons), indent=2) + "\n", encoding="utf-8")
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:

@@ -192,10 +192,14 @@ def bench(
         "latency_curve": None if ctx.latency_curve is None else ctx.latency_curve.to_json(),
     }
 
-    def save_partial(partial: BenchRun) -> None:
+    def record_setup(partial: BenchRun) -> None:
         partial.machine = machine
         partial.config = {**run_config, "items_done": len({r.item_id for r in partial.records})}
-        if json_path is not None:
+
+    def save_partial(partial: BenchRun) -> None:
+        """After each item but the last (the finished run is written once, below)."""
+        record_setup(partial)
+        if json_path is not None and partial.config["items_done"] < len(items):
             write_json(json_path, partial, summarize(partial))
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -219,22 +223,22 @@ def bench(
             reference=reference,
             on_item=save_partial,
         )
-    save_partial(run)
+    record_setup(run)
     summaries = summarize(run)
+    comparisons = compare(run)
+    if json_path is not None:
+        write_json(json_path, run, summaries, comparisons)
     title = f"restspec bench: {Path(workload).name if workload != 'humaneval' else workload}, {dtype_name}"
     console = Console()
     console.print(render_table(summaries, title=title))
     if any(summary.by_width for summary in summaries):
         console.print(render_width_table(summaries))
-    comparisons = compare(run)
     if comparisons:
         console.print(render_compare_table(comparisons))
     if json_path is not None:
         err.print(f"wrote {json_path}")
     if markdown_path is not None:
-        markdown_path.parent.mkdir(parents=True, exist_ok=True)
-        markdown_path.write_text(render_markdown(summaries, comparisons), encoding="utf-8")
-        err.print(f"wrote {markdown_path}")
+        _write_markdown(markdown_path, render_markdown(summaries, comparisons))
     if plot_path is not None:
         write_plot(plot_path, summaries, title=title)
         err.print(f"wrote {plot_path}")
@@ -264,6 +268,10 @@ def compare_runs(
     title = f"paired over {len(runs)} run{'s' if len(runs) > 1 else ''}: tokens/s ratio on the same items"
     Console().print(render_compare_table(comparisons, title=title))
     if markdown_path is not None:
-        markdown_path.parent.mkdir(parents=True, exist_ok=True)
-        markdown_path.write_text(render_markdown([], comparisons), encoding="utf-8")
-        stderr_console().print(f"wrote {markdown_path}")
+        _write_markdown(markdown_path, render_markdown([], comparisons))
+
+
+def _write_markdown(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    stderr_console().print(f"wrote {path}")
