@@ -10,7 +10,9 @@ families:
 
 All methods of a run share one loaded model; each keeps its own drafter across prompts, so drafters
 that learn from past outputs (our history drafter, Arctic's global suffix cache) only ever see the
-outputs of earlier prompts of the same run.
+outputs of earlier prompts of the same run, and with a warm start (``MethodContext.warm_start``) the
+model's answers to questions it wrote itself (:mod:`restspec.decode.warm`), the same for restspec and
+SuffixDecoding.
 """
 
 from __future__ import annotations
@@ -237,7 +239,10 @@ class MethodContext:
     """Datastore folders (opened once, on first use); ``rest`` uses the first."""
     recalibrate: bool = False
     """Measure forward latency again instead of reading the cached calibration."""
+    warm_start: bool = False
+    """Start restspec's and SuffixDecoding's drafters warm (:mod:`restspec.decode.warm`)."""
     _datastores: list[Any] | None = None
+    _warm: Any = None
     _adaptive: dict[bool, Any] = field(default_factory=dict)
     """Calibrated adaptive policies by kernels (fast or stock)."""
 
@@ -282,6 +287,33 @@ class MethodContext:
             )
         return AdaptiveBudget(policy.latency, max_budget, learn_costs=learn_costs)
 
+    def warm(self, on_conversation: Callable[[int], None] | None = None) -> Any:
+        """The model's cached warm start (:func:`~restspec.decode.warm.load_or_learn_warm_start`),
+        learned first if missing, or None without ``warm_start``."""
+        if self.warm_start and self._warm is None:
+            from restspec.decode.warm import load_or_learn_warm_start
+            from restspec.draft import default_drafter
+
+            self._warm = load_or_learn_warm_start(
+                self.loaded,
+                lambda: (default_drafter(self.datastores(), self.vocab_size), self.adaptive_budget()),
+                on_conversation=on_conversation,
+            )
+        return self._warm
+
+    def warmed(self, drafter: Any, policy: Any = None) -> Any:
+        """``drafter`` (and ``policy``) given the warm start, if there is one; returns ``drafter``."""
+        warm = self.warm()
+        if warm is not None:
+            warm.apply(drafter, policy)
+        return drafter
+
+    def default_drafter(self, policy: Any = None) -> Any:
+        """restspec's default drafter over the datastores, warmed."""
+        from restspec.draft import default_drafter
+
+        return self.warmed(default_drafter(self.datastores(), self.vocab_size), policy)
+
 
 def _plain(ctx: MethodContext) -> BenchMethod:
     return HFGenerateMethod("plain", ctx.model, ctx.tokenizer)
@@ -303,10 +335,8 @@ def _restspec_kernels(
     name: str, fast: bool, learn_costs: bool = True, max_budget: int = DEFAULT_MAX_BUDGET
 ) -> Callable[[MethodContext], BenchMethod]:
     def build(ctx: MethodContext) -> BenchMethod:
-        from restspec.draft import default_drafter
-
-        drafter = default_drafter(ctx.datastores(), ctx.vocab_size)
         budget = ctx.adaptive_budget(max_budget, fast=fast, learn_costs=learn_costs)
+        drafter = ctx.default_drafter(budget)
         return LoopMethod(name, ctx.model, ctx.tokenizer, drafter, budget, fast_kernels=fast)
 
     return build
@@ -323,16 +353,15 @@ def _suffix(ctx: MethodContext) -> BenchMethod:
     from restspec.bench.suffix import SuffixDrafter
     from restspec.decode.budget import FixedBudget
 
-    drafter = SuffixDrafter()
+    drafter = ctx.warmed(SuffixDrafter())
     return LoopMethod("suffix", ctx.model, ctx.tokenizer, drafter, FixedBudget(drafter.max_tokens))
 
 
 def _restspec_fixed(size: int) -> Callable[[MethodContext], BenchMethod]:
     def build(ctx: MethodContext) -> BenchMethod:
         from restspec.decode.budget import FixedBudget
-        from restspec.draft import default_drafter
 
-        drafter = default_drafter(ctx.datastores(), ctx.vocab_size)
+        drafter = ctx.default_drafter()
         return LoopMethod(f"restspec-fixed{size}", ctx.model, ctx.tokenizer, drafter, FixedBudget(size))
 
     return build
@@ -341,10 +370,9 @@ def _restspec_fixed(size: int) -> Callable[[MethodContext], BenchMethod]:
 def _padded(name: str, width: int, drafted: bool) -> Callable[[MethodContext], BenchMethod]:
     def build(ctx: MethodContext) -> BenchMethod:
         from restspec.decode.budget import FixedBudget
-        from restspec.draft import default_drafter
         from restspec.draft.base import EmptyDrafter
 
-        inner = default_drafter(ctx.datastores(), ctx.vocab_size) if drafted else EmptyDrafter()
+        inner = ctx.default_drafter() if drafted else EmptyDrafter()
         return LoopMethod(name, ctx.model, ctx.tokenizer, PaddedDrafter(inner, width), FixedBudget(width))
 
     return build
@@ -354,9 +382,8 @@ def _suffix_adaptive(ctx: MethodContext) -> BenchMethod:
     from restspec.bench.suffix import SuffixDrafter
 
     drafter = SuffixDrafter()
-    return LoopMethod(
-        "suffix-adaptive", ctx.model, ctx.tokenizer, drafter, ctx.adaptive_budget(drafter.max_tokens)
-    )
+    budget = ctx.adaptive_budget(drafter.max_tokens)
+    return LoopMethod("suffix-adaptive", ctx.model, ctx.tokenizer, ctx.warmed(drafter), budget)
 
 
 METHODS: dict[str, Callable[[MethodContext], BenchMethod]] = {

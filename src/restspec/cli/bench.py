@@ -21,6 +21,7 @@ from restspec.cli.common import (
     check_datastore_paths,
     cli_errors,
     stderr_console,
+    warm_start_progress,
 )
 
 DEFAULT_BENCH_TOKENS = 128
@@ -117,6 +118,15 @@ def bench(
     warmup: Annotated[
         bool, typer.Option("--warmup/--no-warmup", help="One untimed short generate per method first.")
     ] = True,
+    warm_start: Annotated[
+        bool,
+        typer.Option(
+            "--warm-start/--cold-start",
+            help="Start restspec's and SuffixDecoding's drafters from the model's answers to questions it "
+            "wrote itself (learned once per model, cached), as restspec's generate, chat and serve do; "
+            "--cold-start: from nothing.",
+        ),
+    ] = True,
 ) -> None:
     """Measure decoding methods side by side: tokens/s, speedup over plain greedy, tokens per step,
     time split, and whether outputs are token-identical to plain greedy."""
@@ -167,10 +177,14 @@ def bench(
         from restspec.datastore import ensure_default_datastore
 
         datastores = [ensure_default_datastore(loaded.tokenizer, progress=True)]
-    ctx = MethodContext(loaded, datastores, recalibrate=recalibrate)
+    ctx = MethodContext(loaded, datastores, recalibrate=recalibrate, warm_start=warm_start)
     if any(n in ("restspec", "suffix-adaptive") for n in names):
         with err.status("Calibrating forward latency for the adaptive budget (cached per machine)…"):
             ctx.adaptive_budget()
+    warm = None
+    if warm_start and any(n.startswith(("restspec", "suffix")) and n != "restspec-plain" for n in names):
+        with warm_start_progress(err) as on_conversation:
+            warm = ctx.warm(on_conversation)
     if warmup:
         with err.status("Warming up…"):
             warm_up(build_methods(names, ctx), loaded.tokenizer)
@@ -190,6 +204,7 @@ def bench(
         "items": len(items),
         "turns": turns,
         "latency_curve": None if ctx.latency_curve is None else ctx.latency_curve.to_json(),
+        "warm_start": None if warm is None else warm.summary(),
     }
 
     def record_setup(partial: BenchRun) -> None:

@@ -142,6 +142,17 @@ BudgetOption = Annotated[
         ),
     ),
 ]
+WarmStartOption = Annotated[
+    bool,
+    typer.Option(
+        "--warm-start/--cold-start",
+        rich_help_panel=MODEL_PANEL,
+        help=(
+            "Start drafting from what the model's answers to questions it wrote itself taught the drafter "
+            "(learned once per model, about a minute, then cached); --cold-start: from nothing."
+        ),
+    ),
+]
 DtypeOption = Annotated[
     Dtype,
     typer.Option(
@@ -180,6 +191,8 @@ class EngineOptions:
     """'auto' or a whole number of draft tokens per step."""
     dtype: str = Dtype.float32.value
     """Compute type of the weights."""
+    warm_start: bool = True
+    """Start the drafter warm (:mod:`restspec.decode.warm`, learned once per model)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datastores", tuple(Path(p) for p in self.datastores))
@@ -279,6 +292,8 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from restspec.datastore import Datastore, ensure_default_datastore
     from restspec.decode import SpeculativeGenerator
+    from restspec.decode.budget import AdaptiveBudget
+    from restspec.decode.warm import load_or_learn_warm_start
     from restspec.draft import default_drafter
     from restspec.models import load_model
 
@@ -298,6 +313,15 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
             budget = options.budget_policy(loaded)
     else:
         budget = options.budget_policy(loaded)
+    if options.warm_start:
+
+        def learner() -> tuple[Drafter, AdaptiveBudget]:  # a fresh drafter and adaptive policy
+            adaptive = budget if isinstance(budget, AdaptiveBudget) else AdaptiveBudget.for_model(loaded)
+            return default_drafter(datastores, vocab_size=model_vocab_size(loaded)), adaptive.fresh()
+
+        with warm_start_progress(err) as on_conversation:
+            warm = load_or_learn_warm_start(loaded, learner, on_conversation=on_conversation)
+        warm.apply(drafter, budget)
     generator = SpeculativeGenerator(loaded.model, loaded.tokenizer, drafter=drafter, budget=budget)
     return Engine(options=options, loaded=loaded, datastores=datastores, drafter=drafter, generator=generator)
 
@@ -324,6 +348,25 @@ def _without_transformers_progress_bars() -> Iterator[None]:
             gguf_utils.tqdm = gguf_tqdm
         if was_enabled:
             transformers_logging.enable_progress_bar()
+
+
+@contextmanager
+def warm_start_progress(console: Console) -> Iterator[Callable[[int], None]]:
+    """A bar for learning a warm start (:mod:`restspec.decode.warm`); yields the per-conversation
+    callback. A cached warm start loads at once and the bar vanishes with it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from restspec.decode.warm import WARM_CONVERSATIONS
+
+    columns = (
+        TextColumn("Warm start: the model answers questions it writes (once per model)"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("warm start", total=WARM_CONVERSATIONS)
+        yield lambda i: progress.update(task, completed=i + 1)
 
 
 def model_vocab_size(loaded: LoadedModel) -> int:

@@ -32,6 +32,7 @@ from restspec.cli.common import (
     TemperatureOption,
     TopKOption,
     TopPOption,
+    WarmStartOption,
     cli_errors,
     load_engine,
     print_user_error,
@@ -92,6 +93,7 @@ def demo(
     datastore: DatastoreOption = None,
     max_new_tokens: MaxNewTokensOption = DEMO_MAX_NEW_TOKENS,
     budget: BudgetOption = AUTO_BUDGET,
+    warm_start: WarmStartOption = True,
     dtype: DtypeOption = Dtype.float32,
     show_text: Annotated[
         bool, typer.Option("--show-text", help="Also print what restspec generated for each prompt.")
@@ -107,6 +109,7 @@ def demo(
         datastores=tuple(datastore or ()),
         max_new_tokens=max_new_tokens,
         budget=budget,
+        warm_start=warm_start,
         dtype=dtype.value,
     )
     engine = load_engine(options)
@@ -237,6 +240,7 @@ def generate(
     top_k: TopKOption = 0,
     seed: SeedOption = None,
     budget: BudgetOption = AUTO_BUDGET,
+    warm_start: WarmStartOption = True,
     dtype: DtypeOption = Dtype.float32,
 ) -> None:
     """Generate a continuation of PROMPT (or of stdin), streamed to stdout; statistics go to stderr."""
@@ -249,6 +253,7 @@ def generate(
         top_k=top_k,
         seed=seed,
         budget=budget,
+        warm_start=warm_start,
         dtype=dtype.value,
     )
     text = _read_prompt(prompt, sys.stdin)
@@ -349,6 +354,7 @@ def chat(
     top_k: TopKOption = 0,
     seed: SeedOption = None,
     budget: BudgetOption = AUTO_BUDGET,
+    warm_start: WarmStartOption = True,
     dtype: DtypeOption = Dtype.float32,
 ) -> None:
     """Talk to the model: answers stream as they are generated, with tokens/s and accepted tokens per step.
@@ -365,6 +371,7 @@ def chat(
         top_k=top_k,
         seed=seed,
         budget=budget,
+        warm_start=warm_start,
         dtype=dtype.value,
     )
     engine = load_engine(options)

@@ -23,6 +23,7 @@ from restspec.cli.common import (
     TemperatureOption,
     TopKOption,
     TopPOption,
+    WarmStartOption,
     cli_errors,
     load_engine,
     stderr_console,
@@ -117,6 +118,7 @@ def serve(
     top_k: TopKOption = 0,
     seed: SeedOption = None,
     budget: BudgetOption = AUTO_BUDGET,
+    warm_start: WarmStartOption = True,
     dtype: DtypeOption = Dtype.float32,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions,
@@ -136,6 +138,7 @@ def serve(
         top_k=top_k,
         seed=seed,
         budget=budget,
+        warm_start=warm_start,
         dtype=dtype.value,
     )
     import uvicorn

@@ -472,6 +472,20 @@ class WeightCalibration:
         if self._steps % CORRECTION_REFIT_STEPS == 0:
             self._refit()
 
+    def state(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """What was learned: (x'x, x'y, steps), for :meth:`load_state`."""
+        return self._xtx.copy(), self._xty.copy(), self._steps
+
+    def load_state(self, xtx: np.ndarray, xty: np.ndarray, steps: int) -> None:
+        """Continue from a :meth:`state` (of a calibration with the same knots); refits now."""
+        if np.shape(xtx) != self._xtx.shape or np.shape(xty) != self._xty.shape:
+            shapes = f"{np.shape(xtx)}, {np.shape(xty)}"
+            raise ValueError(f"a state of shapes {shapes} does not fit {self._xtx.shape}, {self._xty.shape}")
+        self._xtx = np.array(xtx, np.float64)
+        self._xty = np.array(xty, np.float64)
+        self._steps = int(steps)
+        self._refit()
+
     def _refit(self) -> None:
         a = self._xtx + CORRECTION_PRIOR * np.eye(len(self._prior))
         b = self._xty + CORRECTION_PRIOR * self._prior

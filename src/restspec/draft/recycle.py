@@ -177,6 +177,10 @@ class RecycleDrafter:
     def stop_request(self) -> None:
         return None
 
+    def reset_template(self) -> None:
+        """Rebuild the template at the next proposal (after ``hits`` or ``trials`` were set from outside)."""
+        self._template = None
+
     def _get_template(self, size: int):
         if self._template is None or self._template_size < size or self._since_refresh >= TEMPLATE_REFRESH:
             self._template = best_first_template(self.hit_rates, size, self.max_depth)

@@ -1,0 +1,210 @@
+"""Warm start: learned from the model's own conversations, saved, loaded, applied; output unchanged."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_llama, trained_bpe_tokenizer
+
+from restspec.decode import GenerationConfig, SpeculativeGenerator
+from restspec.decode.budget import AdaptiveBudget
+from restspec.decode.warm import (
+    WARM_START_VERSION,
+    WarmStart,
+    learn_warm_start,
+    load_or_learn_warm_start,
+    question_prefix,
+    warm_start_path,
+)
+from restspec.draft import HistoryDrafter, MergedDrafter, RecycleDrafter, default_drafter
+from restspec.draft.base import StatelessDrafter
+
+TEXTS = ["Tell me about the sea. The sea is wide and deep.", "How do birds fly? Birds fly with wings."] * 4
+CONVERSATIONS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = trained_bpe_tokenizer(TEXTS, vocab_size=300)
+    model = tiny_llama(tokenizer, max_position_embeddings=96).eval()
+    return SimpleNamespace(model=model, tokenizer=tokenizer, name="tiny-warm", vocab=len(tokenizer))
+
+
+def fresh(tiny) -> tuple[MergedDrafter, AdaptiveBudget]:
+    return default_drafter([], tiny.vocab), AdaptiveBudget(max_budget=6)
+
+
+def learn(tiny, **kwargs) -> WarmStart:
+    drafter, policy = fresh(tiny)
+    with torch.inference_mode():
+        return learn_warm_start(
+            tiny.model,
+            tiny.tokenizer,
+            drafter,
+            policy,
+            conversations=CONVERSATIONS,
+            question_tokens=12,
+            answer_tokens=16,
+            **kwargs,
+        )
+
+
+@pytest.fixture(scope="module")
+def warm(tiny) -> WarmStart:
+    return learn(tiny)
+
+
+def test_learns_conversations_and_state(tiny, warm):
+    assert len(warm.prompts) == len(warm.outputs) == CONVERSATIONS
+    prefix = question_prefix(tiny.tokenizer)
+    for prompt, output in zip(warm.prompts, warm.outputs, strict=True):
+        assert prompt[: len(prefix)].tolist() == prefix.tolist()  # the question sits in the user turn
+        assert 1 <= len(output) <= 16
+    assert (warm.recycle_table[:, 0] >= 0).sum() > 0  # rows the verification passes scored
+    assert warm.recycle_trials > 0
+    assert set(warm.calibration) == {"ContextDrafter", "HistoryDrafter", "RecycleDrafter"}
+    assert warm.weight_calibration is not None and warm.weight_calibration[2] > 0
+    assert warm.summary() == {
+        "version": WARM_START_VERSION,
+        "conversations": CONVERSATIONS,
+        "output_tokens": sum(len(o) for o in warm.outputs),
+    }
+
+
+def test_same_seed_same_conversations(tiny, warm):
+    again = learn(tiny)
+    assert [p.tolist() for p in again.prompts] == [p.tolist() for p in warm.prompts]
+    assert [o.tolist() for o in again.outputs] == [o.tolist() for o in warm.outputs]
+    other = learn(tiny, seed=100)
+    assert [p.tolist() for p in other.prompts] != [p.tolist() for p in warm.prompts]
+
+
+def test_question_prefix_without_chat_template(tiny):
+    tokenizer = trained_bpe_tokenizer(TEXTS, vocab_size=300, bos_token="<|endoftext|>")
+    tokenizer.chat_template = None
+    assert question_prefix(tokenizer).tolist() == [tokenizer.bos_token_id]
+    assert question_prefix(tiny.tokenizer).tolist() == tiny.tokenizer("<|im_start|>user\n")["input_ids"]
+
+
+def test_save_load_round_trip(tmp_path, warm):
+    path = tmp_path / "warm.npz"
+    warm.save(path)
+    loaded = WarmStart.load(path)
+    assert [p.tolist() for p in loaded.prompts] == [p.tolist() for p in warm.prompts]
+    assert [o.tolist() for o in loaded.outputs] == [o.tolist() for o in warm.outputs]
+    np.testing.assert_array_equal(loaded.recycle_table, warm.recycle_table)
+    np.testing.assert_array_equal(loaded.recycle_hits, warm.recycle_hits)
+    assert loaded.recycle_trials == warm.recycle_trials
+    for name, (hits, trials) in warm.calibration.items():
+        np.testing.assert_array_equal(loaded.calibration[name][0], hits)
+        np.testing.assert_array_equal(loaded.calibration[name][1], trials)
+    for a, b in zip(loaded.weight_calibration, warm.weight_calibration, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_rejects_other_files(tmp_path, warm):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a warm start"):
+        WarmStart.load(junk)
+    other = tmp_path / "other.npz"
+    np.savez(other, version=np.asarray(WARM_START_VERSION + 1))
+    with pytest.raises(ValueError, match="version"):
+        WarmStart.load(other)
+
+
+def test_apply_hands_over_what_was_learned(tiny, warm):
+    drafter, policy = fresh(tiny)
+    warm.apply(drafter, policy)
+    recycle = next(d for d in drafter.drafters if isinstance(d, RecycleDrafter))
+    np.testing.assert_array_equal(recycle.table, warm.recycle_table)
+    np.testing.assert_array_equal(recycle.hit_rates, fresh_hit_rates(warm, recycle))
+    history = next(d for d in drafter.drafters if isinstance(d, HistoryDrafter))
+    assert history.num_tokens == sum(len(o) for o in warm.outputs)
+    s = [type(d).__name__ for d in drafter.drafters].index("ContextDrafter")
+    np.testing.assert_array_equal(drafter.calibration.trials[s], warm.calibration["ContextDrafter"][1])
+    np.testing.assert_array_equal(policy.calibration.state()[0], warm.weight_calibration[0])
+    # with another vocabulary the table is not taken over: it holds only what the replayed outputs
+    # taught it (as any drafter learns from them), and a fixed budget has nothing to take
+    small = default_drafter([], tiny.vocab - 1)
+    warm.apply(small, None)
+    replayed = RecycleDrafter(tiny.vocab - 1)
+    for prompt, output in zip(warm.prompts, warm.outputs, strict=True):
+        replayed.observe(prompt, output, None)
+    table = next(d for d in small.drafters if isinstance(d, RecycleDrafter)).table
+    np.testing.assert_array_equal(table, replayed.table)
+
+
+def fresh_hit_rates(warm: WarmStart, recycle: RecycleDrafter) -> np.ndarray:
+    probe = RecycleDrafter(recycle.vocab_size, recycle.k)
+    probe.hits[:] = warm.recycle_hits
+    probe.trials = warm.recycle_trials
+    return probe.hit_rates
+
+
+class Recorder(StatelessDrafter):
+    """Records the requests a warm start replays into it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+
+    def start_request(self, prompt):
+        self.calls.append(("start", np.asarray(prompt).tolist()))
+
+    def observe(self, context, accepted, logits=None):
+        assert logits is None
+        self.calls.append(("observe", np.asarray(accepted).tolist()))
+
+    def stop_request(self):
+        self.calls.append(("stop", []))
+
+    def propose(self, context, budget):  # pragma: no cover - never asked
+        raise AssertionError
+
+
+def test_apply_replays_conversations_into_any_drafter(warm):
+    recorder = Recorder()
+    warm.apply(recorder)
+    expected = []
+    for prompt, output in zip(warm.prompts, warm.outputs, strict=True):
+        expected += [("start", prompt.tolist()), ("observe", output.tolist()), ("stop", [])]
+    assert recorder.calls == expected
+
+
+def test_warm_generation_stays_exact(tiny, warm):
+    config = GenerationConfig(max_new_tokens=20)
+    prompt = tiny.tokenizer("The sea is")["input_ids"]
+    plain = SpeculativeGenerator(tiny.model, tiny.tokenizer, budget=0).generate(prompt, config)
+    drafter, policy = fresh(tiny)
+    warm.apply(drafter, policy)
+    warmed = SpeculativeGenerator(tiny.model, tiny.tokenizer, drafter=drafter, budget=policy)
+    result = warmed.generate(prompt, config)
+    assert result.output_ids.tolist() == plain.output_ids.tolist()
+
+
+def test_load_or_learn_caches_and_relearns_a_corrupt_file(tmp_path, monkeypatch, tiny, warm):
+    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
+    path = warm_start_path(tiny.name, "float32", tiny.tokenizer)
+    assert path.parent == tmp_path / "warm"
+    made = []
+
+    def make():
+        made.append(1)
+        return fresh(tiny)
+
+    import restspec.decode.warm as warm_module
+
+    def quick(model, tokenizer, drafter, policy, **kwargs):
+        return learn(tiny)
+
+    monkeypatch.setattr(warm_module, "learn_warm_start", quick)
+    first = load_or_learn_warm_start(tiny, make)
+    assert path.is_file() and len(made) == 1
+    second = load_or_learn_warm_start(tiny, make)
+    assert len(made) == 1 and [o.tolist() for o in second.outputs] == [o.tolist() for o in first.outputs]
+    path.write_bytes(b"corrupt")
+    load_or_learn_warm_start(tiny, make)
+    assert len(made) == 2 and WarmStart.load(path).summary() == warm.summary()
