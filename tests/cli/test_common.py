@@ -28,9 +28,10 @@ SHARED_FLAGS = (
     "--seed",
     "--budget",
     "--dtype",
+    "--warm-start",
 )
 # The demo compares greedy outputs token for token, so it has no sampling flags.
-DEMO_FLAGS = ("--model", "--datastore", "--max-new-tokens", "--budget", "--dtype")
+DEMO_FLAGS = ("--model", "--datastore", "--max-new-tokens", "--budget", "--dtype", "--warm-start")
 WIDE_TERMINAL = {"COLUMNS": "200", "NO_COLOR": "1"}
 
 runner = CliRunner()

@@ -66,6 +66,22 @@ def test_generate_json_has_text_token_ids_and_statistics(tiny_args, tiny_model_d
     assert stats["elapsed_s"] > 0
 
 
+def test_warm_start_is_learned_once_and_leaves_output_unchanged(tiny_args, tmp_path, monkeypatch):
+    """The first run learns the warm start into the cache; --cold-start neither reads nor writes it;
+    greedy output is the same either way (and equals plain greedy)."""
+    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
+    cold = run_json([*tiny_args, "--budget", "auto", "--cold-start"])
+    assert not (tmp_path / "warm").exists()
+    warm = run_json([*tiny_args, "--budget", "auto"])
+    files = list((tmp_path / "warm").glob("*.npz"))
+    assert len(files) == 1
+    learned = files[0].stat().st_mtime_ns
+    again = run_json([*tiny_args, "--budget", "auto"])
+    assert files[0].stat().st_mtime_ns == learned  # read from the cache, not learned again
+    plain = run_json([*tiny_args, "--budget", "0", "--cold-start"])
+    assert cold["output_ids"] == warm["output_ids"] == again["output_ids"] == plain["output_ids"]
+
+
 @pytest.mark.parametrize("budget", ["auto", "1", "8"])
 def test_restspec_greedy_output_equals_plain_greedy(tiny_args, budget):
     plain = run_json([*tiny_args, "--budget", "0"])

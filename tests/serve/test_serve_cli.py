@@ -27,6 +27,7 @@ def test_help_lists_the_server_and_the_shared_flags():
         "--datastore",
         "--budget",
         "--max-new-tokens",
+        "--warm-start",
     ):
         assert flag in result.output
 
