@@ -9,6 +9,18 @@ from serve_helpers import DRAFT_BUDGET, LookupDrafter, build_model_folder, make_
 
 
 @pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("restspec-cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch: pytest.MonkeyPatch, _session_cache: Path) -> None:
+    """Caches `restspec serve` writes (latency calibration, warm start) go to one temporary folder per
+    test session, never to ~/.cache."""
+    monkeypatch.setenv("RESTSPEC_CACHE", str(_session_cache))
+
+
+@pytest.fixture(scope="session")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model_folder(tmp_path_factory.mktemp("tiny-llama"))
 
