@@ -130,6 +130,11 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str = "float
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
 
 
+def dtype_name(model: Any) -> str:
+    """The compute type of ``model``'s weights as caches name it: 'float32', 'bfloat16', ..."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def apply_chat_template(tokenizer: Any, messages: str | Sequence[dict[str, str]]) -> list[int]:
     """Token ids of ``messages`` (or one user message) in the tokenizer's chat format, ready for the
     assistant's reply."""

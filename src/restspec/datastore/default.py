@@ -3,6 +3,7 @@ found on this machine, built on first use into the cache, one per tokenizer."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import sysconfig
@@ -22,6 +23,14 @@ DOC_SUFFIXES = (".txt", ".rst")
 def cache_dir() -> Path:
     """``$RESTSPEC_CACHE`` or ~/.cache/restspec."""
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def model_cache_file(kind: str, model_name: str, dtype: str, key: str, suffix: str) -> Path:
+    """``$RESTSPEC_CACHE/<kind>/<model>-<dtype>-<12 hex digits of sha256(key)><suffix>``: one cached
+    artifact of a model, ``key`` holding whatever else it depends on (the name made file-safe)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_name)
+    return cache_dir() / kind / f"{safe}-{dtype}-{digest}{suffix}"
 
 
 def default_datastore_path(tokenizer) -> Path:

@@ -8,7 +8,6 @@ that also has ``observe_step(width, seconds)`` is told what each step cost: ``wi
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -274,13 +273,11 @@ def _measured_while_busy(start: CpuSnapshot) -> bool:
 
 def calibration_path(model_name: str, dtype: str, key: dict | None = None, *, fast: bool = True) -> Path:
     """``$RESTSPEC_CACHE/latency/<model>-<dtype>-<hash of machine key, kernels>.json``."""
-    key = machine_key() if key is None else key
-    blob = json.dumps({"machine": key, "version": CALIBRATION_VERSION, "fast": fast}, sort_keys=True).encode()
-    digest = hashlib.sha256(blob).hexdigest()[:12]
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_name)
-    from restspec.datastore.default import cache_dir
+    from restspec.datastore.default import model_cache_file
 
-    return cache_dir() / "latency" / f"{safe}-{dtype}-{digest}.json"
+    key = machine_key() if key is None else key
+    blob = json.dumps({"machine": key, "version": CALIBRATION_VERSION, "fast": fast}, sort_keys=True)
+    return model_cache_file("latency", model_name, dtype, blob, ".json")
 
 
 def calibrate(
@@ -629,8 +626,10 @@ class AdaptiveBudget:
     ) -> AdaptiveBudget:
         """Calibrated on ``loaded`` (a :class:`restspec.models.LoadedModel`) with ``fast`` kernels or not
         (as the generator will run); the latency curve is cached per machine + model + dtype + kernels."""
+        from restspec.models import dtype_name
+
         model = loaded.model  # type: ignore[attr-defined]
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        dtype = dtype_name(model)
         name = str(getattr(loaded, "name", type(model).__name__))
         probe = ForwardLatencyProbe(model, past_len=CALIBRATION_PAST_LEN, fast=fast)
         curve = load_or_calibrate(

@@ -18,7 +18,6 @@ cores, once).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,14 +192,6 @@ def question_prefix(tokenizer: Any) -> np.ndarray:
     return np.asarray([start if start is not None else 0], np.int32)
 
 
-def _answer_prompt(tokenizer: Any, question: str) -> np.ndarray:
-    from restspec.models import apply_chat_template
-
-    if getattr(tokenizer, "chat_template", None):
-        return np.asarray(apply_chat_template(tokenizer, question), np.int32)
-    return np.asarray(tokenizer(question)["input_ids"], np.int32)
-
-
 def learn_warm_start(
     model: Any,
     tokenizer: Any,
@@ -222,14 +213,15 @@ def learn_warm_start(
     asker = SpeculativeGenerator(model, tokenizer, budget=0)
     answerer = SpeculativeGenerator(model, tokenizer, drafter=drafter, budget=policy)
     prefix = question_prefix(tokenizer)
+    chat = bool(getattr(tokenizer, "chat_template", None))
     limit = answerer.layout.max_positions
     prompts, outputs = [], []
     for i in range(conversations):
         sampling = SamplingConfig(temperature=QUESTION_TEMPERATURE, seed=seed + i)
         asked = asker.generate(prefix, GenerationConfig(max_new_tokens=question_tokens, sampling=sampling))
         question = asked.text.strip()
-        prompt = _answer_prompt(tokenizer, question)
-        if question and (limit is None or len(prompt) < limit):  # a model with a tiny context may not fit it
+        prompt = answerer.encode(question, chat) if question else None
+        if prompt is not None and (limit is None or len(prompt) < limit):  # a tiny context may not fit it
             answer = answerer.generate(prompt, GenerationConfig(max_new_tokens=answer_tokens))
             prompts.append(prompt)
             outputs.append(answer.output_ids.astype(np.int32))
@@ -240,13 +232,11 @@ def learn_warm_start(
 
 def warm_start_path(model_name: str, dtype: str, tokenizer: Any) -> Path:
     """``$RESTSPEC_CACHE/warm/<model>-<dtype>-<hash of tokenizer, version>.npz``."""
-    from restspec.datastore.default import cache_dir
+    from restspec.datastore.default import model_cache_file
     from restspec.datastore.fingerprint import tokenizer_fingerprint
 
-    blob = f"{tokenizer_fingerprint(tokenizer)}:{WARM_START_VERSION}".encode()
-    digest = hashlib.sha256(blob).hexdigest()[:12]
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_name)
-    return cache_dir() / "warm" / f"{safe}-{dtype}-{digest}.npz"
+    key = f"{tokenizer_fingerprint(tokenizer)}:{WARM_START_VERSION}"
+    return model_cache_file("warm", model_name, dtype, key, ".npz")
 
 
 def load_or_learn_warm_start(
@@ -258,8 +248,9 @@ def load_or_learn_warm_start(
 ) -> WarmStart:
     """The cached warm start of ``loaded`` (a :class:`restspec.models.LoadedModel`), learned first
     (with a fresh drafter and policy from ``make()``) when missing or unreadable."""
-    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    path = warm_start_path(str(loaded.name), dtype, loaded.tokenizer)
+    from restspec.models import dtype_name
+
+    path = warm_start_path(str(loaded.name), dtype_name(loaded.model), loaded.tokenizer)
     if not relearn and path.is_file():
         try:
             return WarmStart.load(path)
