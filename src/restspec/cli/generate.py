@@ -117,9 +117,9 @@ def demo(
 
     err = stderr_console()
     config = options.generation()
-    plain = engine.plain_generator()
+    plain = engine.plain()
     err.print(
-        f"[dim]model {engine.loaded.name} · {len(engine.datastores)} datastore(s), "
+        f"[dim]model {engine.name} · {len(engine.datastores)} datastore(s), "
         f"{sum(ds.num_tokens for ds in engine.datastores):,} tokens · budget {options.budget} · "
         f"{max_new_tokens} new tokens per prompt, greedy[/]",
         soft_wrap=True,
@@ -265,7 +265,7 @@ def generate(
     config = options.generation(stop_strings=stop or ())
     if as_json:
         result = engine.generator.generate(request, config, chat=chat)
-        sys.stdout.write(json.dumps(result_json(result, engine.loaded.name), ensure_ascii=False) + "\n")
+        sys.stdout.write(json.dumps(result_json(result, engine.name), ensure_ascii=False) + "\n")
         return
     result = _stream_to(sys.stdout, engine.generator, request, config, chat=chat)
     sys.stdout.write("\n")
@@ -379,7 +379,7 @@ def chat(
     interactive = sys.stdin.isatty()
     err = stderr_console()
     if interactive:
-        err.print(f"[dim]Chatting with {engine.loaded.name}. /reset forgets, /exit or Ctrl-D quits.[/]")
+        err.print(f"[dim]Chatting with {engine.name}. /reset forgets, /exit or Ctrl-D quits.[/]")
     start: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
     history = list(start)
     for line in _user_lines(sys.stdin, interactive):

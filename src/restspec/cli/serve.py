@@ -154,7 +154,9 @@ def serve(
                 "this port can use the model (the server has no authentication)"
             )
         engine = load_engine(options)
-        server_app = app_for_engine(engine, model_name=served_model_name)
+        server_app = app_for_engine(
+            engine, options.generation(), model_name=served_model_name, aliases=(options.model,)
+        )
         bound_host, bound_port = sock.getsockname()[:2]
         bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host  # IPv6 in a URL
         config = server_app.state.config

@@ -13,7 +13,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -436,14 +436,15 @@ def _is_template_error(error: BaseException) -> bool:
     return isinstance(error, TemplateError)
 
 
-def app_for_engine(engine: Any, *, model_name: str | None = None) -> FastAPI:
-    """The app for what :func:`restspec.cli.common.load_engine` built: its generator, its flags as
-    the defaults for omitted request fields, and the loaded model's name (or ``model_name``) as id."""
-    model_id = model_name or engine.loaded.name
-    aliases = tuple(dict.fromkeys(a for a in (engine.loaded.name, engine.options.model) if a != model_id))
+def app_for_engine(
+    engine: Any, defaults: GenerationConfig, *, model_name: str | None = None, aliases: Sequence[str] = ()
+) -> FastAPI:
+    """The app for a :class:`restspec.Engine`: its generator, ``defaults`` for omitted request fields,
+    the engine's model name (or ``model_name``) as id and ``aliases`` (e.g. the name it was loaded by)."""
+    model_id = model_name or engine.name
     config = ServerConfig(
         model_id=model_id,
-        aliases=aliases,
-        defaults=engine.options.generation(),
+        aliases=tuple(dict.fromkeys(a for a in (engine.name, *aliases) if a != model_id)),
+        defaults=defaults,
     )
     return create_app(engine.generator, config)

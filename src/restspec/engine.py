@@ -1,0 +1,255 @@
+"""The one composition root: a model with its drafter, budget policy and warm start, in one object.
+
+:meth:`Engine.from_pretrained` is the only place where restspec's pieces are put together::
+
+    model + tokenizer (restspec.models) ──► forward backend (measured per machine)
+    datastores (opened, or the default one built on first use) ──► default drafter
+    budget policy ('auto': calibrated on this machine) ──► warm start (learned once per model)
+    ──► SpeculativeGenerator: generate / stream
+
+The CLI, the server, ``restspec bench`` and the integrations all build through it, so a library user
+gets exactly the engine the CLI runs, with the same defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from restspec.errors import DatastoreError, GenerationError
+from restspec.models import DEFAULT_MODEL
+from restspec.progress import Progress, progress_from
+
+if TYPE_CHECKING:
+    from restspec.datastore import Datastore
+    from restspec.decode import GenerationConfig, GenerationResult, SpeculativeGenerator, StreamChunk
+    from restspec.decode.budget import BudgetPolicy
+    from restspec.draft.base import Drafter
+    from restspec.models import LoadedModel
+
+AUTO = "auto"
+WARM_START_PHASE = "Warm start: the model answers questions it writes (once per model)"
+
+Prompt = Any
+"""Text, a list of chat messages ({"role", "content"}), or token ids."""
+
+
+def parse_budget(value: str | int) -> int | None:
+    """'auto' -> None (adaptive); a whole number >= 0 -> that many draft tokens per step."""
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return None
+    try:
+        size = int(text)
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise GenerationError(f"budget={value!r} must be 'auto' or a whole number >= 0 (0 = plain decoding)")
+    return size
+
+
+def check_datastore_paths(paths: Sequence[Path]) -> None:
+    """Fail fast, before the model loads, on a datastore path that does not exist."""
+    for path in paths:
+        if not Path(path).exists():
+            raise DatastoreError(
+                f"datastore {str(path)!r} does not exist; build one with `restspec build` "
+                "or leave out --datastore to use the default"
+            )
+
+
+def model_vocab_size(model: Any) -> int:
+    """Rows of the model's output layer (can exceed the tokenizer's vocabulary, never fall short)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+class Engine:
+    """A loaded model, its drafter and budget policy, and the generate loop over them.
+
+    Build it with :meth:`from_pretrained`. ``generate`` and ``stream`` take a prompt (text, chat
+    messages or token ids) and either a :class:`~restspec.decode.GenerationConfig` or its fields as
+    keywords (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``)."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        datastores: Sequence[Datastore],
+        drafter: Drafter,
+        policy: BudgetPolicy,
+        backend: Any = None,
+    ) -> None:
+        from restspec.decode import SpeculativeGenerator
+
+        self.loaded = loaded
+        self.datastores = list(datastores)
+        self.drafter = drafter
+        self.policy = policy
+        self.backend = backend
+        self.generator = SpeculativeGenerator(
+            loaded.model, loaded.tokenizer, drafter=drafter, budget=policy, **self._backend_kwargs()
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        *,
+        datastores: Sequence[str | os.PathLike[str]] | None = None,
+        dtype: str = "float32",
+        budget: str | int = AUTO,
+        warm_start: bool = True,
+        progress: bool | Progress = True,
+    ) -> Engine:
+        """Load ``model`` ('smollm2' = the embedded SmolLM2-135M-Instruct, a Hugging Face folder or a
+        .gguf file; nothing is downloaded) and build the engine around it.
+
+        ``datastores``: folders made by ``restspec build``; None or empty = the default datastore (the
+        Python standard library, built into the cache on first use). ``budget``: 'auto' (verify what
+        pays off on this machine, calibrated once per machine and model) or a fixed number of draft
+        tokens per step (0 = plain decoding). ``warm_start``: start the drafter from what the model's
+        answers to questions it wrote itself taught it (shipped for the embedded model, otherwise
+        learned once per model and cached). ``progress``: True shows each phase on stderr, False
+        nothing, or a :class:`~restspec.progress.Progress`."""
+        from restspec.datastore import Datastore, ensure_default_datastore
+        from restspec.decode.budget import AdaptiveBudget, FixedBudget
+        from restspec.models import check_model, load_model
+
+        fixed = parse_budget(budget)
+        paths = [Path(p) for p in datastores or ()]
+        check_datastore_paths(paths)
+        check_model(model)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        report = progress_from(progress)
+        with report.phase(f"Loading model {model} ({dtype})"), _without_transformers_progress_bars():
+            loaded = load_model(model, dtype=dtype)
+        if not paths:
+            paths = [ensure_default_datastore(loaded.tokenizer, progress=progress is not False)]
+        opened = [Datastore.open(path, loaded.tokenizer) for path in paths]
+        vocab = model_vocab_size(loaded.model)
+
+        def drafter() -> Drafter:
+            from restspec.draft import default_drafter
+
+            return default_drafter(opened, vocab_size=vocab)
+
+        def adaptive() -> AdaptiveBudget:
+            with report.phase("Measuring forward latency for --budget auto (once per machine and model)"):
+                return AdaptiveBudget.for_model(loaded)
+
+        policy: BudgetPolicy = FixedBudget(fixed) if fixed is not None else adaptive()
+        engine_drafter = drafter()
+        if warm_start:
+            from restspec.decode.warm import WARM_CONVERSATIONS, load_or_learn_warm_start
+
+            learner_policy = policy if isinstance(policy, AdaptiveBudget) else None
+
+            def make() -> tuple[Drafter, AdaptiveBudget]:  # a fresh drafter and adaptive policy to learn with
+                base = learner_policy or adaptive()
+                return drafter(), base.fresh()
+
+            with report.steps(WARM_START_PHASE, WARM_CONVERSATIONS) as done:
+                warm = load_or_learn_warm_start(loaded, make, on_conversation=lambda i: done(i + 1))
+            warm.apply(engine_drafter, policy)
+        return cls(loaded, opened, engine_drafter, policy)
+
+    # ---- what it holds ---------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def name(self) -> str:
+        """A stable id of the model and dtype, as caches name it."""
+        return self.loaded.name
+
+    # ---- generation ------------------------------------------------------------------------------
+    def generate(
+        self, prompt: Prompt, config: GenerationConfig | None = None, *, chat: bool = False, **settings: Any
+    ) -> GenerationResult:
+        """Generate to the end (see :meth:`stream`)."""
+        return self.generator.generate(prompt, generation_config(config, settings), chat=chat)
+
+    def stream(
+        self, prompt: Prompt, config: GenerationConfig | None = None, *, chat: bool = False, **settings: Any
+    ) -> Iterator[StreamChunk]:
+        """Generate step by step: every chunk carries new token ids and text, the last one the result.
+        ``chat`` applies the model's chat template to a text prompt (messages always get it)."""
+        return self.generator.stream(prompt, generation_config(config, settings), chat=chat)
+
+    def plain(self) -> SpeculativeGenerator:
+        """The same loop on the same forward with no drafts: the baseline restspec is compared against."""
+        from restspec.decode.budget import FixedBudget
+        from restspec.draft.base import EmptyDrafter
+
+        return self.variant(EmptyDrafter(), FixedBudget(0))
+
+    def variant(self, drafter: Drafter, budget: BudgetPolicy) -> SpeculativeGenerator:
+        """A generator on this engine's model and forward with another drafter and budget policy (for
+        experiments that compare drafters on one loaded model)."""
+        from restspec.decode import SpeculativeGenerator
+
+        return SpeculativeGenerator(
+            self.model, self.tokenizer, drafter=drafter, budget=budget, **self._backend_kwargs()
+        )
+
+    def _backend_kwargs(self) -> dict[str, Any]:
+        return {}
+
+
+def generation_config(config: GenerationConfig | None, settings: dict[str, Any]) -> GenerationConfig:
+    """``config``, or one built from keyword ``settings`` (not both): max_new_tokens, temperature,
+    top_p, top_k, seed, stop (a string or several)."""
+    from restspec.decode import GenerationConfig, SamplingConfig
+
+    if not settings:
+        return config or GenerationConfig()
+    if config is not None:
+        raise GenerationError(
+            f"pass either a GenerationConfig or keyword settings, not both (got {sorted(settings)})"
+        )
+    sampling_keys = {"temperature", "top_p", "top_k", "seed"}
+    known = sampling_keys | {"max_new_tokens", "stop"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise GenerationError(f"unknown generation settings {unknown}; use {sorted(known)}")
+    stop = settings.get("stop", ())
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    sampling = SamplingConfig(**{k: v for k, v in settings.items() if k in sampling_keys})
+    defaults = GenerationConfig()
+    return GenerationConfig(
+        max_new_tokens=settings.get("max_new_tokens", defaults.max_new_tokens),
+        sampling=sampling,
+        stop_strings=stops,
+    )
+
+
+@contextmanager
+def _without_transformers_progress_bars() -> Iterator[None]:
+    """The engine's progress says what is loading; transformers' own bars would print over it (its GGUF
+    de-quantizer calls tqdm directly, past ``disable_progress_bar``, so that one is silenced here)."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support: nothing more to silence
+        gguf_utils = None
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
