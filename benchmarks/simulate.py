@@ -357,6 +357,6 @@ def time_select_tree(budget: int = 64, calls: int = 500) -> list[tuple[str, str,
     return rows
 
 
-if __name__ == "__main__":  # python -m restspec.bench.simulate: time select_tree (k=5000, m=10, c=64)
+if __name__ == "__main__":  # python -m benchmarks.simulate: time select_tree (k=5000, m=10, c=64)
     for name, impl, wall, cpu in time_select_tree():
         print(f"{name:8s} {impl:18s} wall {wall:7.3f} ms/call  cpu {cpu:7.3f} ms/call")

@@ -102,7 +102,7 @@ DEFAULT_MAX_BUDGET = 12
 """Most draft nodes the adaptive policy verifies by default. A forward over 13 inputs already costs
 about 1.5 plain steps on the 2-core reference machine (docs/benchmarks-decode.md), and the policy's
 acceptance estimates are least reliable on its widest trees: in replays of HumanEval and MT-Bench
-(``restspec simulate --latency``) on a flat calibration curve a cap of 12 beat 8, 16 and 32 by
+(``python -m benchmarks.replay --latency``) on a flat calibration curve a cap of 12 beat 8, 16 and 32 by
 1-2.5 %; on a steeper curve measured later, caps from 8 to 32 came within 1.5 % of each other
 (docs/benchmarks.md "Replay"). Drafting fewer nodes also costs less drafting time."""
 RATE_DECAY = 0.995

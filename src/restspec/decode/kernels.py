@@ -6,7 +6,7 @@ over weights packed once into its blocked layout (``torch.ops.mkldnn._reorder_li
 ``_linear_pointwise``, the kernels TorchInductor uses for frozen CPU linears) reads them at the
 matrix-vector speed: measured on SmolLM2-135M, 500 cached tokens, a forward over 1 / 2 / 5 / 9 / 17
 rows took 92 / 133 / 136 / 161 / 191 ms stock and 72 / 73 / 92 / 105 / 128 ms here, both through
-the model's own forward (``python -m restspec.bench.latency``, docs/benchmarks-decode.md; a busy
+the model's own forward (``python -m benchmarks.latency``, docs/benchmarks-decode.md; a busy
 moment, the stock plain step is 77 ms on a quiet machine). The second part of the gain is
 attention: given a mask, transformers' SDPA path copies every key/value head ``n_rep`` times
 (``repeat_kv``) unless told that grouped-query SDPA is safe, which on CPU it is

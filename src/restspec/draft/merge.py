@@ -127,7 +127,7 @@ class Calibration:
     = scale * conditional weight: the source's weights until evidence accumulates, then the observed
     rate. A node's probability is the product of the rates along its path (:meth:`estimate`), so a
     long chain is worth what each of its links is, not what its first node is. In replays of
-    HumanEval and MT-Bench (``restspec simulate``, docs/benchmarks.md) this ranks nodes better than
+    HumanEval and MT-Bench (``python -m benchmarks.replay``, docs/benchmarks.md) this ranks nodes better than
     calibrating the path weights themselves: 1-4 % more tokens per step at a fixed tree size.
     """
 
