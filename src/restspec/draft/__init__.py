@@ -18,7 +18,7 @@ from restspec.draft.merge import (
 from restspec.draft.recycle import RecycleDrafter
 from restspec.draft.sources import ContextDrafter, DatastoreDrafter, HistoryDrafter, LookupConfig
 from restspec.draft.tree import DraftTree
-from restspec.draft.trie import count_trie, select_tree, select_tree_numpy
+from restspec.draft.trie import select_tree
 
 if TYPE_CHECKING:
     from restspec.datastore import Datastore
@@ -65,12 +65,10 @@ __all__ = [
     "RecycleDrafter",
     "StatelessDrafter",
     "TreeLogits",
-    "count_trie",
     "default_drafter",
     "extend_best_first",
     "longest_suffix_continuations",
     "merge_trees",
     "node_outcomes",
     "select_tree",
-    "select_tree_numpy",
 ]
