@@ -1,7 +1,7 @@
 """Datastore benchmark: build throughput, size, open time, peak memory and lookup latency, restspec's
 reversed-suffix-array search side by side with REST's span-by-span search, on the same tokens and queries.
 
-    python -m benchmarks.datastore --workdir /tmp/rsbench --out docs/benchmarks-datastore.md
+    python -m benchmarks.datastore --workdir /tmp/rsbench --out benchmarks/results/datastore.md
 
 Two datastores: the Python standard library (tokenized with the embedded model's tokenizer; queries
 from its held-out test suite, which the datastore excludes) and a synthetic one of >= 50M tokens

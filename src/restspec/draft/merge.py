@@ -15,7 +15,7 @@ instead of a tree of its own from the root, every merged node (and the root) off
 recent top candidates after its token as children, with probability p(node) * hit rate of the
 candidate's rank, and the final ``budget`` nodes are taken best-first from candidates and extensions
 alike (:func:`extend_best_first`). On HumanEval this lifts short retrieved chains and gives
-recycling the context it lacks (``docs/benchmarks-simulator.md``).
+recycling the context it lacks (``python -m benchmarks.replay``).
 """
 
 from __future__ import annotations
