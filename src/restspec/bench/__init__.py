@@ -13,8 +13,10 @@ if TYPE_CHECKING:
 def main(argv: Sequence[str], *, extra_methods: Mapping[str, MethodBuilder], prog_name: str) -> None:
     """Run ``restspec bench`` with ``argv`` (its options) where ``--methods`` also accepts
     ``extra_methods`` (name -> builder). Exits like the command does (``SystemExit``)."""
+    from typer.main import get_command
+
     from restspec.bench.methods import extra_methods as registered
     from restspec.cli import app
 
     with registered(extra_methods):
-        app(["bench", *argv], prog_name=prog_name)
+        get_command(app).commands["bench"].main(list(argv), prog_name=prog_name)
