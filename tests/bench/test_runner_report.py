@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from restspec.bench.methods import HFGenerateMethod, TurnOutput, parse_methods
+from restspec.bench.methods import HFGenerateMethod, TurnOutput, build_methods, extra_methods, parse_methods
 from restspec.bench.report import (
     compare,
     pooled_compare,
@@ -243,6 +244,23 @@ def test_method_names_are_checked():
     assert parse_methods("plain, pld,plain") == ["plain", "pld"]
     with pytest.raises(RestspecError, match="unknown method 'nope'"):
         parse_methods("plain,nope")
+
+
+def test_extra_methods_are_known_only_inside_their_block():
+    def build(ctx):
+        return HFGenerateMethod("greedy", ctx.model, ctx.tokenizer)
+
+    with extra_methods({"greedy": build}):
+        assert parse_methods("plain,greedy") == ["plain", "greedy"]
+        ctx = SimpleNamespace(model="m", tokenizer=SimpleNamespace(eos_token_id=None, pad_token_id=None))
+        assert [m.name for m in build_methods(["greedy"], ctx)] == ["greedy"]
+        with (
+            pytest.raises(RestspecError, match="methods plain are already defined"),
+            extra_methods({"plain": build}),
+        ):
+            pass
+    with pytest.raises(RestspecError, match="unknown method 'greedy'"):
+        parse_methods("greedy")
 
 
 @pytest.mark.parametrize("n", range(1, 10))

@@ -1,41 +1,19 @@
-"""The bench's warm start: restspec's methods and SuffixDecoding start from the same conversations."""
+"""The bench's warm start: restspec's methods start from the model's own conversations."""
 
 from __future__ import annotations
 
-import functools
 import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from bench_fixtures import WARM_CONVERSATIONS as CONVERSATIONS
 from typer.testing import CliRunner
 
-import restspec.decode.warm as warm_module
 from restspec.bench.methods import MethodContext, build_methods
 from restspec.cli import app
 from restspec.draft import HistoryDrafter
 from restspec.draft.base import EmptyDrafter
-
-CONVERSATIONS = 2
-
-
-@pytest.fixture
-def quick_warm_start(monkeypatch, tmp_path):
-    """A private cache and a warm start of two short conversations (the real one has 32 long ones)."""
-    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path / "cache"))
-    quick = functools.partial(
-        warm_module.learn_warm_start, conversations=CONVERSATIONS, question_tokens=8, answer_tokens=8
-    )
-    monkeypatch.setattr(warm_module, "learn_warm_start", quick)
-
-
-@pytest.fixture(scope="module")
-def datastore(tiny_tokenizer, tmp_path_factory):
-    from restspec.datastore import Datastore
-
-    path = tmp_path_factory.mktemp("ds") / "tiny.ds"
-    Datastore.build_from_texts(["hello world, hello there.\n"] * 3, path, tiny_tokenizer, progress=False)
-    return path
 
 
 def context(tiny_model, tiny_tokenizer, datastore, warm_start: bool) -> MethodContext:
@@ -56,20 +34,6 @@ def test_restspec_starts_warm_and_the_plain_loop_has_nothing_to_warm(tiny_model,
 
     cold = build_methods(["restspec"], context(tiny_model, tiny_tokenizer, datastore, warm_start=False))[0]
     assert next(d for d in cold.drafter.drafters if isinstance(d, HistoryDrafter)).num_tokens == 0
-
-
-@pytest.mark.usefixtures("quick_warm_start")
-def test_suffix_decoding_gets_the_same_outputs(tiny_model, tiny_tokenizer, datastore):
-    pytest.importorskip("arctic_inference")
-    ctx = context(tiny_model, tiny_tokenizer, datastore, warm_start=True)
-    suffix = build_methods(["suffix"], ctx)[0]
-    output = max(ctx.warm().outputs, key=len)
-    drafter = suffix.drafter
-    drafter.start_request(np.zeros(1, np.int32))
-    half = len(output) // 2
-    tree = drafter.propose(output[:half], 8)  # a past output's start: its global tree knows the rest
-    drafter.stop_request()
-    assert int(output[half]) in tree.tokens[tree.parents < 0].tolist()
 
 
 @pytest.mark.usefixtures("quick_warm_start")

@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
+from search_reference import brute_continuations
 
 from restspec.datastore import Datastore, tokenizer_fingerprint
-from restspec.datastore.reference import brute_continuations
 from restspec.errors import CorpusError, DatastoreError
 
 DOC_A = "def add ( x , y ) : return x + y"

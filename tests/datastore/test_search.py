@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from search_reference import brute_continuations
 
 from restspec.datastore import Datastore, Match
-from restspec.datastore.reference import brute_continuations
 from restspec.datastore.search import kernels
 
 FP = "0123456789abcdef"

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trie_reference import count_trie, select_tree_numpy
 
-from restspec.draft import DraftTree, count_trie, select_tree, select_tree_numpy
+from restspec.draft import DraftTree, select_tree
 
 
 def node_paths(tree: DraftTree) -> list[tuple[int, ...]]:

@@ -6,20 +6,24 @@ families:
 - :class:`HFGenerateMethod`: transformers' own ``model.generate`` (``plain`` greedy, ``pld`` prompt
   lookup). Forward passes are timed with module hooks; everything else is "other".
 - :class:`LoopMethod`: restspec's :class:`~restspec.decode.SpeculativeGenerator` with some drafter and
-  budget policy (``rest``, ``restspec``, ``restspec-plain``, ``suffix`` and variants).
+  budget policy (``restspec``, ``restspec-plain``).
 
 All methods of a run share one loaded model; each keeps its own drafter across prompts, so drafters
-that learn from past outputs (our history drafter, Arctic's global suffix cache) only ever see the
-outputs of earlier prompts of the same run, and with a warm start (``MethodContext.warm_start``) the
-model's answers to questions it wrote itself (:mod:`restspec.decode.warm`), the same for restspec and
-SuffixDecoding.
+that learn from past outputs (our history drafter) only ever see the outputs of earlier prompts of the
+same run, and with a warm start (``MethodContext.warm_start``) the model's answers to questions it
+wrote itself (:mod:`restspec.decode.warm`). Research baselines and variants (REST, SuffixDecoding,
+fixed budgets, ...) are not installed: the repository's ``benchmarks/`` adds them through
+:func:`extra_methods`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,14 +36,8 @@ from restspec.errors import RestspecError
 PLD_NUM_TOKENS = 10
 """``prompt_lookup_num_tokens`` for transformers' prompt lookup (the issue's baseline)."""
 
-REST_MAX_SPAN = 16
-"""REST as published: longest suffix tried against the datastore."""
-REST_MIN_SPAN = 2
-"""REST as published: shortest suffix tried."""
 REST_BUDGET = 64
-"""REST as published: draft tree nodes verified every step."""
-PAD_WIDTH = 8
-"""Draft nodes of every step in the fixed-width variants (``plain-w8``, ``restspec-w8``)."""
+"""REST as published: draft tree nodes verified every step (the adaptive budget is calibrated up to it)."""
 
 
 @dataclass(frozen=True)
@@ -187,44 +185,6 @@ class LoopMethod:
         )
 
 
-class PaddedDrafter:
-    """Every tree exactly ``width`` nodes: ``inner``'s best nodes, then zero-weight padding children of
-    the root (ids the tree does not use there). Every verification forward then has the same shape,
-    which makes reduced-precision (bfloat16) kernels round alike in the plain and speculative runs.
-    A padding node the model happens to agree with is accepted like any draft (still exact greedy)."""
-
-    def __init__(self, inner: Any, width: int) -> None:
-        if width < 1:
-            raise ValueError(f"width={width} must be >= 1")
-        self.inner = inner
-        self.width = width
-
-    def start_request(self, prompt: np.ndarray) -> None:
-        self.inner.start_request(prompt)
-
-    def stop_request(self) -> None:
-        self.inner.stop_request()
-
-    def observe(self, context: np.ndarray, accepted: np.ndarray, logits: Any = None) -> None:
-        self.inner.observe(context, accepted, logits)
-
-    def propose(self, context: np.ndarray, budget: int) -> Any:
-        from restspec.draft.tree import DraftTree
-
-        width = min(self.width, budget)
-        tree = self.inner.propose(context, width).truncate(width)
-        missing = width - len(tree)
-        if missing <= 0:
-            return tree
-        used = set(tree.tokens[tree.parents < 0].tolist())
-        pad = [t for t in range(missing + len(used)) if t not in used][:missing]
-        return DraftTree(
-            np.concatenate([tree.tokens, pad]).astype(np.int32),
-            np.concatenate([tree.parents, np.full(missing, -1)]).astype(np.int32),
-            np.concatenate([tree.weights, np.zeros(missing)]).astype(np.float32),
-        )
-
-
 # ---------------------------------------------------------------------------------------------------
 # Method registry: name -> builder(context) -> BenchMethod
 
@@ -323,23 +283,9 @@ def _pld(ctx: MethodContext) -> BenchMethod:
     return HFGenerateMethod("pld", ctx.model, ctx.tokenizer, prompt_lookup_num_tokens=PLD_NUM_TOKENS)
 
 
-def _rest(ctx: MethodContext) -> BenchMethod:
-    from restspec.decode.budget import FixedBudget
-    from restspec.draft import DatastoreDrafter
-
-    drafter = DatastoreDrafter(ctx.datastores()[0], max_len=REST_MAX_SPAN, min_len=REST_MIN_SPAN)
-    return LoopMethod("rest", ctx.model, ctx.tokenizer, drafter, FixedBudget(REST_BUDGET))
-
-
-def _restspec_kernels(
-    name: str, fast: bool, learn_costs: bool = True, max_budget: int = DEFAULT_MAX_BUDGET
-) -> Callable[[MethodContext], BenchMethod]:
-    def build(ctx: MethodContext) -> BenchMethod:
-        budget = ctx.adaptive_budget(max_budget, fast=fast, learn_costs=learn_costs)
-        drafter = ctx.default_drafter(budget)
-        return LoopMethod(name, ctx.model, ctx.tokenizer, drafter, budget, fast_kernels=fast)
-
-    return build
+def _restspec(ctx: MethodContext) -> BenchMethod:
+    budget = ctx.adaptive_budget()
+    return LoopMethod("restspec", ctx.model, ctx.tokenizer, ctx.default_drafter(budget), budget)
 
 
 def _restspec_plain(ctx: MethodContext) -> BenchMethod:
@@ -349,84 +295,58 @@ def _restspec_plain(ctx: MethodContext) -> BenchMethod:
     return LoopMethod("restspec-plain", ctx.model, ctx.tokenizer, EmptyDrafter(), FixedBudget(0))
 
 
-def _suffix(ctx: MethodContext) -> BenchMethod:
-    from restspec.bench.suffix import SuffixDrafter
-    from restspec.decode.budget import FixedBudget
+MethodBuilder = Callable[[MethodContext], BenchMethod]
+"""Builds one method of a run from the run's shared :class:`MethodContext`."""
 
-    drafter = ctx.warmed(SuffixDrafter())
-    return LoopMethod("suffix", ctx.model, ctx.tokenizer, drafter, FixedBudget(drafter.max_tokens))
-
-
-def _restspec_fixed(size: int) -> Callable[[MethodContext], BenchMethod]:
-    def build(ctx: MethodContext) -> BenchMethod:
-        from restspec.decode.budget import FixedBudget
-
-        drafter = ctx.default_drafter()
-        return LoopMethod(f"restspec-fixed{size}", ctx.model, ctx.tokenizer, drafter, FixedBudget(size))
-
-    return build
-
-
-def _padded(name: str, width: int, drafted: bool) -> Callable[[MethodContext], BenchMethod]:
-    def build(ctx: MethodContext) -> BenchMethod:
-        from restspec.decode.budget import FixedBudget
-        from restspec.draft.base import EmptyDrafter
-
-        inner = ctx.default_drafter() if drafted else EmptyDrafter()
-        return LoopMethod(name, ctx.model, ctx.tokenizer, PaddedDrafter(inner, width), FixedBudget(width))
-
-    return build
-
-
-def _suffix_adaptive(ctx: MethodContext) -> BenchMethod:
-    from restspec.bench.suffix import SuffixDrafter
-
-    drafter = SuffixDrafter()
-    budget = ctx.adaptive_budget(drafter.max_tokens)
-    return LoopMethod("suffix-adaptive", ctx.model, ctx.tokenizer, ctx.warmed(drafter), budget)
-
-
-METHODS: dict[str, Callable[[MethodContext], BenchMethod]] = {
+METHODS: dict[str, MethodBuilder] = {
     "plain": _plain,
     "pld": _pld,
-    "rest": _rest,
-    "restspec": _restspec_kernels("restspec", fast=True),
+    "restspec": _restspec,
     "restspec-plain": _restspec_plain,
-    "suffix": _suffix,
-    # named variants
-    "restspec-stock": _restspec_kernels("restspec-stock", fast=False),  # the model's own CPU kernels
-    # the adaptive budget on the calibrated curve alone, not learning step costs from the loop
-    "restspec-curve": _restspec_kernels("restspec-curve", fast=True, learn_costs=False),
-    # the adaptive budget with a cap of 16 nodes instead of DEFAULT_MAX_BUDGET
-    "restspec-cap16": _restspec_kernels("restspec-cap16", fast=True, max_budget=16),
-    "restspec-fixed4": _restspec_fixed(4),
-    "restspec-fixed8": _restspec_fixed(8),
-    "restspec-fixed16": _restspec_fixed(16),
-    "suffix-adaptive": _suffix_adaptive,
-    # every forward PAD_WIDTH + 1 wide: the bfloat16 exactness experiment (compare with --reference plain-w8)
-    f"plain-w{PAD_WIDTH}": _padded(f"plain-w{PAD_WIDTH}", PAD_WIDTH, drafted=False),
-    f"restspec-w{PAD_WIDTH}": _padded(f"restspec-w{PAD_WIDTH}", PAD_WIDTH, drafted=True),
 }
-"""Every method name ``--methods`` accepts."""
+"""The methods ``restspec bench --methods`` accepts."""
 
-DEFAULT_METHODS = ("plain", "pld", "rest", "restspec", "restspec-plain", "suffix")
+_extra_methods: ContextVar[Mapping[str, MethodBuilder]] = ContextVar(
+    "extra_methods", default=MappingProxyType({})
+)
+
+
+@contextmanager
+def extra_methods(builders: Mapping[str, MethodBuilder]) -> Iterator[None]:
+    """Inside the block, :func:`parse_methods` and :func:`build_methods` also know ``builders`` (name ->
+    builder): how a research harness runs its own methods through ``restspec bench``'s runner."""
+    taken = sorted(set(builders) & set(available_methods()))
+    if taken:
+        raise RestspecError(f"methods {', '.join(taken)} are already defined; give the new ones other names")
+    token = _extra_methods.set({**_extra_methods.get(), **builders})
+    try:
+        yield
+    finally:
+        _extra_methods.reset(token)
+
+
+def available_methods() -> dict[str, MethodBuilder]:
+    """Every method name that can be run now: :data:`METHODS` and those of :func:`extra_methods`."""
+    return {**METHODS, **_extra_methods.get()}
 
 
 def parse_methods(spec: str) -> list[str]:
     """``"plain,pld,restspec"`` -> validated list (order kept, duplicates dropped)."""
+    methods = available_methods()
     names = []
     for raw in spec.split(","):
         name = raw.strip()
         if not name:
             continue
-        if name not in METHODS:
-            raise RestspecError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        if name not in methods:
+            raise RestspecError(f"unknown method {name!r}; choose from {', '.join(methods)}")
         if name not in names:
             names.append(name)
     if not names:
-        raise RestspecError(f"--methods={spec!r} names no method; choose from {', '.join(METHODS)}")
+        raise RestspecError(f"--methods={spec!r} names no method; choose from {', '.join(methods)}")
     return names
 
 
 def build_methods(names: Sequence[str], ctx: MethodContext) -> list[BenchMethod]:
-    return [METHODS[name](ctx) for name in names]
+    methods = available_methods()
+    return [methods[name](ctx) for name in names]

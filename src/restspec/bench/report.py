@@ -4,7 +4,7 @@ Figures aggregate over turns as ratios of sums (so long outputs weigh more, as t
 ``tokens_per_s`` = generated tokens / wall seconds, ``speedup`` = tokens_per_s / plain's (over the
 same turns), ``mean_accepted`` = generated tokens / model forward passes (plain greedy: 1.0),
 ``exact`` = fraction of turns whose output ids equal the reference method's (plain greedy unless
-``--reference`` names another, such as ``plain-w8`` for the fixed-width bfloat16 experiment).
+``--reference`` names another method of the run).
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def balanced_orders(n: int) -> list[list[int]]:
     method leaves behind is charged to the same next method every time: in HumanEval runs where
     restspec always ran right after REST (64-node trees), its narrow forwards took 2-4 ms longer
     than SuffixDecoding's at the same widths, and not in runs without REST just before it
-    (docs/benchmarks.md, "Order effects")."""
+    (runs of 2026-11-22)."""
     if n < 1:
         return []
     first = [0]

@@ -24,6 +24,8 @@ from restspec.cli.common import (
 from restspec.engine import WARM_START_PHASE, check_datastore_paths
 from restspec.progress import ConsoleProgress
 
+UNDRAFTED_METHODS = ("plain", "pld", "restspec-plain")
+"""Methods that draft nothing from a datastore: a run of only these needs none and no warm start."""
 DEFAULT_BENCH_TOKENS = 128
 """--max-new-tokens of a benchmark answer (long enough for drafting to matter, short enough to run)."""
 
@@ -65,12 +67,9 @@ def bench(
         typer.Option(
             "--methods",
             help="Comma-separated methods: plain (transformers greedy generate), pld (transformers prompt "
-            "lookup, 10 tokens), rest (REST as published: datastore only, spans 16..2, 64-node trees), "
-            "restspec (our default), restspec-plain (our loop, no drafts), suffix (Arctic Inference's "
-            "SuffixDecoding, optional extra), and variants: restspec-fixed4/8/16, suffix-adaptive, "
-            "plain-w8/restspec-w8 (every forward 9 wide: bfloat16 exactness).",
+            "lookup, 10 tokens), restspec (our default), restspec-plain (our loop, no drafts).",
         ),
-    ] = "plain,pld,rest,restspec,restspec-plain,suffix",
+    ] = "plain,pld,restspec,restspec-plain",
     reference: Annotated[
         str,
         typer.Option(
@@ -122,7 +121,7 @@ def bench(
         bool,
         typer.Option(
             "--warm-start/--cold-start",
-            help="Start restspec's and SuffixDecoding's drafters from the model's answers to questions it "
+            help="Start restspec's drafters from the model's answers to questions it "
             "wrote itself (learned once per model, cached), as restspec's generate, chat and serve do; "
             "--cold-start: from nothing.",
         ),
@@ -173,17 +172,17 @@ def bench(
     with err.status(f"Loading model {model} ({dtype_name})…", spinner="dots"):
         loaded = load_model(model, dtype=dtype_name)
     load_s = time.perf_counter() - t0
-    needs_datastore = any(n.startswith(("rest", "restspec")) and n != "restspec-plain" for n in names)
-    if needs_datastore and not datastores:
+    drafting = any(n not in UNDRAFTED_METHODS for n in names)  # they draft from datastores, warmed from them
+    if drafting and not datastores:
         from restspec.datastore import ensure_default_datastore
 
         datastores = [ensure_default_datastore(loaded.tokenizer, progress=True)]
     ctx = MethodContext(loaded, datastores, recalibrate=recalibrate, warm_start=warm_start)
-    if any(n in ("restspec", "suffix-adaptive") for n in names):
+    if "restspec" in names:
         with err.status("Calibrating forward latency for the adaptive budget (cached per machine)…"):
             ctx.adaptive_budget()
     warm = None
-    if warm_start and any(n.startswith(("restspec", "suffix")) and n != "restspec-plain" for n in names):
+    if warm_start and drafting:
         with ConsoleProgress(err).steps(WARM_START_PHASE, WARM_CONVERSATIONS) as done:
             warm = ctx.warm(lambda i: done(i + 1))
     if warmup:

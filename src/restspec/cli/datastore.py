@@ -1,5 +1,4 @@
-"""Datastore commands: ``restspec build``, ``restspec inspect``, ``restspec lookup`` and
-``restspec bench-datastore``."""
+"""Datastore commands: ``restspec build``, ``restspec inspect`` and ``restspec lookup``."""
 
 from __future__ import annotations
 
@@ -166,16 +165,6 @@ def lookup(
         _out(f"  {c['count']:>6,} × {c['text']!r}")
 
 
-def bench_datastore(ctx: typer.Context) -> None:
-    """Datastore benchmark (arguments as `python -m restspec.bench.datastore --help`)."""
-    from restspec.bench.datastore import main
-
-    main(list(ctx.args))
-
-
 app.command("build")(build)
 app.command("inspect")(inspect)
 app.command("lookup")(lookup)
-app.command("bench-datastore", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-    bench_datastore
-)

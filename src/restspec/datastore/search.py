@@ -13,8 +13,6 @@ match never spans two documents. A continuation starts at q + 1 and stops at the
 
 The kernels are plain Python functions over arrays; :func:`kernels` compiles them with numba on first
 use (``cache=True``: compiled once per machine), and ``kernels(jit=False)`` runs the same code in Python.
-Helpers they share are ``register_jitable``: plain Python when called from Python, compiled into the
-kernel that calls them otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
-from numba.extending import register_jitable
 
 
 def longest_match_kernel(tokens, sa, bucket, ctx, vocab_size):  # pragma: no cover - run compiled
@@ -95,72 +92,15 @@ def continuations_kernel(tokens, sa, lo, offset, count, total, m, separator, out
             out[i, t] = -1 if ended else v
 
 
-@register_jitable
-def _rest_span_bound(tokens, fsa, ctx, start, length, a, b, upper):  # pragma: no cover - run compiled
-    """Binary search in fsa[a:b] against the pattern ctx[start:start+length]: the first i whose suffix
-    tokens[fsa[i]:] compares >= the pattern on its first ``length`` tokens (> it when ``upper``), else b.
-    A suffix that ends before ``length`` tokens counts as smaller."""
-    n = fsa.shape[0]
-    while a < b:
-        mid = (a + b) >> 1
-        p = fsa[mid]
-        cmp = 0
-        for t in range(length):
-            if p + t >= n:
-                cmp = -1
-                break
-            x = tokens[p + t]
-            y = ctx[start + t]
-            if x != y:
-                cmp = -1 if x < y else 1
-                break
-        if cmp < 0 or (upper and cmp == 0):
-            a = mid + 1
-        else:
-            b = mid
-    return a
-
-
-def rest_span_search_kernel(tokens, fsa, ctx, max_len, min_len):  # pragma: no cover
-    """REST's strategy on a plain forward suffix array ``fsa`` of ``tokens``: for L = max_len .. min_len,
-    binary-search the range of ctx[-L:]; the first non-empty one wins. Returns (length, lo, hi)."""
-    n = fsa.shape[0]
-    n_ctx = ctx.shape[0]
-    for length in range(min(max_len, n_ctx), min_len - 1, -1):
-        start = n_ctx - length
-        lo = _rest_span_bound(tokens, fsa, ctx, start, length, 0, n, False)  # first suffix >= pattern
-        hi = _rest_span_bound(tokens, fsa, ctx, start, length, lo, n, True)  # first suffix > pattern
-        if hi > lo:
-            return length, lo, hi
-    return 0, 0, 0
-
-
-def rest_continuations_kernel(tokens, fsa, lo, hi, length, k, m, separator, out):  # pragma: no cover
-    """REST's gathering: the first k occurrences of the range, m tokens after each (stops at SEP)."""
-    n = min(hi - lo, k)
-    for i in range(n):
-        q = fsa[lo + i] + length
-        for t in range(m):
-            if q + t >= tokens.shape[0]:
-                break
-            v = tokens[q + t]
-            if v == separator:
-                break
-            out[i, t] = v
-    return n
-
-
 class Kernels(NamedTuple):
     longest_match: object
     continuations: object
-    rest_span_search: object
-    rest_continuations: object
 
 
 @functools.cache
 def kernels(jit: bool = True) -> Kernels:
     """The search kernels, compiled with numba (lazily, cached on disk) unless ``jit`` is False."""
-    funcs = (longest_match_kernel, continuations_kernel, rest_span_search_kernel, rest_continuations_kernel)
+    funcs = (longest_match_kernel, continuations_kernel)
     if not jit:
         return Kernels(*funcs)
     import numba
@@ -185,14 +125,6 @@ def reversed_suffix_array(tokens: np.ndarray) -> np.ndarray:
     sa = sa.astype(sa_dtype, copy=False)
     np.subtract(n - 1, sa, out=sa)  # reversed start p -> forward end q = n - 1 - p
     return sa
-
-
-def forward_suffix_array(tokens: np.ndarray) -> np.ndarray:
-    """Plain suffix array (REST's index), for the baseline in the benchmark."""
-    from pydivsufsort import divsufsort
-
-    sa = divsufsort(np.ascontiguousarray(tokens))
-    return sa.astype(np.int32 if len(tokens) < 2**31 else np.int64, copy=False)
 
 
 def bucket_starts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -100,11 +100,11 @@ CORRECTION_REFIT_STEPS = 8
 """Refit the map every this many observed steps."""
 DEFAULT_MAX_BUDGET = 12
 """Most draft nodes the adaptive policy verifies by default. A forward over 13 inputs already costs
-about 1.5 plain steps on the 2-core reference machine (docs/benchmarks-decode.md), and the policy's
+about 1.5 plain steps on the 2-core reference machine (benchmarks/results/latency.md), and the policy's
 acceptance estimates are least reliable on its widest trees: in replays of HumanEval and MT-Bench
-(``restspec simulate --latency``) on a flat calibration curve a cap of 12 beat 8, 16 and 32 by
+(``python -m benchmarks.replay --latency``) on a flat calibration curve a cap of 12 beat 8, 16 and 32 by
 1-2.5 %; on a steeper curve measured later, caps from 8 to 32 came within 1.5 % of each other
-(docs/benchmarks.md "Replay"). Drafting fewer nodes also costs less drafting time."""
+(the same replays). Drafting fewer nodes also costs less drafting time."""
 RATE_DECAY = 0.995
 """Per-step decay of the achieved tokens and seconds behind the long-run rate (about 200 steps)."""
 STEP_PRIOR_WEIGHT = 8.0
@@ -291,7 +291,7 @@ def calibrate(
     Not the fastest: on the 2-core machine single forwards over 8-12 inputs now and then ran 15-20 %
     faster than their median, so a curve of minima was flat from 6 to 12 inputs (70 -> 72.5 ms) while
     the loop's own forwards over 10-13 inputs took 91 ms, and the policy verified such trees for 27 %
-    of its MT-Bench steps (docs/benchmarks.md). The median is what a step can expect."""
+    of its MT-Bench steps (2026-11-29). The median is what a step can expect."""
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be >= 1")
     sizes = sorted(set(int(s) for s in sizes))

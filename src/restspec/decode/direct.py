@@ -18,7 +18,7 @@ model's direct forward only after a probe found it bitwise equal to the model's 
 with extra parts, e.g. Qwen3's q/k norms or Gemma's scaled embeddings, fails the probe and keeps its
 own forward). Measured on SmolLM2-135M with 500 cached tokens, it saved 6-26 ms per forward at every
 width from 1 to 65 inputs (72 -> 56 ms for one input, 105 -> 90 for nine; ``python -m
-restspec.bench.latency``, docs/benchmarks-decode.md).
+benchmarks.latency``, benchmarks/results/latency.md).
 """
 
 from __future__ import annotations

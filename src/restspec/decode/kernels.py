@@ -6,15 +6,15 @@ over weights packed once into its blocked layout (``torch.ops.mkldnn._reorder_li
 ``_linear_pointwise``, the kernels TorchInductor uses for frozen CPU linears) reads them at the
 matrix-vector speed: measured on SmolLM2-135M, 500 cached tokens, a forward over 1 / 2 / 5 / 9 / 17
 rows took 92 / 133 / 136 / 161 / 191 ms stock and 72 / 73 / 92 / 105 / 128 ms here, both through
-the model's own forward (``python -m restspec.bench.latency``, docs/benchmarks-decode.md; a busy
+the model's own forward (``python -m benchmarks.latency``, benchmarks/results/latency.md; a busy
 moment, the stock plain step is 77 ms on a quiet machine). The second part of the gain is
 attention: given a mask, transformers' SDPA path copies every key/value head ``n_rep`` times
 (``repeat_kv``) unless told that grouped-query SDPA is safe, which on CPU it is
 (``TRANSFORMERS_SDPA_FORCE_GQA``).
 
 Each oneDNN call also costs about 25-30 µs besides the matmul itself (on a 64x128 weight a call took
-31-41 µs, of which oneDNN's own verbose log timed the primitive at 5-10 µs; commands in
-docs/benchmarks.md), some 5-7 ms over SmolLM2's 211 linears per forward. Linears that read the same
+31-41 µs, of which oneDNN's own verbose log timed the primitive at 5-10 µs; measured on 2026-11-22),
+some 5-7 ms over SmolLM2's 211 linears per forward. Linears that read the same
 input tensor, found by one probe forward (a layer's q/k/v projections, an MLP's gate and up), are
 therefore packed as one matmul over their concatenated weights: 121 calls instead of 211. Every
 output column is the same dot product as before, so the logits are bitwise those of separate packed

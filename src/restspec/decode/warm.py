@@ -3,7 +3,7 @@
 A fresh process drafts cold: the recycling table knows no token's likely successors, the per-source
 acceptance rates and the budget's weight calibration sit at their priors, and there are no past
 outputs. Whatever a process serves first pays for that: in MT-Bench runs the first category
-(writing) was the one where restspec did not lead SuffixDecoding (docs/benchmarks.md, "Warm start").
+(writing) was the one where restspec did not lead SuffixDecoding (docs/benchmarks.md, MT-Bench).
 
 :func:`learn_warm_start` makes the model write its own user questions (sampled from the chat
 template's user turn, nobody's data) and answers them greedily with the default drafter and the

@@ -18,7 +18,7 @@ from restspec.draft.merge import (
 from restspec.draft.recycle import RecycleDrafter
 from restspec.draft.sources import ContextDrafter, DatastoreDrafter, HistoryDrafter, LookupConfig
 from restspec.draft.tree import DraftTree
-from restspec.draft.trie import count_trie, select_tree, select_tree_numpy
+from restspec.draft.trie import select_tree
 
 if TYPE_CHECKING:
     from restspec.datastore import Datastore
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 DEFAULT_SCALES = {"datastore": 0.5, "context": 1.0, "history": 1.0, "recycle": 1.0}
 """Prior trust per source in :func:`default_drafter` (multiplies a source's own weights until
 calibration has evidence); tuned by replaying HumanEval and MT-Bench under the adaptive budget
-(``restspec simulate``): the datastore's short matches are weaker evidence than their counts say,
+(``python -m benchmarks.replay``): the datastore's short matches are weaker evidence than their counts say,
 most of all in chat."""
 DEFAULT_MERGE = MergeConfig(combine="or")
 """How :func:`default_drafter` merges: a path several sources propose is more likely than any one
@@ -65,12 +65,10 @@ __all__ = [
     "RecycleDrafter",
     "StatelessDrafter",
     "TreeLogits",
-    "count_trie",
     "default_drafter",
     "extend_best_first",
     "longest_suffix_continuations",
     "merge_trees",
     "node_outcomes",
     "select_tree",
-    "select_tree_numpy",
 ]

@@ -15,7 +15,7 @@ instead of a tree of its own from the root, every merged node (and the root) off
 recent top candidates after its token as children, with probability p(node) * hit rate of the
 candidate's rank, and the final ``budget`` nodes are taken best-first from candidates and extensions
 alike (:func:`extend_best_first`). On HumanEval this lifts short retrieved chains and gives
-recycling the context it lacks (``docs/benchmarks-simulator.md``).
+recycling the context it lacks (``python -m benchmarks.replay``).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class Calibration:
     = scale * conditional weight: the source's weights until evidence accumulates, then the observed
     rate. A node's probability is the product of the rates along its path (:meth:`estimate`), so a
     long chain is worth what each of its links is, not what its first node is. In replays of
-    HumanEval and MT-Bench (``restspec simulate``, docs/benchmarks.md) this ranks nodes better than
+    HumanEval and MT-Bench (``python -m benchmarks.replay``, docs/benchmarks.md) this ranks nodes better than
     calibrating the path weights themselves: 1-4 % more tokens per step at a fixed tree size.
     """
 

@@ -106,7 +106,7 @@ class ContextDrafter(StatelessDrafter):
     """Prompt lookup as a tree: the longest context suffix (``min_len`` to ``max_len`` tokens) that
     occurred earlier in the same context, and the most frequent continuations over all its earlier
     occurrences (up to ``k``, the most recent first). ``m=16``: long copied spans pay off on code
-    (``restspec simulate``)."""
+    (``python -m benchmarks.replay``)."""
 
     def __init__(
         self, max_len: int = 16, min_len: int = 1, k: int = 256, m: int = 16, prior_rows: float = 1.0

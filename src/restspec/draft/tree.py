@@ -181,7 +181,3 @@ class DraftTree:
         if "depths" in self.__dict__:
             prefix.__dict__["depths"] = self.depths[:size]
         return prefix
-
-    def expected_accepted(self) -> float:
-        """Expected number of draft tokens accepted (sum of node weights)."""
-        return float(self.weights.sum())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from restspec.bench.overhead import PARTS, Trace, record_calls, replay
+from benchmarks.overhead import PARTS, Trace, record_calls, replay
 from restspec.decode import GenerationConfig, SpeculativeGenerator
 from restspec.decode.budget import AdaptiveBudget, LatencyCurve
 from restspec.draft import default_drafter

@@ -340,23 +340,22 @@ def select_tree_inputs(k: int = 5000, m: int = 10, vocab_size: int = 49152, seed
     return {"skewed": skewed.astype(np.int32), "uniform": uniform.astype(np.int32)}
 
 
-def time_select_tree(budget: int = 64, calls: int = 500) -> list[tuple[str, str, float, float]]:
-    """(input, implementation, wall ms per call, CPU ms per call) for select_tree and its numpy reference."""
-    from restspec.draft.trie import select_tree, select_tree_numpy
+def time_select_tree(budget: int = 64, calls: int = 500) -> list[tuple[str, float, float]]:
+    """(input, wall ms per call, CPU ms per call) of restspec's select_tree."""
+    from restspec.draft.trie import select_tree
 
     rows = []
     for name, cont in select_tree_inputs().items():
-        for fn, n in ((select_tree, calls), (select_tree_numpy, max(calls // 20, 1))):
-            fn(cont, budget)  # compile / warm up
-            wall, cpu = time.perf_counter(), time.process_time()
-            for _ in range(n):
-                fn(cont, budget)
-            wall = (time.perf_counter() - wall) / n * 1e3
-            cpu = (time.process_time() - cpu) / n * 1e3
-            rows.append((name, fn.__name__, wall, cpu))
+        select_tree(cont, budget)  # compile / warm up
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(calls):
+            select_tree(cont, budget)
+        wall = (time.perf_counter() - wall) / calls * 1e3
+        cpu = (time.process_time() - cpu) / calls * 1e3
+        rows.append((name, wall, cpu))
     return rows
 
 
-if __name__ == "__main__":  # python -m restspec.bench.simulate: time select_tree (k=5000, m=10, c=64)
-    for name, impl, wall, cpu in time_select_tree():
-        print(f"{name:8s} {impl:18s} wall {wall:7.3f} ms/call  cpu {cpu:7.3f} ms/call")
+if __name__ == "__main__":  # python -m benchmarks.simulate: time select_tree (k=5000, m=10, c=64)
+    for name, wall, cpu in time_select_tree():
+        print(f"{name:8s} select_tree wall {wall:7.3f} ms/call  cpu {cpu:7.3f} ms/call")

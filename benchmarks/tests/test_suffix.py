@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from restspec.bench.suffix import SuffixConfig, suffix_draft_to_tree
+from benchmarks.suffix import SuffixConfig, suffix_draft_to_tree
 
 
 def test_draft_is_reordered_by_probability_parents_first():
@@ -27,7 +27,7 @@ def test_config_is_validated():
 
 def test_drafter_lifecycle_and_global_cache():
     pytest.importorskip("arctic_inference.suffix_decoding")
-    from restspec.bench.suffix import SuffixDrafter
+    from benchmarks.suffix import SuffixDrafter
 
     drafter = SuffixDrafter()
     prompt = np.array([1, 2, 3, 4, 5, 1, 2, 3, 6, 7, 1, 2, 3, 4, 8], np.int32)
@@ -53,7 +53,7 @@ def test_drafter_lifecycle_and_global_cache():
 
 
 def test_padded_drafter_fills_every_tree_to_the_width():
-    from restspec.bench.methods import PaddedDrafter
+    from benchmarks.methods import PaddedDrafter
     from restspec.draft.base import EmptyDrafter, StatelessDrafter
     from restspec.draft.tree import DraftTree
 

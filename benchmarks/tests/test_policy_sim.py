@@ -7,7 +7,7 @@ import sys
 import pytest
 from replay_refs import VOCAB, OracleDrafter, reference
 
-from restspec.bench.policy_sim import policy_table, replay_policy
+from benchmarks.policy_sim import policy_table, replay_policy
 from restspec.decode.budget import DEFAULT_MAX_BUDGET, FixedBudget, LatencyCurve
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from replay_refs import TOP_K, VOCAB, OracleDrafter, reference
 
-from restspec.bench.simulate import (
+from benchmarks.simulate import (
     load_references,
     longest_accepted,
     markdown_table,
@@ -78,7 +78,7 @@ def test_recorded_references_are_plain_greedy_outputs():
     """The recorder's KV-cache loop equals transformers' greedy generate, and its top-1 is the output."""
     import torch
 
-    from restspec.bench.simulate import _load_model, greedy_with_candidates
+    from benchmarks.simulate import _load_model, greedy_with_candidates
     from restspec.bench.workloads import load_humaneval
 
     model, tokenizer, _ = _load_model()
@@ -98,7 +98,7 @@ def test_chat_references_follow_the_models_own_answers_and_resume(tmp_path, monk
     greedy answer to the first; an interrupted recording resumes from its partial file."""
     from tiny_models import tiny_llama, trained_bpe_tokenizer
 
-    import restspec.bench.simulate as sim
+    import benchmarks.simulate as sim
     from restspec.bench.runner import answer_text, prompt_ids
     from restspec.bench.workloads import BenchItem
 

@@ -1,4 +1,8 @@
-"""``restspec simulate``: mean accepted tokens per step of each drafter, without running the model."""
+"""Mean accepted tokens per step of each drafter, without running the model (see :mod:`benchmarks.simulate`).
+
+python -m benchmarks.replay [--prompts 40] [--workload humaneval] [--budgets 4,8,16,32,64]
+    [--drafters datastore,context,history,recycle,merged] [--latency CALIBRATION.json] [--markdown FILE]
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from typing import Annotated
 
 import typer
 
-from restspec.cli.app import app
 from restspec.cli.common import cli_errors, stderr_console
+
+app = typer.Typer(add_completion=False)
 
 
 def _int_list(value: str, flag: str) -> list[int]:
@@ -26,7 +31,7 @@ def _int_list(value: str, flag: str) -> list[int]:
 
 @app.command()
 @cli_errors
-def simulate(
+def replay(
     prompts: Annotated[
         int, typer.Option("--prompts", help="Items to replay: the first N (per category: --per-category).")
     ] = 40,
@@ -78,7 +83,7 @@ def simulate(
     chat item, with the model's top candidates per position; about 10 s per 128 tokens) into the
     cache; later runs only replay."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from restspec.bench import simulate as sim
+    from benchmarks import simulate as sim
     from restspec.datastore import Datastore, ensure_default_datastore
     from restspec.errors import RestspecError
     from restspec.models import load_tokenizer
@@ -119,7 +124,7 @@ def simulate(
     results = sim.simulate(refs, stores, vocab_size, names, budget_list, progress=report)
     table = sim.markdown_table(results)
     if latency is not None:
-        from restspec.bench.policy_sim import policy_table
+        from benchmarks.policy_sim import policy_table
         from restspec.decode.budget import read_calibration
 
         try:
@@ -130,3 +135,7 @@ def simulate(
     typer.echo(table)
     if markdown is not None:
         markdown.write_text(table + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    app()

@@ -2,7 +2,7 @@
 
 For tuning the adaptive budget while the machine is busy: the drafter proposes its largest tree
 for the true context, the policy picks how many nodes to verify, the accepted tokens are exactly what
-greedy verification would accept (see :mod:`restspec.bench.simulate`), and each step costs
+greedy verification would accept (see :mod:`benchmarks.simulate`), and each step costs
 ``latency(c + 1)`` from a calibration curve. The predicted speedup over plain decoding is then
 ``(tokens / seconds) * latency(1)``; drafting time is not included.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from restspec.bench.simulate import Reference, longest_accepted, synthesized_logits
+from benchmarks.simulate import Reference, longest_accepted, synthesized_logits
 from restspec.decode.budget import BudgetPolicy, LatencyCurve
 from restspec.draft.base import Drafter
 from restspec.errors import RestspecError
@@ -83,7 +83,7 @@ def policy_table(
 ) -> str:
     """Markdown: tokens per step, nodes per step and predicted speedup of restspec's default mix under
     the adaptive and fixed budgets, REST as published and SuffixDecoding (if installed)."""
-    from restspec.bench.simulate import make_drafter
+    from benchmarks.simulate import make_drafter
     from restspec.decode.budget import DEFAULT_MAX_BUDGET, AdaptiveBudget, FixedBudget
 
     rows: list[tuple[str, str, Drafter, BudgetPolicy]] = [
@@ -113,7 +113,7 @@ def policy_table(
         )
     )
     try:
-        from restspec.bench.suffix import SuffixDrafter
+        from benchmarks.suffix import SuffixDrafter
 
         suffix = SuffixDrafter()
         rows.append(

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from restspec.bench import datastore as bench
+from benchmarks import datastore as bench
 
 
 def test_synthetic_stream_is_deterministic_and_repetitive():

@@ -1,7 +1,7 @@
 """Datastore benchmark: build throughput, size, open time, peak memory and lookup latency, restspec's
 reversed-suffix-array search side by side with REST's span-by-span search, on the same tokens and queries.
 
-    python -m restspec.bench.datastore --workdir /tmp/rsbench --out docs/benchmarks-datastore.md
+    python -m benchmarks.datastore --workdir /tmp/rsbench --out benchmarks/results/datastore.md
 
 Two datastores: the Python standard library (tokenized with the embedded model's tokenizer; queries
 from its held-out test suite, which the datastore excludes) and a synthetic one of >= 50M tokens
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""Where ``python -m benchmarks.datastore`` runs each phase from."""
 SYNTHETIC_VOCAB = 49_152
 """Same size as SmolLM2's vocabulary."""
 SYNTHETIC_TOKENS = 50_000_000
@@ -228,8 +230,8 @@ def _percentiles(times: list[float]) -> dict:
 
 
 def phase_lookup(workdir: Path, name: str) -> dict:
+    from benchmarks.rest_search import forward_suffix_array, rest_kernels
     from restspec.datastore import Datastore
-    from restspec.datastore.search import forward_suffix_array, kernels
     from restspec.draft import select_tree
 
     path = workdir / f"{name}.ds"
@@ -249,7 +251,7 @@ def phase_lookup(workdir: Path, name: str) -> dict:
     else:
         fsa_s = None
     fsa = np.load(fsa_path, mmap_mode="r")
-    kern = kernels()
+    kern = rest_kernels()
     sep = ds.vocab_size
 
     def ours(ctx):
@@ -259,9 +261,9 @@ def phase_lookup(workdir: Path, name: str) -> dict:
         return match.length, match.count
 
     def rest(ctx):
-        length, lo, hi = kern.rest_span_search(shard.tokens, fsa, ctx, MAX_LEN, MIN_LEN)
+        length, lo, hi = kern.span_search(shard.tokens, fsa, ctx, MAX_LEN, MIN_LEN)
         out = np.full((min(K, hi - lo), M), -1, dtype=np.int32)
-        kern.rest_continuations(shard.tokens, fsa, lo, hi, length, K, M, sep, out)
+        kern.continuations(shard.tokens, fsa, lo, hi, length, K, M, sep, out)
         select_tree(out, TREE_BUDGET)
         return length, hi - lo
 
@@ -269,7 +271,7 @@ def phase_lookup(workdir: Path, name: str) -> dict:
         ds.longest_match(ctx, MAX_LEN, MIN_LEN)
 
     def only_search_rest(ctx):
-        kern.rest_span_search(shard.tokens, fsa, ctx, MAX_LEN, MIN_LEN)
+        kern.span_search(shard.tokens, fsa, ctx, MAX_LEN, MIN_LEN)
 
     result = {
         "store": name,
@@ -318,8 +320,8 @@ def phase_lookup(workdir: Path, name: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ driver
 def _run_phase(args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "restspec.bench.datastore", "--phase", *args]
-    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "benchmarks.datastore", "--phase", *args]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -483,7 +485,7 @@ METHOD = f"""### Method
   of the build that follows. Queries: {QUERIES} contexts of {CONTEXT_TOKENS} tokens at random positions of
   `Lib/test/test_*.py` (held out: the datastore excludes test folders).
 * **synthetic**: {SYNTHETIC_TOKENS:,} tokens, vocabulary {SYNTHETIC_VOCAB:,}, from
-  `restspec.bench.datastore.synthetic_stream`: a fixed table of {PHRASES:,} phrases (2 to {PHRASE_MAX} tokens,
+  `benchmarks.datastore.synthetic_stream`: a fixed table of {PHRASES:,} phrases (2 to {PHRASE_MAX} tokens,
   tokens drawn from a Zipf({UNIGRAM_ZIPF}) unigram distribution over a shuffled vocabulary); the text is a
   sequence of units, {PHRASE_SHARE:.0%} a phrase drawn Zipf({PHRASE_ZIPF}) from the table, the rest single
   unigram tokens; cut into documents of geometric length (mean {DOC_MEAN_TOKENS}). Repeated phrases give
@@ -530,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
             res = phase_lookup(args.workdir, rest[0])
         print(json.dumps(res))
         return
-    command = "python -m restspec.bench.datastore " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.datastore " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict = {"machine": _machine(), "build": {}, "lookup": {}}
     old = args.out.read_text() if args.out and args.out.exists() else ""
     if old.startswith("<!--json"):

@@ -1,6 +1,6 @@
 """restspec's per-step bookkeeping, timed apart from the model: record a run once, replay it exactly.
 
-    python -m restspec.bench.overhead [--workload humaneval] [--limit 10] [--per-category]
+    python -m benchmarks.overhead [--workload humaneval] [--limit 10] [--per-category]
         [--max-new-tokens 128] [--repeats 5] [--record]
 
 1. Record (once per workload; cached under ``$RESTSPEC_CACHE/overhead``): restspec's default drafter

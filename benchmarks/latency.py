@@ -1,6 +1,6 @@
 """Decode latency on the embedded model: forward cost by tree size, and the loop's non-model time.
 
-    python -m restspec.bench.latency [--model smollm2] [--cache 500] [--repeats 10] [--threads N] [--out FILE]
+    python -m benchmarks.latency [--model smollm2] [--cache 500] [--repeats 10] [--threads N] [--out FILE]
 
 Measures, on a cache of ``--cache`` tokens of real text:
 1. the forward pass over root + n draft nodes, n in 0 (a plain step), 1, 4, 8, 16, 32, 64;

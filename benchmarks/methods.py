@@ -1,0 +1,138 @@
+"""The research methods of ``python -m benchmarks.bench``: published baselines and restspec's variants,
+as builders for :func:`restspec.bench.main` (the same runner, report and comparison as ``restspec bench``).
+
+- ``rest``: REST as published (datastore only, spans 16..2, 64-node trees every step).
+- ``suffix``: Arctic Inference's SuffixDecoding (:mod:`benchmarks.suffix`; optional extra
+  ``restspec[suffix]``), warmed like restspec; ``suffix-adaptive``: the same under restspec's
+  adaptive budget.
+- ``restspec-stock``: restspec on the model's own CPU kernels; ``restspec-curve``: the adaptive budget
+  on the calibrated curve alone, not learning step costs from the loop; ``restspec-cap16``: the
+  adaptive budget capped at 16 nodes; ``restspec-fixed4/8/16``: fixed tree sizes.
+- ``plain-w8`` / ``restspec-w8``: every forward ``PAD_WIDTH + 1`` wide (:class:`PaddedDrafter`), the
+  bfloat16 exactness experiment (compare with ``--reference plain-w8``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from restspec.bench.methods import (
+    REST_BUDGET,
+    BenchMethod,
+    LoopMethod,
+    MethodBuilder,
+    MethodContext,
+)
+from restspec.decode.budget import DEFAULT_MAX_BUDGET, FixedBudget
+from restspec.draft import DatastoreDrafter
+from restspec.draft.base import EmptyDrafter
+
+REST_MAX_SPAN = 16
+"""REST as published: longest suffix tried against the datastore."""
+REST_MIN_SPAN = 2
+"""REST as published: shortest suffix tried."""
+PAD_WIDTH = 8
+"""Draft nodes of every step in the fixed-width variants (``plain-w8``, ``restspec-w8``)."""
+
+
+class PaddedDrafter:
+    """Every tree exactly ``width`` nodes: ``inner``'s best nodes, then zero-weight padding children of
+    the root (ids the tree does not use there). Every verification forward then has the same shape,
+    which makes reduced-precision (bfloat16) kernels round alike in the plain and speculative runs.
+    A padding node the model happens to agree with is accepted like any draft (still exact greedy)."""
+
+    def __init__(self, inner: Any, width: int) -> None:
+        if width < 1:
+            raise ValueError(f"width={width} must be >= 1")
+        self.inner = inner
+        self.width = width
+
+    def start_request(self, prompt: np.ndarray) -> None:
+        self.inner.start_request(prompt)
+
+    def stop_request(self) -> None:
+        self.inner.stop_request()
+
+    def observe(self, context: np.ndarray, accepted: np.ndarray, logits: Any = None) -> None:
+        self.inner.observe(context, accepted, logits)
+
+    def propose(self, context: np.ndarray, budget: int) -> Any:
+        from restspec.draft.tree import DraftTree
+
+        width = min(self.width, budget)
+        tree = self.inner.propose(context, width).truncate(width)
+        missing = width - len(tree)
+        if missing <= 0:
+            return tree
+        used = set(tree.tokens[tree.parents < 0].tolist())
+        pad = [t for t in range(missing + len(used)) if t not in used][:missing]
+        return DraftTree(
+            np.concatenate([tree.tokens, pad]).astype(np.int32),
+            np.concatenate([tree.parents, np.full(missing, -1)]).astype(np.int32),
+            np.concatenate([tree.weights, np.zeros(missing)]).astype(np.float32),
+        )
+
+
+def _rest(ctx: MethodContext) -> BenchMethod:
+    drafter = DatastoreDrafter(ctx.datastores()[0], max_len=REST_MAX_SPAN, min_len=REST_MIN_SPAN)
+    return LoopMethod("rest", ctx.model, ctx.tokenizer, drafter, FixedBudget(REST_BUDGET))
+
+
+def _restspec_variant(
+    name: str, fast: bool = True, learn_costs: bool = True, max_budget: int = DEFAULT_MAX_BUDGET
+) -> MethodBuilder:
+    def build(ctx: MethodContext) -> BenchMethod:
+        budget = ctx.adaptive_budget(max_budget, fast=fast, learn_costs=learn_costs)
+        drafter = ctx.default_drafter(budget)
+        return LoopMethod(name, ctx.model, ctx.tokenizer, drafter, budget, fast_kernels=fast)
+
+    return build
+
+
+def _suffix(ctx: MethodContext) -> BenchMethod:
+    from benchmarks.suffix import SuffixDrafter
+
+    drafter = ctx.warmed(SuffixDrafter())
+    return LoopMethod("suffix", ctx.model, ctx.tokenizer, drafter, FixedBudget(drafter.max_tokens))
+
+
+def _restspec_fixed(size: int) -> MethodBuilder:
+    def build(ctx: MethodContext) -> BenchMethod:
+        drafter = ctx.default_drafter()
+        return LoopMethod(f"restspec-fixed{size}", ctx.model, ctx.tokenizer, drafter, FixedBudget(size))
+
+    return build
+
+
+def _padded(name: str, width: int, drafted: bool) -> MethodBuilder:
+    def build(ctx: MethodContext) -> BenchMethod:
+        inner = ctx.default_drafter() if drafted else EmptyDrafter()
+        return LoopMethod(name, ctx.model, ctx.tokenizer, PaddedDrafter(inner, width), FixedBudget(width))
+
+    return build
+
+
+def _suffix_adaptive(ctx: MethodContext) -> BenchMethod:
+    from benchmarks.suffix import SuffixDrafter
+
+    drafter = SuffixDrafter()
+    budget = ctx.adaptive_budget(drafter.max_tokens)
+    return LoopMethod("suffix-adaptive", ctx.model, ctx.tokenizer, ctx.warmed(drafter), budget)
+
+
+LAB_METHODS: dict[str, MethodBuilder] = {
+    "rest": _rest,
+    "suffix": _suffix,
+    "restspec-stock": _restspec_variant("restspec-stock", fast=False),
+    "restspec-curve": _restspec_variant("restspec-curve", learn_costs=False),
+    "restspec-cap16": _restspec_variant("restspec-cap16", max_budget=16),
+    "restspec-fixed4": _restspec_fixed(4),
+    "restspec-fixed8": _restspec_fixed(8),
+    "restspec-fixed16": _restspec_fixed(16),
+    "suffix-adaptive": _suffix_adaptive,
+    f"plain-w{PAD_WIDTH}": _padded(f"plain-w{PAD_WIDTH}", PAD_WIDTH, drafted=False),
+    f"restspec-w{PAD_WIDTH}": _padded(f"restspec-w{PAD_WIDTH}", PAD_WIDTH, drafted=True),
+}
+"""The methods ``python -m benchmarks.bench --methods`` accepts besides ``restspec bench``'s own."""

@@ -1,0 +1,46 @@
+"""The lab's methods run through ``restspec bench``'s runner (:func:`restspec.bench.main`)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from benchmarks.bench import main
+from benchmarks.methods import LAB_METHODS
+from restspec.bench.methods import MethodContext, build_methods, extra_methods
+
+
+def test_lab_methods_run_through_the_bench_runner(tiny_model, tiny_tokenizer, datastore, tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world, hello\n")
+    out = tmp_path / "bench.json"
+    args = ["--workload", str(prompts), "--model", str(model_dir), "--datastore", str(datastore)]
+    args += ["--methods", "plain,rest,restspec-fixed4,plain-w8", "--max-new-tokens", "6", "--json", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--no-warmup", "--cold-start"])
+    assert exit_info.value.code == 0
+    methods = json.loads(out.read_text())["methods"]
+    assert [m["method"] for m in methods] == ["plain", "rest", "restspec-fixed4", "plain-w8"]
+    assert all(m["exact"] == 1.0 for m in methods)  # float32 greedy: every method reproduces plain
+
+
+@pytest.mark.usefixtures("quick_warm_start")
+def test_suffix_decoding_gets_the_same_warm_start(tiny_model, tiny_tokenizer, datastore):
+    pytest.importorskip("arctic_inference")
+    loaded = SimpleNamespace(model=tiny_model, tokenizer=tiny_tokenizer, name="tiny-bench")
+    ctx = MethodContext(loaded, [datastore], warm_start=True)
+    with extra_methods(LAB_METHODS):
+        suffix = build_methods(["suffix"], ctx)[0]
+    output = max(ctx.warm().outputs, key=len)
+    drafter = suffix.drafter
+    drafter.start_request(np.zeros(1, np.int32))
+    half = len(output) // 2
+    tree = drafter.propose(output[:half], 8)  # a past output's start: its global tree knows the rest
+    drafter.stop_request()
+    assert int(output[half]) in tree.tokens[tree.parents < 0].tolist()
