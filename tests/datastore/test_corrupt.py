@@ -216,8 +216,10 @@ def test_open_checks_the_invariants_a_few_reads_can_check(pristine, tmp_path, se
         Datastore.open(path, verify="off")
 
 
-def test_verify_modes(pristine):
+def test_verify_modes(pristine, tmp_path):
     with pytest.raises(ValueError, match="verify='sometimes' must be"):
         Datastore.open(pristine, verify="sometimes")
     assert Datastore.open(pristine).wait_verified(timeout=60) is True  # background: finishes, finds nothing
     assert Datastore.open(pristine, verify="off").wait_verified() is False  # nothing started
+    built = Datastore.build_from_tokens([[1, 2, 3]], tmp_path / "new", vocab_size=VOCAB, fingerprint="x")
+    assert built.wait_verified() is False  # what a build just wrote is not read back

@@ -318,7 +318,7 @@ class Datastore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         stats.total_seconds = time.perf_counter() - t0
-        store = cls.open(out)
+        store = cls.open(out, verify="off")  # just written and checksummed by this process
         store.last_build = stats
         store.corpus_stats = corpus
         bar.done(stats, corpus)
