@@ -8,9 +8,9 @@ K + 1 tests, family-wise false alarm rate ALPHA). Seeds are fixed, so the outcom
 
 Negative control: the real draw (``restspec.decode.accept.draw_from_cdf``) tilted to make one token
 TILT times likelier (then renormalized) must be rejected. Scanned while writing the test (p-values):
-token 5 (probability 0.1-0.3 per position) x1.15: 0.023, x1.3: 9e-5, x1.5: 3e-13; token 2 (at most
-0.08) x1.3: 0.57, x1.5: 5e-4. So this sample size detects a x1.3 tilt of a common token and a x1.5
-tilt of a rare one; the test plants the former.
+token 5 (probability 0.1-0.3 per position) x1.15: 0.023, x1.2: 0.016, x1.25: 0.0023, x1.3: 9e-5,
+x1.5: 3e-13; token 2 (at most 0.08) x1.3: 0.57, x1.5: 5e-4. So at ALPHA this sample size detects a
+x1.3 tilt of a common token and a x1.5 tilt of a rare one; the test plants the former.
 
 Two requests without a seed differ (the chance that they agree is computed and negligible).
 """
