@@ -125,11 +125,9 @@ def test_damage_anywhere_in_the_body_gives_a_clear_error_or_correct_results(pris
     assert run.returncode == 0, (
         f"crashed (exit {run.returncode}) on {paths[len(lines)].name}: {run.stderr[-2000:]}"
     )
-    errors = 0
-    for case, line in zip(CASES, lines, strict=True):
-        outcome = json.loads(line)
+    outcomes = [json.loads(line) for line in lines]
+    for case, outcome in zip(CASES, outcomes, strict=True):
         if "error" in outcome:
-            errors += 1
             assert "is corrupt" in outcome["error"] and "rebuild the datastore" in outcome["error"], case
             continue
         for (length, count, rows), ctx in zip(outcome["results"], ctxs, strict=True):
@@ -137,11 +135,10 @@ def test_damage_anywhere_in_the_body_gives_a_clear_error_or_correct_results(pris
             assert all(-1 <= t < VOCAB for row in rows for t in row), case  # ids a drafter may propose
     # damage the searches visit is caught by the index checks (tokens 0xff: above the separator;
     # suffix array 0xff: -1, pointing before the stream; bucket 0xff: not non-decreasing)
-    caught = {case for case, line in zip(CASES, lines, strict=True) if "error" in json.loads(line)}
+    caught = {case for case, outcome in zip(CASES, outcomes, strict=True) if "error" in outcome}
     assert {("tokens", "middle", "ones"), ("sa", "middle", "ones"), ("bucket", "middle", "ones")} <= caught
-    assert errors < len(CASES)  # and some damage is never read (the results above stayed well-formed)
-    unread = [json.loads(line)["results"] for line in lines if "results" in json.loads(line)]
-    assert any(results == expected for results in unread)
+    # and damage the searches never read leaves their results exactly as before
+    assert any(outcome.get("results") == expected for outcome in outcomes)
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
