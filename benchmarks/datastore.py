@@ -238,7 +238,7 @@ def phase_lookup(workdir: Path, name: str) -> dict:
     opens = []
     for _ in range(OPEN_REPEATS):
         t0 = time.perf_counter()
-        ds = Datastore.open(path)
+        ds = Datastore.open(path, verify="off")  # no checksum pass running beside the timed searches
         opens.append(time.perf_counter() - t0)
     queries = np.load(workdir / f"{name}.queries.npy")
     shard = ds.shards[0]

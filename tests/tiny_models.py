@@ -58,6 +58,53 @@ def tiny_config_kwargs(**overrides) -> dict:
     }
 
 
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "mqa": ("LlamaConfig", {"num_key_value_heads": 1}),
+    "llama3-rope": (
+        "LlamaConfig",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+    "linear-rope": (
+        "Qwen2Config",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}},
+    ),
+    "stablelm": (
+        "StableLmConfig",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    ),
+    "gpt-neox": (
+        "GPTNeoXConfig",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+    ),
+    "phi": (
+        "PhiConfig",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    ),
+}
+"""Attention variants beyond the usual layouts, as (transformers config class, overrides of
+:func:`tiny_config_kwargs`): multi-query attention (one key-value head), rope scaling (Llama 3's
+frequency-dependent and linear position interpolation, whose wavelengths the tiny head dims reach),
+and partial rotary embeddings (StableLM, GPT-NeoX, Phi rotate only part of each head)."""
+
+
+def tiny_variant_config(name: str, **common):
+    """The config of variant ``name`` (:data:`VARIANTS`) with ``common`` (vocabulary, positions, ...)
+    going to :func:`tiny_config_kwargs` first."""
+    import transformers
+
+    class_name, overrides = VARIANTS[name]
+    return getattr(transformers, class_name)(**tiny_config_kwargs(**{**common, **overrides}))
+
+
 def tiny_llama(tokenizer, *, seed: int = 0, **overrides):
     """A random tiny Llama (torch seeded with ``seed`` first) over ``tokenizer``'s vocabulary, with its
     EOS and padding ids; ``overrides`` go to :func:`tiny_config_kwargs`."""

@@ -137,3 +137,23 @@ def test_corrupt_datastore_reported(built):
         f.truncate(5000)
     result = run("inspect", built)
     assert result.exit_code == USER_ERROR and "truncated" in result.output
+
+
+def test_lookup_on_a_datastore_damaged_in_the_middle_fails_clearly(tmp_path, tok_dir):
+    # what a new user tried (issue 23): 16 bytes overwritten in the middle of the largest file, which
+    # for a corpus of a few thousand tokens lies in the suffix array
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(0, 3000 * 7, 7)))
+    out = tmp_path / "ds"
+    assert run("build", corpus, "--model", tok_dir, "--out", out, "-q").exit_code == 0
+    largest = max(out.iterdir(), key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.seek(largest.stat().st_size // 2)
+        f.write(bytes(range(100, 116)))
+    result = run("lookup", out, "--text", "the a cat", "--model", tok_dir)
+    assert result.exit_code == USER_ERROR, result.output
+    assert "is corrupt (section 'sa' has CRC-32" in result.output and "rebuild the datastore" in result.output
+    assert "Traceback" not in result.output
+    assert run("inspect", out).exit_code == 0  # opening stays cheap: the body is not read
+    result = run("inspect", out, "--verify")
+    assert result.exit_code == USER_ERROR and "is corrupt" in result.output

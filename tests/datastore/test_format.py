@@ -104,7 +104,7 @@ def test_corrupt_body_detected_by_verify(ds_path):
     path = shard_file(ds_path)
     patch(path, HEADER_BYTES + 2, b"\x07\x00")  # a token in the body
     ds = Datastore.open(ds_path)  # open stays cheap: it does not read the body
-    with pytest.raises(DatastoreError, match=r"section 'tokens' has CRC-32 .* the file is corrupt"):
+    with pytest.raises(DatastoreError, match=r"is corrupt \(section 'tokens' has CRC-32 .*\); rebuild"):
         ds.verify()
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_config_kwargs
+from tiny_models import VARIANTS, tiny_config_kwargs, tiny_variant_config
 
 from restspec.draft.base import StatelessDrafter
 from restspec.draft.tree import DraftTree
@@ -69,6 +69,8 @@ def build_config(arch: str):
         return tf.GemmaConfig(**_common(head_dim=8))
     if arch == "gemma2":  # alternating sliding / full layers, logit soft-capping
         return tf.Gemma2Config(**_common(head_dim=8, sliding_window=SLIDING_WINDOW))
+    if arch in VARIANTS:
+        return tiny_variant_config(arch, **_common())
     if arch == "gpt2":
         return tf.GPT2Config(
             vocab_size=VOCAB,
@@ -85,6 +87,8 @@ def build_config(arch: str):
 
 
 ARCHS = ("llama", "qwen2", "qwen2-hybrid", "mistral", "phi3", "gemma", "gemma2", "gpt2")
+VARIANT_ARCHS = tuple(VARIANTS)
+"""Multi-query attention, rope scaling and partial rotary embeddings (tests/tiny_models.py)."""
 
 _MODELS: dict[str, torch.nn.Module] = {}
 

@@ -10,9 +10,10 @@ numpy maps them without copying (see docs/datastore-format.md):
     offset 20  JSON metadata (UTF-8), zero padded to HEADER_BYTES
     sections   tokens (uint16 | uint32), suffix array (int32 | int64), bucket (int64[vocab_size + 2])
 
-Opening checks magic, version, the header CRC, the manifest's copy of that CRC and every file size:
-cheap and independent of the datastore's size. The CRC-32 of each section is checked only by
-:func:`verify_shard` (``restspec inspect --verify``), which reads every byte.
+Opening checks magic, version, the header CRC, the manifest's copy of that CRC, every file size and
+the invariants that cost a few reads (:func:`check_invariants`): cheap and independent of the
+datastore's size. The CRC-32 of each section is checked by :func:`verify_shard`, which reads every
+byte (``Datastore`` runs it in the background after opening, see ``Datastore.open``).
 """
 
 from __future__ import annotations
@@ -199,7 +200,50 @@ def open_shard(path: Path) -> Shard:
         # a plain ndarray view of the mapping (its .base keeps the map alive): numba dispatches on
         # exact ndarrays about 2 us faster than on the memmap subclass
         arrays[name] = mapped.view(np.ndarray)
-    return Shard(path=path, meta=meta, header_crc=crc, **arrays)
+    shard = Shard(path=path, meta=meta, header_crc=crc, **arrays)
+    check_invariants(shard)
+    return shard
+
+
+def corrupt_shard_error(path: Path, what: str) -> DatastoreError:
+    """The error for a shard file whose contents are damaged: ``what`` says what was found."""
+    return DatastoreError(f"shard {str(path)!r} is corrupt ({what}); rebuild the datastore")
+
+
+def check_invariants(shard: Shard) -> None:
+    """What a valid shard satisfies and a few reads can check (the bucket table has vocab_size + 2
+    entries; nothing else is read whole): sections inside the file with the lengths and dtypes the
+    metadata names, the stream starting and ending with the separator, and the bucket table
+    non-decreasing from 0 to the stream length. With these, the search kernels only need per-index
+    checks to never read outside the arrays."""
+    meta = shard.meta
+    n = int(meta["stream_length"])
+    vocab = int(meta["vocab_size"])
+    expected = {
+        "tokens": (n, token_dtype_for(vocab)),
+        "sa": (n, np.dtype(meta["sa_dtype"])),
+        "bucket": (vocab + 2, np.dtype("<i8")),
+    }
+    for name, (length, dtype) in expected.items():
+        info = meta["sections"][name]
+        array = getattr(shard, name)
+        if len(array) != length or array.dtype != dtype:
+            raise corrupt_shard_error(
+                shard.path,
+                f"section {name!r} holds {len(array)} {array.dtype} values, expected {length} {dtype}",
+            )
+        if info["offset"] + info["nbytes"] > meta["file_bytes"]:
+            raise corrupt_shard_error(shard.path, f"section {name!r} ends past the end of the file")
+    if n == 0:
+        return
+    sep = int(meta["separator"])
+    if int(shard.tokens[0]) != sep or int(shard.tokens[-1]) != sep:
+        raise corrupt_shard_error(shard.path, "the token stream does not start and end with the separator")
+    bucket = shard.bucket
+    if int(bucket[0]) != 0 or int(bucket[-1]) != n or bool((bucket[1:] < bucket[:-1]).any()):
+        raise corrupt_shard_error(
+            shard.path, "the bucket table is not a non-decreasing run from 0 to the stream length"
+        )
 
 
 def verify_shard(shard: Shard) -> None:
@@ -208,9 +252,8 @@ def verify_shard(shard: Shard) -> None:
         info = shard.meta["sections"][name]
         actual = _crc32(getattr(shard, name))
         if actual != info["crc32"]:
-            raise DatastoreError(
-                f"shard {str(shard.path)!r}: section {name!r} has CRC-32 {actual:08x}, header says "
-                f"{info['crc32']:08x}: the file is corrupt; rebuild the datastore"
+            raise corrupt_shard_error(
+                shard.path, f"section {name!r} has CRC-32 {actual:08x}, its header says {info['crc32']:08x}"
             )
 
 

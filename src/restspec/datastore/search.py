@@ -11,6 +11,11 @@ the sub-range that also matches c[L-1-d]. No span is searched twice (REST re-sea
 Because T starts with SEP and a context never holds SEP, T[q-d] is never read before index 0, and a
 match never spans two documents. A continuation starts at q + 1 and stops at the next SEP.
 
+Those guarantees hold for the arrays as built, not for a file damaged on disk. The kernels therefore
+check every index they take from the arrays (a bucket range inside ``sa``, every ``sa[i] - d`` and
+every continuation position inside ``tokens``, every token at most SEP) and report
+:data:`CORRUPT` instead of reading outside the arrays: a few comparisons per binary-search probe.
+
 The kernels are plain Python functions over arrays; :func:`kernels` compiles them with numba on first
 use (``cache=True``: compiled once per machine), and ``kernels(jit=False)`` runs the same code in Python.
 """
@@ -22,10 +27,15 @@ from typing import NamedTuple
 
 import numpy as np
 
+CORRUPT = -1
+"""Returned by the kernels (as the match length, or as their status) when an index read from the
+arrays points outside them or a token exceeds the separator: the shard file is damaged."""
+
 
 def longest_match_kernel(tokens, sa, bucket, ctx, vocab_size):  # pragma: no cover - run compiled
     """ctx: int64[L], oldest first. Returns (length, lo, hi): the longest ctx[L-length:] found and its
-    range sa[lo:hi]; (0, 0, 0) when even the last token does not occur."""
+    range sa[lo:hi]; (0, 0, 0) when even the last token does not occur; (CORRUPT, 0, 0) when the
+    arrays point outside themselves."""
     n_ctx = ctx.shape[0]
     if n_ctx == 0:
         return 0, 0, 0
@@ -34,8 +44,11 @@ def longest_match_kernel(tokens, sa, bucket, ctx, vocab_size):  # pragma: no cov
         return 0, 0, 0
     lo = bucket[c]
     hi = bucket[c + 1]
+    if lo < 0 or hi > sa.shape[0]:
+        return CORRUPT, 0, 0
     if lo >= hi:
         return 0, 0, 0
+    n_tokens = tokens.shape[0]
     length = 1
     for d in range(1, n_ctx):
         c = ctx[n_ctx - 1 - d]
@@ -46,7 +59,10 @@ def longest_match_kernel(tokens, sa, bucket, ctx, vocab_size):  # pragma: no cov
         b = hi
         while a < b:
             mid = (a + b) >> 1
-            if tokens[sa[mid] - d] < c:
+            p = sa[mid] - d
+            if p < 0 or p >= n_tokens:
+                return CORRUPT, 0, 0
+            if tokens[p] < c:
                 a = mid + 1
             else:
                 b = mid
@@ -55,7 +71,10 @@ def longest_match_kernel(tokens, sa, bucket, ctx, vocab_size):  # pragma: no cov
         b = hi
         while a < b:
             mid = (a + b) >> 1
-            if tokens[sa[mid] - d] <= c:
+            p = sa[mid] - d
+            if p < 0 or p >= n_tokens:
+                return CORRUPT, 0, 0
+            if tokens[p] <= c:
                 a = mid + 1
             else:
                 b = mid
@@ -71,14 +90,22 @@ def continuations_kernel(tokens, sa, lo, offset, count, total, m, separator, out
     """Fill the rows of out (int32[n, m]) that belong to the occurrences sa[lo:lo+count] of one shard,
     whose first occurrence has global index ``offset`` among ``total``. Row i takes global occurrence
     j = i * total // n (all occurrences when total <= n, else evenly spaced); it is padded with -1 from
-    the next separator on. Each row belongs to exactly one shard, so the shards together fill out."""
+    the next separator on. Each row belongs to exactly one shard, so the shards together fill out.
+    Returns 0, or CORRUPT when a position or a token read from the arrays is out of range."""
     n = out.shape[0]
+    n_tokens = tokens.shape[0]
+    if lo < 0 or lo + count > sa.shape[0]:
+        return CORRUPT
     starts = np.empty(n, dtype=np.int64)
     # pass 1: gather the start positions (independent loads: the CPU overlaps the cache misses)
     for i in range(n):
         j = (i * total) // n - offset
-        starts[i] = sa[lo + j] + 1 if 0 <= j < count else -1
-    # pass 2: copy m tokens after each start (T ends with SEP, so q + t never runs past the end)
+        starts[i] = -1
+        if 0 <= j < count:
+            if sa[lo + j] < 0:
+                return CORRUPT
+            starts[i] = sa[lo + j] + 1
+    # pass 2: copy m tokens after each start (T ends with SEP, so q + t stays inside T unless damaged)
     for i in range(n):
         q = starts[i]
         if q < 0:
@@ -86,10 +113,15 @@ def continuations_kernel(tokens, sa, lo, offset, count, total, m, separator, out
         ended = False
         for t in range(m):
             if not ended:
+                if q + t >= n_tokens:
+                    return CORRUPT
                 v = tokens[q + t]
+                if v > separator:
+                    return CORRUPT
                 if v == separator:
                     ended = True
             out[i, t] = -1 if ended else v
+    return 0
 
 
 class Kernels(NamedTuple):

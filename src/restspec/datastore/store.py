@@ -6,10 +6,12 @@ import itertools
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -25,13 +27,14 @@ from restspec.datastore.format import (
     FORMAT_VERSION,
     MANIFEST_MAGIC,
     Shard,
+    corrupt_shard_error,
     open_shard,
     read_manifest,
     token_dtype_for,
     verify_shard,
     write_manifest,
 )
-from restspec.datastore.search import kernels
+from restspec.datastore.search import CORRUPT, kernels
 from restspec.errors import CorpusError, DatastoreError
 
 DEFAULT_MAX_LEN = 16
@@ -39,6 +42,9 @@ DEFAULT_MIN_LEN = 2
 DEFAULT_K = 5000
 DEFAULT_M = 10
 PAD = -1
+VerifyMode = Literal["background", "now", "off"]
+"""When :meth:`Datastore.open` checks the section checksums (every byte): on a background thread,
+before returning, or never."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class Datastore:
         """What the corpus readers saw and skipped during that build."""
         self._kernels = None
         self._sep = int(manifest["vocab_size"])
+        self._check: _BodyCheck | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -139,10 +146,19 @@ class Datastore:
 
     # ------------------------------------------------------------------ open
     @classmethod
-    def open(cls, path: str | Path, tokenizer=None) -> Datastore:
-        """Map a datastore read-only. Cost is independent of its size: headers are checked (magic,
-        version, CRC of the header, file sizes), section checksums only by :meth:`verify`.
-        With ``tokenizer``, its fingerprint must match the one the datastore was built with."""
+    def open(cls, path: str | Path, tokenizer=None, *, verify: VerifyMode = "background") -> Datastore:
+        """Map a datastore read-only. Opening costs the same at any size: it checks the headers (magic,
+        version, CRC of the header, file sizes) and the invariants a few reads can check
+        (:func:`~restspec.datastore.format.check_invariants`); the searches check every index they
+        read, so a damaged file never makes them read outside its arrays.
+
+        ``verify`` says when the CRC-32 of every section is checked (reading every byte, about 2.5 s
+        per GB): ``"background"`` on a daemon thread, after which searches raise DatastoreError if
+        it found a mismatch (:meth:`wait_verified` waits for it); ``"now"`` before returning;
+        ``"off"`` only by an explicit :meth:`verify`. With ``tokenizer``, its fingerprint must match
+        the one the datastore was built with."""
+        if verify not in ("background", "now", "off"):
+            raise ValueError(f"verify={verify!r} must be 'background', 'now' or 'off'")
         folder = Path(path)
         manifest = read_manifest(folder)
         shards = []
@@ -163,6 +179,10 @@ class Datastore:
         store = cls(folder, manifest, shards)
         if tokenizer is not None:
             store.check_tokenizer(tokenizer)
+        if verify == "now":
+            store.verify()
+        elif verify == "background":
+            store._check = _BodyCheck(shards)
         return store
 
     def check_tokenizer(self, tokenizer) -> None:
@@ -180,6 +200,21 @@ class Datastore:
         """Read every byte of every shard and check the section CRC-32s (slow: linear in size)."""
         for shard in self.shards:
             verify_shard(shard)
+
+    def wait_verified(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` seconds) for the background checksum pass of :meth:`open`; raise
+        its DatastoreError if it found a damaged section. Returns whether the pass has finished
+        (False also when none was started: ``verify="off"``, or a datastore made by a build)."""
+        if self._check is None:
+            return False
+        finished = self._check.wait(timeout)
+        self._raise_if_corrupt()
+        return finished
+
+    def _raise_if_corrupt(self) -> None:
+        check = self._check
+        if check is not None and check.error is not None:
+            raise check.error
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -283,7 +318,7 @@ class Datastore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         stats.total_seconds = time.perf_counter() - t0
-        store = cls.open(out)
+        store = cls.open(out, verify="off")  # just written and checksummed by this process
         store.last_build = stats
         store.corpus_stats = corpus
         bar.done(stats, corpus)
@@ -403,11 +438,14 @@ class Datastore:
             ctx = ctx[-max_len:]
         if not ctx.flags.c_contiguous:
             ctx = np.ascontiguousarray(ctx)
+        self._raise_if_corrupt()
         kernel = self._k().longest_match
         best = 0
         found: list[ShardRange] = []
         for i, shard in enumerate(self.shards):
             length, lo, hi = kernel(shard.tokens, shard.sa, shard.bucket, ctx, self._sep)
+            if length == CORRUPT:
+                raise corrupt_shard_error(shard.path, "its suffix array points outside its token stream")
             if length > best:
                 best = length
                 found = [ShardRange(i, lo, hi)]
@@ -426,14 +464,43 @@ class Datastore:
         n = min(k, match.count)
         if n == 0 or m == 0:
             return np.full((n, m), PAD, dtype=np.int32)
+        self._raise_if_corrupt()
         out = np.empty((n, m), dtype=np.int32)  # every row is written by exactly one shard
         kernel = self._k().continuations
         offset = 0
         for r in match.ranges:
             shard = self.shards[r.shard]
-            kernel(shard.tokens, shard.sa, r.lo, offset, r.hi - r.lo, match.count, m, self._sep, out)
+            status = kernel(shard.tokens, shard.sa, r.lo, offset, r.hi - r.lo, match.count, m, self._sep, out)
+            if status == CORRUPT:
+                raise corrupt_shard_error(
+                    shard.path, "a continuation runs past its token stream or holds an id above the separator"
+                )
             offset += r.hi - r.lo
         return out
+
+
+class _BodyCheck:
+    """The section checksums of ``shards``, checked on a daemon thread; ``error`` is the first
+    mismatch (None while none was found). zlib's CRC-32 releases the GIL, so searches go on meanwhile."""
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        self.error: DatastoreError | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(list(shards),), name="restspec-datastore-verify", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, shards: list[Shard]) -> None:
+        for shard in shards:
+            try:
+                verify_shard(shard)
+            except DatastoreError as error:
+                self.error = error
+                return
+
+    def wait(self, timeout: float | None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def _split_out_of_vocab(doc: np.ndarray, vocab_size: int) -> list[np.ndarray]:
