@@ -91,6 +91,47 @@ class LookupDrafter:
     def stop_request(self) -> None:
         return None
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+class HistoryOnlyDrafter:
+    """Drafts only from past outputs (never from the request's own context): after the last earlier
+    occurrence of the context's final token in the history, the tokens that followed it. What it
+    accepts therefore measures which past outputs it holds, the signal tenancy must keep apart."""
+
+    def __init__(self) -> None:
+        self.history = np.zeros(0, np.int32)
+        self._current: list[np.ndarray] | None = None
+
+    def start_request(self, prompt: np.ndarray) -> None:
+        self._current = []
+
+    def propose(self, context: np.ndarray, budget: int):
+        from restspec.draft.tree import DraftTree
+
+        earlier = np.flatnonzero(self.history[:-1] == context[-1])
+        if budget == 0 or len(earlier) == 0:
+            return DraftTree.empty()
+        start = int(earlier[-1]) + 1
+        return DraftTree.chain(self.history[start : start + budget])
+
+    def observe(self, context, accepted, logits=None) -> None:
+        self._current.append(np.asarray(accepted, np.int32))
+
+    def stop_request(self) -> None:
+        self.history = np.concatenate([self.history, *self._current])
+        self._current = None
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = np.asarray(state["history"], np.int32)
+
 
 class SlowDrafter(LookupDrafter):
     """LookupDrafter that sleeps in every step, so a request takes long enough to be interrupted."""

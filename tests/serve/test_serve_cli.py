@@ -99,7 +99,9 @@ def test_serve_builds_the_app_from_the_shared_flags(model_folder, tmp_path, monk
         seen["address"] = sockets[0].getsockname()[:2]
         with TestClient(server.config.app) as client:
             seen["models"] = client.get("/v1/models").json()
-            seen["answer"] = client.post("/v1/completions", json={"prompt": "def add(a, b):"}).json()
+            seen["answer"] = client.post(
+                "/v1/completions", json={"prompt": "def add(a, b):", "restspec_stats": True}
+            ).json()
             seen["sampled"] = client.post(
                 "/v1/completions", json={"prompt": "def add(a, b):", "temperature": 0.0, "max_tokens": 2}
             ).json()
