@@ -29,11 +29,11 @@ CORPUS = [
 SERVER_START_TIMEOUT_S = 10.0
 
 
-def build_model_folder(folder: Path) -> Path:
+def build_model_folder(folder: Path, context_length: int = CONTEXT_LENGTH) -> Path:
     """A random tiny Llama (never trained) and its tokenizer, trained on CORPUS, saved in ``folder``."""
     tokenizer = trained_bpe_tokenizer(CORPUS, vocab_size=VOCAB_TRAINING_SIZE)
     tokenizer.save_pretrained(folder)
-    model = tiny_llama(tokenizer, max_position_embeddings=CONTEXT_LENGTH, bos_token_id=None)
+    model = tiny_llama(tokenizer, max_position_embeddings=context_length, bos_token_id=None)
     model.save_pretrained(folder)
     return folder
 
@@ -133,6 +133,31 @@ class HistoryOnlyDrafter:
         self.history = np.asarray(state["history"], np.int32)
 
 
+class WedgedGenerator:
+    """A generator whose stream gives its first chunk, then hangs until :meth:`release` (a worker stuck
+    in a step: a deadlock, a hung device)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.layout = real.layout
+        self.drafter = real.drafter
+        self.tokenizer = real.tokenizer
+        self.encode = real.encode
+        self.released = threading.Event()
+
+    def stream(self, prompt, config, *, chat=False):
+        chunks = self.real.stream(prompt, config, chat=chat)
+        try:
+            yield next(chunks)
+            self.released.wait()
+            yield from chunks
+        finally:
+            chunks.close()
+
+    def release(self) -> None:
+        self.released.set()
+
+
 class SlowDrafter(LookupDrafter):
     """LookupDrafter that sleeps in every step, so a request takes long enough to be interrupted."""
 
@@ -174,6 +199,15 @@ MODEL_ALIAS = "tiny"
 DEFAULT_MAX_TOKENS = 12
 """max_tokens of a request that leaves it out, in the test app."""
 DRAFT_BUDGET = 4
+
+
+def slow_generator(tiny_model, step_delay_s: float):
+    """A generator over the tiny model whose every step sleeps ``step_delay_s`` (budget 1: at most two
+    tokens a step), so that requests last long enough to queue, time out or be shut down."""
+    from restspec.decode import SpeculativeGenerator
+
+    model, tokenizer = tiny_model
+    return SpeculativeGenerator(model, tokenizer, drafter=SlowDrafter(step_delay_s), budget=1)
 
 
 def make_app(generator, **config):

@@ -615,13 +615,16 @@ class _Watch:
         pending = asyncio.ensure_future(self.job.next())
         try:
             while True:
-                done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return pending.result()
-                if self.deadline is not None and time.monotonic() > self.deadline:
+                if self.deadline is not None and time.monotonic() >= self.deadline:
                     self.job.stop(StopReason.timeout)
                 if self.job.stop_reason in (StopReason.timeout, StopReason.shutdown):
                     raise _Ended(self.job.stop_reason)
+                wait_s = DISCONNECT_POLL_S
+                if self.deadline is not None:
+                    wait_s = max(0.0, min(wait_s, self.deadline - time.monotonic()))
+                done, _ = await asyncio.wait({pending}, timeout=wait_s)
+                if done:
+                    return pending.result()
                 if await self.request.is_disconnected():
                     self.job.stop(StopReason.client)
                     raise _Ended(StopReason.client)
