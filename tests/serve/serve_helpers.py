@@ -120,6 +120,10 @@ class HistoryOnlyDrafter:
         return DraftTree.chain(self.history[start : start + budget])
 
     def observe(self, context, accepted, logits=None) -> None:
+        self.remember(accepted)
+
+    def remember(self, accepted: np.ndarray) -> None:
+        """Add tokens a step accepted to the current request's output."""
         self._current.append(np.asarray(accepted, np.int32))
 
     def stop_request(self) -> None:

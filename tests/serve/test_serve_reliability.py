@@ -42,6 +42,10 @@ REQUEST_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 20.0
 SHUTDOWN_GRACE_S = 0.2
 PR_SET_PDEATHSIG = 1
+TEST_TIMEOUT_S = 300
+"""Each test's bound (pytest-timeout), start of the server included."""
+
+pytestmark = pytest.mark.timeout(TEST_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

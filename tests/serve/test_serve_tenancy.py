@@ -82,7 +82,7 @@ def test_with_history_off_not_even_your_own_answers_draft(server):
 
 def remember(drafter: HistoryOnlyDrafter, tokens: list[int]) -> None:
     drafter.start_request(np.array([1], np.int32))
-    drafter.observe(None, np.array(tokens, np.int32))
+    drafter.remember(np.array(tokens, np.int32))
     drafter.stop_request()
 
 
