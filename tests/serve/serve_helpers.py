@@ -134,6 +134,8 @@ class HistoryOnlyDrafter:
         return {"history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"history"}:
+            raise ValueError(f"a HistoryOnlyDrafter state has the key 'history', got {sorted(state)}")
         self.history = np.asarray(state["history"], np.int32)
 
 

@@ -39,6 +39,7 @@ def test_help_lists_the_server_and_the_shared_flags():
         "--max-body-bytes",
         "--max-prompt-tokens",
         "--shutdown-grace",
+        "--history-file",
     ):
         assert flag in result.output
 
@@ -70,6 +71,7 @@ def test_a_taken_port_is_a_one_line_error_before_the_model_loads():
         (["--api-key", "short"], "--api-key: an API key of 5 characters"),
         (["--api-key-file", "/no/such/keys"], "--api-key-file='/no/such/keys' cannot be read"),
         (["--shared-history", "--no-history"], "--shared-history and --no-history"),
+        (["--no-history", "--history-file", "/tmp/h.npz"], "--history-file with --no-history"),
         (["--max-queued", "0"], "--max-queued: max_queued=0"),
         (["--max-body-bytes", "0"], "--max-body-bytes: max_body_bytes=0"),
         (["--max-prompt-tokens", "0"], "--max-prompt-tokens: max_prompt_tokens=0"),

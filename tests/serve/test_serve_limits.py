@@ -181,8 +181,9 @@ def test_neutral_values_and_bookkeeping_fields_are_accepted(client):
 def test_a_huge_prompt_is_refused_without_waiting_for_the_worker(tiny_model):
     """Admission tokenizes and measures off the worker: a too-long prompt is answered while another
     request holds the worker for seconds."""
-    app = make_app(slow_generator(tiny_model, STEP_DELAY_S))
-    huge = "def add(a, b):\n    return a + b\n" * (50 * CONTEXT_LENGTH)
+    slower = 4 * STEP_DELAY_S  # the running request takes 8 s at least
+    app = make_app(slow_generator(tiny_model, slower))
+    huge = "def add(a, b):\n    return a + b\n" * (10 * CONTEXT_LENGTH)
     with running_server(app) as base_url, httpx.Client(timeout=WAIT_S) as http:
         body = {"prompt": "import os\n", "max_tokens": LONG_MAX_TOKENS, "stream": True}
         with http.stream("POST", f"{base_url}{COMPLETIONS}", json=body) as running:
@@ -193,7 +194,7 @@ def test_a_huge_prompt_is_refused_without_waiting_for_the_worker(tiny_model):
             answered_s = time.monotonic() - start
             assert app.state.worker.busy, "the long request should still hold the worker"
         assert_error(response, 400, "prompt", str(CONTEXT_LENGTH), code="context_length_exceeded")
-        assert answered_s < LONG_MAX_TOKENS // 2 * STEP_DELAY_S / 2
+        assert answered_s < LONG_MAX_TOKENS // 2 * slower / 2
 
 
 # ---- the queue and time limits --------------------------------------------------------------

@@ -219,6 +219,16 @@ def serve(
             help="Learn nothing across requests: each starts from the drafter's state at startup.",
         ),
     ] = False,
+    history_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--history-file",
+            rich_help_panel=SECURITY_PANEL,
+            help="Save the drafting memory here (every 5 minutes and at shutdown, atomically) and continue "
+            "from it at the next start. It holds past outputs: keep it as private as the logs.",
+            show_default=False,
+        ),
+    ] = None,
     max_tenants: Annotated[
         int,
         typer.Option(
@@ -299,6 +309,8 @@ def serve(
     if request_timeout < 0:
         raise ServeError(f"--request-timeout={request_timeout} must be >= 0 seconds (0 = no limit)")
     history = history_mode(shared_history, no_history)
+    if history_file is not None and no_history:
+        raise ServeError("--history-file with --no-history would save nothing; leave out one of them")
     access, limits = server_settings(
         read_api_keys(api_key, api_key_file),
         cors_origin,
@@ -340,7 +352,12 @@ def serve(
             )
         engine = load_engine(options)
         server_app = app_for_engine(
-            engine, model_name=served_model_name, limits=limits, access=access, history=history
+            engine,
+            model_name=served_model_name,
+            limits=limits,
+            access=access,
+            history=history,
+            history_file=history_file,
         )
         bound_host, bound_port = sock.getsockname()[:2]
         bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host  # IPv6 in a URL

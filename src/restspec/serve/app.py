@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from restspec.decode import GenerationConfig, GenerationResult, SamplingConfig, StreamChunk
 from restspec.errors import RestspecError
 from restspec.serve.config import AccessConfig, HistoryMode, ServerLimits
-from restspec.serve.errors import SERVER_ERROR, APIError, install_error_handlers, internal_error
+from restspec.serve.errors import SERVER_ERROR, APIError, install_error_handlers, internal_error, logger
 from restspec.serve.metrics import ServerMetrics
 from restspec.serve.middleware import BearerAuth, BodyLimit
+from restspec.serve.persist import HistoryFileError, HistoryStore, load_states
 from restspec.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from restspec.serve.tenancy import DrafterMemory, tenant_of
 from restspec.serve.worker import GenerationWorker, Generator, Job, QueueFull, StopReason, result_of
@@ -54,6 +56,8 @@ CLIENT_CLOSED_REQUEST = 499
 """Status logged for a non-streaming request whose client left before the answer (nginx's code)."""
 MAX_RETRY_AFTER_S = 60
 """Cap of the ``Retry-After`` a full queue answers with (the wait is estimated from recent requests)."""
+SAVE_AT_EXIT_TIMEOUT_S = 30.0
+"""At shutdown, how long to wait for the worker to save the drafting memory (a wedged one never does)."""
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,19 @@ class ServerConfig:
     """API keys and CORS origins."""
     history: HistoryMode = HistoryMode.tenant
     """Whose past outputs draft for whom."""
+    history_file: Path | None = None
+    """Where the drafting memory is saved (periodically and at shutdown) and read at startup; None = kept
+    in memory only."""
+    history_save_s: float = 300.0
+    """How often the drafting memory is saved to ``history_file`` (between requests)."""
 
     def __post_init__(self) -> None:
         if not self.model_id:
             raise ValueError("model_id='' must name the served model")
+        if self.history_file is not None and self.history is HistoryMode.off:
+            raise ValueError("a history file with history 'off' would save nothing; leave out one of them")
+        if not self.history_save_s > 0:
+            raise ValueError(f"history_save_s={self.history_save_s} must be > 0 seconds")
         if self.defaults.max_new_tokens > self.limits.max_tokens_limit:
             raise ValueError(
                 f"the default max_new_tokens={self.defaults.max_new_tokens} is above "
@@ -129,7 +142,12 @@ def create_app(generator: Generator, config: ServerConfig) -> FastAPI:
     limits = config.limits
     metrics = ServerMetrics(queue_depth=lambda: worker.queued, busy=lambda: worker.busy)
     memory = DrafterMemory(generator.drafter, config.history, limits.tenants)
-    worker = GenerationWorker(generator, memory, metrics, limits.max_queued)
+    store = None
+    if config.history_file is not None:
+        store = HistoryStore(config.history_file, config.history_save_s)
+        if store.path.exists():
+            restore_history(memory, store.path)
+    worker = GenerationWorker(generator, memory, metrics, limits.max_queued, store)
     lifecycle = Lifecycle(worker)
     admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restspec-admit")
     created = int(time.time())
@@ -138,7 +156,13 @@ def create_app(generator: Generator, config: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         lifecycle.close()
-        admission.shutdown(wait=False, cancel_futures=True)
+        if store is not None:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(worker.save_history()), SAVE_AT_EXIT_TIMEOUT_S)
+            except asyncio.TimeoutError:  # Python 3.10: not yet the builtin one
+                logger.error(
+                    "the worker did not save the drafting memory within %s s", SAVE_AT_EXIT_TIMEOUT_S
+                )
 
     app = FastAPI(
         lifespan=lifespan,
@@ -229,6 +253,17 @@ def create_app(generator: Generator, config: ServerConfig) -> FastAPI:
         return await server.serve(request, body, prompt, chat=False, kind=kind)
 
     return app
+
+
+def restore_history(memory: DrafterMemory, path: Path) -> None:
+    """Continue from the drafting memory saved in ``path``; :class:`HistoryFileError` if it does not fit."""
+    try:
+        memory.restore(load_states(path))
+    except ValueError as error:
+        raise HistoryFileError(
+            f"history file {str(path)!r} does not fit this drafter ({error}); it was saved with another "
+            "model, datastores or drafter: delete it or give another --history-file"
+        ) from None
 
 
 def _echo_text(prompt: str | list[int], generator: Generator) -> Callable[[], str]:
@@ -669,6 +704,7 @@ def app_for_engine(
     limits: ServerLimits | None = None,
     access: AccessConfig | None = None,
     history: HistoryMode = HistoryMode.tenant,
+    history_file: Path | None = None,
 ) -> FastAPI:
     """The app for what :func:`restspec.cli.common.load_engine` built: its generator, its flags as
     the defaults for omitted request fields, and the loaded model's name (or ``model_name``) as id."""
@@ -681,5 +717,6 @@ def app_for_engine(
         limits=limits or ServerLimits(),
         access=access or AccessConfig(),
         history=history,
+        history_file=history_file,
     )
     return create_app(engine.generator, config)

@@ -22,6 +22,8 @@ from restspec.serve.config import HistoryMode
 
 ANONYMOUS = "anonymous"
 """The tenant of requests with neither an API key nor a ``user``."""
+SHARED = "*"
+"""Where :meth:`DrafterMemory.states` puts the one state of a shared history."""
 TENANT_ID_CHARS = 16
 """Hex characters kept of a tenant's SHA-256 (the key itself is never stored or logged)."""
 
@@ -98,3 +100,30 @@ class DrafterMemory:
             self._saved.popitem(last=False)
         self.drafter.load_state_dict(state if state is not None else copy.deepcopy(self._startup))
         self._loaded = tenant
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """(worker thread) Every kept tenant's learned state, least recently served first (for saving)."""
+        if self.mode is HistoryMode.off:
+            return {}
+        if self.mode is HistoryMode.shared:
+            return {SHARED: self.drafter.state_dict()}
+        states = dict(self._saved)
+        if self._loaded is not None:
+            states[self._loaded] = self.drafter.state_dict()
+        return states
+
+    def restore(self, states: dict[str, dict[str, Any]]) -> None:
+        """(before serving) Continue from what :meth:`states` gave; each state is loaded once to check
+        that it fits the drafter (``ValueError`` otherwise), then the drafter is back at its startup state."""
+        if self.mode is HistoryMode.shared:
+            if SHARED in states:
+                self.drafter.load_state_dict(states[SHARED])
+            return
+        if self.mode is HistoryMode.off:
+            return
+        for state in states.values():
+            self.drafter.load_state_dict(copy.deepcopy(state))
+        self.drafter.load_state_dict(copy.deepcopy(self._startup))
+        kept = list(states.items())[-self.tenants :]
+        self._saved = collections.OrderedDict(kept)
+        self._loaded = None

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -29,10 +30,13 @@ import numpy as np
 
 from restspec.decode import GenerationConfig, GenerationResult, StreamChunk
 from restspec.serve.metrics import ServerMetrics
+from restspec.serve.persist import HistoryStore
 from restspec.serve.tenancy import DrafterMemory
 
 RECENT_JOBS_KEPT = 32
 """How many finished jobs :attr:`GenerationWorker.recent` remembers (for debugging and tests)."""
+
+logger = logging.getLogger("restspec.serve")
 
 
 class Generator(Protocol):
@@ -141,10 +145,16 @@ class GenerationWorker:
     """Runs ``generator.stream`` jobs one at a time on a dedicated worker thread."""
 
     def __init__(
-        self, generator: Generator, memory: DrafterMemory, metrics: ServerMetrics, max_queued: int
+        self,
+        generator: Generator,
+        memory: DrafterMemory,
+        metrics: ServerMetrics,
+        max_queued: int,
+        store: HistoryStore | None = None,
     ) -> None:
         self.generator = generator
         self.memory = memory
+        self.store = store
         self.metrics = metrics
         self.max_queued = max_queued
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restspec-generate")
@@ -172,6 +182,19 @@ class GenerationWorker:
         """A guess at how long a new request would wait: recent jobs' mean duration times those ahead."""
         mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
         return mean * (self.queued + self.busy)
+
+    def save_history(self) -> Future[None]:
+        """Save the tenants' drafting memory (if there is a store) on the worker thread, after the
+        jobs submitted before; the future is done when it is written."""
+        return self._executor.submit(self._save_history)
+
+    def _save_history(self) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.save(self.memory.states())
+        except Exception:  # a full disk must not stop the serving; the previous file stays intact
+            logger.exception("could not save the drafting memory to %s", self.store.path)
 
     def stop_all(self, reason: StopReason, *, queued_only: bool = False) -> None:
         """Stop the queued jobs (and the running one unless ``queued_only``) with ``reason``."""
@@ -246,6 +269,8 @@ class GenerationWorker:
             if last is not None:
                 job.put(last)
             job.put(_END)
+        if self.store is not None and self.store.due():
+            self._save_history()
 
 
 def result_of(chunk: StreamChunk) -> GenerationResult | None:
