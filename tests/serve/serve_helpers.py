@@ -29,11 +29,11 @@ CORPUS = [
 SERVER_START_TIMEOUT_S = 10.0
 
 
-def build_model_folder(folder: Path) -> Path:
+def build_model_folder(folder: Path, context_length: int = CONTEXT_LENGTH) -> Path:
     """A random tiny Llama (never trained) and its tokenizer, trained on CORPUS, saved in ``folder``."""
     tokenizer = trained_bpe_tokenizer(CORPUS, vocab_size=VOCAB_TRAINING_SIZE)
     tokenizer.save_pretrained(folder)
-    model = tiny_llama(tokenizer, max_position_embeddings=CONTEXT_LENGTH, bos_token_id=None)
+    model = tiny_llama(tokenizer, max_position_embeddings=context_length, bos_token_id=None)
     model.save_pretrained(folder)
     return folder
 
@@ -91,6 +91,78 @@ class LookupDrafter:
     def stop_request(self) -> None:
         return None
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+class HistoryOnlyDrafter:
+    """Drafts only from past outputs (never from the request's own context): after the last earlier
+    occurrence of the context's final token in the history, the tokens that followed it. What it
+    accepts therefore measures which past outputs it holds, the signal tenancy must keep apart."""
+
+    def __init__(self) -> None:
+        self.history = np.zeros(0, np.int32)
+        self._current: list[np.ndarray] | None = None
+
+    def start_request(self, prompt: np.ndarray) -> None:
+        self._current = []
+
+    def propose(self, context: np.ndarray, budget: int):
+        from restspec.draft.tree import DraftTree
+
+        earlier = np.flatnonzero(self.history[:-1] == context[-1])
+        if budget == 0 or len(earlier) == 0:
+            return DraftTree.empty()
+        start = int(earlier[-1]) + 1
+        return DraftTree.chain(self.history[start : start + budget])
+
+    def observe(self, context, accepted, logits=None) -> None:
+        self.remember(accepted)
+
+    def remember(self, accepted: np.ndarray) -> None:
+        """Add tokens a step accepted to the current request's output."""
+        self._current.append(np.asarray(accepted, np.int32))
+
+    def stop_request(self) -> None:
+        self.history = np.concatenate([self.history, *self._current])
+        self._current = None
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"history"}:
+            raise ValueError(f"a HistoryOnlyDrafter state has the key 'history', got {sorted(state)}")
+        self.history = np.asarray(state["history"], np.int32)
+
+
+class WedgedGenerator:
+    """A generator whose stream gives its first chunk, then hangs until :meth:`release` (a worker stuck
+    in a step: a deadlock, a hung device)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.layout = real.layout
+        self.drafter = real.drafter
+        self.tokenizer = real.tokenizer
+        self.encode = real.encode
+        self.released = threading.Event()
+
+    def stream(self, prompt, config, *, chat=False):
+        chunks = self.real.stream(prompt, config, chat=chat)
+        try:
+            yield next(chunks)
+            self.released.wait()
+            yield from chunks
+        finally:
+            chunks.close()
+
+    def release(self) -> None:
+        self.released.set()
+
 
 class SlowDrafter(LookupDrafter):
     """LookupDrafter that sleeps in every step, so a request takes long enough to be interrupted."""
@@ -133,6 +205,15 @@ MODEL_ALIAS = "tiny"
 DEFAULT_MAX_TOKENS = 12
 """max_tokens of a request that leaves it out, in the test app."""
 DRAFT_BUDGET = 4
+
+
+def slow_generator(tiny_model, step_delay_s: float):
+    """A generator over the tiny model whose every step sleeps ``step_delay_s`` (budget 1: at most two
+    tokens a step), so that requests last long enough to queue, time out or be shut down."""
+    from restspec.decode import SpeculativeGenerator
+
+    model, tokenizer = tiny_model
+    return SpeculativeGenerator(model, tokenizer, drafter=SlowDrafter(step_delay_s), budget=1)
 
 
 def make_app(generator, **config):

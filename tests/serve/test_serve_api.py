@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from serve_helpers import DEFAULT_MAX_TOKENS, DRAFT_BUDGET, MODEL_ALIAS, MODEL_ID, make_app
+from serve_helpers import DEFAULT_MAX_TOKENS, DRAFT_BUDGET, MODEL_ALIAS, MODEL_ID, LookupDrafter, make_app
 
 from restspec.decode import GenerationConfig, SamplingConfig
 
@@ -105,7 +105,7 @@ def test_an_end_of_sequence_token_finishes_with_stop(tiny_model, generator):
 
     model, tokenizer = tiny_model
     first_token = int(direct(generator, CODE_PROMPT, 1).output_ids[0])
-    eos_generator = SpeculativeGenerator(model, tokenizer)
+    eos_generator = SpeculativeGenerator(model, tokenizer, drafter=LookupDrafter())
     eos_generator.eos_token_ids = frozenset({first_token})
     with TestClient(make_app(eos_generator)) as eos_client:
         body = eos_client.post("/v1/completions", json={"prompt": CODE_PROMPT, "max_tokens": 5}).json()
@@ -124,9 +124,11 @@ def test_seeded_sampling_is_repeatable_and_follows_the_generator(client, generat
     assert greedy["choices"][0]["text"] != first, "sampling at temperature 1.3 should leave the greedy path"
 
 
-def test_the_restspec_extension_reports_speculation(client):
+def test_the_restspec_extension_reports_speculation_only_when_asked(client):
     # The tiny model loops under greedy decoding, so the lookup drafter's drafts get accepted.
-    body = client.post("/v1/completions", json={"prompt": CODE_PROMPT, "max_tokens": 60}).json()
+    body = {"prompt": CODE_PROMPT, "max_tokens": 60}
+    assert "restspec" not in client.post("/v1/completions", json=body).json()
+    body = client.post("/v1/completions", json={**body, "restspec_stats": True}).json()
     stats = body["restspec"]
     completion_tokens = body["usage"]["completion_tokens"]
     assert stats["steps"] >= 1

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import restspec.cli  # noqa: F401  (registers the commands)
 from restspec.cli.app import app
 from restspec.cli.common import USER_ERROR_EXIT_CODE
-from restspec.cli.serve import ServeError, bind_socket, is_loopback
+from restspec.cli.serve import ServeError, bind_socket, is_loopback, read_api_keys
 
 runner = CliRunner()
 
@@ -28,6 +28,18 @@ def test_help_lists_the_server_and_the_shared_flags():
         "--budget",
         "--max-new-tokens",
         "--warm-start",
+        "--api-key",
+        "--api-key-file",
+        "--cors-origin",
+        "--shared-history",
+        "--no-history",
+        "--max-queued",
+        "--request-timeout",
+        "--max-tokens-limit",
+        "--max-body-bytes",
+        "--max-prompt-tokens",
+        "--shutdown-grace",
+        "--history-file",
     ):
         assert flag in result.output
 
@@ -56,6 +68,16 @@ def test_a_taken_port_is_a_one_line_error_before_the_model_loads():
         (["--temperature", "-1"], "--temperature=-1"),
         (["--budget", "many"], "--budget='many'"),
         (["--host", "no.such.host.invalid"], "--host='no.such.host.invalid'"),
+        (["--api-key", "short"], "--api-key: an API key of 5 characters"),
+        (["--api-key-file", "/no/such/keys"], "--api-key-file='/no/such/keys' cannot be read"),
+        (["--shared-history", "--no-history"], "--shared-history and --no-history"),
+        (["--no-history", "--history-file", "/tmp/h.npz"], "--history-file with --no-history"),
+        (["--max-queued", "0"], "--max-queued: max_queued=0"),
+        (["--max-body-bytes", "0"], "--max-body-bytes: max_body_bytes=0"),
+        (["--max-prompt-tokens", "0"], "--max-prompt-tokens: max_prompt_tokens=0"),
+        (["--request-timeout", "-1"], "--request-timeout=-1"),
+        (["--shutdown-grace", "-1"], "--shutdown-grace=-1"),
+        (["--max-new-tokens", "300", "--max-tokens-limit", "200"], "--max-new-tokens=300 is above"),
     ],
 )
 def test_bad_flag_values_are_user_errors(args, fragment):
@@ -99,7 +121,9 @@ def test_serve_builds_the_app_from_the_shared_flags(model_folder, tmp_path, monk
         seen["address"] = sockets[0].getsockname()[:2]
         with TestClient(server.config.app) as client:
             seen["models"] = client.get("/v1/models").json()
-            seen["answer"] = client.post("/v1/completions", json={"prompt": "def add(a, b):"}).json()
+            seen["answer"] = client.post(
+                "/v1/completions", json={"prompt": "def add(a, b):", "restspec_stats": True}
+            ).json()
             seen["sampled"] = client.post(
                 "/v1/completions", json={"prompt": "def add(a, b):", "temperature": 0.0, "max_tokens": 2}
             ).json()
@@ -138,3 +162,16 @@ def test_serve_builds_the_app_from_the_shared_flags(model_folder, tmp_path, monk
     assert answer["usage"]["completion_tokens"] == max_new_tokens  # --max-new-tokens is the default
     assert answer["restspec"]["steps"] >= 1
     assert seen["sampled"]["usage"]["completion_tokens"] == 2
+
+
+def test_api_keys_come_from_flags_and_a_file_of_one_key_per_line(tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text("# the team's keys\n\nfirst-key-0123456789\n  second-key-0123456789  \n")
+    assert read_api_keys(["flag-key-0123456789"], key_file) == (
+        "flag-key-0123456789",
+        "first-key-0123456789",
+        "second-key-0123456789",
+    )
+    key_file.write_text("# nothing but a comment\n")
+    with pytest.raises(ServeError, match="holds no key"):
+        read_api_keys(None, key_file)

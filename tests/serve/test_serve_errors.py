@@ -3,8 +3,10 @@ same shape, and the server keeps serving after either."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from serve_helpers import CONTEXT_LENGTH, MODEL_ID, make_app, sse_events
+from serve_helpers import CONTEXT_LENGTH, MODEL_ID, LookupDrafter, make_app, sse_events
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -157,7 +159,7 @@ def strict_template_client(tiny_model, model_folder):
         "{{ raise_exception('System role not supported') }}{% endif %}"
         "{{ m['content'] }}\n{% endfor %}"
     )
-    with TestClient(make_app(SpeculativeGenerator(model, tokenizer))) as test_client:
+    with TestClient(make_app(SpeculativeGenerator(model, tokenizer, drafter=LookupDrafter()))) as test_client:
         yield test_client
 
 
@@ -178,7 +180,7 @@ def test_a_model_without_chat_template_answers_chat_with_a_400(tiny_model, model
     model, _ = tiny_model
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     tokenizer.chat_template = None
-    with TestClient(make_app(SpeculativeGenerator(model, tokenizer))) as test_client:
+    with TestClient(make_app(SpeculativeGenerator(model, tokenizer, drafter=LookupDrafter()))) as test_client:
         assert_error(test_client.post(CHAT, json={"messages": USER}), 400, None, "chat template")
         assert test_client.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
@@ -190,6 +192,9 @@ class BrokenGenerator:
         self.real = real
         self.fail_after_first = fail_after_first
         self.layout = real.layout
+        self.drafter = real.drafter
+        self.tokenizer = real.tokenizer
+        self.encode = real.encode
 
     def stream(self, prompt, config, *, chat=False):
         if not self.fail_after_first:
@@ -202,17 +207,29 @@ class BrokenGenerator:
             chunks.close()
 
 
-def test_a_bug_is_a_500_in_the_error_shape_and_the_server_recovers(generator):
+def logged_error_id(message: str, caplog) -> str:
+    """The id a 500 names, checked to be in the log next to the exception's text."""
+    [error_id] = re.findall(r"err-[0-9a-f]{12}", message)
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and logged[0].exc_info is not None, f"{error_id} is not in the log with its traceback"
+    assert "boom" in str(logged[0].exc_info[1])
+    return error_id
+
+
+def test_a_bug_is_a_500_with_an_error_id_and_no_internal_text(generator, caplog):
     from fastapi.testclient import TestClient
 
     broken = make_app(BrokenGenerator(generator, fail_after_first=False))
     with TestClient(broken, raise_server_exceptions=False) as test_client:
         response = test_client.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 4})
-        assert_error(response, 500, None, "RuntimeError", "boom before", code="internal_error")
+        error = assert_error(response, 500, None, "internal error err-", code="internal_error")
+        assert "boom" not in error["message"] and "RuntimeError" not in error["message"]
+        logged_error_id(error["message"], caplog)
         assert test_client.get("/health").json()["busy"] is False
+        assert test_client.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}).status_code == 500
 
 
-def test_a_bug_mid_stream_is_reported_in_band_then_done(generator):
+def test_a_bug_mid_stream_is_reported_in_band_with_an_id_then_done(generator, caplog):
     from fastapi.testclient import TestClient
 
     broken = make_app(BrokenGenerator(generator, fail_after_first=True))
@@ -226,7 +243,8 @@ def test_a_bug_mid_stream_is_reported_in_band_then_done(generator):
         error = events[-2]["error"]
         assert set(error) == ERROR_KEYS
         assert error["type"] == "server_error"
-        assert "boom after" in error["message"]
+        assert "boom" not in error["message"]
+        logged_error_id(error["message"], caplog)
         assert test_client.get("/health").json()["busy"] is False
 
 

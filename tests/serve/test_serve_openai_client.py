@@ -25,7 +25,9 @@ def test_the_openai_client_lists_the_model(openai_client):
 
 def test_the_openai_client_chats_with_and_without_streaming(openai_client):
     messages = [{"role": "user", "content": "def add(a, b):"}]
-    answer = openai_client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=MAX_TOKENS)
+    answer = openai_client.chat.completions.create(
+        model=MODEL_ID, messages=messages, max_tokens=MAX_TOKENS, extra_body={"restspec_stats": True}
+    )
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert answer.usage.completion_tokens <= MAX_TOKENS
     assert answer.model_extra["restspec"]["steps"] >= 1

@@ -19,7 +19,7 @@ def stream(client, path: str, body: dict) -> list:
 
 
 def test_chat_stream_has_openai_chunks_that_add_up_to_the_answer(client):
-    body = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+    body = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "restspec_stats": True}
     whole = client.post("/v1/chat/completions", json=body).json()
     events = stream(client, "/v1/chat/completions", body)
 

@@ -1,13 +1,16 @@
 """Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 Bad input is a 400 (``invalid_request_error``) whose message says what was wrong and, where it helps,
-what to send instead; only bugs are 500s (``server_error``), logged with their traceback.
+what to send instead; only bugs are 500s (``server_error``). A bug's text never reaches the client: it is
+logged with its traceback under an id, and the client gets the id to quote.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,6 +38,7 @@ class APIError(Exception):
         type: str = INVALID_REQUEST,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -42,12 +46,25 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def internal_error(context: str) -> APIError:
+    """Log the exception being handled (with its traceback) under a new id; the 500 that names only the id."""
+    error_id = "err-" + uuid.uuid4().hex[:12]
+    logger.exception("internal error %s (%s)", error_id, context)
+    return APIError(
+        f"internal error {error_id}; the server's log has the details under that id",
+        status=500,
+        type=SERVER_ERROR,
+        code="internal_error",
+    )
 
 
 _UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|list|dict|[\w-]+\[.*\])$")
@@ -115,38 +132,40 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, on_error: Callable[[str, int, str | None], None]) -> None:
+    """Answer every error in OpenAI's shape; ``on_error(path, status, code)`` is told of each."""
+
+    def answer(request: Request, error: APIError) -> JSONResponse:
+        on_error(request.url.path, error.status, error.code)
+        return error.response()
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(list(exc.errors())).response()
+        return answer(request, validation_error(list(exc.errors())))
 
     @app.exception_handler(RestspecError)
     async def _restspec(request: Request, exc: RestspecError) -> JSONResponse:
-        return APIError(str(exc)).response()
+        return answer(request, APIError(str(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         message = str(exc.detail)
         if exc.status_code == 404:
             message = (
                 f"no route {request.method} {request.url.path}; "
                 "see GET /v1/models, POST /v1/chat/completions, POST /v1/completions"
             )
-        err = APIError(message, status=exc.status_code, type=kind, code=code)
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = dict(exc.headers) if exc.headers else None
+        return answer(
+            request, APIError(message, status=exc.status_code, type=kind, code=code, headers=headers)
+        )
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("internal error on %s %s", request.method, request.url.path)
-        return APIError(
-            f"internal error: {type(exc).__name__}: {exc}",
-            status=500,
-            type=SERVER_ERROR,
-            code="internal_error",
-        ).response()
+        return answer(request, internal_error(f"{request.method} {request.url.path}"))

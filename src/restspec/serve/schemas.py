@@ -1,9 +1,11 @@
 """Request bodies of the OpenAI-compatible endpoints, validated by pydantic.
 
-Types are strict (``"0.7"`` is not a temperature, ``1`` is not ``true``), unknown fields are ignored
-(clients send fields we do not use), and fields restspec cannot honour are accepted only at their
-neutral value: ``n=2`` or ``logprobs=true`` is a 400 that says so rather than a silently different
-answer. Every failure here becomes a 400 in OpenAI's error shape (see :mod:`restspec.serve.errors`).
+Types are strict (``"0.7"`` is not a temperature, ``1`` is not ``true``), and fields restspec cannot
+honour are accepted only at their neutral value: ``n=2``, ``logprobs=true`` or ``min_p=0.1`` is a 400
+that says so rather than a silently different answer. Fields other servers take that would change the
+answer (:data:`ANSWER_CHANGING`) are known by name; any other unknown field is ignored (clients send
+bookkeeping fields such as ``metadata`` or ``store``). Every failure here becomes a 400 in OpenAI's
+error shape (see :mod:`restspec.serve.errors`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,55 @@ MAX_TEMPERATURE = 2.0
 
 MAX_SEED = 2**64 - 1
 """The largest seed torch's random generator takes."""
+
+
+ANSWER_CHANGING: dict[str, tuple[Any, ...]] = {
+    # sampling and penalties (vLLM, TGI, llama.cpp, OpenRouter)
+    "min_p": (0, 0.0),
+    "typical_p": (1, 1.0),
+    "top_a": (0, 0.0),
+    "tfs_z": (1, 1.0),
+    "repetition_penalty": (1, 1.0),
+    "repeat_penalty": (1, 1.0),
+    "length_penalty": (1, 1.0),
+    "mirostat": (0,),
+    "dry_multiplier": (0, 0.0),
+    "xtc_probability": (0, 0.0),
+    # stopping and length
+    "stop_token_ids": (None, []),
+    "ignore_eos": (False,),
+    "min_tokens": (0,),
+    "n_predict": (),
+    "include_stop_str_in_output": (False,),
+    # search
+    "use_beam_search": (False,),
+    # the prompt
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "truncate_prompt_tokens": (None,),
+    "reasoning_effort": (None,),
+    # the text returned
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "prompt_logprobs": (None, 0),
+    # structured output and function calling
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "grammar": (None,),
+    "json_schema": (None,),
+    # other modalities
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+}
+"""Fields restspec does not implement that would change the answer, with the values that change
+nothing (accepted): any other value is a 400 naming the field."""
 
 
 class _Strict(BaseModel):
@@ -63,6 +114,8 @@ class StreamOptions(_Strict):
 class SamplingRequest(_Strict):
     """Fields shared by ``/v1/chat/completions`` and ``/v1/completions``."""
 
+    model_config = ConfigDict(strict=True, extra="allow")  # unknown fields are checked, see ANSWER_CHANGING
+
     model: str | None = None
     """The served model's id (see ``GET /v1/models``); omitted = the one model this server has."""
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -79,6 +132,9 @@ class SamplingRequest(_Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    """Who the request is for: with the API key, the tenant whose past outputs draft for it."""
+    restspec_stats: bool = False
+    """restspec extension: add the ``restspec`` field (speculation figures) to the response."""
 
     @field_validator("stop")
     @classmethod
@@ -92,6 +148,14 @@ class SamplingRequest(_Strict):
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> SamplingRequest:
+        for name, value in (self.model_extra or {}).items():
+            neutral = ANSWER_CHANGING.get(name)
+            if neutral is not None and not any(_same(value, n) for n in neutral):
+                raise UnsupportedValue(
+                    name,
+                    value,
+                    f"{name} is not supported and would change the answer; leave it out",
+                )
         if self.n is not None and self.n != 1:
             raise UnsupportedValue(
                 "n", self.n, "restspec returns one completion per request; send n=1 or leave it out"
@@ -115,6 +179,10 @@ class SamplingRequest(_Strict):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        """The field :meth:`requested_max_tokens` came from."""
+        return "max_tokens"
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -152,6 +220,9 @@ class ChatCompletionRequest(SamplingRequest):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.as_template_message() for m in self.messages]
@@ -199,6 +270,13 @@ class CompletionRequest(SamplingRequest):
         if isinstance(self.prompt[0], str):
             return self.prompt[0]
         return list(self.prompt)
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """``value == neutral`` with the types (``1`` is not ``True``)."""
+    return (type(value) is type(neutral) and value == neutral) or (
+        isinstance(value, float) and type(neutral) is int and value == neutral
+    )
 
 
 class UnsupportedValue(ValueError):

@@ -1,53 +1,68 @@
 """One generator, one worker thread, one request at a time.
 
 The generator (model, KV cache, drafter state) is not thread-safe, and torch's grad mode is
-thread-local, so every call into it happens on a single worker thread. Requests queue in front of
-that thread in arrival order; the event loop only moves chunks from the worker to the client::
+thread-local, so every call into it happens on a single worker thread. Requests are tokenized and
+checked before they queue (see :mod:`restspec.serve.app`), then wait in front of that thread in arrival
+order; the event loop only moves chunks from the worker to the client::
 
-    handler ──submit(job)──► worker thread: for chunk in generator.stream(...): job.put(chunk)
-       ▲                                          │  (checks job.cancelled between chunks)
+    handler ──submit(job)──► worker thread: enter tenant; for chunk in generator.stream(...): job.put(chunk)
+       ▲                                          │  (checks job.stop_reason between chunks)
        └──────────── asyncio.Queue ◄──────────────┘
 
-A client that goes away sets ``job.cancelled``: the worker stops after the step it is in, closes the
-generator's stream (which ends the drafter's request) and takes the next job.
+A job is stopped (:meth:`Job.stop`) when its client goes away, its time runs out or the server shuts
+down: the worker stops after the step it is in, closes the generator's stream (which ends the drafter's
+request) and takes the next job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, Protocol
+
+import numpy as np
 
 from restspec.decode import GenerationConfig, GenerationResult, StreamChunk
-from restspec.errors import GenerationError
+from restspec.serve.metrics import ServerMetrics
+from restspec.serve.persist import HistoryStore
+from restspec.serve.tenancy import DrafterMemory
 
 RECENT_JOBS_KEPT = 32
 """How many finished jobs :attr:`GenerationWorker.recent` remembers (for debugging and tests)."""
 
-
-class ContextLengthError(GenerationError):
-    """The prompt leaves no room for the completion in the model's context."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
+logger = logging.getLogger("restspec.serve")
 
 
-def check_context_length(prompt_tokens: int, generator: Any, param: str) -> None:
-    """Raise :class:`ContextLengthError` if ``prompt_tokens`` leave no room for one generated token."""
-    context = getattr(getattr(generator, "layout", None), "max_positions", None)
-    if context is not None and prompt_tokens >= context:
-        what = "prompt built from the messages" if param == "messages" else "prompt"
-        raise ContextLengthError(
-            f"this model's maximum context length is {context} tokens, but the {what} has {prompt_tokens} "
-            f"tokens; shorten it to at most {context - 1} tokens (fewer leave more room for the completion)",
-            param,
-        )
+class Generator(Protocol):
+    """What the server needs of a generator (:class:`~restspec.decode.SpeculativeGenerator` has it)."""
+
+    drafter: Any
+    tokenizer: Any
+
+    def encode(self, prompt: Any, chat: bool = False) -> np.ndarray: ...
+
+    def stream(self, prompt: Any, config: GenerationConfig | None = None, *, chat: bool = False) -> Any: ...
+
+
+class StopReason(str, Enum):
+    """Why a job was stopped before its generation ended."""
+
+    client = "client"
+    """The client disconnected."""
+    timeout = "timeout"
+    """It ran past the request timeout."""
+    shutdown = "shutdown"
+    """The server is shutting down."""
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server admits."""
 
 
 @dataclass
@@ -55,6 +70,7 @@ class JobRecord:
     """What happened to one request on the worker thread."""
 
     job_id: str
+    tenant: str
     submitted_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -62,23 +78,29 @@ class JobRecord:
     tokens: int = 0
     completed: bool = False
     """The generator reached its end (eos, stop string or length) and produced its result."""
-    cancelled: bool = False
-    """The client left before the generation ended, and the worker stopped it."""
+    stopped: StopReason | None = None
+    """Why the worker stopped it early (None: it ran to its end, or failed)."""
     error: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """Stopped early because its client left."""
+        return self.stopped is StopReason.client
 
 
 @dataclass(eq=False)
 class Job:
     """One request on the worker: the event loop reads chunks, the worker thread writes them."""
 
-    prompt: str | list[dict[str, str]] | Sequence[int]
+    prompt_ids: np.ndarray
+    """int32[L] the prompt's token ids, checked at admission."""
     config: GenerationConfig
-    chat: bool
-    prompt_param: str
+    tenant: str
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Any]
     record: JobRecord
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    stop_reason: StopReason | None = None
+    started: threading.Event = field(default_factory=threading.Event)
     done: bool = False
 
     def put(self, item: Any) -> None:
@@ -86,7 +108,7 @@ class Job:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop was closed
-            self.cancelled.set()
+            self.stop(StopReason.client)
 
     async def next(self) -> StreamChunk | None:
         """(event loop) The next chunk, ``None`` after the last one; re-raises the generator's error."""
@@ -101,9 +123,10 @@ class Job:
             raise item.error
         return item
 
-    def cancel(self) -> None:
-        """(any thread) Stop the generation after its current step; safe to call more than once."""
-        self.cancelled.set()
+    def stop(self, reason: StopReason) -> None:
+        """(any thread) Stop the generation after its current step; the first reason given sticks."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
 
 
 class _End:
@@ -121,14 +144,26 @@ class _Failed:
 class GenerationWorker:
     """Runs ``generator.stream`` jobs one at a time on a dedicated worker thread."""
 
-    def __init__(self, generator: Any) -> None:
+    def __init__(
+        self,
+        generator: Generator,
+        memory: DrafterMemory,
+        metrics: ServerMetrics,
+        max_queued: int,
+        store: HistoryStore | None = None,
+    ) -> None:
         self.generator = generator
+        self.memory = memory
+        self.store = store
+        self.metrics = metrics
+        self.max_queued = max_queued
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restspec-generate")
         self._lock = threading.Lock()
-        self._pending = 0
-        self._running: JobRecord | None = None
-        self._live: set[Job] = set()
+        self._queued: list[Job] = []
+        self._running: Job | None = None
+        self._progress_at = time.monotonic()
         self.recent: collections.deque[JobRecord] = collections.deque(maxlen=RECENT_JOBS_KEPT)
+        self._durations: collections.deque[float] = collections.deque(maxlen=RECENT_JOBS_KEPT)
 
     @property
     def busy(self) -> bool:
@@ -137,59 +172,76 @@ class GenerationWorker:
     @property
     def queued(self) -> int:
         """Jobs submitted and not yet started."""
-        return self._pending
+        return len(self._queued)
 
-    def cancel_all(self) -> None:
-        """Stop the running job after its current step and drop the queued ones (server shutdown)."""
+    def stalled_s(self) -> float:
+        """Seconds the running job has gone without a chunk (0 while idle): a wedged worker grows it."""
+        return time.monotonic() - self._progress_at if self.busy else 0.0
+
+    def expected_wait_s(self) -> float:
+        """A guess at how long a new request would wait: recent jobs' mean duration times those ahead."""
+        mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
+        return mean * (self.queued + self.busy)
+
+    def save_history(self) -> Future[None]:
+        """Save the tenants' drafting memory (if there is a store) on the worker thread, after the
+        jobs submitted before; the future is done when it is written."""
+        return self._executor.submit(self._save_history)
+
+    def _save_history(self) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.save(self.memory.states())
+        except Exception:  # a full disk must not stop the serving; the previous file stays intact
+            logger.exception("could not save the drafting memory to %s", self.store.path)
+
+    def stop_all(self, reason: StopReason, *, queued_only: bool = False) -> None:
+        """Stop the queued jobs (and the running one unless ``queued_only``) with ``reason``."""
         with self._lock:
-            live = list(self._live)
-        for job in live:
-            job.cancel()
+            jobs = list(self._queued)
+            if self._running is not None and not queued_only:
+                jobs.append(self._running)
+        for job in jobs:
+            job.stop(reason)
 
-    def submit(
-        self,
-        prompt: str | list[dict[str, str]] | Sequence[int],
-        config: GenerationConfig,
-        *,
-        chat: bool,
-        job_id: str,
-        prompt_param: str = "prompt",
-    ) -> Job:
-        """Queue one request; read its chunks with :meth:`Job.next`, stop it with :meth:`Job.cancel`.
-        Must be called from the event loop that will read the chunks."""
+    def submit(self, prompt_ids: np.ndarray, config: GenerationConfig, *, tenant: str, job_id: str) -> Job:
+        """Queue one request (raises :class:`QueueFull` when ``max_queued`` wait already); read its
+        chunks with :meth:`Job.next`, stop it with :meth:`Job.stop`. Call from the event loop that reads."""
         job = Job(
-            prompt,
+            prompt_ids,
             config,
-            chat,
-            prompt_param,
+            tenant,
             asyncio.get_running_loop(),
             asyncio.Queue(),
-            JobRecord(job_id, time.time()),
+            JobRecord(job_id, tenant, time.time()),
         )
         with self._lock:
-            self._pending += 1
-            self._live.add(job)
+            if len(self._queued) >= self.max_queued:
+                raise QueueFull
+            self._queued.append(job)
         self._executor.submit(self._run, job)
         return job
 
     def _run(self, job: Job) -> None:
         record = job.record
         with self._lock:
-            self._pending -= 1
-            self._running = record
+            self._queued.remove(job)
+            self._running = job
+        self._progress_at = start = time.monotonic()
         record.started_at = time.time()
+        job.started.set()
         chunks = None
         last: Any = None  # the result chunk or the failure: handed over once the worker is free again
         try:
-            if job.cancelled.is_set():
+            if job.stop_reason is not None:
                 return
-            prompt, chat = job.prompt, job.chat
-            encode = getattr(self.generator, "encode", None)
-            if encode is not None:  # tokenize here, on the worker thread, to check the length first
-                prompt, chat = encode(prompt, chat), False
-                check_context_length(len(prompt), self.generator, job.prompt_param)
-            chunks = self.generator.stream(prompt, job.config, chat=chat)
+            self.memory.enter(job.tenant)
+            chunks = self.generator.stream(job.prompt_ids, job.config)
             for chunk in chunks:
+                now = time.monotonic()
+                self.metrics.chunk(now - self._progress_at, len(chunk.token_ids), first=record.chunks == 0)
+                self._progress_at = now
                 record.chunks += 1
                 record.tokens += len(chunk.token_ids)
                 record.completed = result_of(chunk) is not None
@@ -197,7 +249,7 @@ class GenerationWorker:
                     last = chunk
                     continue
                 job.put(chunk)
-                if job.cancelled.is_set():
+                if job.stop_reason is not None:
                     break
         except Exception as error:  # handed to the request, which answers it (400 for RestspecError)
             record.error = f"{type(error).__name__}: {error}"
@@ -205,16 +257,20 @@ class GenerationWorker:
         finally:
             if chunks is not None:
                 chunks.close()  # ends the drafter's request when we stopped early
-            record.cancelled = job.cancelled.is_set() and record.error is None and not record.completed
+            if record.error is None and not record.completed:
+                record.stopped = job.stop_reason
             record.finished_at = time.time()
             with self._lock:
                 self._running = None
-                self._live.discard(job)
                 self.recent.append(record)
+                self._durations.append(time.monotonic() - start)
+            self._progress_at = time.monotonic()
             # only now, so that a client answered from the last item finds the server idle
             if last is not None:
                 job.put(last)
             job.put(_END)
+        if self.store is not None and self.store.due():
+            self._save_history()
 
 
 def result_of(chunk: StreamChunk) -> GenerationResult | None:
