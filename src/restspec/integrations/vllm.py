@@ -349,6 +349,7 @@ class RestspecProposer:
 
 def proposer_stats(worker: Any) -> dict[str, Any]:
     """The proposer's :class:`ProposerStats` as a dict, read inside vLLM's worker process:
-    ``llm.collective_rpc(proposer_stats)`` (functions travel pickled: ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``).
-    Reaches vLLM internals (``worker.model_runner.drafter``), so it is meant for tests and debugging."""
+    ``llm.collective_rpc(proposer_stats)`` (vLLM sends functions pickled only with
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``). Reaches vLLM internals (``worker.model_runner.drafter``),
+    so it is meant for tests and debugging."""
     return asdict(worker.model_runner.drafter.stats)
