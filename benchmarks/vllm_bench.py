@@ -20,6 +20,7 @@ datastore (the Python standard library) unless ``--datastore`` names others.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.util
 import json
@@ -28,6 +29,8 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 SPECULATIVE_TOKENS = 8
 
@@ -43,7 +46,15 @@ def hf_folder(model: str) -> Path:
     folder = cache_dir() / "hf" / loaded.name
     if not (folder / "config.json").is_file():
         tmp = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None))
-        loaded.model.save_pretrained(tmp)
+        # a GGUF-loaded model refuses save_pretrained (its config says "quantized"); its de-quantized
+        # float32 weights go into a plain model of the same config instead
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(loaded.model.config)
+        config.__dict__.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.model.state_dict())
+        plain.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(folder)
