@@ -125,6 +125,16 @@ def run(folder: Path, method: str, concurrency: int, items, max_tokens: int, res
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's machine type."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="HF folder, .gguf file or 'smollm2'")
@@ -173,7 +183,7 @@ def main() -> None:
         json.dumps(
             {
                 "vllm": vllm.__version__,
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "machine": f"{cpu_name()}, {os.cpu_count()} cores",
                 "model": str(folder),
                 "items": [item_id for item_id, _ in items],
                 "max_tokens": args.max_tokens,
