@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 
 SPECULATIVE_TOKENS = 8
+"""Longest draft per request and step, for every method."""
+NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}
+"""vLLM ngram's match lengths: suffixes of 5 down to 2 tokens, as restspec's context lookup allows."""
 
 
 def hf_folder(model: str) -> Path:
@@ -82,7 +85,9 @@ def speculative_config(method: str, restspec_config: Path) -> dict | None:
         os.environ["RESTSPEC_VLLM_CONFIG"] = str(restspec_config)
         model = "restspec.integrations.vllm.RestspecProposer"
         return {"method": "custom_class", "model": model, "num_speculative_tokens": SPECULATIVE_TOKENS}
-    return {"method": method, "num_speculative_tokens": SPECULATIVE_TOKENS}  # ngram, suffix: vLLM's defaults
+    if method == "ngram":  # vLLM's default matches 5-grams only, which rarely drafts on short outputs
+        return {"method": "ngram", "num_speculative_tokens": SPECULATIVE_TOKENS, **NGRAM_LOOKUP}
+    return {"method": method, "num_speculative_tokens": SPECULATIVE_TOKENS}
 
 
 def run(folder: Path, method: str, concurrency: int, items, max_tokens: int, restspec_config: Path) -> dict:
