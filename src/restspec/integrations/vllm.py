@@ -1,0 +1,355 @@
+"""restspec's drafter as a vLLM speculative method (vLLM 0.32.x and 0.33.x, ``custom_class``).
+
+Use::
+
+    LLM(model=..., speculative_config={"method": "custom_class",
+        "model": "restspec.integrations.vllm.RestspecProposer", "num_speculative_tokens": 8})
+
+with ``RESTSPEC_VLLM_CONFIG=/path/restspec-vllm.json`` naming the datastores and options
+(:class:`ProposerConfig`; vLLM's speculative config forbids extra keys, so they cannot go there).
+docs/vllm.md has the whole recipe.
+
+vLLM builds ``RestspecProposer(vllm_config)``, calls ``load_model(model)`` once and ``propose(...)``
+after every engine step with its persistent batch: row ``i`` of ``token_ids_cpu`` holds request i's
+tokens (``num_tokens_no_spec[i]`` of them, this step's sampled tokens included) and
+``sampled_token_ids[i]`` what the step added to it (accepted drafts + the model's own next token; empty
+when the row was not decoded this step, e.g. a prefill chunk). vLLM gives no request ids, and rows
+move when requests finish, so requests are recognised by content (:func:`row_key`): a row continues a
+known request when its first tokens, its length before this step's tokens and its last token before
+them are the request's. A known request that no row continues has finished (or was preempted): its
+output joins the past outputs that every later request drafts from.
+
+Per request and step: the merged tree of restspec's sources (datastores, the request's own context,
+past outputs; see :func:`restspec.draft.default_drafter`, minus token recycling, which needs logits
+that vLLM does not hand out) under per-request calibration, its most probable path
+(:func:`best_path`), cut to a length chosen for the whole batch by a cost model
+(:func:`chain_lengths`), so that drafts shrink as the batch grows, down to none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from restspec.datastore import Datastore
+from restspec.draft import DEFAULT_MERGE, DEFAULT_SCALES, ContextDrafter, DatastoreDrafter, HistoryDrafter
+from restspec.draft.base import Drafter, StatelessDrafter
+from restspec.draft.merge import MergedDrafter
+from restspec.draft.tree import DraftTree
+from restspec.errors import RestspecError
+
+CONFIG_ENV = "RESTSPEC_VLLM_CONFIG"
+"""Environment variable naming the proposer's config file (JSON, or TOML on Python 3.11+)."""
+ROW_KEY_TOKENS = 32
+"""Leading tokens of a row that identify its request (with its length and last token)."""
+TREE_BUDGET_PER_TOKEN = 4
+"""Merged-tree nodes per drafted token: the best path is taken from a tree this much wider, so that a
+sibling subtree ranked above the path's deeper nodes cannot cut it short."""
+
+
+class ProposerConfigError(RestspecError):
+    """The proposer's config file is missing, unreadable, or has unknown or invalid fields."""
+
+
+@dataclass(frozen=True)
+class ProposerConfig:
+    """What :class:`RestspecProposer` drafts from and how much (the file ``RESTSPEC_VLLM_CONFIG`` names)."""
+
+    datastores: tuple[str, ...] = ()
+    """Datastore folders (``restspec build`` output) built with the served model's tokenizer."""
+    knee_tokens: float = 64.0
+    """vLLM's step cost as ``fixed + per_token * inputs``, expressed as fixed / per_token: the batch
+    inputs at which the step takes twice its one-input time. Small on CPUs (about 16 for a 135M model
+    on 2 cores), hundreds on GPUs (decoding is bound by reading the weights)."""
+    history_tokens: int = 200_000
+    """Most tokens of past outputs kept for drafting (the oldest outputs are evicted first)."""
+    tokenizer: str | None = None
+    """Tokenizer (HF folder or .gguf) the datastores are checked against; default: vLLM's."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "datastores", tuple(str(p) for p in self.datastores))
+        if not self.knee_tokens > 0:
+            raise ProposerConfigError(f"knee_tokens={self.knee_tokens} must be > 0")
+        if self.history_tokens < 1:
+            raise ProposerConfigError(f"history_tokens={self.history_tokens} must be >= 1")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ProposerConfig:
+        """Read a JSON (``.json``) or TOML (``.toml``) file whose keys are this class's fields."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ProposerConfigError(
+                f"cannot read the proposer config {str(path)!r} ({CONFIG_ENV}): {exc}"
+            ) from exc
+        try:
+            if path.suffix == ".toml":
+                if sys.version_info < (3, 11):
+                    raise ProposerConfigError(f"{str(path)!r}: TOML needs Python 3.11+; write it as JSON")
+                import tomllib
+
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except ValueError as exc:
+            raise ProposerConfigError(f"the proposer config {str(path)!r} does not parse: {exc}") from exc
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
+            raise ProposerConfigError(
+                f"the proposer config {str(path)!r} has unknown keys {extra}; known: {sorted(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_env(cls) -> ProposerConfig:
+        """The file named by ``RESTSPEC_VLLM_CONFIG``; the defaults (no datastores) when it is unset."""
+        path = os.environ.get(CONFIG_ENV)
+        return cls.from_file(path) if path else cls()
+
+
+def best_path(tree: DraftTree) -> tuple[np.ndarray, np.ndarray]:
+    """The most probable path of ``tree``: (tokens int32[d], probabilities float64[d]) from the root.
+
+    A tree's nodes are ranked by falling probability (parents first), so the first child of a node in
+    node order is its most probable one; one pass follows those children down."""
+    tokens, probs = [], []
+    current = -1
+    for i in range(len(tree)):
+        if tree.parents[i] == current:
+            tokens.append(int(tree.tokens[i]))
+            probs.append(float(tree.weights[i]))
+            current = i
+    return np.asarray(tokens, np.int32), np.asarray(probs, np.float64)
+
+
+def chain_lengths(
+    path_probs: Sequence[np.ndarray], knee_tokens: float, max_tokens: Sequence[int]
+) -> list[int]:
+    """How many tokens of each request's best path to draft in one batched step.
+
+    ``path_probs[r]``: float[d_r], the probability that request r's path is accepted up to each depth
+    (non-increasing). Cost model: a step over n input tokens takes ``t0 + t1 * n`` (``knee_tokens`` =
+    t0 / t1) and yields A tokens in expectation: one per request plus the probabilities of its drafted
+    tokens. Drafting one more token of probability p raises the throughput A / (t0 + t1 n) exactly
+    when ``p > A / (knee_tokens + n)``. Tokens are taken in order of falling p over the whole batch
+    (ties: request, then depth, so every request keeps a prefix), each while it passes that test and
+    its request has fewer than ``max_tokens[r]``; the test only gets harder as tokens are added, so
+    the first failure ends the choice. A large batch (n near or above the knee) drafts nothing."""
+    if len(path_probs) != len(max_tokens):
+        raise ValueError(f"got {len(path_probs)} paths but {len(max_tokens)} limits")
+    lengths = [0] * len(path_probs)
+    candidates = sorted(
+        (-float(p), r, depth)
+        for r, probs in enumerate(path_probs)
+        for depth, p in enumerate(np.asarray(probs, np.float64)[: max(max_tokens[r], 0)])
+    )
+    expected = n = float(len(path_probs))
+    for neg_p, r, depth in candidates:
+        p = -neg_p
+        if depth != lengths[r] or p <= expected / (knee_tokens + n):
+            break
+        lengths[r] += 1
+        expected += p
+        n += 1
+    return lengths
+
+
+def row_key(row: np.ndarray, length: int) -> tuple[bytes, int, int]:
+    """What identifies the request in a batch row of ``length`` tokens: its first tokens, the length
+    and the last token."""
+    return row[: min(ROW_KEY_TOKENS, length)].tobytes(), length, int(row[length - 1])
+
+
+def feed_step(drafter: Drafter, context: np.ndarray, chain: DraftTree, accepted: np.ndarray) -> None:
+    """The one place that hands a verified step to a drafter: ``chain`` was drafted after ``context``
+    and vLLM verified it (or a prefix) and added ``accepted`` (accepted drafts + its own next token).
+    vLLM gives no logits."""
+    del chain  # joins the call as Step.tree when the Step record lands (CONTRACT.md)
+    drafter.observe(context, accepted, None)
+
+
+class SharedSource(StatelessDrafter):
+    """One request's view of a source that all requests share (datastores, context lookup, past
+    outputs): it drafts through the source and counts the proposals that found something; the
+    lifecycle is the proposer's."""
+
+    def __init__(self, source: Any, counts: dict[str, int], name: str) -> None:
+        self.source = source
+        self.counts = counts
+        self.name = name
+        self.last_match_length = 0
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        tree = self.source.propose(context, budget)
+        self.last_match_length = self.source.last_match_length
+        if len(tree):
+            self.counts[self.name] += 1
+        return tree
+
+
+@dataclass
+class Request:
+    """What the proposer holds about one live request (bounded by vLLM's max model length)."""
+
+    drafter: MergedDrafter
+    key: tuple[bytes, int, int]
+    """:func:`row_key` of the request's row as last seen."""
+    output: list[np.ndarray] = field(default_factory=list)
+    """Tokens vLLM added since the request was first seen (its output, when first seen after prefill)."""
+    chain: DraftTree = field(default_factory=DraftTree.empty)
+    """The chain last proposed, which the next step verifies."""
+
+
+@dataclass
+class ProposerStats:
+    """Counters since the proposer was built."""
+
+    steps: int = 0
+    requests_started: int = 0
+    requests_finished: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    source_matches: dict[str, int] = field(default_factory=dict)
+    """Proposals in which a source ("datastore", "context", "history") found a match."""
+
+
+class RestspecProposer:
+    """restspec's drafter for vLLM 0.32/0.33's ``custom_class`` speculative method (see the module)."""
+
+    def __init__(self, vllm_config: Any, config: ProposerConfig | None = None) -> None:
+        self.config = config or ProposerConfig.from_env()
+        self.num_speculative_tokens = int(vllm_config.speculative_config.num_speculative_tokens)
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        self.datastores = self._open_datastores(vllm_config)
+        self.stats = ProposerStats(source_matches={"datastore": 0, "context": 0, "history": 0})
+        self.history = HistoryDrafter(max_tokens=self.config.history_tokens)
+        self._sources: list[tuple[str, Any]] = [("context", ContextDrafter()), ("history", self.history)]
+        if self.datastores:
+            self._sources.insert(0, ("datastore", DatastoreDrafter(self.datastores)))
+        self._requests: dict[tuple[bytes, int, int], list[Request]] = {}
+
+    def _open_datastores(self, vllm_config: Any) -> list[Datastore]:
+        if not self.config.datastores:
+            return []
+        from restspec.models import load_tokenizer
+
+        tokenizer = load_tokenizer(self.config.tokenizer or vllm_config.model_config.tokenizer)
+        return [Datastore.open(path, tokenizer=tokenizer) for path in self.config.datastores]
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        """vLLM hands over the target model; restspec drafts without it."""
+
+    def _new_drafter(self) -> MergedDrafter:
+        views = [SharedSource(source, self.stats.source_matches, name) for name, source in self._sources]
+        return MergedDrafter(
+            views, scales=[DEFAULT_SCALES[name] for name, _ in self._sources], config=DEFAULT_MERGE
+        )
+
+    def _take(self, key: tuple[bytes, int, int]) -> Request | None:
+        waiting = self._requests.get(key)
+        if not waiting:
+            return None
+        request = waiting.pop()
+        if not waiting:
+            del self._requests[key]
+        return request
+
+    def _finish(self, request: Request) -> None:
+        request.drafter.stop_request()
+        if request.output:
+            self.history.add(np.concatenate(request.output))
+        self.stats.requests_finished += 1
+
+    def propose(
+        self,
+        sampled_token_ids: list[list[int]],
+        num_tokens_no_spec: np.ndarray,
+        token_ids_cpu: np.ndarray,
+        slot_mappings: Any = None,
+    ) -> list[list[int]]:
+        """Draft token ids for every row of vLLM's batch (``[]`` = no draft).
+
+        ``sampled_token_ids``: per row, the tokens this step added (may be empty);
+        ``num_tokens_no_spec``: int[>= rows], tokens per row, this step's included;
+        ``token_ids_cpu``: int[>= rows, max_model_len], the rows' tokens; ``slot_mappings``: unused."""
+        self.stats.steps += 1
+        live: list[tuple[int, Request, np.ndarray]] = []  # (row, request, context) of rows to draft for
+        waiting: list[tuple[int, Request]] = []  # rows not decoded this step: their chain still stands
+        seen: list[Request] = []
+        for i, sampled in enumerate(sampled_token_ids):
+            length = int(num_tokens_no_spec[i])
+            before = length - len(sampled)
+            if before < 1:
+                continue
+            row = np.asarray(token_ids_cpu[i])
+            request = self._take(row_key(row, before))
+            if request is None and not sampled:
+                continue  # a prefill chunk: nothing decoded yet
+            if request is None:
+                request = Request(self._new_drafter(), row_key(row, before))
+                request.drafter.start_request(np.array(row[:before], np.int32))
+                self.stats.requests_started += 1
+            seen.append(request)
+            if not sampled:
+                waiting.append((i, request))
+                continue
+            accepted = np.asarray(sampled, np.int32)
+            self._learn(request, np.array(row[:before], np.int32), accepted)
+            request.output.append(accepted)
+            request.key = row_key(row, length)
+            if length < self.max_model_len:
+                context = np.array(row[:length], np.int32)
+                context.setflags(write=False)
+                live.append((i, request, context))
+        for gone in self._requests.values():
+            for request in gone:
+                self._finish(request)
+        self._requests = {}
+        for request in seen:
+            self._requests.setdefault(request.key, []).append(request)
+        drafts = self._draft(len(sampled_token_ids), live)
+        for i, request in waiting:
+            drafts[i] = request.chain.tokens.tolist()
+        return drafts
+
+    def _learn(self, request: Request, context: np.ndarray, accepted: np.ndarray) -> None:
+        """Feed the verified step to the request's drafter; count the accepted draft tokens."""
+        chain = request.chain
+        hits = len(accepted) - 1
+        if len(chain) and hits > 0 and np.array_equal(chain.tokens[:hits], accepted[:hits]):
+            self.stats.accepted_tokens += hits
+        context.setflags(write=False)
+        feed_step(request.drafter, context, chain, accepted)
+        request.chain = DraftTree.empty()
+
+    def _draft(self, rows: int, live: list[tuple[int, Request, np.ndarray]]) -> list[list[int]]:
+        k = self.num_speculative_tokens
+        paths = [
+            best_path(request.drafter.propose(context, k * TREE_BUDGET_PER_TOKEN))
+            for _, request, context in live
+        ]
+        limits = [min(k, self.max_model_len - len(context)) for _, _, context in live]
+        lengths = chain_lengths([probs for _, probs in paths], self.config.knee_tokens, limits)
+        drafts: list[list[int]] = [[] for _ in range(rows)]
+        for (i, request, _), (tokens, probs), size in zip(live, paths, lengths, strict=True):
+            request.chain = DraftTree.chain(tokens[:size], probs[:size])
+            drafts[i] = tokens[:size].tolist()
+            self.stats.drafted_tokens += size
+        return drafts
+
+
+def proposer_stats(worker: Any) -> dict[str, Any]:
+    """The proposer's :class:`ProposerStats` as a dict, read inside vLLM's worker process:
+    ``llm.collective_rpc(proposer_stats)`` (vLLM sends functions pickled only with
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``). Reaches vLLM internals (``worker.model_runner.drafter``),
+    so it is meant for tests and debugging."""
+    return asdict(worker.model_runner.drafter.stats)
