@@ -45,7 +45,13 @@ def test_unknown_token_drafts_nothing():
 def test_observe_fills_rows_of_all_verified_inputs_and_propose_expands_them():
     drafter = RecycleDrafter(VOCAB, k=2, max_depth=2)
     # the verified tree fed inputs 1 (root), 2 and 7 (a rejected node's row is learned too)
-    drafter.observe(step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1, 2, 7], [[2, 7], [3, 4], [5, 6]])))
+    drafter.observe(
+        step(
+            np.array([1], np.int32),
+            np.array([2], np.int32),
+            logits_ranking([1, 2, 7], [[2, 7], [3, 4], [5, 6]]),
+        )
+    )
     assert drafter.table[1].tolist() == [2, 7]
     assert drafter.table[7].tolist() == [5, 6]
     tree = drafter.propose(np.array([0, 1], np.int32), 6)

@@ -85,7 +85,13 @@ class LookupDrafter:
         start = int(earlier[-1]) + 1
         return DraftTree.chain(context[start : start + budget])
 
-    def observe(self, context, accepted, logits=None) -> None:
+    def observe(self, step) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state) -> None:
         return None
 
     def stop_request(self) -> None:
