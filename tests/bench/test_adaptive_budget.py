@@ -88,6 +88,7 @@ def test_a_higher_achieved_rate_raises_the_bar_for_each_node():
     past = 300
     chosen = [policy.choose(chain(WEIGHTS), past)]
     for _ in range(2000):
+        observe(policy, chain(WEIGHTS).truncate(chosen[-1]), accepted=chosen[-1])
         past += chosen[-1] + 1
         chosen.append(policy.choose(chain(WEIGHTS), past))
     assert chosen[0] == 3 and chosen[-1] == 2

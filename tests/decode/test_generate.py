@@ -217,7 +217,7 @@ def test_the_policy_and_the_drafter_observe_one_record_per_step():
         assert len(step.path) == stats.accepted and len(step.accepted) == stats.emitted
         # the accepted path follows the tree: each node's parent is the node before it
         parents = step.tree.parents[step.path].tolist()
-        assert parents == [-1, *step.path[:-1].tolist()]
+        assert parents == [-1, *step.path.tolist()][: len(step.path)]
         assert step.tree.tokens[step.path].tolist() == step.accepted[: len(step.path)].tolist()
         assert step.forward_s > 0 and step.seconds >= step.forward_s
     assert policy.steps[0].context.tolist() == PROMPT
