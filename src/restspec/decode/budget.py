@@ -545,7 +545,11 @@ class AdaptiveBudget:
     Online correction (``correct=True``): drafters' weights are estimates, often overconfident for
     low-weight nodes. The policy learns the real acceptance probability as a function of the weight
     (:class:`WeightCalibration`) from the verified tree and accepted path of each observed step. The
-    achieved rate is learned from the tokens each step added.
+    achieved rate is learned from the tokens each step added. The default drafter calibrates its own
+    weights too (per source, :class:`~restspec.draft.merge.Calibration`), and neither alone does as
+    well as both: on three HumanEval prompts (the embedded model, 64 tokens, the reference curve),
+    without this correction the trees grew from 2.0 to 6.4 nodes and the modeled tokens per second
+    fell 11 %; without the drafter's, tokens per step fell from 1.475 to 1.462 (modeled: -1.5 %).
 
     ``AdaptiveBudget()`` uses :data:`REFERENCE_LATENCY_S`; ``AdaptiveBudget.for_model(loaded)``
     calibrates the real model once per machine and caches the curve.
