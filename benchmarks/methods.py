@@ -55,8 +55,14 @@ class PaddedDrafter:
     def stop_request(self) -> None:
         self.inner.stop_request()
 
-    def observe(self, context: np.ndarray, accepted: np.ndarray, logits: Any = None) -> None:
-        self.inner.observe(context, accepted, logits)
+    def observe(self, step: Any) -> None:
+        self.inner.observe(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
     def propose(self, context: np.ndarray, budget: int) -> Any:
         from restspec.draft.tree import DraftTree

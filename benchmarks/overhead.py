@@ -32,11 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from restspec.draft.base import Drafter, TreeLogits
+from restspec.draft.base import Drafter, Step, TreeLogits
 from restspec.draft.tree import DraftTree
 
-PARTS = ("propose", "choose", "observe", "observe_step")
-"""The timed calls: the drafter's propose and observe, the policy's choose and observe_step."""
+PARTS = ("propose", "choose", "observe", "observe_policy")
+"""The timed calls: the drafter's propose and observe, the policy's choose and observe."""
+TRACE_VERSION = 2
+"""Part of a recording's file name: recordings of another layout are recorded again (2: steps)."""
 
 
 @dataclass
@@ -69,10 +71,35 @@ class RecordingDrafter:
         self.events.append(("propose", np.array(context), budget))
         return self.inner.propose(context, budget)
 
-    def observe(self, context: np.ndarray, accepted: np.ndarray, logits: TreeLogits | None = None) -> None:
+    def observe(self, step: Step) -> None:
+        logits = step.logits
         rows = None if logits is None else (np.array(logits.input_ids), np.array(logits.logits))
-        self.events.append(("observe", np.array(context), np.array(accepted), rows))
-        self.inner.observe(context, accepted, logits)
+        tree = step.tree
+        self.events.append(
+            (
+                "observe",
+                np.array(step.context),
+                np.array(step.accepted),
+                rows,
+                (np.array(tree.tokens), np.array(tree.parents), np.array(tree.weights), tree.match_length),
+                np.array(step.path),
+                (step.draft_s, step.forward_s, step.accept_s),
+            )
+        )
+        self.inner.observe(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def recorded_step(event: tuple) -> Step:
+    """The :class:`Step` an ``"observe"`` event recorded."""
+    _, context, accepted, rows, (tokens, parents, weights, match_length), path, timings = event
+    logits = None if rows is None else TreeLogits(*rows)
+    return Step(context, DraftTree(tokens, parents, weights, match_length), path, accepted, logits, *timings)
 
 
 class RecordingPolicy:
@@ -91,9 +118,15 @@ class RecordingPolicy:
         self.events.append(("choose", past_len, np.array(tree.tokens[:chosen])))
         return chosen
 
-    def observe_step(self, width: int, seconds: float) -> None:
-        self.events.append(("observe_step", width, seconds))
-        self.inner.observe_step(width, seconds)
+    def observe(self, step: Step) -> None:
+        self.events.append(("observe_policy",))  # the step is the drafter's "observe" event before it
+        self.inner.observe(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
 
 def record_calls(
@@ -158,9 +191,12 @@ def replay(trace: Trace, datastores: list[Any]) -> Replay:
     digest = hashlib.sha256()
     steps = mismatches = 0
     tree = DraftTree.empty()
+    step: Step | None = None
     clock = time.perf_counter
     for event in trace.events:
         kind = event[0]
+        if kind == "observe":
+            step = recorded_step(event)  # not timed: the loop builds its step outside the drafter
         start = clock()
         if kind == "start":
             drafter.start_request(event[1])
@@ -171,11 +207,10 @@ def replay(trace: Trace, datastores: list[Any]) -> Replay:
             steps += 1
         elif kind == "choose":
             chosen = policy.choose(tree, event[1])
-        elif kind == "observe":
-            rows = event[3]
-            drafter.observe(event[1], event[2], None if rows is None else TreeLogits(*rows))
-        elif kind == "observe_step":
-            policy.observe_step(event[1], event[2])
+        elif kind == "observe" and step is not None:
+            drafter.observe(step)
+        elif kind == "observe_policy" and step is not None:
+            policy.observe(step)
         seconds[kind] += clock() - start
         if kind == "choose":
             digest.update(tree.tokens[:chosen].tobytes() + tree.weights[:chosen].tobytes())
@@ -188,7 +223,7 @@ def trace_path(workload: str, limit: int, per_category: bool, max_new_tokens: in
 
     name = Path(workload).stem if workload != "humaneval" else workload
     per = "-per-category" if per_category else ""
-    return cache_dir() / "overhead" / f"{name}-{limit}{per}x{max_new_tokens}.pkl"
+    return cache_dir() / "overhead" / f"{name}-{limit}{per}x{max_new_tokens}-v{TRACE_VERSION}.pkl"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.simulate import Reference, longest_accepted, synthesized_logits
+from benchmarks.simulate import Reference, accepted_path, synthesized_logits
 from restspec.decode.budget import BudgetPolicy, LatencyCurve
-from restspec.draft.base import Drafter
+from restspec.draft.base import Drafter, Step
+from restspec.draft.tree import DraftTree
 from restspec.errors import RestspecError
 
 
@@ -58,16 +59,18 @@ def replay_policy(
             pos = 0
             while pos < len(ref.output):
                 context = full[: prompt_len + pos]
-                tree = drafter.propose(context, policy.max_budget) if policy.max_budget else None
-                if tree is not None and len(tree):
-                    tree = tree.truncate(policy.choose(tree, len(context) - 1))
+                tree = drafter.propose(context, policy.max_budget) if policy.max_budget else DraftTree.empty()
+                tree = tree.truncate(policy.choose(tree, len(context) - 1))
                 truth = ref.output[pos:]
-                n_draft = 0 if tree is None else min(longest_accepted(tree, truth), len(truth) - 1)
+                path = accepted_path(tree, truth)[: len(truth) - 1]
+                n_draft = len(path)
                 gained = truth[: n_draft + 1]
                 inputs = full[prompt_len + pos - 1 : prompt_len + pos + n_draft]
                 top = ref.top[prompt_len + pos - 1 : prompt_len + pos + n_draft]
-                drafter.observe(context, gained, synthesized_logits(inputs, top, vocab_size))
-                n = 0 if tree is None else len(tree)
+                step = Step(context, tree, path, gained, synthesized_logits(inputs, top, vocab_size))
+                drafter.observe(step)
+                policy.observe(step)
+                n = len(tree)
                 seconds += float(latency(n + 1))
                 steps += 1
                 nodes += n

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from restspec.bench.workloads import BenchItem
-from restspec.draft.base import Drafter, TreeLogits
+from restspec.draft.base import Drafter, Step, TreeLogits
 from restspec.draft.tree import DraftTree
 
 MODEL_NAME = "smollm2-135m-instruct-q4_1"
@@ -172,19 +172,25 @@ def load_references(path: Path) -> list[Reference]:
         ]
 
 
-def longest_accepted(tree: DraftTree, truth: np.ndarray) -> int:
-    """Draft tokens greedy verification accepts: the longest tree path equal to a prefix of ``truth``."""
+def accepted_path(tree: DraftTree, truth: np.ndarray) -> np.ndarray:
+    """int32[a]: the nodes greedy verification accepts, the longest tree path equal to a prefix of
+    ``truth``."""
     children: dict[tuple[int, int], int] = {
         (parent, tok): i
         for i, (tok, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist(), strict=True))
     }
-    node, accepted = -1, 0
+    node, path = -1, []
     for tok in truth.tolist():
         node = children.get((node, tok), -2)
         if node == -2:
             break
-        accepted += 1
-    return accepted
+        path.append(node)
+    return np.asarray(path, np.int32)
+
+
+def longest_accepted(tree: DraftTree, truth: np.ndarray) -> int:
+    """Draft tokens greedy verification accepts (:func:`accepted_path`)."""
+    return len(accepted_path(tree, truth))
 
 
 def synthesized_logits(input_ids: np.ndarray, top: np.ndarray, vocab_size: int) -> TreeLogits:
@@ -243,14 +249,15 @@ def replay(
                 if len(tree) > budget:
                     raise AssertionError(f"{name}: tree of {len(tree)} nodes over budget {budget}")
                 truth = ref.output[pos:]
-                n_draft = min(longest_accepted(tree, truth), len(truth) - 1)
+                path = accepted_path(tree, truth)[: len(truth) - 1]
+                n_draft = len(path)
                 gained = truth[: n_draft + 1]  # accepted drafts + the model's own next token
                 # logits rows: the root (context[-1]) and each accepted draft node
                 inputs = full[prompt_len + pos - 1 : prompt_len + pos + n_draft]
                 top = ref.top[prompt_len + pos - 1 : prompt_len + pos + n_draft]
                 logits = synthesized_logits(inputs, top, vocab_size)
                 t0 = time.perf_counter()
-                drafter.observe(context, gained, logits)
+                drafter.observe(Step(context, tree, path, gained, logits))
                 spent += time.perf_counter() - t0
                 steps += 1
                 tokens += len(gained)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from restspec.draft.base import TreeLogits
+from restspec.draft.base import Step
 from restspec.draft.tree import DraftTree, node_depths
 from restspec.errors import RestspecError
 
@@ -134,11 +135,17 @@ class SuffixDrafter:
             limit
         )
 
-    def observe(self, context: np.ndarray, accepted: np.ndarray, logits: TreeLogits | None = None) -> None:
+    def observe(self, step: Step) -> None:
         if self._req is None:
             raise ValueError("observe before start_request")
-        if len(accepted):
-            self.cache.add_active_response(self._req, _writable_int32(accepted))
+        if len(step.accepted):
+            self.cache.add_active_response(self._req, _writable_int32(step.accepted))
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError("Arctic's suffix cache cannot be exported; replay the outputs instead")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise ValueError("Arctic's suffix cache cannot be loaded from a state; replay the outputs instead")
 
     def stop_request(self) -> None:
         if self._req is not None:

@@ -38,7 +38,7 @@ def test_recording_leaves_the_output_alone(tiny_model, tiny_tokenizer):
         kinds.count("propose")
         == kinds.count("choose")
         == kinds.count("observe")
-        == kinds.count("observe_step")
+        == kinds.count("observe_policy")
     )
 
 

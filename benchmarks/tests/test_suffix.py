@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from steps import step
 
 from benchmarks.suffix import SuffixConfig, suffix_draft_to_tree
 
@@ -41,7 +42,7 @@ def test_drafter_lifecycle_and_global_cache():
     tree = drafter.propose(context, 16)
     assert tree.tokens[0] == 3 and tree.parents[0] == -1
     assert len(drafter.propose(np.array([9, 1, 2], np.int32), 1)) == 1
-    drafter.observe(prompt, np.array([40, 41, 42, 43], np.int32))
+    drafter.observe(step(prompt, np.array([40, 41, 42, 43], np.int32)))
     drafter.stop_request()
     # the earlier response is in the global cache for the next request
     drafter.start_request(np.array([99], np.int32))

@@ -8,7 +8,7 @@ from importlib import import_module
 from typing import Any
 
 from restspec.datastore import Datastore, Match
-from restspec.draft.base import Drafter, EmptyDrafter, TreeLogits
+from restspec.draft.base import Drafter, EmptyDrafter, Learner, Step, TreeLogits
 from restspec.draft.tree import DraftTree
 from restspec.errors import RestspecError
 
@@ -40,8 +40,10 @@ __all__ = [
     "DraftTree",
     "Drafter",
     "EmptyDrafter",
+    "Learner",
     "Match",
     "RestspecError",
+    "Step",
     "TreeLogits",
     "__version__",
     *_LAZY,

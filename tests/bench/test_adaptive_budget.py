@@ -1,4 +1,5 @@
-"""AdaptiveBudget: tree size from a latency curve and node weights; calibration caching."""
+"""AdaptiveBudget: tree size from a latency curve and node weights; what it learns from steps;
+calibration caching."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from steps import step
 
 from restspec.decode import budget as budget_module
 from restspec.decode.budget import (
@@ -22,6 +24,7 @@ from restspec.decode.budget import (
     load_or_calibrate,
     read_calibration,
 )
+from restspec.draft.base import Step
 from restspec.draft.tree import DraftTree
 
 WEIGHTS = [0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1, 0.05]
@@ -45,6 +48,18 @@ def quiet_machine(monkeypatch) -> None:
 
 def chain(weights):
     return DraftTree.chain(list(range(10, 10 + len(weights))), weights)
+
+
+def observe(policy, tree: DraftTree, accepted: int = 0, seconds: float = 0.0) -> None:
+    """The policy observes a step that verified ``tree`` (a chain) and accepted its first
+    ``accepted`` nodes, then the model's own token 99, in ``seconds``."""
+    tokens = [*tree.tokens[:accepted].tolist(), 99]
+    policy.observe(step([1], tokens, tree=tree, path=np.arange(accepted), seconds=seconds))
+
+
+def observe_cost(policy, width: int, seconds: float) -> None:
+    """A step over ``width`` inputs (root + a chain of width - 1 nodes, none accepted) took ``seconds``."""
+    observe(policy, chain([0.5] * (width - 1)), seconds=seconds)
 
 
 def test_flat_latency_takes_the_whole_tree():
@@ -73,6 +88,7 @@ def test_a_higher_achieved_rate_raises_the_bar_for_each_node():
     past = 300
     chosen = [policy.choose(chain(WEIGHTS), past)]
     for _ in range(2000):
+        observe(policy, chain(WEIGHTS).truncate(chosen[-1]), accepted=chosen[-1])
         past += chosen[-1] + 1
         chosen.append(policy.choose(chain(WEIGHTS), past))
     assert chosen[0] == 3 and chosen[-1] == 2
@@ -127,17 +143,18 @@ def test_online_correction_shrinks_trees_when_drafts_fail():
     policy = AdaptiveBudget(curve, max_budget=16)
     tree = chain([0.95, 0.9, 0.85, 0.8])
     past = 100
-    first = policy.choose(tree, past)
+    first = last = policy.choose(tree, past)
     assert first == 4
     for _ in range(80):
-        past += 1  # nothing accepted: the cache grows by the bonus token only
+        observe(policy, tree.truncate(last))  # nothing accepted: the step adds the model's token only
+        past += 1
         last = policy.choose(tree, past)
     assert policy.calibration(np.array([0.9]), np.array([1]))[0] < 0.3
     assert last < first
-    # a new request (the cache length jumps) is not taken as evidence
+    # a finished request replayed as one step (a warm start's conversation) is no evidence
     before = policy.calibration.values.copy()
     for _ in range(CORRECTION_REFIT_STEPS):
-        policy.choose(tree, 5)
+        policy.observe(Step.finished(np.array([1, 2], np.int32), np.arange(30, dtype=np.int32)))
     assert np.array_equal(policy.calibration.values, before)
 
 
@@ -311,14 +328,14 @@ def test_measured_steps_replace_a_calibration_that_called_a_node_free():
     tree = chain([0.15])
     assert policy.choose(tree, 100) == 1  # a free node is worth 0.15 tokens
     for _ in range(64):
-        policy.observe_step(1, 0.050)
-        policy.observe_step(2, 0.060)  # the loop's own steps: one node costs 20 % more
+        observe_cost(policy, 1, 0.050)
+        observe_cost(policy, 2, 0.060)  # the loop's own steps: one node costs 20 % more
     assert policy.choose(tree, 200) == 0
     assert policy.choose(chain([0.5]), 300) == 1  # still worth it for a likely node
     fixed = AdaptiveBudget(curve, correct=False, learn_costs=False).fresh()
     for _ in range(64):
-        fixed.observe_step(1, 0.050)
-        fixed.observe_step(2, 0.060)
+        observe_cost(fixed, 1, 0.050)
+        observe_cost(fixed, 2, 0.060)
     assert fixed.choose(tree, 100) == 1  # plans with the curve alone
 
 
@@ -326,13 +343,12 @@ def test_one_stalled_step_does_not_set_a_widths_cost():
     curve = LatencyCurve((1, 2, 3, 13), (0.050, 0.050, 0.055, 0.100))
     policy = AdaptiveBudget(curve, correct=False)
     for _ in range(64):
-        policy.observe_step(1, 0.050)
-        policy.observe_step(2, 0.052)
-    policy.observe_step(2, 10.0)  # e.g. a kernel compiled on first use
+        observe_cost(policy, 1, 0.050)
+        observe_cost(policy, 2, 0.052)
+    observe_cost(policy, 2, 10.0)  # e.g. a kernel compiled on first use
     for _ in range(16):
-        policy.observe_step(1, 0.050)
+        observe_cost(policy, 1, 0.050)
     assert policy.choose(chain([0.15]), 100) == 1
-    policy.observe_step(0, 1.0)  # widths outside the table and non-positive times are ignored
-    policy.observe_step(99, 1.0)
-    policy.observe_step(2, 0.0)
+    observe_cost(policy, 99, 1.0)  # widths outside the table and non-positive times are ignored
+    observe_cost(policy, 2, 0.0)
     assert policy.choose(chain([0.15]), 200) == 1

@@ -29,7 +29,9 @@ def test_restspec_starts_warm_and_the_plain_loop_has_nothing_to_warm(tiny_model,
     assert warm.summary()["conversations"] == CONVERSATIONS
     history = next(d for d in restspec.drafter.drafters if isinstance(d, HistoryDrafter))
     assert history.num_tokens == warm.summary()["output_tokens"] > 0
-    np.testing.assert_array_equal(restspec.budget.calibration.state()[0], warm.weight_calibration[0])
+    np.testing.assert_array_equal(
+        restspec.budget.calibration.state_dict()["xtx"], warm.policy_state["calibration"]["xtx"]
+    )
     assert isinstance(plain.drafter, EmptyDrafter)
 
     cold = build_methods(["restspec"], context(tiny_model, tiny_tokenizer, datastore, warm_start=False))[0]

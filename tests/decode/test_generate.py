@@ -10,7 +10,7 @@ from conftest import VOCAB, IdTokenizer, OracleDrafter, plain_greedy, tiny_model
 from restspec.decode import GenerationConfig, SamplingConfig, SpeculativeGenerator
 from restspec.decode.generate import limit_depth
 from restspec.decode.text import IncrementalDecoder, StopStringMatcher
-from restspec.draft.base import TreeLogits
+from restspec.draft.base import Step
 from restspec.draft.tree import DraftTree
 from restspec.errors import GenerationError
 
@@ -161,7 +161,7 @@ class RecordingDrafter:
     def __init__(self, fail_at: int | None = None) -> None:
         self.events: list[str] = []
         self.budgets: list[int] = []
-        self.observed: list[tuple[np.ndarray, TreeLogits]] = []
+        self.observed: list[Step] = []
         self.fail_at = fail_at
 
     def start_request(self, prompt):
@@ -173,34 +173,54 @@ class RecordingDrafter:
             raise RuntimeError("drafter failed")
         return DraftTree(np.array([1, 2, 3]), np.array([-1, -1, 0]))
 
-    def observe(self, context, accepted, logits=None):
-        self.observed.append((accepted, logits))
+    def observe(self, step):
+        self.observed.append(step)
 
     def stop_request(self):
         self.events.append("stop")
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        return None
 
 
 class HalfBudget:
     max_budget = 3
 
+    def __init__(self):
+        self.steps: list[Step] = []
+
     def choose(self, tree, past_len):
         return 2
 
+    def observe(self, step):
+        self.steps.append(step)
 
-class TimedHalfBudget(HalfBudget):
-    def __init__(self):
-        self.steps = []
+    def state_dict(self):
+        return {}
 
-    def observe_step(self, width, seconds):
-        self.steps.append((width, seconds))
+    def load_state_dict(self, state):
+        return None
 
 
-def test_a_policy_that_learns_step_costs_is_told_each_steps_width_and_time():
-    policy = TimedHalfBudget()
-    generator = SpeculativeGenerator(tiny_model("llama"), IdTokenizer(), RecordingDrafter(), budget=policy)
+def test_the_policy_and_the_drafter_observe_one_record_per_step():
+    policy = HalfBudget()
+    drafter = RecordingDrafter()
+    generator = SpeculativeGenerator(tiny_model("llama"), IdTokenizer(), drafter, budget=policy)
     result = generator.generate(PROMPT, GenerationConfig(max_new_tokens=5))
-    assert [w for w, _ in policy.steps] == [s.drafted + 1 for s in result.steps]
-    assert all(t > 0 for _, t in policy.steps)
+    assert len(policy.steps) == len(result.steps)
+    assert all(a is b for a, b in zip(policy.steps, drafter.observed, strict=True))
+    for step, stats in zip(policy.steps, result.steps, strict=True):
+        assert step.width == stats.drafted + 1 and len(step.tree) == stats.drafted
+        assert len(step.path) == stats.accepted and len(step.accepted) == stats.emitted
+        # the accepted path follows the tree: each node's parent is the node before it
+        parents = step.tree.parents[step.path].tolist()
+        assert parents == [-1, *step.path.tolist()][: len(step.path)]
+        assert step.tree.tokens[step.path].tolist() == step.accepted[: len(step.path)].tolist()
+        assert step.forward_s > 0 and step.seconds >= step.forward_s
+    assert policy.steps[0].context.tolist() == PROMPT
 
 
 def test_drafter_lifecycle_observe_and_budget_policy():
@@ -212,10 +232,10 @@ def test_drafter_lifecycle_observe_and_budget_policy():
     assert drafter.events == [f"start {len(PROMPT)}", "stop"]
     assert set(drafter.budgets) == {3}
     assert all(s.drafted == 2 for s in result.steps[:-1])  # the last step may be depth-limited
-    _, logits = drafter.observed[0]
+    logits = drafter.observed[0].logits
     assert logits.input_ids.tolist() == [PROMPT[-1], 1, 2]
     assert logits.logits.shape == (3, VOCAB) and logits.logits.dtype == np.float32
-    assert np.concatenate([a for a, _ in drafter.observed]).tolist() == result.output_ids.tolist()
+    assert np.concatenate([s.accepted for s in drafter.observed]).tolist() == result.output_ids.tolist()
 
 
 class OutOfVocabularyDrafter(RecordingDrafter):

@@ -20,7 +20,7 @@ from restspec.decode.warm import (
     warm_start_path,
 )
 from restspec.draft import HistoryDrafter, MergedDrafter, RecycleDrafter, default_drafter
-from restspec.draft.base import StatelessDrafter
+from restspec.draft.base import StatelessDrafter, Step
 
 TEXTS = ["Tell me about the sea. The sea is wide and deep.", "How do birds fly? Birds fly with wings."] * 4
 CONVERSATIONS = 3
@@ -63,10 +63,12 @@ def test_learns_conversations_and_state(tiny, warm):
     for prompt, output in zip(warm.prompts, warm.outputs, strict=True):
         assert prompt[: len(prefix)].tolist() == prefix.tolist()  # the question sits in the user turn
         assert 1 <= len(output) <= 16
-    assert (warm.recycle_table[:, 0] >= 0).sum() > 0  # rows the verification passes scored
-    assert warm.recycle_trials > 0
-    assert set(warm.calibration) == {"ContextDrafter", "HistoryDrafter", "RecycleDrafter"}
-    assert warm.weight_calibration is not None and warm.weight_calibration[2] > 0
+    recycle = warm.drafter_state["extender"]
+    assert (recycle["table"][:, 0] >= 0).sum() > 0  # rows the verification passes scored
+    assert recycle["trials"] > 0
+    assert set(warm.drafter_state["sources"]) == {"0", "1"}  # context, history
+    assert warm.drafter_state["calibration"]["trials"].sum() > 0
+    assert warm.policy_state is not None and warm.policy_state["calibration"]["steps"] > 0
     assert warm.summary() == {
         "version": WARM_START_VERSION,
         "conversations": CONVERSATIONS,
@@ -95,14 +97,18 @@ def test_save_load_round_trip(tmp_path, warm):
     loaded = WarmStart.load(path)
     assert [p.tolist() for p in loaded.prompts] == [p.tolist() for p in warm.prompts]
     assert [o.tolist() for o in loaded.outputs] == [o.tolist() for o in warm.outputs]
-    np.testing.assert_array_equal(loaded.recycle_table, warm.recycle_table)
-    np.testing.assert_array_equal(loaded.recycle_hits, warm.recycle_hits)
-    assert loaded.recycle_trials == warm.recycle_trials
-    for name, (hits, trials) in warm.calibration.items():
-        np.testing.assert_array_equal(loaded.calibration[name][0], hits)
-        np.testing.assert_array_equal(loaded.calibration[name][1], trials)
-    for a, b in zip(loaded.weight_calibration, warm.weight_calibration, strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_state(loaded.drafter_state, warm.drafter_state)
+    assert_same_state(loaded.policy_state, warm.policy_state)
+    assert loaded.drafter_state["sources"]["0"] == {}  # the context drafter's empty state survives
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for key, value in b.items():
+        if isinstance(value, dict):
+            assert_same_state(a[key], value)
+        else:
+            np.testing.assert_array_equal(a[key], value)
 
 
 def test_load_rejects_other_files(tmp_path, warm):
@@ -116,33 +122,31 @@ def test_load_rejects_other_files(tmp_path, warm):
         WarmStart.load(other)
 
 
-def test_apply_hands_over_what_was_learned(tiny, warm):
+def test_apply_loads_the_learned_states(tiny, warm):
     drafter, policy = fresh(tiny)
-    warm.apply(drafter, policy)
-    recycle = next(d for d in drafter.drafters if isinstance(d, RecycleDrafter))
-    np.testing.assert_array_equal(recycle.table, warm.recycle_table)
-    np.testing.assert_array_equal(recycle.hit_rates, fresh_hit_rates(warm, recycle))
+    assert warm.apply(drafter, policy)
+    assert_same_state(drafter.state_dict(), warm.drafter_state)
+    assert_same_state(policy.state_dict(), warm.policy_state)
     history = next(d for d in drafter.drafters if isinstance(d, HistoryDrafter))
     assert history.num_tokens == sum(len(o) for o in warm.outputs)
-    s = [type(d).__name__ for d in drafter.drafters].index("ContextDrafter")
-    np.testing.assert_array_equal(drafter.calibration.trials[s], warm.calibration["ContextDrafter"][1])
-    np.testing.assert_array_equal(policy.calibration.state()[0], warm.weight_calibration[0])
-    # with another vocabulary the table is not taken over: it holds only what the replayed outputs
-    # taught it (as any drafter learns from them), and a fixed budget has nothing to take
+
+
+def test_apply_replays_the_conversations_where_the_state_does_not_fit(tiny, warm):
+    # another vocabulary: the recycling table does not fit, so nothing of the state is taken (the
+    # parts that did fit are restored); the drafter learns from the replayed outputs instead, as any
+    # drafter does, and a policy of another size keeps its own state
     small = default_drafter([], tiny.vocab - 1)
-    warm.apply(small, None)
+    policy = AdaptiveBudget(max_budget=3)
+    untouched = policy.state_dict()
+    assert not warm.apply(small, policy)
+    assert small.calibration.trials.sum() == 0
     replayed = RecycleDrafter(tiny.vocab - 1)
     for prompt, output in zip(warm.prompts, warm.outputs, strict=True):
-        replayed.observe(prompt, output, None)
-    table = next(d for d in small.drafters if isinstance(d, RecycleDrafter)).table
-    np.testing.assert_array_equal(table, replayed.table)
-
-
-def fresh_hit_rates(warm: WarmStart, recycle: RecycleDrafter) -> np.ndarray:
-    probe = RecycleDrafter(recycle.vocab_size, recycle.k)
-    probe.hits[:] = warm.recycle_hits
-    probe.trials = warm.recycle_trials
-    return probe.hit_rates
+        replayed.observe(Step.finished(prompt, output))
+    np.testing.assert_array_equal(small.extender.table, replayed.table)
+    history = next(d for d in small.drafters if isinstance(d, HistoryDrafter))
+    assert history.num_tokens == sum(len(o) for o in warm.outputs)
+    assert_same_state(policy.state_dict(), untouched)
 
 
 class Recorder(StatelessDrafter):
@@ -154,9 +158,9 @@ class Recorder(StatelessDrafter):
     def start_request(self, prompt):
         self.calls.append(("start", np.asarray(prompt).tolist()))
 
-    def observe(self, context, accepted, logits=None):
-        assert logits is None
-        self.calls.append(("observe", np.asarray(accepted).tolist()))
+    def observe(self, step):
+        assert step.logits is None and len(step.tree) == 0
+        self.calls.append(("observe", np.asarray(step.accepted).tolist()))
 
     def stop_request(self):
         self.calls.append(("stop", []))
@@ -167,7 +171,7 @@ class Recorder(StatelessDrafter):
 
 def test_apply_replays_conversations_into_any_drafter(warm):
     recorder = Recorder()
-    warm.apply(recorder)
+    assert not warm.apply(recorder)  # a stateless drafter's empty state is not the default drafter's
     expected = []
     for prompt, output in zip(warm.prompts, warm.outputs, strict=True):
         expected += [("start", prompt.tolist()), ("observe", output.tolist()), ("stop", [])]

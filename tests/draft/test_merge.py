@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from steps import step
 
 from restspec.draft import (
     ContextDrafter,
     MergeConfig,
     MergedDrafter,
+    RecycleDrafter,
     StatelessDrafter,
     default_drafter,
     extend_best_first,
@@ -33,8 +35,7 @@ def node_paths(tree: DraftTree) -> list[tuple[int, ...]]:
 
 class FixedDrafter(StatelessDrafter):
     def __init__(self, tree: DraftTree, match_length: int = 3) -> None:
-        self.tree = tree
-        self.last_match_length = match_length
+        self.tree = DraftTree(tree.tokens, tree.parents, tree.weights, match_length=match_length)
 
     def propose(self, context, budget):
         return self.tree.truncate(budget)
@@ -79,7 +80,7 @@ def test_calibration_learns_that_a_source_is_wrong():
     assert drafter.propose(np.array([0], np.int32), 1).tokens.tolist() == [8]
     for _ in range(40):
         drafter.propose(np.array([0], np.int32), 2)
-        drafter.observe(np.array([0], np.int32), np.array([7]))
+        drafter.observe(step(np.array([0], np.int32), np.array([7])))
     assert drafter.propose(np.array([0], np.int32), 1).tokens.tolist() == [7]
 
 
@@ -90,12 +91,12 @@ def test_calibrated_probability_is_the_product_of_conditional_rates():
     np.testing.assert_allclose(conditional_weights(chain), [0.9, 0.8 / 0.9, 0.7 / 0.8], rtol=1e-6)
     calibration = Calibration(1)
     # before any evidence: the source's own path weights
-    np.testing.assert_allclose(calibration.estimate(0, 3, chain), [0.9, 0.8, 0.7], rtol=1e-6)
+    np.testing.assert_allclose(calibration.estimate(0, chain), [0.9, 0.8, 0.7], rtol=1e-6)
     outcomes = [[1, 2, 3, 4], [1, 2, 9], [1, 9], [1, 9]]
     for _ in range(200):
         for accepted in outcomes:
-            calibration.update(0, 3, chain, np.array(accepted))
-    estimate = calibration.estimate(0, 3, chain)
+            calibration.update(0, chain, np.array(accepted))
+    estimate = calibration.estimate(0, chain)
     np.testing.assert_allclose(estimate, [1.0, 0.5, 0.25], atol=0.02)
     assert (np.diff(estimate) <= 0).all()  # a node never beats its parent
 
@@ -153,9 +154,10 @@ def test_default_drafter_runs_a_request_lifecycle():
     tree = drafter.propose(context, 4)
     assert len(tree) <= 4
     assert node_paths(tree)[0] == (3,)  # the context drafter saw "1 2" followed by 3
-    drafter.observe(context, np.array([3, 1], np.int32))
+    drafter.observe(step(context, np.array([3, 1], np.int32)))
     drafter.stop_request()
     assert any(isinstance(d, ContextDrafter) for d in drafter.drafters)
+    assert isinstance(drafter.extender, RecycleDrafter) and drafter.extender not in drafter.drafters
 
 
 def test_extension_adds_table_children_below_every_node_best_first():

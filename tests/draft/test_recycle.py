@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from steps import step
 
 from restspec.draft import RecycleDrafter, TreeLogits
 from restspec.draft.recycle import best_first_template, top_k_rows
@@ -45,7 +46,11 @@ def test_observe_fills_rows_of_all_verified_inputs_and_propose_expands_them():
     drafter = RecycleDrafter(VOCAB, k=2, max_depth=2)
     # the verified tree fed inputs 1 (root), 2 and 7 (a rejected node's row is learned too)
     drafter.observe(
-        np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1, 2, 7], [[2, 7], [3, 4], [5, 6]])
+        step(
+            np.array([1], np.int32),
+            np.array([2], np.int32),
+            logits_ranking([1, 2, 7], [[2, 7], [3, 4], [5, 6]]),
+        )
     )
     assert drafter.table[1].tolist() == [2, 7]
     assert drafter.table[7].tolist() == [5, 6]
@@ -58,27 +63,27 @@ def test_observe_fills_rows_of_all_verified_inputs_and_propose_expands_them():
 
 def test_hit_rates_track_which_rank_was_right():
     drafter = RecycleDrafter(VOCAB, k=2)
-    drafter.observe(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 3]]))
+    drafter.observe(step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 3]])))
     before = drafter.hit_rates.copy()
     # the model now prefers 3 after 1: the old row's rank-1 candidate was right
     for _ in range(50):
-        drafter.observe(np.array([1], np.int32), np.array([3], np.int32), logits_ranking([1], [[3, 2]]))
-        drafter.observe(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 3]]))
+        drafter.observe(step(np.array([1], np.int32), np.array([3], np.int32), logits_ranking([1], [[3, 2]])))
+        drafter.observe(step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 3]])))
     assert drafter.hit_rates[1] > before[1]
     assert drafter.hit_rates[0] < before[0]
 
 
 def test_without_logits_observed_pairs_move_to_the_front():
     drafter = RecycleDrafter(VOCAB, k=3)
-    drafter.observe(np.array([4], np.int32), np.array([5, 6], np.int32))  # pairs 4->5, 5->6
-    drafter.observe(np.array([4], np.int32), np.array([8], np.int32))  # 4->8
+    drafter.observe(step(np.array([4], np.int32), np.array([5, 6], np.int32)))  # pairs 4->5, 5->6
+    drafter.observe(step(np.array([4], np.int32), np.array([8], np.int32)))  # 4->8
     assert drafter.table[4].tolist() == [8, 5, -1]
     assert drafter.table[5].tolist() == [6, -1, -1]
 
 
 def test_budget_is_respected_when_rows_are_missing():
     drafter = RecycleDrafter(VOCAB, k=3)
-    drafter.observe(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 3, 4]]))
+    drafter.observe(step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 3, 4]])))
     for budget in range(6):
         tree = drafter.propose(np.array([1], np.int32), budget)
         assert len(tree) <= min(budget, 3)  # only token 1's row is known: at most its 3 children

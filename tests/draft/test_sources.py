@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from steps import step
 
 from restspec.datastore import Datastore
 from restspec.draft import ContextDrafter, DatastoreDrafter, HistoryDrafter, longest_suffix_continuations
@@ -98,7 +99,7 @@ def test_context_drafter_builds_a_tree_from_all_earlier_occurrences():
     context = ids(1, 2, 3, 4, 1, 2, 5, 1, 2)
     drafter = ContextDrafter(max_len=8, min_len=2, m=2)
     tree = drafter.propose(context, 8)
-    assert drafter.last_match_length == 2
+    assert tree.match_length == 2
     assert sorted(node_paths(tree)) == [(3,), (3, 4), (5,), (5, 1)]
     # one occurrence each of 2 (+1 prior row): weight 1 / 3
     np.testing.assert_allclose(tree.weights, [1 / 3] * 4, rtol=1e-6)
@@ -115,14 +116,14 @@ def test_context_drafter_without_repetition_drafts_nothing():
 def test_history_drafter_sees_only_finished_requests_and_evicts_oldest():
     drafter = HistoryDrafter(max_tokens=5, min_len=2, m=3)
     drafter.start_request(ids(9))
-    drafter.observe(ids(9), ids(1, 2, 3))
+    drafter.observe(step(ids(9), ids(1, 2, 3)))
     # the running request's own output is not history yet
     assert len(drafter.propose(ids(1, 2), 4)) == 0
     drafter.stop_request()
     assert node_paths(drafter.propose(ids(7, 1, 2), 4)) == [(3,)]
     # a second output of 4 tokens pushes the total to 7 > 5: the first output is evicted
     drafter.start_request(ids(9))
-    drafter.observe(ids(9), ids(4, 5, 6, 7))
+    drafter.observe(step(ids(9), ids(4, 5, 6, 7)))
     drafter.stop_request()
     assert drafter.num_tokens == 4
     assert len(drafter.propose(ids(1, 2), 4)) == 0
@@ -134,7 +135,7 @@ def test_history_lifecycle_misuse_raises():
     with pytest.raises(ValueError, match="start_request"):
         drafter.stop_request()
     with pytest.raises(ValueError, match="start_request"):
-        drafter.observe(ids(1), ids(2))
+        drafter.observe(step(ids(1), ids(2)))
     drafter.start_request(ids(1))
     with pytest.raises(ValueError, match="twice"):
         drafter.start_request(ids(1))
@@ -150,12 +151,12 @@ def tiny_datastore(tmp_path):
 def test_datastore_drafter_counts_continuations(tiny_datastore):
     drafter = DatastoreDrafter(tiny_datastore, max_len=4, min_len=2, m=2, prior_rows=0)
     tree = drafter.propose(ids(5, 1, 2), 8)
-    assert drafter.last_match_length == 2
+    assert tree.match_length == 2
     # rows after "1 2": [3 9], [3 -], [4 8] (document ends pad); counts (3)=2 (4)=1 (3,9)=1 (4,8)=1
     assert node_paths(tree) == [(3,), (4,), (3, 9), (4, 8)]
     np.testing.assert_allclose(tree.weights, [2 / 3, 1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
-    assert len(drafter.propose(ids(7, 7), 8)) == 0
-    assert drafter.last_match_length == 0
+    empty = drafter.propose(ids(7, 7), 8)
+    assert len(empty) == 0 and empty.match_length == 0
 
 
 def test_history_persists_to_a_datastore_in_batches(tiny_datastore):
@@ -163,7 +164,7 @@ def test_history_persists_to_a_datastore_in_batches(tiny_datastore):
     shards = len(tiny_datastore.shards)
     for output in (ids(40, 41, 42), ids(50, 51, 52), ids(60, 61)):
         drafter.start_request(ids(1))
-        drafter.observe(ids(1), output)
+        drafter.observe(step(ids(1), output))
         drafter.stop_request()
     # 3 tokens wait; 6 >= 5 are appended as one shard; the last 2 wait for flush()
     assert len(tiny_datastore.shards) == shards + 1

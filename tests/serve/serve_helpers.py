@@ -85,16 +85,16 @@ class LookupDrafter:
         start = int(earlier[-1]) + 1
         return DraftTree.chain(context[start : start + budget])
 
-    def observe(self, context, accepted, logits=None) -> None:
-        return None
-
-    def stop_request(self) -> None:
+    def observe(self, step) -> None:
         return None
 
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state) -> None:
+        return None
+
+    def stop_request(self) -> None:
         return None
 
 
@@ -119,8 +119,8 @@ class HistoryOnlyDrafter:
         start = int(earlier[-1]) + 1
         return DraftTree.chain(self.history[start : start + budget])
 
-    def observe(self, context, accepted, logits=None) -> None:
-        self.remember(accepted)
+    def observe(self, step) -> None:
+        self.remember(step.accepted)
 
     def remember(self, accepted: np.ndarray) -> None:
         """Add tokens a step accepted to the current request's output."""

@@ -31,7 +31,7 @@ from restspec.decode.verify import (
     prefill,
     prepare_fast_forward,
 )
-from restspec.draft.base import Drafter, EmptyDrafter, TreeLogits
+from restspec.draft.base import Drafter, EmptyDrafter, Step, TreeLogits
 from restspec.draft.tree import DraftTree
 from restspec.errors import GenerationError
 from restspec.models import apply_chat_template
@@ -39,7 +39,7 @@ from restspec.models import apply_chat_template
 
 @dataclass(frozen=True)
 class StepStats:
-    """One verification step."""
+    """One verification step, as a result reports it (the learners see its :class:`Step`)."""
 
     drafted: int
     """Draft nodes verified."""
@@ -158,7 +158,6 @@ class SpeculativeGenerator:
         self.tokenizer = tokenizer
         self.drafter: Drafter = drafter if drafter is not None else EmptyDrafter()
         self.policy: BudgetPolicy = FixedBudget(budget) if isinstance(budget, int) else budget
-        self._observe_step = getattr(self.policy, "observe_step", None)  # optional: learns step costs
         self.layout: ModelLayout = model_layout(model)
         if fast_kernels:
             prepare_fast_forward(model, self.layout)  # now, not inside the first decode step
@@ -248,14 +247,24 @@ class SpeculativeGenerator:
         result: Acceptance = accept(tree, logits, req.config.sampling, req.generator)
         compact_cache(req.cache, past_len, result.path, len(tree))
         emitted = self._emit(req, result.tokens)
-        t4 = time.perf_counter()
         root_and_nodes = np.empty(len(tree) + 1, dtype=np.int32)
         root_and_nodes[0] = context[-1]
         root_and_nodes[1:] = tree.tokens
-        self.drafter.observe(context, emitted, TreeLogits(root_and_nodes, logits.numpy()))
+        path = np.asarray(result.path, dtype=np.int32)
+        t4 = time.perf_counter()
+        step = Step(
+            context=context,
+            tree=tree,
+            path=path,
+            accepted=emitted,
+            logits=TreeLogits(root_and_nodes, logits.numpy()),
+            draft_s=t1 - t0,
+            forward_s=t3 - t2,
+            accept_s=(t2 - t1) + (t4 - t3),
+        )
+        self.drafter.observe(step)
         t5 = time.perf_counter()
-        if self._observe_step is not None:
-            self._observe_step(len(tree) + 1, t5 - t0)
+        self.policy.observe(step)
         req.steps.append(
             StepStats(
                 drafted=len(tree),

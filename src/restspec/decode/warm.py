@@ -7,13 +7,12 @@ outputs. Whatever a process serves first pays for that: in MT-Bench runs the fir
 
 :func:`learn_warm_start` makes the model write its own user questions (sampled from the chat
 template's user turn, nobody's data) and answers them greedily with the default drafter and the
-adaptive budget; :class:`WarmStart` keeps the conversations and what the drafter and the policy
-learned. :meth:`WarmStart.apply` replays the conversations into any drafter as finished requests
-(the way past outputs reach its history, so a method compared against restspec gets the same
-outputs), then hands a :class:`~restspec.draft.merge.MergedDrafter` the learned recycling table and
-per-source rates and an :class:`~restspec.decode.budget.AdaptiveBudget` its weight calibration.
-:func:`load_or_learn_warm_start` caches it per model, dtype and tokenizer (about a minute on two
-cores, once).
+adaptive budget; :class:`WarmStart` keeps the conversations and the drafter's and the policy's
+``state_dict`` after them. :meth:`WarmStart.apply` loads those states into a drafter and a policy of
+the same shape; a drafter of another shape (another vocabulary, another method) gets the
+conversations replayed as finished requests instead (the way past outputs reach its history, so a
+method compared against restspec gets the same outputs). :func:`load_or_learn_warm_start` caches it
+per model, dtype and tokenizer (about a minute on two cores, once).
 """
 
 from __future__ import annotations
@@ -26,12 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from restspec.draft.base import Drafter
-from restspec.draft.merge import MergedDrafter
-from restspec.draft.recycle import RecycleDrafter
+from restspec.draft.base import Drafter, Learner, Step
 
-WARM_START_VERSION = 1
-"""Bump when what is learned or how changes, so cached warm starts are learned again."""
+WARM_START_VERSION = 2
+"""Bump when what is learned or how changes, so cached warm starts are learned again (2: the
+learners' state dicts)."""
 WARM_CONVERSATIONS = 32
 """Conversations the model writes for a warm start."""
 QUESTION_TOKENS = 48
@@ -50,16 +48,10 @@ class WarmStart:
     """int32[L] per conversation: the chat-templated question."""
     outputs: list[np.ndarray]
     """int32[T] per conversation: the model's greedy answer."""
-    recycle_table: np.ndarray
-    """int32[V, k]: the :class:`RecycleDrafter` table after the conversations (empty: none)."""
-    recycle_hits: np.ndarray
-    """float64[k]: its rank hits."""
-    recycle_trials: float
-    """Rows it scored."""
-    calibration: dict[str, tuple[np.ndarray, np.ndarray]]
-    """Per source class name: the merge calibration's (hits, trials) tables."""
-    weight_calibration: tuple[np.ndarray, np.ndarray, int] | None
-    """The adaptive budget's weight calibration: (x'x, x'y, steps), or None."""
+    drafter_state: dict[str, Any]
+    """The drafter's ``state_dict`` after the conversations."""
+    policy_state: dict[str, Any] | None
+    """The budget policy's ``state_dict`` after them (None: none was given)."""
 
     def summary(self) -> dict:
         """Size and version, for run records."""
@@ -69,68 +61,40 @@ class WarmStart:
             "output_tokens": int(sum(len(o) for o in self.outputs)),
         }
 
-    def apply(self, drafter: Drafter, policy: Any = None) -> None:
-        """Feed the conversations to ``drafter`` as finished requests, then give a
-        :class:`MergedDrafter` and an adaptive ``policy`` what was learned (where shapes agree)."""
-        for prompt, output in zip(self.prompts, self.outputs, strict=True):
-            drafter.start_request(prompt)
-            drafter.observe(prompt, output, None)
-            drafter.stop_request()
-        if isinstance(drafter, MergedDrafter):
-            for s, source in enumerate(drafter.drafters):
-                if isinstance(source, RecycleDrafter) and source.table.shape == self.recycle_table.shape:
-                    source.table[:] = self.recycle_table
-                    source.hits[:] = self.recycle_hits
-                    source.trials = self.recycle_trials
-                    source.reset_template()
-                tables = self.calibration.get(type(source).__name__)
-                if tables is not None and tables[0].shape == drafter.calibration.hits[s].shape:
-                    drafter.calibration.hits[s] = tables[0]
-                    drafter.calibration.trials[s] = tables[1]
-        calibration = getattr(policy, "calibration", None)
-        if self.weight_calibration is not None and calibration is not None:
-            calibration.load_state(*self.weight_calibration)
+    def apply(self, drafter: Drafter, policy: Learner | None = None) -> bool:
+        """Load the learned states into ``drafter`` and ``policy``. A drafter the drafter state does
+        not fit (another kind, another vocabulary) gets the conversations as finished requests
+        instead; a policy the policy state does not fit stays as it is. Returns whether the drafter
+        state was loaded."""
+        loaded = _load(drafter, self.drafter_state)
+        if not loaded:
+            for prompt, output in zip(self.prompts, self.outputs, strict=True):
+                drafter.start_request(prompt)
+                drafter.observe(Step.finished(prompt, output))
+                drafter.stop_request()
+        if policy is not None and self.policy_state is not None:
+            _load(policy, self.policy_state)
+        return loaded
 
     @classmethod
     def capture(
-        cls, prompts: list[np.ndarray], outputs: list[np.ndarray], drafter: MergedDrafter, policy: Any
+        cls, prompts: list[np.ndarray], outputs: list[np.ndarray], drafter: Drafter, policy: Learner | None
     ) -> WarmStart:
         """The state of ``drafter`` and ``policy`` after they drafted these conversations."""
-        recyclers = [d for d in drafter.drafters if isinstance(d, RecycleDrafter)]
-        calibration = {
-            type(source).__name__: (drafter.calibration.hits[s].copy(), drafter.calibration.trials[s].copy())
-            for s, source in enumerate(drafter.drafters)
-        }
-        weights = getattr(policy, "calibration", None)
-        return cls(
-            prompts=prompts,
-            outputs=outputs,
-            recycle_table=recyclers[0].table.copy() if recyclers else np.zeros((0, 0), np.int32),
-            recycle_hits=recyclers[0].hits.copy() if recyclers else np.zeros(0),
-            recycle_trials=float(recyclers[0].trials) if recyclers else 0.0,
-            calibration=calibration,
-            weight_calibration=None if weights is None else weights.state(),
-        )
+        return cls(prompts, outputs, drafter.state_dict(), None if policy is None else policy.state_dict())
 
     def save(self, path: Path) -> None:
         """Write to ``path`` (.npz), atomically."""
-        names = sorted(self.calibration)
         arrays: dict[str, Any] = {
             "version": np.asarray(WARM_START_VERSION),
             "prompts": _join(self.prompts),
             "prompt_lengths": np.asarray([len(p) for p in self.prompts], np.int64),
             "outputs": _join(self.outputs),
             "output_lengths": np.asarray([len(o) for o in self.outputs], np.int64),
-            "recycle_table": self.recycle_table,
-            "recycle_hits": self.recycle_hits,
-            "recycle_trials": np.asarray(self.recycle_trials),
-            "calibration_sources": np.asarray(names),
-            "calibration_hits": np.stack([self.calibration[n][0] for n in names]),
-            "calibration_trials": np.stack([self.calibration[n][1] for n in names]),
+            **_flatten(self.drafter_state, "drafter/"),
         }
-        if self.weight_calibration is not None:
-            xtx, xty, steps = self.weight_calibration
-            arrays |= {"weight_xtx": xtx, "weight_xty": xty, "weight_steps": np.asarray(steps)}
+        if self.policy_state is not None:
+            arrays |= _flatten(self.policy_state, "policy/")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
         np.savez_compressed(tmp, **arrays)
@@ -148,23 +112,60 @@ class WarmStart:
         if version != WARM_START_VERSION:
             raise ValueError(f"{path} is warm start version {version}, not {WARM_START_VERSION}")
         try:
-            weights = None
-            if "weight_xtx" in arrays:
-                weights = (arrays["weight_xtx"], arrays["weight_xty"], int(arrays["weight_steps"]))
+            drafter = _unflatten(arrays, "drafter/")
+            if drafter is None:
+                raise KeyError("drafter/")
             return cls(
                 prompts=_split(arrays["prompts"], arrays["prompt_lengths"]),
                 outputs=_split(arrays["outputs"], arrays["output_lengths"]),
-                recycle_table=arrays["recycle_table"].astype(np.int32),
-                recycle_hits=arrays["recycle_hits"].astype(np.float64),
-                recycle_trials=float(arrays["recycle_trials"]),
-                calibration={
-                    str(name): (arrays["calibration_hits"][i], arrays["calibration_trials"][i])
-                    for i, name in enumerate(arrays["calibration_sources"])
-                },
-                weight_calibration=weights,
+                drafter_state=drafter,
+                policy_state=_unflatten(arrays, "policy/"),
             )
         except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"{path} is not a complete warm start file: {exc!r}") from exc
+
+
+def _load(learner: Learner, state: dict[str, Any]) -> bool:
+    """``learner.load_state_dict(state)``; False (learner unchanged) where the state does not fit."""
+    try:
+        learner.load_state_dict(state)
+    except ValueError:
+        return False
+    return True
+
+
+def _flatten(state: dict[str, Any], prefix: str) -> dict[str, np.ndarray]:
+    """A nested state as flat arrays keyed ``prefix + "a/b/c"`` (``prefix`` ends in "/"; an empty dict
+    is the key ``prefix + "a/"`` itself, so it comes back)."""
+    if not state:
+        return {prefix: np.zeros(0)}
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        if "/" in key or not key:
+            raise ValueError(f"state key {key!r} must be a non-empty name without '/'")
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}/")
+        else:
+            out[prefix + key] = np.asarray(value)
+    return out
+
+
+def _unflatten(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, Any] | None:
+    """The nested state :func:`_flatten` wrote under ``prefix``, None if nothing was; numbers come back
+    as 0-d arrays."""
+    if not any(name.startswith(prefix) for name in arrays):
+        return None
+    state: dict[str, Any] = {}
+    for name, value in arrays.items():
+        if not name.startswith(prefix):
+            continue
+        *parents, leaf = name[len(prefix) :].split("/")
+        node = state
+        for part in parents:
+            node = node.setdefault(part, {})
+        if leaf:  # "" after a trailing "/": an empty dict
+            node[leaf] = value
+    return state
 
 
 def _join(arrays: list[np.ndarray]) -> np.ndarray:
@@ -195,8 +196,8 @@ def question_prefix(tokenizer: Any) -> np.ndarray:
 def learn_warm_start(
     model: Any,
     tokenizer: Any,
-    drafter: MergedDrafter,
-    policy: Any,
+    drafter: Drafter,
+    policy: Learner,
     *,
     conversations: int = WARM_CONVERSATIONS,
     question_tokens: int = QUESTION_TOKENS,
@@ -241,7 +242,7 @@ def warm_start_path(model_name: str, dtype: str, tokenizer: Any) -> Path:
 
 def load_or_learn_warm_start(
     loaded: Any,
-    make: Callable[[], tuple[MergedDrafter, Any]],
+    make: Callable[[], tuple[Drafter, Learner]],
     *,
     relearn: bool = False,
     on_conversation: Callable[[int], None] | None = None,

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from restspec.draft.base import Drafter, EmptyDrafter, StatelessDrafter, TreeLogits
+from restspec.draft.base import Drafter, EmptyDrafter, Learner, StatelessDrafter, Step, TreeLogits
 from restspec.draft.lookup import Lookup, longest_suffix_continuations
 from restspec.draft.merge import (
     Calibration,
+    Extender,
     MergeConfig,
     MergedDrafter,
     extend_best_first,
@@ -23,7 +24,7 @@ from restspec.draft.trie import select_tree
 if TYPE_CHECKING:
     from restspec.datastore import Datastore
 
-DEFAULT_SCALES = {"datastore": 0.5, "context": 1.0, "history": 1.0, "recycle": 1.0}
+DEFAULT_SCALES = {"datastore": 0.5, "context": 1.0, "history": 1.0}
 """Prior trust per source in :func:`default_drafter` (multiplies a source's own weights until
 calibration has evidence); tuned by replaying HumanEval and MT-Bench under the adaptive budget
 (``python -m benchmarks.replay``): the datastore's short matches are weaker evidence than their counts say,
@@ -34,17 +35,17 @@ of them says (noisy-or), which the same replays favoured over the maximum."""
 
 
 def default_drafter(datastores: Sequence[Datastore], vocab_size: int) -> MergedDrafter:
-    """restspec's default mix: datastore + the request's context + past outputs + token recycling."""
+    """restspec's default mix: datastore + the request's context + past outputs, extended by token
+    recycling."""
     sources: list[tuple[str, Drafter]] = []
     if datastores:
         sources.append(("datastore", DatastoreDrafter(datastores)))
-    sources += [
-        ("context", ContextDrafter()),
-        ("history", HistoryDrafter()),
-        ("recycle", RecycleDrafter(vocab_size)),
-    ]
+    sources += [("context", ContextDrafter()), ("history", HistoryDrafter())]
     return MergedDrafter(
-        [d for _, d in sources], scales=[DEFAULT_SCALES[name] for name, _ in sources], config=DEFAULT_MERGE
+        [d for _, d in sources],
+        scales=[DEFAULT_SCALES[name] for name, _ in sources],
+        config=DEFAULT_MERGE,
+        extender=RecycleDrafter(vocab_size),
     )
 
 
@@ -57,13 +58,16 @@ __all__ = [
     "DraftTree",
     "Drafter",
     "EmptyDrafter",
+    "Extender",
     "HistoryDrafter",
+    "Learner",
     "Lookup",
     "LookupConfig",
     "MergeConfig",
     "MergedDrafter",
     "RecycleDrafter",
     "StatelessDrafter",
+    "Step",
     "TreeLogits",
     "default_drafter",
     "extend_best_first",

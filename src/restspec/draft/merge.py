@@ -10,11 +10,11 @@ parent's probability is never below its child's, the result is prefix-closed, an
 only when ``budget`` nodes rank at least as high: a merge never drops a path that a single source
 ranks above a kept one.
 
-A :class:`RecycleDrafter` among the sources is used as an *extender* (``MergeConfig.extend``):
-instead of a tree of its own from the root, every merged node (and the root) offers the model's
-recent top candidates after its token as children, with probability p(node) * hit rate of the
-candidate's rank, and the final ``budget`` nodes are taken best-first from candidates and extensions
-alike (:func:`extend_best_first`). On HumanEval this lifts short retrieved chains and gives
+An *extender* (``extender=``, a :class:`~restspec.draft.recycle.RecycleDrafter`) drafts no tree of
+its own from the root: every merged node (and the root) offers the model's recent top candidates
+after its token as children, with probability p(node) * hit rate of the candidate's rank, and the
+final ``budget`` nodes are taken best-first from candidates and extensions alike
+(:func:`extend_best_first`). On HumanEval this lifts short retrieved chains and gives
 recycling the context it lacks (``python -m benchmarks.replay``).
 """
 
@@ -22,16 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numba as nb
 import numpy as np
 
-from restspec.draft.base import Drafter, TreeLogits
+from restspec.draft.base import Drafter, Step, check_state_keys, check_state_shape
 from restspec.draft.tree import DraftTree, node_depths
 
 MATCH_LENGTH_EDGES = np.array([1, 2, 3, 4, 6, 9])
-"""Match-length buckets: 0, 1, 2, 3, 4-5, 6-8, 9+ tokens (0 = the source reports no match)."""
+"""Match-length buckets (a tree's ``match_length``): 0, 1, 2, 3, 4-5, 6-8, 9+ tokens (0 = none)."""
 MAX_DEPTH_BUCKET = 6
 """Depths 1..5 have their own bucket, 6 and deeper share one."""
 WEIGHT_BUCKETS = 10
@@ -145,11 +145,12 @@ class Calibration:
     def _length_bin(self, match_length: int) -> int:
         return int(np.searchsorted(MATCH_LENGTH_EDGES, match_length, side="right"))
 
-    def estimate(self, source: int, match_length: int, tree: DraftTree) -> np.ndarray:
-        """float64[n]: calibrated probability that verification accepts each node (its whole path)."""
+    def estimate(self, source: int, tree: DraftTree) -> np.ndarray:
+        """float64[n]: calibrated probability that verification accepts each node (its whole path),
+        in the bucket of the tree's ``match_length``."""
         if len(tree) == 0:
             return np.zeros(0)
-        length_bin = self._length_bin(match_length)
+        length_bin = self._length_bin(tree.match_length)
         return _estimate(
             self.hits[source, length_bin],
             self.trials[source, length_bin],
@@ -160,10 +161,23 @@ class Calibration:
             tree.depths,
         )
 
-    def update(self, source: int, match_length: int, tree: DraftTree, accepted: np.ndarray) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """``hits`` and ``trials``: float64[sources, match-length, depth, weight buckets]."""
+        return {"hits": self.hits.copy(), "trials": self.trials.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state, {"hits", "trials"})
+        hits = check_state_shape("hits", state["hits"], self.hits.shape)
+        trials = check_state_shape("trials", state["trials"], self.trials.shape)
+        self.hits = np.array(hits, np.float64)
+        self.trials = np.array(trials, np.float64)
+
+    def update(self, source: int, tree: DraftTree, accepted: np.ndarray) -> None:
+        """Count which of ``tree``'s nodes the step settled and accepted (``accepted``: the tokens it
+        added), in the bucket of the tree's ``match_length``."""
         if len(tree) == 0:
             return
-        length_bin = self._length_bin(match_length)
+        length_bin = self._length_bin(tree.match_length)
         _update(
             self.hits[source, length_bin],
             self.trials[source, length_bin],
@@ -531,9 +545,6 @@ class MergeConfig:
     """Learn per-source acceptance rates online from observe()."""
     strength: float = 8.0
     """Pseudo-observations behind a source's own weights in calibration."""
-    extend: bool = True
-    """Use a :class:`RecycleDrafter` among the sources to extend every node of the merged tree (not
-    only the root) with the model's recent top candidates, best-first by probability."""
     extend_depth: int = 10
     """Deepest node an extension may add."""
 
@@ -546,58 +557,63 @@ class MergeConfig:
             raise ValueError(f"strength={self.strength} must be > 0")
 
 
+class Extender(Drafter, Protocol):
+    """What :class:`MergedDrafter` extends its merged tree with (a
+    :class:`~restspec.draft.recycle.RecycleDrafter`)."""
+
+    table: np.ndarray
+    """int32[V, k]: the model's recent top-k next tokens after each token (-1 = unknown)."""
+
+    @property
+    def hit_rates(self) -> np.ndarray:
+        """float[k]: probability that the rank-r entry of a row is the model's next token."""
+
+
 class MergedDrafter:
     """Several drafters as one: their trees merged under one budget (see the module docstring).
 
-    ``scales``: a prior multiplier per source on its own weights (1 = trust them as given)."""
+    ``scales``: a prior multiplier per source on its own weights (1 = trust them as given).
+    ``extender``: extends every node of the merged tree (not only the root) with the model's recent
+    top candidates, best-first by probability; None = the merged tree as it is."""
 
     def __init__(
         self,
         drafters: Sequence[Drafter],
         scales: Sequence[float] | None = None,
         config: MergeConfig | None = None,
+        *,
+        extender: Extender | None = None,
     ) -> None:
-        if not drafters:
-            raise ValueError("drafters must hold at least one drafter")
+        if not drafters and extender is None:
+            raise ValueError("drafters must hold at least one drafter (or pass an extender)")
         self.drafters = list(drafters)
+        self.extender = extender
         self.config = config or MergeConfig()
         self.calibration = Calibration(len(self.drafters), self.config.strength, scales)
-        self._last: list[tuple[DraftTree, int]] = []
-        from restspec.draft.recycle import RecycleDrafter
+        self._last: list[DraftTree] = []  # each source's tree of the step under way
 
-        recyclers = [d for d in self.drafters if isinstance(d, RecycleDrafter)]
-        self.extender: RecycleDrafter | None = recyclers[0] if self.config.extend and recyclers else None
+    def _learners(self) -> list[Drafter]:
+        return self.drafters + ([] if self.extender is None else [self.extender])
 
     def start_request(self, prompt: np.ndarray) -> None:
-        for drafter in self.drafters:
+        for drafter in self._learners():
             drafter.start_request(prompt)
 
     def stop_request(self) -> None:
-        for drafter in self.drafters:
+        for drafter in self._learners():
             drafter.stop_request()
 
-    def source_trees(self, context: np.ndarray, budget: int) -> list[tuple[DraftTree, int]]:
-        """Each source's own tree and its match length (0 when it reports none). The extender, if
-        any, proposes nothing here: it extends the merged tree instead."""
-        out = []
-        for drafter in self.drafters:
-            if drafter is self.extender:
-                out.append((DraftTree.empty(), 0))
-                continue
-            tree = drafter.propose(context, budget)
-            out.append((tree, int(getattr(drafter, "last_match_length", 0))))
-        return out
+    def source_trees(self, context: np.ndarray, budget: int) -> list[DraftTree]:
+        """Each source's own tree (the extender drafts none: it extends the merged tree)."""
+        return [drafter.propose(context, budget) for drafter in self.drafters]
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         if budget <= 0:
             self._last = []
             return DraftTree.empty()
-        self._last = self.source_trees(context, budget)
-        trees = [tree for tree, _ in self._last]
+        self._last = trees = self.source_trees(context, budget)
         if self.config.calibrate:
-            probs = [
-                self.calibration.estimate(s, length, tree) for s, (tree, length) in enumerate(self._last)
-            ]
+            probs = [self.calibration.estimate(s, tree) for s, tree in enumerate(trees)]
         else:
             probs = [np.minimum.accumulate(tree.weights.astype(np.float64)) for tree in trees]
         if self.extender is None or len(context) == 0:
@@ -614,10 +630,41 @@ class MergedDrafter:
             self.config.extend_depth,
         )
 
-    def observe(self, context: np.ndarray, accepted: np.ndarray, logits: TreeLogits | None = None) -> None:
+    def observe(self, step: Step) -> None:
+        """Calibrate every source on its own tree of this step, then let each source learn."""
         if self.config.calibrate:
-            for s, (tree, length) in enumerate(self._last):
-                self.calibration.update(s, length, tree, accepted)
+            for s, tree in enumerate(self._last):
+                self.calibration.update(s, tree, step.accepted)
         self._last = []
-        for drafter in self.drafters:
-            drafter.observe(context, accepted, logits)
+        for drafter in self._learners():
+            drafter.observe(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``calibration`` (:meth:`Calibration.state_dict`), ``sources`` (each source's state under
+        its index, ``"0"``, ``"1"``, ...) and, with an extender, ``extender``."""
+        state: dict[str, Any] = {
+            "calibration": self.calibration.state_dict(),
+            "sources": {str(s): drafter.state_dict() for s, drafter in enumerate(self.drafters)},
+        }
+        if self.extender is not None:
+            state["extender"] = self.extender.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load every part; if one does not fit, the parts loaded before it are restored too."""
+        keys = {"calibration", "sources"} | ({"extender"} if self.extender is not None else set())
+        check_state_keys(self, state, keys)
+        check_state_keys(self, state["sources"], {str(s) for s in range(len(self.drafters))})
+        before = self.state_dict()
+        try:
+            self._load(state)
+        except ValueError:
+            self._load(before)
+            raise
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.calibration.load_state_dict(state["calibration"])
+        for s, drafter in enumerate(self.drafters):
+            drafter.load_state_dict(state["sources"][str(s)])
+        if self.extender is not None:
+            self.extender.load_state_dict(state["extender"])

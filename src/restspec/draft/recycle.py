@@ -15,11 +15,12 @@ tracked online in ``observe`` (starting from ``INITIAL_HIT_RATES``).
 from __future__ import annotations
 
 import heapq
+from typing import Any
 
 import numba as nb
 import numpy as np
 
-from restspec.draft.base import TreeLogits
+from restspec.draft.base import Step, check_state_keys, check_state_shape
 from restspec.draft.tree import DraftTree
 
 INITIAL_HIT_RATES = (0.35, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)
@@ -30,6 +31,18 @@ TEMPLATE_SLACK = 2
 """The template holds ``TEMPLATE_SLACK * budget`` paths: some drop out when a table row is unknown."""
 TEMPLATE_REFRESH = 64
 """Rebuild the template after this many new hit observations."""
+
+
+_STATE_KEYS = {
+    "table",
+    "hits",
+    "trials",
+    "template_parents",
+    "template_ranks",
+    "template_probs",
+    "template_size",
+    "since_refresh",
+}
 
 
 TOP_K_BLOCK = 64
@@ -161,7 +174,6 @@ class RecycleDrafter:
         self._prior = prior[:k]
         self.hits = np.zeros(k, np.float64)  # times the rank-r candidate was the model's next token
         self.trials = 0.0  # rows checked (with a known table row)
-        self.last_match_length = 0
         self._template: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._template_size = 0
         self._since_refresh = 0
@@ -177,9 +189,37 @@ class RecycleDrafter:
     def stop_request(self) -> None:
         return None
 
-    def reset_template(self) -> None:
-        """Rebuild the template at the next proposal (after ``hits`` or ``trials`` were set from outside)."""
-        self._template = None
+    def state_dict(self) -> dict[str, Any]:
+        """``table`` int32[V, k], rank ``hits`` float64[k], ``trials``, and the drafting template in
+        use (``template_parents``, ``template_ranks``, ``template_probs``: empty when none is built;
+        ``template_size``, ``since_refresh``), so a loaded drafter proposes the same trees."""
+        parents, ranks, probs = self._template or (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
+        return {
+            "table": self.table.copy(),
+            "hits": self.hits.copy(),
+            "trials": float(self.trials),
+            "template_parents": parents.copy(),
+            "template_ranks": ranks.copy(),
+            "template_probs": probs.copy(),
+            "template_size": self._template_size if self._template is not None else 0,
+            "since_refresh": self._since_refresh,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state, _STATE_KEYS)
+        table = check_state_shape("table", state["table"], self.table.shape)
+        hits = check_state_shape("hits", state["hits"], self.hits.shape)
+        n = len(np.asarray(state["template_parents"]))
+        parents, ranks, probs = (
+            check_state_shape(f"template_{name}", state[f"template_{name}"], (n,)).astype(dtype)
+            for name, dtype in (("parents", np.int32), ("ranks", np.int32), ("probs", np.float64))
+        )
+        self.table = np.array(table, np.int32)
+        self.hits = np.array(hits, np.float64)
+        self.trials = float(state["trials"])
+        self._template = (parents, ranks, probs) if n else None
+        self._template_size = int(state["template_size"])
+        self._since_refresh = int(state["since_refresh"])
 
     def _get_template(self, size: int):
         if self._template is None or self._template_size < size or self._since_refresh >= TEMPLATE_REFRESH:
@@ -189,7 +229,6 @@ class RecycleDrafter:
         return self._template
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
-        self.last_match_length = 0
         if budget <= 0 or len(context) == 0:
             return DraftTree.empty()
         root = int(context[-1])
@@ -211,16 +250,17 @@ class RecycleDrafter:
         position[keep] = np.arange(len(keep))
         kept_parents = parents[keep]
         tree_parents = np.where(kept_parents >= 0, position[np.maximum(kept_parents, 0)], -1)
-        self.last_match_length = 1
-        return DraftTree(tokens[keep], tree_parents, np.minimum(probs[keep], 1.0))
+        # match_length 1: the table row of the root, its last token, is what it drafted from
+        return DraftTree(tokens[keep], tree_parents, np.minimum(probs[keep], 1.0), match_length=1)
 
-    def observe(self, context: np.ndarray, accepted: np.ndarray, logits: TreeLogits | None = None) -> None:
+    def observe(self, step: Step) -> None:
         """Refresh the table rows of every verified input from its logits; count rank hits.
 
         A rank hit is scored for each input whose row was known before: which rank of the old row
         was the model's new top-1 token (a miss when it was in none)."""
+        logits = step.logits
         if logits is None:
-            self._learn_pairs(context, accepted)
+            self._learn_pairs(step.context, step.accepted)
             return
         inputs = np.asarray(logits.input_ids, dtype=np.int64)
         valid = (inputs >= 0) & (inputs < self.vocab_size)

@@ -3,8 +3,8 @@
 Each finds the longest suffix of the context that occurs in its text, gathers what followed its
 occurrences and keeps the most frequent continuations as a tree (:func:`select_tree`). A node's
 weight is its count over the number of occurrences plus ``prior_rows`` (a few occurrences are weak
-evidence: one occurrence gives 1 / (1 + prior_rows), not certainty). ``last_match_length`` holds the
-length of the suffix matched by the last :meth:`propose` (0 = no match), for :class:`MergedDrafter`.
+evidence: one occurrence gives 1 / (1 + prior_rows), not certainty). The tree's ``match_length`` is
+the length of the matched suffix, for :class:`~restspec.draft.merge.MergedDrafter`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from restspec.draft.base import StatelessDrafter, TreeLogits
+from restspec.draft.base import StatelessDrafter, Step, check_state_keys
 from restspec.draft.lookup import SEPARATOR, longest_suffix_continuations
 from restspec.draft.tree import DraftTree
 from restspec.draft.trie import select_tree
@@ -53,9 +53,13 @@ class LookupConfig:
             raise ValueError(f"prior_rows={self.prior_rows} must be >= 0")
 
 
-def tree_from_continuations(continuations: np.ndarray, budget: int, prior_rows: float) -> DraftTree:
-    """:func:`select_tree` with weights shrunk to count / (n + prior_rows)."""
-    return select_tree(continuations, budget, denominator=len(continuations) + prior_rows)
+def tree_from_continuations(
+    continuations: np.ndarray, budget: int, prior_rows: float, match_length: int
+) -> DraftTree:
+    """:func:`select_tree` with weights shrunk to count / (n + prior_rows), drafted from a suffix match
+    of ``match_length`` tokens."""
+    tree = select_tree(continuations, budget, denominator=len(continuations) + prior_rows)
+    return DraftTree(tree.tokens, tree.parents, tree.weights, match_length=match_length)
 
 
 def _context_array(context: np.ndarray) -> np.ndarray:
@@ -80,11 +84,9 @@ class DatastoreDrafter(StatelessDrafter):
     ) -> None:
         self.datastores = [datastores] if hasattr(datastores, "longest_match") else list(datastores)
         self.config = LookupConfig(max_len=max_len, min_len=min_len, k=k, m=m, prior_rows=prior_rows)
-        self.last_match_length = 0
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         cfg = self.config
-        self.last_match_length = 0
         if budget <= 0 or not self.datastores:
             return DraftTree.empty()
         ids = _context_array(context)
@@ -98,8 +100,7 @@ class DatastoreDrafter(StatelessDrafter):
             if match.length == best
         ]
         continuations = rows[0] if len(rows) == 1 else np.concatenate(rows)[: cfg.k]
-        self.last_match_length = best
-        return tree_from_continuations(continuations, budget, cfg.prior_rows)
+        return tree_from_continuations(continuations, budget, cfg.prior_rows, best)
 
 
 class ContextDrafter(StatelessDrafter):
@@ -112,11 +113,9 @@ class ContextDrafter(StatelessDrafter):
         self, max_len: int = 16, min_len: int = 1, k: int = 256, m: int = 16, prior_rows: float = 1.0
     ) -> None:
         self.config = LookupConfig(max_len=max_len, min_len=min_len, k=k, m=m, prior_rows=prior_rows)
-        self.last_match_length = 0
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         cfg = self.config
-        self.last_match_length = 0
         if budget <= 0:
             return DraftTree.empty()
         ids = _context_array(context)
@@ -125,8 +124,7 @@ class ContextDrafter(StatelessDrafter):
         )
         if found.length == 0:
             return DraftTree.empty()
-        self.last_match_length = found.length
-        return tree_from_continuations(found.continuations, budget, cfg.prior_rows)
+        return tree_from_continuations(found.continuations, budget, cfg.prior_rows, found.length)
 
 
 class HistoryDrafter:
@@ -158,7 +156,6 @@ class HistoryDrafter:
         self.persist_every = persist_every
         self._pending: list[np.ndarray] = []  # outputs not yet appended to ``persist``
         self.config = LookupConfig(max_len=max_len, min_len=min_len, k=k, m=m, prior_rows=prior_rows)
-        self.last_match_length = 0
         self._outputs: deque[np.ndarray] = deque()
         self._stored = 0
         self._buffer = np.zeros(0, np.int32)  # outputs joined by SEPARATOR, oldest first
@@ -176,7 +173,6 @@ class HistoryDrafter:
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         cfg = self.config
-        self.last_match_length = 0
         if budget <= 0 or len(self._buffer) == 0:
             return DraftTree.empty()
         found = longest_suffix_continuations(
@@ -189,13 +185,12 @@ class HistoryDrafter:
         )
         if found.length == 0:
             return DraftTree.empty()
-        self.last_match_length = found.length
-        return tree_from_continuations(found.continuations, budget, cfg.prior_rows)
+        return tree_from_continuations(found.continuations, budget, cfg.prior_rows, found.length)
 
-    def observe(self, context: np.ndarray, accepted: np.ndarray, logits: TreeLogits | None = None) -> None:
+    def observe(self, step: Step) -> None:
         if self._current is None:
             raise ValueError("observe called outside a request: call start_request first")
-        self._current.append(np.asarray(accepted, dtype=np.int32))
+        self._current.append(np.asarray(step.accepted, dtype=np.int32))
 
     def stop_request(self) -> None:
         if self._current is None:
@@ -203,6 +198,26 @@ class HistoryDrafter:
         output = np.concatenate(self._current) if self._current else np.zeros(0, np.int32)
         self._current = None
         self.add(output)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The held outputs: ``tokens`` int32[N] (joined, oldest first), ``lengths`` int64[n]."""
+        joined = np.concatenate(self._outputs) if self._outputs else np.zeros(0, np.int32)
+        return {"tokens": joined.copy(), "lengths": np.asarray([len(o) for o in self._outputs], np.int64)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Hold these outputs instead (not appended to ``persist``: they were outputs of another run)."""
+        check_state_keys(self, state, {"tokens", "lengths"})
+        tokens = np.asarray(state["tokens"], np.int32)
+        lengths = np.asarray(state["lengths"], np.int64)
+        if lengths.ndim != 1 or (lengths < 1).any() or int(lengths.sum()) != len(tokens):
+            raise ValueError(f"history lengths {lengths.tolist()} do not split {len(tokens)} tokens")
+        if self._current is not None:
+            raise ValueError("load_state_dict called inside a request: call stop_request first")
+        self._outputs.clear()
+        self._stored = 0
+        for output in np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []:
+            self._hold(output.copy())
+        self._rebuild()
 
     def add(self, output: np.ndarray) -> None:
         """Add one finished output (int32[T]) to the history (and to ``persist``)."""
@@ -213,12 +228,20 @@ class HistoryDrafter:
             self._pending.append(output)
             if sum(len(o) for o in self._pending) >= self.persist_every:
                 self.flush()
+        self._hold(output)
+        self._rebuild()
+
+    def _hold(self, output: np.ndarray) -> None:
+        """Keep ``output`` (its last ``max_tokens`` tokens), evicting the oldest beyond ``max_tokens``."""
         output = output[-self.max_tokens :]
         self._outputs.append(output)
         self._stored += len(output)
         while self._stored > self.max_tokens:
             self._stored -= len(self._outputs.popleft())
-        parts = []
+
+    def _rebuild(self) -> None:
+        """The search buffer from the held outputs."""
+        parts = [np.zeros(0, np.int32)]
         for out in self._outputs:
             parts.extend((out, np.array([SEPARATOR], np.int32)))
         self._buffer = np.concatenate(parts)

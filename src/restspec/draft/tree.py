@@ -10,6 +10,9 @@ Invariants (checked on construction):
 - no two siblings carry the same token;
 - ``weights[i]`` in [0, 1] estimates the probability that node i is accepted (its whole path
   matches the model). Drafters order nodes by falling weight, so the first c nodes are the best c.
+
+``match_length`` says what the tree was drafted from: the length of the context suffix a retrieving
+source matched (0 = no match, or a source that does not match suffixes).
 """
 
 from __future__ import annotations
@@ -68,8 +71,12 @@ class DraftTree:
     tokens: np.ndarray
     parents: np.ndarray
     weights: np.ndarray = field(default=None)  # type: ignore[assignment]
+    match_length: int = 0
+    """Tokens of the context suffix the source matched to draft this tree (0 = none)."""
 
     def __post_init__(self) -> None:
+        if self.match_length < 0:
+            raise ValueError(f"match_length={self.match_length} must be >= 0")
         tokens = _frozen_int32(self.tokens)
         parents = _frozen_int32(self.parents)
         if tokens.ndim != 1 or parents.shape != tokens.shape:
@@ -114,7 +121,10 @@ class DraftTree:
         return len(self.tokens)
 
     def __repr__(self) -> str:
-        return f"DraftTree(n={len(self)}, tokens={self.tokens.tolist()}, parents={self.parents.tolist()})"
+        return (
+            f"DraftTree(n={len(self)}, tokens={self.tokens.tolist()}, parents={self.parents.tolist()}, "
+            f"match_length={self.match_length})"
+        )
 
     @cached_property
     def depths(self) -> np.ndarray:
@@ -178,6 +188,7 @@ class DraftTree:
         prefix = object.__new__(DraftTree)
         for name in ("tokens", "parents", "weights"):
             object.__setattr__(prefix, name, getattr(self, name)[:size])
+        object.__setattr__(prefix, "match_length", self.match_length)
         if "depths" in self.__dict__:
             prefix.__dict__["depths"] = self.depths[:size]
         return prefix

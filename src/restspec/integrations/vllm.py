@@ -40,7 +40,7 @@ import numpy as np
 
 from restspec.datastore import Datastore
 from restspec.draft import DEFAULT_MERGE, DEFAULT_SCALES, ContextDrafter, DatastoreDrafter, HistoryDrafter
-from restspec.draft.base import Drafter, StatelessDrafter
+from restspec.draft.base import Drafter, StatelessDrafter, Step
 from restspec.draft.merge import MergedDrafter
 from restspec.draft.tree import DraftTree
 from restspec.errors import RestspecError
@@ -173,8 +173,9 @@ def feed_step(drafter: Drafter, context: np.ndarray, chain: DraftTree, accepted:
     """The one place that hands a verified step to a drafter: ``chain`` was drafted after ``context``
     and vLLM verified it (or a prefix) and added ``accepted`` (accepted drafts + its own next token).
     vLLM gives no logits."""
-    del chain  # joins the call as Step.tree when the Step record lands (CONTRACT.md)
-    drafter.observe(context, accepted, None)
+    accepted = np.asarray(accepted, np.int32)
+    hits = min(max(len(accepted) - 1, 0), len(chain))  # a chain's accepted nodes are its first ones
+    drafter.observe(Step(context, chain, np.arange(hits, dtype=np.int32), accepted, None))
 
 
 class SharedSource(StatelessDrafter):
@@ -186,11 +187,9 @@ class SharedSource(StatelessDrafter):
         self.source = source
         self.counts = counts
         self.name = name
-        self.last_match_length = 0
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         tree = self.source.propose(context, budget)
-        self.last_match_length = self.source.last_match_length
         if len(tree):
             self.counts[self.name] += 1
         return tree
