@@ -155,7 +155,7 @@ class LoopMethod:
     """restspec's generate loop with a drafter and a budget policy."""
 
     def __init__(
-        self, name: str, model: Any, tokenizer: Any, drafter: Any, budget: Any, *, fast_kernels: bool = True
+        self, name: str, model: Any, tokenizer: Any, drafter: Any, budget: Any, *, backend: Any = None
     ):
         from restspec.decode import SpeculativeGenerator
 
@@ -163,7 +163,7 @@ class LoopMethod:
         self.drafter = drafter
         self.budget = budget
         self.generator = SpeculativeGenerator(
-            model, tokenizer, drafter=drafter, budget=budget, fast_kernels=fast_kernels
+            model, tokenizer, drafter=drafter, budget=budget, backend=backend
         )
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float) -> TurnOutput:
@@ -243,8 +243,9 @@ class MethodContext:
     """Start restspec's and SuffixDecoding's drafters warm (:mod:`restspec.decode.warm`)."""
     _datastores: list[Any] | None = None
     _warm: Any = None
-    _adaptive: dict[bool, Any] = field(default_factory=dict)
-    """Calibrated adaptive policies by kernels (fast or stock)."""
+    _adaptive: dict[str, Any] = field(default_factory=dict)
+    """Calibrated adaptive policies by forward backend name."""
+    _backends: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model(self) -> Any:
@@ -258,10 +259,23 @@ class MethodContext:
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
+    def backend(self, name: str = "auto") -> Any:
+        """The model's forward backend ``name`` (:mod:`restspec.decode.backends`), built once; "auto" is
+        the one :func:`~restspec.decode.backends.choose_backend` keeps on this machine."""
+        if name not in self._backends:
+            from restspec.decode.backends import backend_by_name, choose_backend
+
+            self._backends[name] = (
+                choose_backend(self.model, name=self.loaded.name)
+                if name == "auto"
+                else backend_by_name(self.model, name)
+            )
+        return self._backends[name]
+
     @property
     def latency_curve(self) -> Any:
-        """The calibrated forward latency curve (fast kernels), once an adaptive method asked for it."""
-        policy = self._adaptive.get(True)
+        """The calibrated forward latency curve (chosen backend), once an adaptive method asked for it."""
+        policy = self._adaptive.get("auto")
         return None if policy is None else policy.latency
 
     def datastores(self) -> list[Any]:
@@ -274,16 +288,19 @@ class MethodContext:
         return self._datastores
 
     def adaptive_budget(
-        self, max_budget: int = DEFAULT_MAX_BUDGET, *, fast: bool = True, learn_costs: bool = True
+        self, max_budget: int = DEFAULT_MAX_BUDGET, *, backend: str = "auto", learn_costs: bool = True
     ) -> Any:
         """A fresh adaptive budget policy on the (once) calibrated latency curve of this model, measured
-        with the ``fast`` kernels or the stock ones; ``learn_costs``: from the loop's own steps too."""
+        through :meth:`backend` ``backend``; ``learn_costs``: from the loop's own steps too."""
         from restspec.decode.budget import AdaptiveBudget
 
-        policy = self._adaptive.get(fast)
+        policy = self._adaptive.get(backend)
         if policy is None or policy.max_budget < max_budget:
-            policy = self._adaptive[fast] = AdaptiveBudget.for_model(
-                self.loaded, max_budget=max(max_budget, REST_BUDGET), recalibrate=self.recalibrate, fast=fast
+            policy = self._adaptive[backend] = AdaptiveBudget.for_model(
+                self.loaded,
+                max_budget=max(max_budget, REST_BUDGET),
+                recalibrate=self.recalibrate,
+                backend=self.backend(backend),
             )
         return AdaptiveBudget(policy.latency, max_budget, learn_costs=learn_costs)
 
@@ -328,16 +345,18 @@ def _rest(ctx: MethodContext) -> BenchMethod:
     from restspec.draft import DatastoreDrafter
 
     drafter = DatastoreDrafter(ctx.datastores()[0], max_len=REST_MAX_SPAN, min_len=REST_MIN_SPAN)
-    return LoopMethod("rest", ctx.model, ctx.tokenizer, drafter, FixedBudget(REST_BUDGET))
+    return LoopMethod(
+        "rest", ctx.model, ctx.tokenizer, drafter, FixedBudget(REST_BUDGET), backend=ctx.backend()
+    )
 
 
 def _restspec_kernels(
-    name: str, fast: bool, learn_costs: bool = True, max_budget: int = DEFAULT_MAX_BUDGET
+    name: str, backend: str, learn_costs: bool = True, max_budget: int = DEFAULT_MAX_BUDGET
 ) -> Callable[[MethodContext], BenchMethod]:
     def build(ctx: MethodContext) -> BenchMethod:
-        budget = ctx.adaptive_budget(max_budget, fast=fast, learn_costs=learn_costs)
+        budget = ctx.adaptive_budget(max_budget, backend=backend, learn_costs=learn_costs)
         drafter = ctx.default_drafter(budget)
-        return LoopMethod(name, ctx.model, ctx.tokenizer, drafter, budget, fast_kernels=fast)
+        return LoopMethod(name, ctx.model, ctx.tokenizer, drafter, budget, backend=ctx.backend(backend))
 
     return build
 
@@ -346,7 +365,9 @@ def _restspec_plain(ctx: MethodContext) -> BenchMethod:
     from restspec.decode.budget import FixedBudget
     from restspec.draft.base import EmptyDrafter
 
-    return LoopMethod("restspec-plain", ctx.model, ctx.tokenizer, EmptyDrafter(), FixedBudget(0))
+    return LoopMethod(
+        "restspec-plain", ctx.model, ctx.tokenizer, EmptyDrafter(), FixedBudget(0), backend=ctx.backend()
+    )
 
 
 def _suffix(ctx: MethodContext) -> BenchMethod:
@@ -354,7 +375,9 @@ def _suffix(ctx: MethodContext) -> BenchMethod:
     from restspec.decode.budget import FixedBudget
 
     drafter = ctx.warmed(SuffixDrafter())
-    return LoopMethod("suffix", ctx.model, ctx.tokenizer, drafter, FixedBudget(drafter.max_tokens))
+    return LoopMethod(
+        "suffix", ctx.model, ctx.tokenizer, drafter, FixedBudget(drafter.max_tokens), backend=ctx.backend()
+    )
 
 
 def _restspec_fixed(size: int) -> Callable[[MethodContext], BenchMethod]:
@@ -362,7 +385,14 @@ def _restspec_fixed(size: int) -> Callable[[MethodContext], BenchMethod]:
         from restspec.decode.budget import FixedBudget
 
         drafter = ctx.default_drafter()
-        return LoopMethod(f"restspec-fixed{size}", ctx.model, ctx.tokenizer, drafter, FixedBudget(size))
+        return LoopMethod(
+            f"restspec-fixed{size}",
+            ctx.model,
+            ctx.tokenizer,
+            drafter,
+            FixedBudget(size),
+            backend=ctx.backend(),
+        )
 
     return build
 
@@ -373,7 +403,14 @@ def _padded(name: str, width: int, drafted: bool) -> Callable[[MethodContext], B
         from restspec.draft.base import EmptyDrafter
 
         inner = ctx.default_drafter() if drafted else EmptyDrafter()
-        return LoopMethod(name, ctx.model, ctx.tokenizer, PaddedDrafter(inner, width), FixedBudget(width))
+        return LoopMethod(
+            name,
+            ctx.model,
+            ctx.tokenizer,
+            PaddedDrafter(inner, width),
+            FixedBudget(width),
+            backend=ctx.backend(),
+        )
 
     return build
 
@@ -383,22 +420,24 @@ def _suffix_adaptive(ctx: MethodContext) -> BenchMethod:
 
     drafter = SuffixDrafter()
     budget = ctx.adaptive_budget(drafter.max_tokens)
-    return LoopMethod("suffix-adaptive", ctx.model, ctx.tokenizer, ctx.warmed(drafter), budget)
+    return LoopMethod(
+        "suffix-adaptive", ctx.model, ctx.tokenizer, ctx.warmed(drafter), budget, backend=ctx.backend()
+    )
 
 
 METHODS: dict[str, Callable[[MethodContext], BenchMethod]] = {
     "plain": _plain,
     "pld": _pld,
     "rest": _rest,
-    "restspec": _restspec_kernels("restspec", fast=True),
+    "restspec": _restspec_kernels("restspec", backend="auto"),
     "restspec-plain": _restspec_plain,
     "suffix": _suffix,
     # named variants
-    "restspec-stock": _restspec_kernels("restspec-stock", fast=False),  # the model's own CPU kernels
+    "restspec-stock": _restspec_kernels("restspec-stock", backend="model"),  # the model's own forward
     # the adaptive budget on the calibrated curve alone, not learning step costs from the loop
-    "restspec-curve": _restspec_kernels("restspec-curve", fast=True, learn_costs=False),
+    "restspec-curve": _restspec_kernels("restspec-curve", backend="auto", learn_costs=False),
     # the adaptive budget with a cap of 16 nodes instead of DEFAULT_MAX_BUDGET
-    "restspec-cap16": _restspec_kernels("restspec-cap16", fast=True, max_budget=16),
+    "restspec-cap16": _restspec_kernels("restspec-cap16", backend="auto", max_budget=16),
     "restspec-fixed4": _restspec_fixed(4),
     "restspec-fixed8": _restspec_fixed(8),
     "restspec-fixed16": _restspec_fixed(16),
