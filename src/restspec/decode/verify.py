@@ -10,6 +10,9 @@ The cache is a ``DynamicCache`` without config whose layers are :class:`Buffered
 non-sliding ``DynamicLayer``) holding ``keys`` / ``values`` of shape (batch=1, kv_heads, T,
 head_dim), so that rejected rows can be dropped and accepted rows gathered (:func:`compact_cache`),
 also for sliding-window models.
+
+The forward itself is a backend's (:mod:`restspec.decode.backends`): the model's own forward or a faster
+one that reproduces it. Inputs, masks and compaction indices are built on the model's device.
 """
 
 from __future__ import annotations
