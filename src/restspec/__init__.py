@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "AdaptiveBudget": "restspec.decode.budget",
     "FixedBudget": "restspec.decode.budget",
+    "ForwardBackend": "restspec.decode.backends",
+    "choose_backend": "restspec.decode.backends",
     "GenerationConfig": "restspec.decode.config",
     "SamplingConfig": "restspec.decode.config",
     "GenerationResult": "restspec.decode.generate",
@@ -25,6 +27,7 @@ _LAZY = {
     "default_drafter": "restspec.draft",
     "load_model": "restspec.models",
     "load_tokenizer": "restspec.models",
+    "resolve_device": "restspec.models",
 }
 
 

@@ -21,6 +21,7 @@ forward. The model's own forward is always a candidate, so the choice is never s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -188,19 +189,18 @@ class DirectBackend(ModelForward):
 
 
 def candidates(model: Any, device: torch.device | str | None = None) -> list[ForwardBackend]:
-    """Every backend that can run ``model`` on ``device`` (default: the model's), the model's own forward
-    first: the direct ones for Llama-family decoders, the packed ones on the CPU in float32 where oneDNN
-    is built in and the packed copy fits in memory."""
+    """Every backend that can run ``model`` on ``device`` (default: the model's), in the order of
+    :data:`BACKEND_NAMES`: the model's own forward; the direct ones for Llama-family decoders; the packed
+    ones on the CPU in float32 where oneDNN is built in and the packed copy fits in memory."""
     own = ModelForward(model)
     _check_device(own, device)
     found: list[ForwardBackend] = [own]
-    packed = PackedWeights.of(model) if own.device.type == "cpu" else None
-    for weights in (None, packed) if packed is not None else (None,):
-        try:
-            found.append(DirectBackend(model, weights, own.layout))
-        except ModelError:
-            break  # not a Llama-family decoder: neither direct backend applies
+    with contextlib.suppress(ModelError):  # not a Llama-family decoder: no direct backends
+        found.append(DirectBackend(model, None, own.layout))
+    packed = _packed_weights(own)
     if packed is not None:
+        if len(found) == 2:
+            found.append(DirectBackend(model, packed, own.layout))
         found.append(PackedModelForward(model, packed, own.layout))
     return found
 
@@ -210,15 +210,28 @@ def backend_by_name(model: Any, name: str) -> ForwardBackend:
     run this model here."""
     if name not in BACKEND_NAMES:
         raise ModelError(f"backend {name!r} is unknown; use one of {', '.join(BACKEND_NAMES)} or 'auto'")
+    own = ModelForward(model)
     if name == "model":
-        return ModelForward(model)
-    for backend in candidates(model):
-        if backend.name == name:
-            return backend
+        return own
+    try:
+        if name == "direct":
+            return DirectBackend(model, None, own.layout)
+        packed = _packed_weights(own)
+        if packed is not None:
+            if name == "packed":
+                return PackedModelForward(model, packed, own.layout)
+            return DirectBackend(model, packed, own.layout)
+    except ModelError:
+        pass
     raise ModelError(
         f"backend {name!r} cannot run {type(model).__name__} ({dtype_name(model)} on {model.device}); "
         "use 'auto' or 'model'"
     )
+
+
+def _packed_weights(own: ModelForward) -> PackedWeights | None:
+    """The model's packed weights where packed backends apply (the CPU), else None."""
+    return PackedWeights.of(own.model) if own.device.type == "cpu" else None
 
 
 def _check_device(backend: ModelForward, device: torch.device | str | None) -> None:
