@@ -130,8 +130,8 @@ def test_choose_backend_keeps_the_fastest_passing_one_and_caches_the_choice(cach
 
     def fake_times(backends, *args, **kwargs):
         timed.append([b.name for b in backends])
-        # (median seconds per width) the packed backend is fastest in total, not at width 1
-        table = {"model": (0.010, 0.020, 0.030), "packed": (0.012, 0.015, 0.020)}
+        # median seconds at widths 1, 8, 16: the packed backend is faster at every width
+        table = {"model": (0.010, 0.020, 0.030), "packed": (0.009, 0.015, 0.020)}
         return {b.name: dict(zip((1, 8, 16), table[b.name], strict=True)) for b in backends}
 
     monkeypatch.setattr(backends_module, "time_backends", fake_times)
@@ -154,6 +154,21 @@ def test_choose_backend_keeps_the_fastest_passing_one_and_caches_the_choice(cach
     choice_path(model).write_text(json.dumps(BackendChoice("direct", {}, {}).to_json()))
     assert choose_backend(model).name == expect
     assert json.loads(choice_path(model).read_text())["backend"] == expect
+
+
+def test_a_backend_slower_than_the_models_own_at_any_width_is_not_kept():
+    model = tiny32("llama")
+    found = {b.name: b for b in candidates(model)}
+    ms = {  # median ms at widths 1, 8, 16
+        "model": (10, 20, 30),
+        "direct": (9, 19, 29),  # faster everywhere
+        "direct-packed": (11, 12, 15),  # least in total, but slower for plain decoding (width 1)
+        "packed": (10, 21, 20),
+    }
+    timings = {name: {w: t / 1e3 for w, t in zip((1, 8, 16), row, strict=True)} for name, row in ms.items()}
+    order = [found[name] for name in ms if name in found]
+    assert backends_module.fastest(order, timings).name == "direct"
+    assert backends_module.fastest(order[:1], timings).name == "model"
 
 
 def test_the_choice_is_cached_per_model_and_dtype(cache_dir):

@@ -359,6 +359,14 @@ class BackendChoice:
         return cls(str(data["backend"]), timings, dict(data.get("rejected", {})))
 
 
+def fastest(backends: Sequence[ForwardBackend], timings: dict[str, dict[int, float]]) -> ForwardBackend:
+    """Of ``backends`` (the model's own forward first) those whose median time at every width is at
+    most the model's own, the one with the least total over the widths."""
+    own = timings[backends[0].name]
+    eligible = [b for b in backends if all(timings[b.name][w] <= own[w] for w in own)]
+    return min(eligible, key=lambda b: sum(timings[b.name].values()))
+
+
 def choice_path(model: Any, name: str | None = None) -> Path:
     """``$RESTSPEC_CACHE/backend/<model>-<dtype>-<hash>.json``: the cached choice for this machine (CPU,
     cores, threads, torch and transformers versions), device, model (``name``, default the model's
@@ -396,8 +404,10 @@ def choose_backend(
     model's cache name, e.g. :attr:`restspec.models.LoadedModel.name`).
 
     Every candidate (:func:`candidates`) is probed, and those that pass are timed at
-    :data:`TIMING_WIDTHS` on a :data:`TIMING_PAST_LEN`-token cache (:func:`time_backends`); the one with
-    the least total of median times is kept. A cached choice is probed again before use (cheap), and
+    :data:`TIMING_WIDTHS` on a :data:`TIMING_PAST_LEN`-token cache (:func:`time_backends`). Of those
+    no slower than the model's own forward at any timed width (so that neither plain decoding, all one
+    input wide, nor wide trees lose to ``model.generate``), the one with the least total of median
+    times is kept (:func:`fastest`). A cached choice is probed again before use (cheap), and
     the choice is made again if it fails or no longer applies. ``progress`` gets a line per phase;
     ``refresh`` measures again."""
     path = choice_path(model, name)
@@ -422,7 +432,7 @@ def choose_backend(
         else:
             rejected[backend.name] = result.reason
     timings = time_backends(passing) if len(passing) > 1 else {}
-    best = min(passing, key=lambda b: sum(timings[b.name].values())) if timings else passing[0]
+    best = fastest(passing, timings) if timings else passing[0]
     choice = BackendChoice(best.name, timings, rejected)
     if progress is not None:
         progress(f"forward backend: {best.name}" + (f" ({_summary(timings)})" if timings else ""))
