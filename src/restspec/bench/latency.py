@@ -94,11 +94,10 @@ class PromptLookupDrafter(StatelessDrafter):
         return DraftTree.chain(context[start : start + budget])
 
 
-VARIANTS = {"stock": "model", "packed": "packed", "direct": "direct-packed"}
-"""The forwards compared, by forward backend (:mod:`restspec.decode.backends`): the model's own kernels
-(as ``model.generate`` runs it); restspec's packed kernels through the model's own forward; and packed
-kernels through the direct forward (:mod:`restspec.decode.direct`) where the model has one (else the
-model's own forward)."""
+VARIANTS = {"stock": "model", "direct": "direct", "direct-packed": "direct-packed"}
+"""The forwards compared, by forward backend (:mod:`restspec.decode.backends`): the model's own forward
+(as ``model.generate`` runs it); the direct forward (:mod:`restspec.decode.direct`) with the model's own
+linears, and with packed kernels; a model without a direct forward runs its own in their place."""
 
 
 def forward_latency(model, context: np.ndarray, repeats: int) -> dict[str, dict[int, list[float]]]:

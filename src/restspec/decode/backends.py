@@ -8,15 +8,14 @@ tree is scored:
 - ``direct``: :class:`~restspec.decode.direct.DirectForward`, the same operations as a Llama-family
   forward in one loop over the layers, with the model's own linears;
 - ``direct-packed``: the direct forward calling the oneDNN group matmuls of
-  :class:`~restspec.decode.kernels.PackedWeights` (CPU, float32);
-- ``packed``: the model's own forward with its ``F.linear`` calls on packed weights routed to those
-  group matmuls by a function mode (:class:`~restspec.decode.kernels.PackedLinears`) entered around
-  the forward (CPU, float32).
+  :class:`~restspec.decode.kernels.PackedWeights` (CPU, float32).
 
-Which is fastest depends on the CPU (packed kernels won on one AMD machine and lost on an Intel Xeon
-with AMX), the device and the dtype, so :func:`choose_backend` measures, once per machine + model +
+Which is fastest depends on the CPU, the device, the dtype and the width of the forward. Measured on an
+Intel Xeon with AVX-512/AMX (2 cores shared with other work, SmolLM2-135M, float32, 320 cached tokens,
+medians of 5 interleaved rounds at 1 / 8 / 16 inputs): ``model`` 39 / 72 / 80 ms, ``direct`` 37 / 65 /
+69 ms, ``direct-packed`` 45 / 57 / 63 ms. So :func:`choose_backend` measures, once per machine + model +
 dtype + device, and keeps the fastest backend that passes an exactness probe against the model's own
-forward. The model's own forward is always a candidate, so the choice is never slower than it.
+forward and is no slower than it at any timed width.
 """
 
 from __future__ import annotations
@@ -34,13 +33,13 @@ import numpy as np
 import torch
 
 from restspec.decode.direct import DirectForward
-from restspec.decode.kernels import PackedLinears, PackedWeights
+from restspec.decode.kernels import PackedWeights
 from restspec.decode.verify import ModelLayout, model_layout, new_cache, tree_inputs
 from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
 from restspec.models import dtype_name
 
-BACKEND_NAMES = ("model", "direct", "direct-packed", "packed")
+BACKEND_NAMES = ("model", "direct", "direct-packed")
 """Every backend, in the order :func:`choose_backend` considers them."""
 CHOICE_VERSION = 1
 """Bump when the backends or the measurement change, so cached choices are made again."""
@@ -139,29 +138,6 @@ class ModelForward:
         return f"{type(self).__name__}(name={self.name!r}, model={type(self.model).__name__})"
 
 
-class PackedModelForward(ModelForward):
-    """The model's own forward with its float32 linears run by packed oneDNN group matmuls
-    (``name == "packed"``, CPU only)."""
-
-    name = "packed"
-    exact = False
-
-    def __init__(self, model: Any, packed: PackedWeights, layout: ModelLayout | None = None) -> None:
-        super().__init__(model, layout)
-        self.packed = packed
-
-    @torch.inference_mode()
-    def __call__(
-        self,
-        cache: Any,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        mask: torch.Tensor | dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        with PackedLinears(self.packed):
-            return super().__call__(cache, input_ids, position_ids, mask)
-
-
 class DirectBackend(ModelForward):
     """:class:`~restspec.decode.direct.DirectForward` for the tree forwards: ``direct`` with the model's
     own linears, ``direct-packed`` with ``packed`` weights (CPU only). Raises ``ModelError`` for a
@@ -190,18 +166,16 @@ class DirectBackend(ModelForward):
 
 def candidates(model: Any, device: torch.device | str | None = None) -> list[ForwardBackend]:
     """Every backend that can run ``model`` on ``device`` (default: the model's), in the order of
-    :data:`BACKEND_NAMES`: the model's own forward; the direct ones for Llama-family decoders; the packed
-    ones on the CPU in float32 where oneDNN is built in and the packed copy fits in memory."""
+    :data:`BACKEND_NAMES`: the model's own forward; for Llama-family decoders the direct one, and on the
+    CPU in float32 the direct-packed one where oneDNN is built in and the packed copy fits in memory."""
     own = ModelForward(model)
     _check_device(own, device)
     found: list[ForwardBackend] = [own]
     with contextlib.suppress(ModelError):  # not a Llama-family decoder: no direct backends
         found.append(DirectBackend(model, None, own.layout))
-    packed = _packed_weights(own)
+    packed = _packed_weights(own) if len(found) == 2 else None
     if packed is not None:
-        if len(found) == 2:
-            found.append(DirectBackend(model, packed, own.layout))
-        found.append(PackedModelForward(model, packed, own.layout))
+        found.append(DirectBackend(model, packed, own.layout))
     return found
 
 
@@ -217,9 +191,7 @@ def backend_by_name(model: Any, name: str) -> ForwardBackend:
         if name == "direct":
             return DirectBackend(model, None, own.layout)
         packed = _packed_weights(own)
-        if packed is not None:
-            if name == "packed":
-                return PackedModelForward(model, packed, own.layout)
+        if packed is not None:  # name == "direct-packed"
             return DirectBackend(model, packed, own.layout)
     except ModelError:
         pass

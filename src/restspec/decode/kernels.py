@@ -14,10 +14,14 @@ are packed as one matmul over their concatenated weights. Every output column is
 as in separate packed linears, so the logits are bitwise those of separate packed linears.
 
 :class:`PackedWeights` packs a model's float32 ``nn.Linear`` weights once (an extra copy of them in
-memory) and writes nothing into the model: the direct forward calls the group matmuls itself, and
-:class:`PackedLinears` (a ``TorchFunctionMode`` entered around one forward of the model) routes that
-forward's ``F.linear`` calls on packed weights to them. Results differ from the stock kernels by float
-rounding only, the same kind of difference as between MKL's one-row and many-row paths.
+memory) and writes nothing into the model: the direct forward (:mod:`restspec.decode.direct`) calls the
+group matmuls itself. Results differ from the stock kernels by float rounding only, the same kind of
+difference as between MKL's one-row and many-row paths.
+
+Routing the model's own forward to the packed matmuls without patching its modules would take a
+``TorchFunctionMode`` around the forward; that was built and measured (Intel Xeon, SmolLM2-135M,
+float32, 320 cached tokens): it sees every tensor operation of the forward, and its per-operation cost
+(about 20 ms a forward) outweighed what the packed matmuls saved at 1 and 16 inputs, so it was dropped.
 """
 
 from __future__ import annotations
@@ -177,38 +181,3 @@ class PackedWeights:
         ):
             return None
         return group
-
-
-class PackedLinears(TorchFunctionMode):
-    """``with PackedLinears(packed): model(...)`` routes that forward's float32 ``F.linear`` calls on
-    packed weights to their group's matmul; every other call runs as it would.
-
-    The first member of a group called with an input computes every member's output, which the others
-    take while they read the same input; a member called with another input computes them afresh, so a
-    call order other than the probed one costs time, never correctness. One instance per forward: the
-    kept outputs are this forward's own, so threads do not share them."""
-
-    def __init__(self, packed: PackedWeights) -> None:
-        super().__init__()
-        self.packed = packed
-        self._kept: tuple[PackedGroup, torch.Tensor, list[torch.Tensor]] | None = None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.linear or kwargs or len(args) < 2:
-            return func(*args, **kwargs)
-        x, weight = args[0], args[1]
-        found = self.packed.member(weight)
-        if found is None or x.dtype != torch.float32:
-            return func(*args, **kwargs)
-        group, index = found
-        bias = args[2] if len(args) > 2 else None
-        if bias is not group.biases[index]:  # not the module's own call: compute it as asked
-            return func(*args, **kwargs)
-        kept = self._kept
-        if kept is None or kept[0] is not group or kept[1] is not x:
-            parts = [part.contiguous() for part in group.matmul(x).split(group.sizes, dim=-1)]
-            kept = self._kept = (group, x, parts)
-        if index == len(group.sizes) - 1:
-            self._kept = None  # hold no tensors once the last member is served
-        return kept[2][index]
