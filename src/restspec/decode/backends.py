@@ -11,11 +11,12 @@ tree is scored:
   :class:`~restspec.decode.kernels.PackedWeights` (CPU, float32).
 
 Which is fastest depends on the CPU, the device, the dtype and the width of the forward. Measured on an
-Intel Xeon with AVX-512/AMX (2 cores shared with other work, SmolLM2-135M, float32, 320 cached tokens,
-medians of 5 interleaved rounds at 1 / 8 / 16 inputs): ``model`` 39 / 72 / 80 ms, ``direct`` 37 / 65 /
-69 ms, ``direct-packed`` 45 / 57 / 63 ms. So :func:`choose_backend` measures, once per machine + model +
-dtype + device, and keeps the fastest backend that passes an exactness probe against the model's own
-forward and is no slower than it at any timed width.
+Intel Xeon with AVX-512/AMX (2 cores, other work running; SmolLM2-135M in float32, 320 cached tokens,
+medians of 5 interleaved rounds at 1 / 8 / 16 inputs): ``model`` 45 / 82 / 89 ms, ``direct`` 40 / 75 /
+83 ms, ``direct-packed`` 51 / 64 / 70 ms; the packed kernels win on wide trees and lose on plain steps.
+So :func:`choose_backend` measures, once per machine + model + dtype + device, and keeps the fastest
+backend that passes an exactness probe against the model's own forward and is no slower than it at any
+timed width (here ``direct``).
 """
 
 from __future__ import annotations
