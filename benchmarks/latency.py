@@ -37,6 +37,7 @@ from restspec.decode import (
     tree_attention_bias,
 )
 from restspec.decode.accept import greedy_accept, sample_accept
+from restspec.decode.backends import ModelForward, candidates, choose_backend
 from restspec.draft.base import StatelessDrafter
 from restspec.draft.tree import DraftTree
 
@@ -93,18 +94,19 @@ class PromptLookupDrafter(StatelessDrafter):
         return DraftTree.chain(context[start : start + budget])
 
 
-VARIANTS = {"stock": {"fast": False}, "packed": {"fast": True, "direct": False}, "direct": {"fast": True}}
-"""The forwards compared: the model's own kernels (as ``model.generate`` runs it); restspec's packed
-kernels through the model's own forward; and restspec's default, packed kernels through the direct
-forward (:mod:`restspec.decode.direct`) where the model has one."""
+VARIANTS = {"stock": "model", "direct": "direct", "direct-packed": "direct-packed"}
+"""The forwards compared, by forward backend (:mod:`restspec.decode.backends`): the model's own forward
+(as ``model.generate`` runs it); the direct forward (:mod:`restspec.decode.direct`) with the model's own
+linears, and with packed kernels; a model without a direct forward runs its own in their place."""
 
 
 def forward_latency(model, context: np.ndarray, repeats: int) -> dict[str, dict[int, list[float]]]:
     """Seconds of one forward per tree size and :data:`VARIANTS` entry, interleaved so that machine
     noise hits all alike (two warm-up rounds)."""
-    layout = model_layout(model)
+    found = {b.name: b for b in candidates(model)}
+    backends = {variant: found.get(name, found["model"]) for variant, name in VARIANTS.items()}
     cache = new_cache()
-    prefill(model, cache, context[:-1], layout)
+    prefill(found["model"], cache, context[:-1])
     past_len = len(context) - 1
     vocab = model.get_input_embeddings().num_embeddings
     trees = {
@@ -113,9 +115,9 @@ def forward_latency(model, context: np.ndarray, repeats: int) -> dict[str, dict[
     out: dict[str, dict[int, list[float]]] = {name: {} for name in VARIANTS}
     for round_ in range(repeats + 2):
         for size, tree in trees.items():
-            for name, kwargs in VARIANTS.items():
+            for name, backend in backends.items():
                 start = time.perf_counter()
-                forward_tree(model, cache, int(context[-1]), tree, past_len, layout, **kwargs)
+                forward_tree(backend, cache, int(context[-1]), tree, past_len)
                 seconds = time.perf_counter() - start
                 compact_cache(cache, past_len, np.zeros(0, np.int64), len(tree))
                 cache.crop(-1)  # drop the root row too: back to past_len
@@ -129,9 +131,10 @@ def component_times(model, context: np.ndarray, repeats: int) -> dict[str, float
     layout = model_layout(model)
     past_len = len(context) - 1
     tree = random_tree(STEP_TREE_SIZE, seed=1, vocab=model.get_input_embeddings().num_embeddings)
+    backend = ModelForward(model, layout)
     cache = new_cache()
-    prefill(model, cache, context[:-1], layout)
-    logits = forward_tree(model, cache, int(context[-1]), tree, past_len, layout).float()
+    prefill(backend, cache, context[:-1])
+    logits = forward_tree(backend, cache, int(context[-1]), tree, past_len).float()
     nucleus = SamplingConfig(temperature=0.8, top_p=0.95, top_k=50)
     gen = torch.Generator().manual_seed(0)
     deep_path = max(tree.paths(), key=len)
@@ -162,7 +165,7 @@ def component_times(model, context: np.ndarray, repeats: int) -> dict[str, float
 
 
 def loop_stats(model, tokenizer, prompt: np.ndarray, drafter, budget: int) -> dict[str, float]:
-    gen = SpeculativeGenerator(model, tokenizer, drafter, budget=budget)
+    gen = SpeculativeGenerator(model, tokenizer, drafter, budget=budget, backend=choose_backend(model))
     result = gen.generate(prompt, GenerationConfig(max_new_tokens=LOOP_NEW_TOKENS))
     steps = result.steps
     return {

@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 
 from restspec.bench.methods import (
-    REST_BUDGET,
     BenchMethod,
     LoopMethod,
     MethodBuilder,
     MethodContext,
 )
-from restspec.decode.budget import DEFAULT_MAX_BUDGET, FixedBudget
+from restspec.decode.budget import FixedBudget
 from restspec.draft import DatastoreDrafter
 from restspec.draft.base import EmptyDrafter
 
@@ -33,6 +32,8 @@ REST_MAX_SPAN = 16
 """REST as published: longest suffix tried against the datastore."""
 REST_MIN_SPAN = 2
 """REST as published: shortest suffix tried."""
+REST_BUDGET = 64
+"""REST as published: draft tree nodes verified every step."""
 PAD_WIDTH = 8
 """Draft nodes of every step in the fixed-width variants (``plain-w8``, ``restspec-w8``)."""
 
@@ -82,17 +83,17 @@ class PaddedDrafter:
 
 
 def _rest(ctx: MethodContext) -> BenchMethod:
-    drafter = DatastoreDrafter(ctx.datastores()[0], max_len=REST_MAX_SPAN, min_len=REST_MIN_SPAN)
-    return LoopMethod("rest", ctx.model, ctx.tokenizer, drafter, FixedBudget(REST_BUDGET))
+    drafter = DatastoreDrafter(ctx.engine.datastores[0], max_len=REST_MAX_SPAN, min_len=REST_MIN_SPAN)
+    return LoopMethod("rest", ctx.engine.variant(drafter, FixedBudget(REST_BUDGET)))
 
 
 def _restspec_variant(
-    name: str, fast: bool = True, learn_costs: bool = True, max_budget: int = DEFAULT_MAX_BUDGET
+    name: str, backend: str | None = None, learn_costs: bool = True, max_budget: int | None = None
 ) -> MethodBuilder:
     def build(ctx: MethodContext) -> BenchMethod:
-        budget = ctx.adaptive_budget(max_budget, fast=fast, learn_costs=learn_costs)
-        drafter = ctx.default_drafter(budget)
-        return LoopMethod(name, ctx.model, ctx.tokenizer, drafter, budget, fast_kernels=fast)
+        policy = ctx.engine.adaptive_budget(max_budget, backend=backend, learn_costs=learn_costs)
+        drafter = ctx.engine.new_drafter(policy=policy)
+        return LoopMethod(name, ctx.engine.variant(drafter, policy, backend=backend))
 
     return build
 
@@ -101,21 +102,22 @@ def _suffix(ctx: MethodContext) -> BenchMethod:
     from benchmarks.suffix import SuffixDrafter
 
     drafter = ctx.warmed(SuffixDrafter())
-    return LoopMethod("suffix", ctx.model, ctx.tokenizer, drafter, FixedBudget(drafter.max_tokens))
+    return LoopMethod("suffix", ctx.engine.variant(drafter, FixedBudget(drafter.max_tokens)))
 
 
 def _restspec_fixed(size: int) -> MethodBuilder:
     def build(ctx: MethodContext) -> BenchMethod:
-        drafter = ctx.default_drafter()
-        return LoopMethod(f"restspec-fixed{size}", ctx.model, ctx.tokenizer, drafter, FixedBudget(size))
+        return LoopMethod(
+            f"restspec-fixed{size}", ctx.engine.variant(ctx.engine.new_drafter(), FixedBudget(size))
+        )
 
     return build
 
 
 def _padded(name: str, width: int, drafted: bool) -> MethodBuilder:
     def build(ctx: MethodContext) -> BenchMethod:
-        inner = ctx.default_drafter() if drafted else EmptyDrafter()
-        return LoopMethod(name, ctx.model, ctx.tokenizer, PaddedDrafter(inner, width), FixedBudget(width))
+        inner = ctx.engine.new_drafter() if drafted else EmptyDrafter()
+        return LoopMethod(name, ctx.engine.variant(PaddedDrafter(inner, width), FixedBudget(width)))
 
     return build
 
@@ -123,15 +125,16 @@ def _padded(name: str, width: int, drafted: bool) -> MethodBuilder:
 def _suffix_adaptive(ctx: MethodContext) -> BenchMethod:
     from benchmarks.suffix import SuffixDrafter
 
-    drafter = SuffixDrafter()
-    budget = ctx.adaptive_budget(drafter.max_tokens)
-    return LoopMethod("suffix-adaptive", ctx.model, ctx.tokenizer, ctx.warmed(drafter), budget)
+    drafter = ctx.warmed(SuffixDrafter())
+    return LoopMethod(
+        "suffix-adaptive", ctx.engine.variant(drafter, ctx.engine.adaptive_budget(drafter.max_tokens))
+    )
 
 
 LAB_METHODS: dict[str, MethodBuilder] = {
     "rest": _rest,
     "suffix": _suffix,
-    "restspec-stock": _restspec_variant("restspec-stock", fast=False),
+    "restspec-stock": _restspec_variant("restspec-stock", backend="model"),  # the model's own forward
     "restspec-curve": _restspec_variant("restspec-curve", learn_costs=False),
     "restspec-cap16": _restspec_variant("restspec-cap16", max_budget=16),
     "restspec-fixed4": _restspec_fixed(4),

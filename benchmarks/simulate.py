@@ -87,9 +87,7 @@ def greedy_with_candidates(model, prompt: np.ndarray, max_new_tokens: int, eos: 
         while True:
             n = ids.shape[1]
             position_ids = torch.arange(past, past + n)[None]
-            logits = model(
-                input_ids=ids, past_key_values=cache, position_ids=position_ids, use_cache=True
-            ).logits
+            logits = model(input_ids=ids, cache=cache, position_ids=position_ids, use_cache=True).logits
             past += n
             # (1, n, V) -> top-k per position, best first (ties: lower id first, like argmax)
             top = torch.topk(logits[0].float(), top_k, dim=-1, sorted=True).indices.numpy().astype(np.int32)

@@ -64,3 +64,28 @@ def datastore(tiny_tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("ds") / "tiny.ds"
     Datastore.build_from_texts(["hello world, hello there.\n"] * 3, path, tiny_tokenizer, progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tiny_model, tiny_tokenizer, tmp_path_factory):
+    """The tiny model and tokenizer saved as a Hugging Face folder, for engines built from it."""
+    out = tmp_path_factory.mktemp("tiny-bench-model")
+    tiny_model.save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_engine(tiny_model_folder, datastore, monkeypatch, tmp_path):
+    """``tiny_engine(warm_start)``: a :class:`restspec.Engine` over the tiny model and datastore (its
+    caches in a private folder)."""
+    from restspec.engine import Engine
+
+    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path / "cache"))
+
+    def build(warm_start: bool) -> Engine:
+        return Engine.from_pretrained(
+            tiny_model_folder, datastores=[datastore], warm_start=warm_start, progress=False
+        )
+
+    return build

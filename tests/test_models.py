@@ -90,3 +90,39 @@ def test_chat_template():
         apply_chat_template(tok, [{"content": "no role"}])
     with pytest.raises(ModelError, match="no chat template"):
         apply_chat_template(_byte_tokenizer(with_template=False), "hi")
+
+
+def test_auto_device_is_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert models.resolve_device("auto") == torch.device("cpu")
+    assert models.resolve_device("CPU") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert models.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert models.resolve_device("auto") == torch.device("cuda")
+
+
+def test_a_device_this_machine_lacks_is_an_error_naming_the_flag_and_what_there_is(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ModelError, match=r"--device 'cuda' is not available.*available: cpu$"):
+        models.resolve_device("cuda")
+    with pytest.raises(ModelError, match=r"--device 'tpu' is not a device; use one of auto, cpu, cuda, mps"):
+        models.resolve_device("tpu")
+    with pytest.raises(ModelError, match="--device 'cuda'"):
+        load_model("smollm2", device="cuda")  # before anything is loaded
+
+
+def test_an_explicit_cpu_device_generates_what_auto_does_here(hf_folder, monkeypatch):
+    from restspec.decode import GenerationConfig, SpeculativeGenerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    auto, cpu = load_model(hf_folder), load_model(hf_folder, device="cpu")
+    assert auto.device == cpu.device == torch.device("cpu")
+    config = GenerationConfig(max_new_tokens=8)
+    outputs = [
+        SpeculativeGenerator(m.model, m.tokenizer).generate("abc", config).output_ids for m in (auto, cpu)
+    ]
+    assert outputs[0].tolist() == outputs[1].tolist()

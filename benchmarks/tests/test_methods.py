@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,14 +30,13 @@ def test_lab_methods_run_through_the_bench_runner(tiny_model, tiny_tokenizer, da
 
 
 @pytest.mark.usefixtures("quick_warm_start")
-def test_suffix_decoding_gets_the_same_warm_start(tiny_model, tiny_tokenizer, datastore):
+def test_suffix_decoding_gets_the_same_warm_start(tiny_engine):
     pytest.importorskip("arctic_inference")
-    loaded = SimpleNamespace(model=tiny_model, tokenizer=tiny_tokenizer, name="tiny-bench")
-    ctx = MethodContext(loaded, [datastore], warm_start=True)
+    ctx = MethodContext(tiny_engine(warm_start=True))
     with extra_methods(LAB_METHODS):
         suffix = build_methods(["suffix"], ctx)[0]
-    output = max(ctx.warm().outputs, key=len)
-    drafter = suffix.drafter
+    output = max(ctx.engine.warm.outputs, key=len)
+    drafter = suffix.generator.drafter
     drafter.start_request(np.zeros(1, np.int32))
     half = len(output) // 2
     tree = drafter.propose(output[:half], 8)  # a past output's start: its global tree knows the rest

@@ -18,6 +18,8 @@ _LAZY = {
     "Engine": "restspec.engine",
     "AdaptiveBudget": "restspec.decode.budget",
     "FixedBudget": "restspec.decode.budget",
+    "ForwardBackend": "restspec.decode.backends",
+    "choose_backend": "restspec.decode.backends",
     "GenerationConfig": "restspec.decode.config",
     "SamplingConfig": "restspec.decode.config",
     "GenerationResult": "restspec.decode.generate",
@@ -26,6 +28,7 @@ _LAZY = {
     "default_drafter": "restspec.draft",
     "load_model": "restspec.models",
     "load_tokenizer": "restspec.models",
+    "resolve_device": "restspec.models",
 }
 
 

@@ -27,7 +27,9 @@ from restspec.progress import Progress, progress_from
 if TYPE_CHECKING:
     from restspec.datastore import Datastore
     from restspec.decode import GenerationConfig, GenerationResult, SpeculativeGenerator, StreamChunk
-    from restspec.decode.budget import BudgetPolicy
+    from restspec.decode.backends import ForwardBackend
+    from restspec.decode.budget import AdaptiveBudget, BudgetPolicy
+    from restspec.decode.warm import WarmStart
     from restspec.draft.base import Drafter
     from restspec.models import LoadedModel
 
@@ -68,7 +70,7 @@ def model_vocab_size(model: Any) -> int:
 
 
 class Engine:
-    """A loaded model, its drafter and budget policy, and the generate loop over them.
+    """A loaded model, its forward backend, drafter and budget policy, and the generate loop over them.
 
     Build it with :meth:`from_pretrained`. ``generate`` and ``stream`` take a prompt (text, chat
     messages or token ids) and either a :class:`~restspec.decode.GenerationConfig` or its fields as
@@ -77,21 +79,20 @@ class Engine:
     def __init__(
         self,
         loaded: LoadedModel,
+        backend: ForwardBackend,
         datastores: Sequence[Datastore],
         drafter: Drafter,
         policy: BudgetPolicy,
-        backend: Any = None,
+        warm: WarmStart | None = None,
     ) -> None:
-        from restspec.decode import SpeculativeGenerator
-
         self.loaded = loaded
+        self.backend = backend
         self.datastores = list(datastores)
         self.drafter = drafter
         self.policy = policy
-        self.backend = backend
-        self.generator = SpeculativeGenerator(
-            loaded.model, loaded.tokenizer, drafter=drafter, budget=policy, **self._backend_kwargs()
-        )
+        self.warm = warm
+        """What the warm start taught the drafter (None when started cold)."""
+        self.generator = self.variant(drafter, policy)
 
     @classmethod
     def from_pretrained(
@@ -99,62 +100,67 @@ class Engine:
         model: str | os.PathLike[str] = DEFAULT_MODEL,
         *,
         datastores: Sequence[str | os.PathLike[str]] | None = None,
+        device: str = AUTO,
         dtype: str = "float32",
         budget: str | int = AUTO,
         warm_start: bool = True,
+        backend: str = AUTO,
+        recalibrate: bool = False,
         progress: bool | Progress = True,
     ) -> Engine:
         """Load ``model`` ('smollm2' = the embedded SmolLM2-135M-Instruct, a Hugging Face folder or a
         .gguf file; nothing is downloaded) and build the engine around it.
 
         ``datastores``: folders made by ``restspec build``; None or empty = the default datastore (the
-        Python standard library, built into the cache on first use). ``budget``: 'auto' (verify what
-        pays off on this machine, calibrated once per machine and model) or a fixed number of draft
-        tokens per step (0 = plain decoding). ``warm_start``: start the drafter from what the model's
-        answers to questions it wrote itself taught it (shipped for the embedded model, otherwise
-        learned once per model and cached). ``progress``: True shows each phase on stderr, False
+        Python standard library, built into the cache on first use). ``device``: 'auto' (CUDA when
+        available, else MPS, else the CPU), 'cpu', 'cuda' or 'mps'. ``budget``: 'auto' (verify what pays
+        off on this machine, calibrated once per machine and model) or a fixed number of draft tokens per
+        step (0 = plain decoding: no datastore is opened). ``warm_start``: start the drafter from what
+        the model's answers to questions it wrote itself taught it (shipped for the embedded model,
+        otherwise learned once per model and cached). ``backend``: how verification forwards run;
+        'auto' keeps the fastest that passes an exactness probe on this machine (measured once and
+        cached), or one of :data:`~restspec.decode.backends.BACKEND_NAMES`. ``recalibrate`` measures
+        the backends and the latency curve again. ``progress``: True shows each phase on stderr, False
         nothing, or a :class:`~restspec.progress.Progress`."""
         from restspec.datastore import Datastore, ensure_default_datastore
-        from restspec.decode.budget import AdaptiveBudget, FixedBudget
+        from restspec.decode.backends import BACKEND_NAMES
+        from restspec.decode.budget import FixedBudget
+        from restspec.draft.base import EmptyDrafter
         from restspec.models import check_model, load_model
 
         fixed = parse_budget(budget)
+        if backend != AUTO and backend not in BACKEND_NAMES:
+            raise GenerationError(f"backend={backend!r} must be 'auto' or one of {', '.join(BACKEND_NAMES)}")
         paths = [Path(p) for p in datastores or ()]
         check_datastore_paths(paths)
         check_model(model)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         report = progress_from(progress)
         with report.phase(f"Loading model {model} ({dtype})"), _without_transformers_progress_bars():
-            loaded = load_model(model, dtype=dtype)
+            loaded = load_model(model, dtype=dtype, device=device)
+        forward = _backend(loaded, backend, recalibrate, report)
+        if fixed == 0:  # plain decoding: nothing to draft from
+            return cls(loaded, forward, [], EmptyDrafter(), FixedBudget(0))
         if not paths:
             paths = [ensure_default_datastore(loaded.tokenizer, progress=progress is not False)]
         opened = [Datastore.open(path, loaded.tokenizer) for path in paths]
-        vocab = model_vocab_size(loaded.model)
-
-        def drafter() -> Drafter:
-            from restspec.draft import default_drafter
-
-            return default_drafter(opened, vocab_size=vocab)
-
-        def adaptive() -> AdaptiveBudget:
+        engine = cls(loaded, forward, opened, EmptyDrafter(), FixedBudget(0))
+        if fixed is None:
             with report.phase("Measuring forward latency for --budget auto (once per machine and model)"):
-                return AdaptiveBudget.for_model(loaded)
-
-        policy: BudgetPolicy = FixedBudget(fixed) if fixed is not None else adaptive()
-        engine_drafter = drafter()
+                policy: BudgetPolicy = engine.adaptive_budget(recalibrate=recalibrate)
+        else:
+            policy = FixedBudget(fixed)
+        warm = None
         if warm_start:
             from restspec.decode.warm import WARM_CONVERSATIONS, load_or_learn_warm_start
 
-            learner_policy = policy if isinstance(policy, AdaptiveBudget) else None
-
-            def make() -> tuple[Drafter, AdaptiveBudget]:  # a fresh drafter and adaptive policy to learn with
-                base = learner_policy or adaptive()
-                return drafter(), base.fresh()
-
             with report.steps(WARM_START_PHASE, WARM_CONVERSATIONS) as done:
-                warm = load_or_learn_warm_start(loaded, make, on_conversation=lambda i: done(i + 1))
-            warm.apply(engine_drafter, policy)
-        return cls(loaded, opened, engine_drafter, policy)
+                warm = load_or_learn_warm_start(
+                    loaded,
+                    lambda: (engine.plain(), engine.variant(engine.new_drafter(), engine.adaptive_budget())),
+                    on_conversation=lambda i: done(i + 1),
+                )
+        return cls(loaded, forward, opened, engine.new_drafter(warm, policy), policy, warm)
 
     # ---- what it holds ---------------------------------------------------------------------------
     @property
@@ -170,6 +176,11 @@ class Engine:
         """A stable id of the model and dtype, as caches name it."""
         return self.loaded.name
 
+    @property
+    def device(self) -> Any:
+        """The ``torch.device`` the model runs on."""
+        return self.backend.device
+
     # ---- generation ------------------------------------------------------------------------------
     def generate(
         self, prompt: Prompt, config: GenerationConfig | None = None, *, chat: bool = False, **settings: Any
@@ -184,6 +195,7 @@ class Engine:
         ``chat`` applies the model's chat template to a text prompt (messages always get it)."""
         return self.generator.stream(prompt, generation_config(config, settings), chat=chat)
 
+    # ---- more of the same pieces -------------------------------------------------------------------
     def plain(self) -> SpeculativeGenerator:
         """The same loop on the same forward with no drafts: the baseline restspec is compared against."""
         from restspec.decode.budget import FixedBudget
@@ -191,17 +203,66 @@ class Engine:
 
         return self.variant(EmptyDrafter(), FixedBudget(0))
 
-    def variant(self, drafter: Drafter, budget: BudgetPolicy) -> SpeculativeGenerator:
-        """A generator on this engine's model and forward with another drafter and budget policy (for
-        experiments that compare drafters on one loaded model)."""
+    def variant(
+        self, drafter: Drafter, budget: BudgetPolicy, *, backend: str | None = None
+    ) -> SpeculativeGenerator:
+        """A generator on this engine's model with another drafter and budget policy (to compare drafters
+        on one loaded model), through this engine's forward backend or the one named ``backend``."""
         from restspec.decode import SpeculativeGenerator
 
         return SpeculativeGenerator(
-            self.model, self.tokenizer, drafter=drafter, budget=budget, **self._backend_kwargs()
+            self.model, self.tokenizer, drafter=drafter, budget=budget, backend=self._forward(backend)
         )
 
-    def _backend_kwargs(self) -> dict[str, Any]:
-        return {}
+    def new_drafter(self, warm: WarmStart | None = None, policy: BudgetPolicy | None = None) -> Drafter:
+        """A fresh default drafter over this engine's datastores, given the warm start (this engine's,
+        or ``warm``), as is ``policy`` when given."""
+        from restspec.draft import default_drafter
+
+        drafter = default_drafter(self.datastores, vocab_size=model_vocab_size(self.model))
+        warm = warm or self.warm
+        if warm is not None:
+            warm.apply(drafter, policy)
+        return drafter
+
+    def adaptive_budget(
+        self,
+        max_budget: int | None = None,
+        *,
+        backend: str | None = None,
+        learn_costs: bool = True,
+        recalibrate: bool = False,
+    ) -> AdaptiveBudget:
+        """A fresh adaptive budget policy (no warm start) up to ``max_budget`` nodes (None: the policy's
+        default, :data:`~restspec.decode.budget.DEFAULT_MAX_BUDGET`), on the latency curve
+        of this engine's forward backend (or the one named ``backend``), measured once per machine and
+        cached; ``learn_costs``: refine it from the loop's own steps."""
+        from restspec.decode.budget import DEFAULT_MAX_BUDGET, AdaptiveBudget
+
+        return AdaptiveBudget.for_model(
+            self.loaded,
+            DEFAULT_MAX_BUDGET if max_budget is None else max_budget,
+            recalibrate=recalibrate,
+            backend=self._forward(backend),
+            learn_costs=learn_costs,
+        )
+
+    def _forward(self, name: str | None) -> ForwardBackend:
+        """This engine's forward backend, or the one named ``name`` on the same model."""
+        from restspec.decode.backends import backend_by_name
+
+        return self.backend if name in (None, self.backend.name) else backend_by_name(self.model, name)
+
+
+def _backend(loaded: LoadedModel, name: str, refresh: bool, report: Progress) -> ForwardBackend:
+    """The forward backend ``name`` of the loaded model, or for 'auto' the one this machine measured
+    fastest among those that pass the exactness probe (measured once, then cached)."""
+    from restspec.decode.backends import backend_by_name, choose_backend
+
+    if name != AUTO:
+        return backend_by_name(loaded.model, name)
+    with report.phase("Choosing the fastest exact forward for this machine (once per machine and model)"):
+        return choose_backend(loaded.model, name=loaded.name, refresh=refresh)
 
 
 def generation_config(config: GenerationConfig | None, settings: dict[str, Any]) -> GenerationConfig:

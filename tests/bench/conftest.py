@@ -1,3 +1,10 @@
 """The bench tests' fixtures (tests/bench_fixtures.py)."""
 
-from bench_fixtures import datastore, quick_warm_start, tiny_model, tiny_tokenizer  # noqa: F401
+from bench_fixtures import (  # noqa: F401
+    datastore,
+    quick_warm_start,
+    tiny_engine,
+    tiny_model,
+    tiny_model_folder,
+    tiny_tokenizer,
+)

@@ -257,12 +257,13 @@ def test_calibration_keeps_the_median_not_a_lucky_fast_sample():
 
 
 def test_for_model_calibrates_once_with_the_decode_forward(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    from restspec.decode.backends import DirectBackend, ModelForward
     from restspec.decode.budget import ForwardLatencyProbe
     from restspec.models import LoadedModel
 
     monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
     quiet_machine(monkeypatch)
-    probe = ForwardLatencyProbe(tiny_model, past_len=20)
+    probe = ForwardLatencyProbe(ModelForward(tiny_model), past_len=20)
     for width in (1, 9, 3):
         assert probe(width) > 0
         assert probe.cache.get_seq_length() == 20  # restored after every forward
@@ -276,6 +277,10 @@ def test_for_model_calibrates_once_with_the_decode_forward(tiny_model, tiny_toke
     mtime = files[0].stat().st_mtime_ns
     again = AdaptiveBudget.for_model(loaded, max_budget=8)
     assert again.latency == policy.latency and files[0].stat().st_mtime_ns == mtime
+    # the calibration times the backend the generator will run: another backend, another calibration
+    AdaptiveBudget.for_model(loaded, max_budget=8, backend=DirectBackend(tiny_model))
+    assert len(list((tmp_path / "latency").glob("tiny-float32-*.json"))) == 2
+    assert calibration_path("tiny", "float32", backend="direct") != calibration_path("tiny", "float32")
 
 
 def test_calibration_on_a_busy_machine_is_not_cached(tmp_path, monkeypatch):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,26 +15,23 @@ from restspec.draft import HistoryDrafter
 from restspec.draft.base import EmptyDrafter
 
 
-def context(tiny_model, tiny_tokenizer, datastore, warm_start: bool) -> MethodContext:
-    loaded = SimpleNamespace(model=tiny_model, tokenizer=tiny_tokenizer, name="tiny-bench")
-    return MethodContext(loaded, [datastore], warm_start=warm_start)
-
-
 @pytest.mark.usefixtures("quick_warm_start")
-def test_restspec_starts_warm_and_the_plain_loop_has_nothing_to_warm(tiny_model, tiny_tokenizer, datastore):
-    ctx = context(tiny_model, tiny_tokenizer, datastore, warm_start=True)
-    restspec, plain = build_methods(["restspec", "restspec-plain"], ctx)
-    warm = ctx.warm()
+def test_restspec_starts_warm_and_the_plain_loop_has_nothing_to_warm(tiny_engine):
+    engine = tiny_engine(warm_start=True)
+    restspec, plain = build_methods(["restspec", "restspec-plain"], MethodContext(engine))
+    warm = engine.warm
     assert warm.summary()["conversations"] == CONVERSATIONS
-    history = next(d for d in restspec.drafter.drafters if isinstance(d, HistoryDrafter))
+    drafter, policy = restspec.generator.drafter, restspec.generator.policy
+    assert drafter is not engine.drafter  # a fresh copy: the bench's runs do not teach the engine's own
+    history = next(d for d in drafter.drafters if isinstance(d, HistoryDrafter))
     assert history.num_tokens == warm.summary()["output_tokens"] > 0
     np.testing.assert_array_equal(
-        restspec.budget.calibration.state_dict()["xtx"], warm.policy_state["calibration"]["xtx"]
+        policy.calibration.state_dict()["xtx"], warm.policy_state["calibration"]["xtx"]
     )
-    assert isinstance(plain.drafter, EmptyDrafter)
+    assert isinstance(plain.generator.drafter, EmptyDrafter)
 
-    cold = build_methods(["restspec"], context(tiny_model, tiny_tokenizer, datastore, warm_start=False))[0]
-    assert next(d for d in cold.drafter.drafters if isinstance(d, HistoryDrafter)).num_tokens == 0
+    cold = build_methods(["restspec"], MethodContext(tiny_engine(warm_start=False)))[0]
+    assert next(d for d in cold.generator.drafter.drafters if isinstance(d, HistoryDrafter)).num_tokens == 0
 
 
 @pytest.mark.usefixtures("quick_warm_start")

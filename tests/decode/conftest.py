@@ -2,7 +2,8 @@
 
 Models run in float64 with a large initializer range so that their distributions are peaked: greedy
 near-ties (where two kernels may round differently) become vanishingly rare, and the parity assertion
-stays exact.
+stays exact. They live on ``$RESTSPEC_TEST_DEVICE`` (default "cpu"): benchmarks/gpu_check.sh runs the
+parity tests with it set to "cuda".
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ INIT_RANGE = 0.3
 """Initializer std of the tiny models: large enough for peaked, tie-free distributions."""
 SLIDING_WINDOW = 7
 """Small enough that parity prompts plus outputs cross it."""
+TEST_DEVICE = os.environ.get("RESTSPEC_TEST_DEVICE", "cpu")
+"""Where the tiny models run."""
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -94,12 +97,14 @@ _MODELS: dict[str, torch.nn.Module] = {}
 
 
 def tiny_model(arch: str) -> torch.nn.Module:
-    """A tiny random float64 model (built once per session), no end-of-sequence token."""
+    """A tiny random float64 model on :data:`TEST_DEVICE` (built once per session), no end-of-sequence
+    token."""
     if arch not in _MODELS:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(build_config(arch), dtype=torch.float64).eval()
+        model.to(TEST_DEVICE)
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
         _MODELS[arch] = model
@@ -117,7 +122,7 @@ class IdTokenizer:
 
 def plain_greedy(model, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
     """transformers' own greedy decoding: the reference for parity."""
-    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=model.device)
     with torch.inference_mode():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False

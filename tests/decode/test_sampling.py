@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
 
 from restspec.decode import (
     GenerationConfig,
+    ModelForward,
     SamplingConfig,
     SpeculativeGenerator,
     forward_tree,
@@ -144,9 +145,10 @@ def plain_joint(model, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def tree_logits(model) -> torch.Tensor:
+    backend = ModelForward(model)
     cache = new_cache()
-    prefill(model, cache, np.array(PROMPT[:-1]))
-    return forward_tree(model, cache, PROMPT[-1], FIRST_STEP_TREE, len(PROMPT) - 1).to(torch.float32)
+    prefill(backend, cache, np.array(PROMPT[:-1]))
+    return forward_tree(backend, cache, PROMPT[-1], FIRST_STEP_TREE, len(PROMPT) - 1).to(torch.float32)
 
 
 def first_two(walk_fn, logits, cfg, draws: int, seed: int) -> np.ndarray:

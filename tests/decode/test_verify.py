@@ -7,7 +7,15 @@ import pytest
 import torch
 from conftest import ARCHS, SLIDING_WINDOW, VOCAB, tiny_model
 
-from restspec.decode import compact_cache, forward_tree, model_layout, new_cache, prefill, tree_attention_bias
+from restspec.decode import (
+    ModelForward,
+    compact_cache,
+    forward_tree,
+    model_layout,
+    new_cache,
+    prefill,
+    tree_attention_bias,
+)
 from restspec.draft.tree import DraftTree
 
 # root ─┬─ 0:a ── 2:c ── 3:d
@@ -56,9 +64,9 @@ def path_tokens(tree: DraftTree, node: int) -> list[int]:
 def test_every_tree_row_scores_like_a_plain_forward_of_its_path(arch):
     model = tiny_model(arch)
     cache = new_cache()
-    prefill(model, cache, np.array(CONTEXT[:-1]))
+    prefill(ModelForward(model), cache, np.array(CONTEXT[:-1]))
     past_len = len(CONTEXT) - 1
-    logits = forward_tree(model, cache, CONTEXT[-1], TREE, past_len)
+    logits = forward_tree(ModelForward(model), cache, CONTEXT[-1], TREE, past_len)
     assert logits.shape == (len(TREE) + 1, VOCAB)
     assert cache.get_seq_length() == past_len + len(TREE) + 1
     tol = TOLERANCE.get(arch, EXACT)
@@ -73,13 +81,13 @@ def test_every_tree_row_scores_like_a_plain_forward_of_its_path(arch):
 def test_compaction_leaves_the_cache_of_the_accepted_path(arch, path):
     model = tiny_model(arch)
     cache = new_cache()
-    prefill(model, cache, np.array(CONTEXT[:-1]))
+    prefill(ModelForward(model), cache, np.array(CONTEXT[:-1]))
     past_len = len(CONTEXT) - 1
-    forward_tree(model, cache, CONTEXT[-1], TREE, past_len)
+    forward_tree(ModelForward(model), cache, CONTEXT[-1], TREE, past_len)
     compact_cache(cache, past_len, np.array(path), len(TREE))
     accepted = [int(TREE.tokens[i]) for i in path]
     reference = new_cache()
-    prefill(model, reference, np.array(CONTEXT + accepted))
+    prefill(ModelForward(model), reference, np.array(CONTEXT + accepted))
     assert cache.get_seq_length() == reference.get_seq_length() == len(CONTEXT) + len(path)
     tol = TOLERANCE.get(arch, EXACT)
     for layer, ref in zip(cache.layers, reference.layers, strict=True):
@@ -87,15 +95,15 @@ def test_compaction_leaves_the_cache_of_the_accepted_path(arch, path):
         torch.testing.assert_close(layer.values, ref.values, rtol=tol, atol=tol)
     # and the next step from the compacted cache scores like a plain forward (past the sliding window)
     assert len(CONTEXT) + len(path) > SLIDING_WINDOW
-    nxt = forward_tree(model, cache, 7, DraftTree.empty(), len(CONTEXT) + len(path))
+    nxt = forward_tree(ModelForward(model), cache, 7, DraftTree.empty(), len(CONTEXT) + len(path))
     torch.testing.assert_close(nxt[0], plain_logits(model, [*CONTEXT, *accepted, 7]), rtol=tol, atol=tol)
 
 
 def test_a_chain_prefix_is_cropped_without_copying():
     model = tiny_model("llama")
     cache = new_cache()
-    prefill(model, cache, np.array(CONTEXT[:-1]))
-    forward_tree(model, cache, CONTEXT[-1], TREE, len(CONTEXT) - 1)
+    prefill(ModelForward(model), cache, np.array(CONTEXT[:-1]))
+    forward_tree(ModelForward(model), cache, CONTEXT[-1], TREE, len(CONTEXT) - 1)
     before = [layer.keys.data_ptr() for layer in cache.layers]
     compact_cache(cache, len(CONTEXT) - 1, np.array([0]), len(TREE))
     assert [layer.keys.data_ptr() for layer in cache.layers] == before  # a view: no copy

@@ -41,10 +41,8 @@ def learn(tiny, **kwargs) -> WarmStart:
     drafter, policy = fresh(tiny)
     with torch.inference_mode():
         return learn_warm_start(
-            tiny.model,
-            tiny.tokenizer,
-            drafter,
-            policy,
+            SpeculativeGenerator(tiny.model, tiny.tokenizer, budget=0),
+            SpeculativeGenerator(tiny.model, tiny.tokenizer, drafter=drafter, budget=policy),
             conversations=CONVERSATIONS,
             question_tokens=12,
             answer_tokens=16,
@@ -201,7 +199,7 @@ def test_load_or_learn_caches_and_relearns_a_corrupt_file(tmp_path, monkeypatch,
 
     import restspec.decode.warm as warm_module
 
-    def quick(model, tokenizer, drafter, policy, **kwargs):
+    def quick(asker, answerer, **kwargs):
         return learn(tiny)
 
     monkeypatch.setattr(warm_module, "learn_warm_start", quick)

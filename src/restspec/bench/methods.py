@@ -22,22 +22,18 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from restspec.decode.budget import DEFAULT_MAX_BUDGET
 from restspec.decode.generate import StepStats
 from restspec.errors import RestspecError
 
 PLD_NUM_TOKENS = 10
 """``prompt_lookup_num_tokens`` for transformers' prompt lookup (the issue's baseline)."""
-
-REST_BUDGET = 64
-"""REST as published: draft tree nodes verified every step (the adaptive budget is calibrated up to it)."""
 
 
 @dataclass(frozen=True)
@@ -150,19 +146,12 @@ class HFGenerateMethod:
 
 
 class LoopMethod:
-    """restspec's generate loop with a drafter and a budget policy."""
+    """restspec's generate loop (a :class:`~restspec.decode.SpeculativeGenerator` the run's engine
+    built) with its drafter and budget policy."""
 
-    def __init__(
-        self, name: str, model: Any, tokenizer: Any, drafter: Any, budget: Any, *, fast_kernels: bool = True
-    ):
-        from restspec.decode import SpeculativeGenerator
-
+    def __init__(self, name: str, generator: Any) -> None:
         self.name = name
-        self.drafter = drafter
-        self.budget = budget
-        self.generator = SpeculativeGenerator(
-            model, tokenizer, drafter=drafter, budget=budget, fast_kernels=fast_kernels
-        )
+        self.generator = generator
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float) -> TurnOutput:
         from restspec.decode import GenerationConfig, SamplingConfig
@@ -191,88 +180,39 @@ class LoopMethod:
 
 @dataclass
 class MethodContext:
-    """What builders need: the shared model and tokenizer, and lazily opened shared resources."""
+    """What builders need: the run's one :class:`restspec.Engine` (model, forward backend, datastores,
+    budget policy, warm start). Every method gets fresh drafters and policies from it, so no method
+    learns from another's outputs (or from the warm-up)."""
 
-    loaded: Any
-    """restspec.models.LoadedModel (model, tokenizer, name)."""
-    datastore_paths: Sequence[Any] = ()
-    """Datastore folders (opened once, on first use); ``rest`` uses the first."""
-    recalibrate: bool = False
-    """Measure forward latency again instead of reading the cached calibration."""
-    warm_start: bool = False
-    """Start restspec's and SuffixDecoding's drafters warm (:mod:`restspec.decode.warm`)."""
-    _datastores: list[Any] | None = None
-    _warm: Any = None
-    _adaptive: dict[bool, Any] = field(default_factory=dict)
-    """Calibrated adaptive policies by kernels (fast or stock)."""
+    engine: Any
+    """The :class:`restspec.Engine` of the run."""
 
     @property
     def model(self) -> Any:
-        return self.loaded.model
+        return self.engine.model
 
     @property
     def tokenizer(self) -> Any:
-        return self.loaded.tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return self.engine.tokenizer
 
     @property
     def latency_curve(self) -> Any:
-        """The calibrated forward latency curve (fast kernels), once an adaptive method asked for it."""
-        policy = self._adaptive.get(True)
-        return None if policy is None else policy.latency
-
-    def datastores(self) -> list[Any]:
-        if self._datastores is None:
-            from restspec.datastore import Datastore
-
-            if not self.datastore_paths:
-                raise RestspecError("this method drafts from a datastore; pass --datastore")
-            self._datastores = [Datastore.open(p, self.tokenizer) for p in self.datastore_paths]
-        return self._datastores
-
-    def adaptive_budget(
-        self, max_budget: int = DEFAULT_MAX_BUDGET, *, fast: bool = True, learn_costs: bool = True
-    ) -> Any:
-        """A fresh adaptive budget policy on the (once) calibrated latency curve of this model, measured
-        with the ``fast`` kernels or the stock ones; ``learn_costs``: from the loop's own steps too."""
+        """The calibrated forward latency curve of the engine's adaptive budget (None for a fixed one)."""
         from restspec.decode.budget import AdaptiveBudget
 
-        policy = self._adaptive.get(fast)
-        if policy is None or policy.max_budget < max_budget:
-            policy = self._adaptive[fast] = AdaptiveBudget.for_model(
-                self.loaded, max_budget=max(max_budget, REST_BUDGET), recalibrate=self.recalibrate, fast=fast
-            )
-        return AdaptiveBudget(policy.latency, max_budget, learn_costs=learn_costs)
+        policy = self.engine.policy
+        return policy.latency if isinstance(policy, AdaptiveBudget) else None
 
-    def warm(self, on_conversation: Callable[[int], None] | None = None) -> Any:
-        """The model's cached warm start (:func:`~restspec.decode.warm.load_or_learn_warm_start`),
-        learned first if missing, or None without ``warm_start``."""
-        if self.warm_start and self._warm is None:
-            from restspec.decode.warm import load_or_learn_warm_start
-            from restspec.draft import default_drafter
-
-            self._warm = load_or_learn_warm_start(
-                self.loaded,
-                lambda: (default_drafter(self.datastores(), self.vocab_size), self.adaptive_budget()),
-                on_conversation=on_conversation,
-            )
-        return self._warm
-
-    def warmed(self, drafter: Any, policy: Any = None) -> Any:
-        """``drafter`` (and ``policy``) given the warm start, if there is one; returns ``drafter``."""
-        warm = self.warm()
-        if warm is not None:
-            warm.apply(drafter, policy)
+    def warmed(self, drafter: Any) -> Any:
+        """``drafter`` given the engine's warm start (its conversations, for a drafter of another kind),
+        if it has one; returns ``drafter``."""
+        if self.engine.warm is not None:
+            self.engine.warm.apply(drafter)
         return drafter
 
-    def default_drafter(self, policy: Any = None) -> Any:
-        """restspec's default drafter over the datastores, warmed."""
-        from restspec.draft import default_drafter
-
-        return self.warmed(default_drafter(self.datastores(), self.vocab_size), policy)
+    def default_generator(self, policy: Any) -> Any:
+        """The engine's default drafter, fresh and warmed, under ``policy`` (warmed too)."""
+        return self.engine.variant(self.engine.new_drafter(policy=policy), policy)
 
 
 def _plain(ctx: MethodContext) -> BenchMethod:
@@ -284,15 +224,11 @@ def _pld(ctx: MethodContext) -> BenchMethod:
 
 
 def _restspec(ctx: MethodContext) -> BenchMethod:
-    budget = ctx.adaptive_budget()
-    return LoopMethod("restspec", ctx.model, ctx.tokenizer, ctx.default_drafter(budget), budget)
+    return LoopMethod("restspec", ctx.default_generator(ctx.engine.adaptive_budget()))
 
 
 def _restspec_plain(ctx: MethodContext) -> BenchMethod:
-    from restspec.decode.budget import FixedBudget
-    from restspec.draft.base import EmptyDrafter
-
-    return LoopMethod("restspec-plain", ctx.model, ctx.tokenizer, EmptyDrafter(), FixedBudget(0))
+    return LoopMethod("restspec-plain", ctx.engine.plain())
 
 
 MethodBuilder = Callable[[MethodContext], BenchMethod]

@@ -12,8 +12,10 @@ from rich.console import Console
 
 from restspec.cli.app import app
 from restspec.cli.common import (
+    AUTO_DEVICE,
     EMBEDDED_MODEL,
     DatastoreOption,
+    DeviceOption,
     Dtype,
     DtypeOption,
     ModelOption,
@@ -21,7 +23,7 @@ from restspec.cli.common import (
     cli_errors,
     stderr_console,
 )
-from restspec.engine import WARM_START_PHASE, check_datastore_paths
+from restspec.engine import Engine
 from restspec.progress import ConsoleProgress
 
 UNDRAFTED_METHODS = ("plain", "pld", "restspec-plain")
@@ -62,6 +64,7 @@ def bench(
     datastore: DatastoreOption = None,
     model: ModelOption = EMBEDDED_MODEL,
     dtype: DtypeOption = Dtype.float32,
+    device: DeviceOption = AUTO_DEVICE,
     methods: Annotated[
         str,
         typer.Option(
@@ -103,7 +106,8 @@ def bench(
         bool,
         typer.Option(
             "--recalibrate",
-            help="Measure forward latency again for the adaptive budget, replacing the cached calibration.",
+            help="Measure the forward backends and the latency curve of the adaptive budget again, "
+            "replacing the cached measurements.",
         ),
     ] = False,
     threads: Annotated[
@@ -145,9 +149,7 @@ def bench(
     )
     from restspec.bench.runner import BenchRun, machine_info, run_bench, warm_up
     from restspec.bench.workloads import load_workload, select
-    from restspec.decode.warm import WARM_CONVERSATIONS
     from restspec.errors import GenerationError
-    from restspec.models import load_model
 
     if max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens={max_new_tokens} must be >= 1")
@@ -163,44 +165,42 @@ def bench(
     if reference not in names and reference != "plain":  # without plain there is just no exact figure
         raise GenerationError(f"--reference={reference!r} must be one of --methods ({', '.join(names)})")
     items = select(load_workload(workload, chat=chat), limit, per_category=per_category)
-    datastores = list(datastore or [])
-    check_datastore_paths(datastores)
     err = stderr_console()
     dtype_name = Dtype(dtype).value
     machine = machine_info()
-    t0 = time.perf_counter()
-    with err.status(f"Loading model {model} ({dtype_name})…", spinner="dots"):
-        loaded = load_model(model, dtype=dtype_name)
-    load_s = time.perf_counter() - t0
     drafting = any(n not in UNDRAFTED_METHODS for n in names)  # they draft from datastores, warmed from them
-    if drafting and not datastores:
-        from restspec.datastore import ensure_default_datastore
-
-        datastores = [ensure_default_datastore(loaded.tokenizer, progress=True)]
-    ctx = MethodContext(loaded, datastores, recalibrate=recalibrate, warm_start=warm_start)
-    if "restspec" in names:
-        with err.status("Calibrating forward latency for the adaptive budget (cached per machine)…"):
-            ctx.adaptive_budget()
-    warm = None
-    if warm_start and drafting:
-        with ConsoleProgress(err).steps(WARM_START_PHASE, WARM_CONVERSATIONS) as done:
-            warm = ctx.warm(lambda i: done(i + 1))
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(
+        model,
+        datastores=datastore,
+        device=device,
+        dtype=dtype_name,
+        budget="auto" if drafting else 0,
+        warm_start=warm_start and drafting,
+        recalibrate=recalibrate,
+        progress=ConsoleProgress(err),
+    )
+    load_s = time.perf_counter() - t0
+    ctx = MethodContext(engine)
+    warm = engine.warm
     if warmup:
         with err.status("Warming up…"):
-            warm_up(build_methods(names, ctx), loaded.tokenizer)
+            warm_up(build_methods(names, ctx), engine.tokenizer)
     measured = build_methods(names, ctx)
     turns = sum(len(i.turns) for i in items)
     err.print(
         f"{len(items)} prompts ({turns} turns) × {len(names)} methods, max {max_new_tokens} new tokens, "
-        f"{dtype_name}, model loaded in {load_s:.0f} s"
+        f"{dtype_name} on {engine.device} ({engine.backend.name} forward), engine ready in {load_s:.0f} s"
     )
     run_config = {
         "workload": workload,
         "limit": limit,
         "per_category": per_category,
-        "model": loaded.name,
+        "model": engine.name,
         "dtype": dtype_name,
-        "datastores": [str(p) for p in datastores],
+        "datastores": [str(ds.path) for ds in engine.datastores],
+        "device": str(engine.device),
+        "backend": engine.backend.name,
         "items": len(items),
         "turns": turns,
         "latency_curve": None if ctx.latency_curve is None else ctx.latency_curve.to_json(),
@@ -231,7 +231,7 @@ def bench(
         run = run_bench(
             items,
             measured,
-            loaded.tokenizer,
+            engine.tokenizer,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             progress=advance,

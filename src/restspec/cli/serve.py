@@ -12,9 +12,11 @@ import typer
 from restspec.cli.app import app
 from restspec.cli.common import (
     AUTO_BUDGET,
+    AUTO_DEVICE,
     EMBEDDED_MODEL,
     BudgetOption,
     DatastoreOption,
+    DeviceOption,
     Dtype,
     DtypeOption,
     EngineOptions,
@@ -295,6 +297,7 @@ def serve(
     budget: BudgetOption = AUTO_BUDGET,
     warm_start: WarmStartOption = True,
     dtype: DtypeOption = Dtype.float32,
+    device: DeviceOption = AUTO_DEVICE,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions,
     /v1/models, /metrics, /health, /ready.
@@ -337,6 +340,7 @@ def serve(
         budget=budget,
         warm_start=warm_start,
         dtype=dtype.value,
+        device=device,
     )
     import uvicorn
 

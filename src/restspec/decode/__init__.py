@@ -1,6 +1,8 @@
-"""Decoding: tree verification on any HF causal LM, acceptance, the one generate loop."""
+"""Decoding: tree verification on any HF causal LM through a forward backend, acceptance, the one
+generate loop."""
 
 from restspec.decode.accept import Acceptance, accept, greedy_accept, sample_accept, warp_logits, warped_probs
+from restspec.decode.backends import ForwardBackend, ModelForward, choose_backend
 from restspec.decode.budget import BudgetPolicy, FixedBudget
 from restspec.decode.config import GenerationConfig, SamplingConfig
 from restspec.decode.generate import GenerationResult, SpeculativeGenerator, StepStats, StreamChunk
@@ -18,14 +20,17 @@ __all__ = [
     "Acceptance",
     "BudgetPolicy",
     "FixedBudget",
+    "ForwardBackend",
     "GenerationConfig",
     "GenerationResult",
+    "ModelForward",
     "ModelLayout",
     "SamplingConfig",
     "SpeculativeGenerator",
     "StepStats",
     "StreamChunk",
     "accept",
+    "choose_backend",
     "compact_cache",
     "forward_tree",
     "greedy_accept",

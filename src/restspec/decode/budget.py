@@ -15,13 +15,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numba as nb
 import numpy as np
 
 from restspec.draft.base import Learner, Step, check_state_keys, check_state_shape
 from restspec.draft.tree import DraftTree
+
+if TYPE_CHECKING:
+    from restspec.decode.backends import ForwardBackend
 
 
 @runtime_checkable
@@ -76,10 +79,10 @@ REFERENCE_LATENCY_S: tuple[tuple[int, float], ...] = (
 (docs/DESIGN facts). Used by ``AdaptiveBudget()`` before a model has been calibrated; only the shape
 matters for the choice (tokens per second is a ratio)."""
 
-CALIBRATION_VERSION = 5
+CALIBRATION_VERSION = 6
 """Bump when the measurement or the kernels change, so cached calibrations are redone (3: grouped
 linears in restspec.decode.kernels; 4: the direct forward of restspec.decode.direct; 5: medians
-instead of minima)."""
+instead of minima; 6: one calibration per forward backend and device)."""
 CALIBRATION_SIZES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 65)
 """Forward widths (root + tree nodes) measured by :func:`calibrate`; interpolated in between."""
 CALIBRATION_PAST_LEN = 320
@@ -281,12 +284,27 @@ def _measured_while_busy(start: CpuSnapshot) -> bool:
     return elsewhere > BUSY_OTHER_CORES
 
 
-def calibration_path(model_name: str, dtype: str, key: dict | None = None, *, fast: bool = True) -> Path:
-    """``$RESTSPEC_CACHE/latency/<model>-<dtype>-<hash of machine key, kernels>.json``."""
+def device_key(device: object) -> dict:
+    """What a forward's speed depends on besides the CPU: the device type, and an accelerator's name."""
+    import torch
+
+    device = torch.device(device)  # type: ignore[arg-type]
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
+    return {"type": device.type}
+
+
+def calibration_path(
+    model_name: str, dtype: str, key: dict | None = None, *, backend: str = "model", device: str = "cpu"
+) -> Path:
+    """``$RESTSPEC_CACHE/latency/<model>-<dtype>-<hash of machine key, backend, device>.json``."""
     from restspec.datastore.default import model_cache_file
 
     key = machine_key() if key is None else key
-    blob = json.dumps({"machine": key, "version": CALIBRATION_VERSION, "fast": fast}, sort_keys=True)
+    blob = json.dumps(
+        {"machine": key, "version": CALIBRATION_VERSION, "backend": backend, "device": device_key(device)},
+        sort_keys=True,
+    )
     return model_cache_file("latency", model_name, dtype, blob, ".json")
 
 
@@ -330,14 +348,15 @@ def load_or_calibrate(
     *,
     max_width: int,
     recalibrate: bool = False,
-    fast: bool = True,
+    backend: str = "model",
+    device: str = "cpu",
 ) -> LatencyCurve:
-    """The cached calibration for this machine + model + dtype (+ ``fast`` kernels or not), measuring
-    (and caching) it if missing.
+    """The cached calibration for this machine + model + dtype + forward ``backend`` (its name) +
+    ``device``, measuring (and caching) it if missing.
 
     A calibration taken while other work competed for the CPU (:data:`BUSY_OTHER_CORES`) is
     returned but not cached."""
-    path = calibration_path(model_name, dtype, fast=fast)
+    path = calibration_path(model_name, dtype, backend=backend, device=device)
     if not recalibrate and path.is_file():
         try:
             curve, measured_for = read_calibration(path)
@@ -356,6 +375,8 @@ def load_or_calibrate(
         "dtype": dtype,
         "machine": machine_key(),
         "version": CALIBRATION_VERSION,
+        "backend": backend,
+        "device": device_key(device),
         "past_len": CALIBRATION_PAST_LEN,
         "max_width": max_width,
         "curve": curve.to_json(),
@@ -666,47 +687,54 @@ class AdaptiveBudget:
         max_budget: int = DEFAULT_MAX_BUDGET,
         *,
         recalibrate: bool = False,
-        fast: bool = True,
+        backend: ForwardBackend | None = None,
         **kwargs: object,
     ) -> AdaptiveBudget:
-        """Calibrated on ``loaded`` (a :class:`restspec.models.LoadedModel`) with ``fast`` kernels or not
-        (as the generator will run); the latency curve is cached per machine + model + dtype + kernels."""
+        """Calibrated on ``loaded`` (a :class:`restspec.models.LoadedModel`) through ``backend`` (default:
+        the model's own forward), as the generator will run; the latency curve is cached per machine +
+        model + dtype + backend + device."""
+        from restspec.decode.backends import ModelForward
         from restspec.models import dtype_name
 
         model = loaded.model  # type: ignore[attr-defined]
+        backend = backend or ModelForward(model)
         dtype = dtype_name(model)
         name = str(getattr(loaded, "name", type(model).__name__))
-        probe = ForwardLatencyProbe(model, past_len=CALIBRATION_PAST_LEN, fast=fast)
+        probe = ForwardLatencyProbe(backend, past_len=CALIBRATION_PAST_LEN)
         curve = load_or_calibrate(
-            name, dtype, probe, max_width=max_budget + 1, recalibrate=recalibrate, fast=fast
+            name,
+            dtype,
+            probe,
+            max_width=max_budget + 1,
+            recalibrate=recalibrate,
+            backend=backend.name,
+            device=str(backend.device),
         )
         return cls(curve, max_budget, **kwargs)  # type: ignore[arg-type]
 
 
 class ForwardLatencyProbe:
-    """``probe(width)``: seconds of one :func:`~restspec.decode.verify.forward_tree` over ``width``
-    inputs (root + width - 1 chained nodes) on a cache of ``past_len`` tokens; the cache is restored to
-    ``past_len`` tokens after every call, so all widths are measured on the same cache length.
-    ``fast``: run the forwards with the packed CPU kernels, as the generator does by default."""
+    """``probe(width)``: seconds of one :func:`~restspec.decode.verify.forward_tree` of ``backend`` over
+    ``width`` inputs (root + width - 1 chained nodes) on a cache of ``past_len`` tokens; the cache is
+    restored to ``past_len`` tokens after every call, so all widths are measured on the same cache
+    length. On an accelerator each call waits for the device to finish."""
 
-    def __init__(self, model: object, past_len: int = CALIBRATION_PAST_LEN, *, fast: bool = True) -> None:
+    def __init__(self, backend: ForwardBackend, past_len: int = CALIBRATION_PAST_LEN) -> None:
         import torch
 
-        from restspec.decode.verify import model_layout, new_cache, prefill
+        from restspec.decode.verify import new_cache, prefill
 
         if past_len < 1:
             raise ValueError(f"past_len={past_len} must be >= 1")
-        self.model = model
+        self.backend = backend
         self.past_len = past_len
-        self.fast = fast
-        self.layout = model_layout(model)
-        vocab = int(model.get_input_embeddings().num_embeddings)  # type: ignore[attr-defined]
+        vocab = int(backend.model.get_input_embeddings().num_embeddings)
         rng = np.random.default_rng(CALIBRATION_SEED)
         self._prompt = rng.integers(0, vocab, size=past_len + 1).astype(np.int32)
         self._nodes = rng.integers(0, vocab, size=1024).astype(np.int32)
         self.cache = new_cache()
         with torch.inference_mode():
-            prefill(model, self.cache, self._prompt[:-1], self.layout)
+            prefill(backend, self.cache, self._prompt[:-1])
 
     def __call__(self, width: int) -> float:
         from restspec.decode.verify import compact_cache, forward_tree
@@ -715,9 +743,8 @@ class ForwardLatencyProbe:
             raise ValueError(f"width={width} must lie in [1, {len(self._nodes) + 1}]")
         tree = DraftTree.chain(self._nodes[: width - 1])
         t0 = time.perf_counter()
-        forward_tree(
-            self.model, self.cache, int(self._prompt[-1]), tree, self.past_len, self.layout, fast=self.fast
-        )
+        logits = forward_tree(self.backend, self.cache, int(self._prompt[-1]), tree, self.past_len)
+        logits[-1, :1].cpu()  # waits for an accelerator; nothing to wait for on the CPU
         seconds = time.perf_counter() - t0
         # the cache holds past_len + width rows: keep the first past_len (compaction keeps "root" row
         # past_len - 1 and an empty path)

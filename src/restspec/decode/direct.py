@@ -1,24 +1,23 @@
 """A direct forward for Llama-family decoders: the same operations as transformers' forward, without
 its per-call machinery.
 
-A verification forward over a few rows on a 2-core CPU is short (60-120 ms on SmolLM2-135M), and a
-good part of it is Python: transformers' model, decoder-layer, attention and MLP modules each go
-through ``nn.Module.__call__``, output-capturing decorators, attention-interface dispatch and cache
-bookkeeping, 30 times per forward. :class:`DirectForward` runs the same tensor operations as
-``LlamaModel`` / ``Qwen2Model`` / ``MistralModel`` in one loop over the layers' weights:
+A verification forward over a few rows on a small CPU is short, and a good part of it is Python:
+transformers' model, decoder-layer, attention and MLP modules each go through ``nn.Module.__call__``,
+output-capturing decorators, attention-interface dispatch and cache bookkeeping, once per layer.
+:class:`DirectForward` runs the same tensor operations as ``LlamaModel`` / ``Qwen2Model`` /
+``MistralModel`` in one loop over the layers' weights, reading the model and never writing it:
 
-- q/k/v (and gate/up) come from one packed matmul (:mod:`restspec.decode.kernels`) and are used
-  as views of its output, without the per-member copies a module call makes;
+- q/k/v (and gate/up) are computed by one call, used as views of its output: the packed group matmul
+  of :mod:`restspec.decode.kernels` when given packed weights, else the modules' own outputs joined;
 - the rotary embedding is applied to q and k in one pass over their joint view;
-- attention is the same ``F.scaled_dot_product_attention`` call on the same cache layers.
+- attention is the same ``F.scaled_dot_product_attention`` call on the same cache layers, over the
+  key/value heads directly (``enable_gqa``) instead of copies repeated per query head.
 
-Each element goes through the same arithmetic in the same order, so the logits are bitwise those of
-the model's own forward. That is not assumed: :func:`~restspec.decode.verify.forward_tree` uses a
-model's direct forward only after a probe found it bitwise equal to the model's forward (a model
-with extra parts, e.g. Qwen3's q/k norms or Gemma's scaled embeddings, fails the probe and keeps its
-own forward). Measured on SmolLM2-135M with 500 cached tokens, it saved 6-26 ms per forward at every
-width from 1 to 65 inputs (72 -> 56 ms for one input, 105 -> 90 for nine; ``python -m
-benchmarks.latency``, benchmarks/results/latency.md).
+With the stock linears each element goes through the same arithmetic in the same order, so the logits
+are bitwise those of the model's own forward. That is not assumed:
+:func:`restspec.decode.backends.choose_backend` keeps a direct forward only after a probe found it
+equal to the model's own forward (a model with extra parts, e.g. Qwen3's q/k norms or Gemma's scaled
+embeddings, fails the probe and keeps its own forward).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from restspec.decode.kernels import packed_group
+from restspec.decode.kernels import PackedWeights
 
 
 def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
@@ -46,16 +45,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Fused:
-    """Linears that read the same input, as one output whose last dimension is theirs side by side:
-    the packed group's matmul when they are one, the modules' own outputs joined otherwise."""
+    """Linears that read the same input, as one output whose last dimension is theirs side by side: for
+    float32 inputs their packed group's one matmul where they are one group, each member's own packed
+    matmul where they are packed apart; the modules' own outputs otherwise."""
 
-    def __init__(self, *modules: torch.nn.Linear) -> None:
+    def __init__(self, packed: PackedWeights | None, *modules: torch.nn.Linear) -> None:
         self.modules = modules
-        self.group = packed_group(list(modules))
+        self.group = packed.group_of(list(modules)) if packed is not None else None
+        self.singles = [packed.group_of([m]) if packed is not None else None for m in modules]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.group is not None and x.dtype == torch.float32:
-            return self.group.matmul(x)
+        if x.dtype == torch.float32:
+            if self.group is not None:
+                return self.group.matmul(x)
+            if all(g is not None for g in self.singles):
+                return torch.cat([g.matmul(x) for g in self.singles], dim=-1)  # type: ignore[union-attr]
+        if len(self.modules) == 1:
+            return self.modules[0](x)
         return torch.cat([m(x) for m in self.modules], dim=-1)
 
 
@@ -69,44 +75,45 @@ class _Block(NamedTuple):
     head_dim: int
     scaling: float
     gqa: bool
-    o_proj: torch.nn.Module
+    o_proj: _Fused
     mlp_norm: Any
     gate_up: _Fused
     gate_size: int
     act: Any
-    down: torch.nn.Module
+    down: _Fused
 
 
 class DirectForward:
     """The decoder of a Llama-family ``*ForCausalLM`` (``model.model.layers`` of pre-norm attention
     + gated MLP blocks, rotary positions, tied or untied LM head), run layer by layer.
 
+    ``packed``: the model's packed weights, whose group matmuls then serve every linear they hold.
     Raises ``AttributeError`` for a model without those parts."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, packed: PackedWeights | None = None) -> None:
         decoder = model.model
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
         self.norm = decoder.norm
-        self.lm_head = model.lm_head
+        self.lm_head = _Fused(packed, model.lm_head)
         self.layers = []
         for layer in decoder.layers[: model.config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 _Block(
                     in_norm=layer.input_layernorm,
-                    qkv=_Fused(attn.q_proj, attn.k_proj, attn.v_proj),
+                    qkv=_Fused(packed, attn.q_proj, attn.k_proj, attn.v_proj),
                     q_size=attn.q_proj.out_features,
                     k_size=attn.k_proj.out_features,
                     head_dim=attn.head_dim,
                     scaling=attn.scaling,
                     gqa=attn.num_key_value_groups > 1,
-                    o_proj=attn.o_proj,
+                    o_proj=_Fused(packed, attn.o_proj),
                     mlp_norm=layer.post_attention_layernorm,
-                    gate_up=_Fused(mlp.gate_proj, mlp.up_proj),
+                    gate_up=_Fused(packed, mlp.gate_proj, mlp.up_proj),
                     gate_size=mlp.gate_proj.out_features,
                     act=mlp.act_fn,
-                    down=mlp.down_proj,
+                    down=_Fused(packed, mlp.down_proj),
                 )
             )
 

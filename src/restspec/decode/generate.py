@@ -19,18 +19,11 @@ import numpy as np
 import torch
 
 from restspec.decode.accept import Acceptance, accept
+from restspec.decode.backends import ForwardBackend, ModelForward
 from restspec.decode.budget import BudgetPolicy, FixedBudget
 from restspec.decode.config import GenerationConfig
 from restspec.decode.text import IncrementalDecoder, StopStringMatcher
-from restspec.decode.verify import (
-    ModelLayout,
-    compact_cache,
-    forward_tree,
-    model_layout,
-    new_cache,
-    prefill,
-    prepare_fast_forward,
-)
+from restspec.decode.verify import ModelLayout, compact_cache, forward_tree, new_cache, prefill
 from restspec.draft.base import Drafter, EmptyDrafter, Step, TreeLogits
 from restspec.draft.tree import DraftTree
 from restspec.errors import GenerationError
@@ -149,18 +142,20 @@ class SpeculativeGenerator:
         drafter: Drafter | None = None,
         budget: BudgetPolicy | int = 8,
         *,
-        fast_kernels: bool = True,
+        backend: ForwardBackend | None = None,
     ) -> None:
+        if backend is not None and backend.model is not model:
+            raise GenerationError(
+                f"backend {backend.name!r} wraps another model than the one given; build it for this model "
+                "(restspec.decode.backends.choose_backend(model))"
+            )
         self.model = model
-        # verify through restspec.decode.kernels (packed CPU weights) and, where it applies, the direct
-        # forward of restspec.decode.direct
-        self.fast_kernels = fast_kernels
+        # runs the verification forwards: the model's own forward unless a faster backend was chosen
+        self.backend: ForwardBackend = backend if backend is not None else ModelForward(model)
         self.tokenizer = tokenizer
         self.drafter: Drafter = drafter if drafter is not None else EmptyDrafter()
         self.policy: BudgetPolicy = FixedBudget(budget) if isinstance(budget, int) else budget
-        self.layout: ModelLayout = model_layout(model)
-        if fast_kernels:
-            prepare_fast_forward(model, self.layout)  # now, not inside the first decode step
+        self.layout: ModelLayout = self.backend.layout
         eos = set(self.layout.eos_token_ids)
         if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
@@ -220,7 +215,7 @@ class SpeculativeGenerator:
 
     def prefill(self, req: _Request) -> None:
         """Feed every prompt token but the last (the first root) into the cache."""
-        prefill(self.model, req.cache, req.prompt[:-1], self.layout)
+        prefill(self.backend, req.cache, req.prompt[:-1])
 
     def step(self, req: _Request) -> tuple[np.ndarray, str]:
         """One draft-verify-accept step; returns the tokens it added and their text increment."""
@@ -239,11 +234,9 @@ class SpeculativeGenerator:
                 "tokens; was its datastore built with another tokenizer?"
             )
         t2 = time.perf_counter()
-        logits = forward_tree(
-            self.model, req.cache, int(context[-1]), tree, past_len, self.layout, fast=self.fast_kernels
-        )
+        logits = forward_tree(self.backend, req.cache, int(context[-1]), tree, past_len)
         t3 = time.perf_counter()
-        logits = logits.to(torch.float32)  # as transformers' generate does before choosing
+        logits = logits.to("cpu", torch.float32)  # as transformers' generate does before choosing
         result: Acceptance = accept(tree, logits, req.config.sampling, req.generator)
         compact_cache(req.cache, past_len, result.path, len(tree))
         emitted = self._emit(req, result.tokens)

@@ -1,51 +1,40 @@
-"""CPU kernels for narrow forwards: verification scores 1..65 rows at a time, where stock kernels are slow.
+"""Packed CPU kernels for narrow forwards: verification scores 1..65 rows at a time, where stock kernels
+can be slow.
 
-On a 2-core x86 CPU in float32, ``F.linear`` over 2..16 rows leaves MKL's matrix-vector path and
-costs about twice a one-row forward, although the weights are read once either way. oneDNN's matmul
-over weights packed once into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight`` and
+On some x86 CPUs in float32, ``F.linear`` over 2..16 rows leaves MKL's matrix-vector path and costs
+about twice a one-row forward, although the weights are read once either way. oneDNN's matmul over
+weights packed once into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight`` and
 ``_linear_pointwise``, the kernels TorchInductor uses for frozen CPU linears) reads them at the
-matrix-vector speed: measured on SmolLM2-135M, 500 cached tokens, a forward over 1 / 2 / 5 / 9 / 17
-rows took 92 / 133 / 136 / 161 / 191 ms stock and 72 / 73 / 92 / 105 / 128 ms here, both through
-the model's own forward (``python -m benchmarks.latency``, benchmarks/results/latency.md; a busy
-moment, the stock plain step is 77 ms on a quiet machine). The second part of the gain is
-attention: given a mask, transformers' SDPA path copies every key/value head ``n_rep`` times
-(``repeat_kv``) unless told that grouped-query SDPA is safe, which on CPU it is
-(``TRANSFORMERS_SDPA_FORCE_GQA``).
+matrix-vector speed there. On other CPUs the stock kernels are as fast or faster: whether packing pays
+is measured per machine (:func:`restspec.decode.backends.choose_backend`), never assumed.
 
-Each oneDNN call also costs about 25-30 µs besides the matmul itself (on a 64x128 weight a call took
-31-41 µs, of which oneDNN's own verbose log timed the primitive at 5-10 µs; measured on 2026-11-22),
-some 5-7 ms over SmolLM2's 211 linears per forward. Linears that read the same
-input tensor, found by one probe forward (a layer's q/k/v projections, an MLP's gate and up), are
-therefore packed as one matmul over their concatenated weights: 121 calls instead of 211. Every
-output column is the same dot product as before, so the logits are bitwise those of separate packed
-linears; forwards at every width from 1 to 32 rows took a few percent less in an interleaved
-comparison.
+Each oneDNN call also costs some tens of microseconds besides the matmul itself, so linears that read
+the same input tensor, found by one probe forward (a layer's q/k/v projections, an MLP's gate and up),
+are packed as one matmul over their concatenated weights. Every output column is the same dot product
+as in separate packed linears, so the logits are bitwise those of separate packed linears.
 
-:func:`fast_kernels` packs a model's float32 ``nn.Linear`` weights once (an extra copy of them in
-memory) and returns a context manager; only forwards run inside it use the packed weights. Outside
-it every wrapped layer computes ``F.linear`` exactly as before, so ``model.generate`` is unchanged.
-Results differ from the stock kernels by float rounding only (about 1e-7 relative), the same kind of
-difference as between MKL's one-row and many-row paths that verification always had.
+:class:`PackedWeights` packs a model's float32 ``nn.Linear`` weights once (an extra copy of them in
+memory) and writes nothing into the model: the direct forward (:mod:`restspec.decode.direct`) calls the
+group matmuls itself. Results differ from the stock kernels by float rounding only, the same kind of
+difference as between MKL's one-row and many-row paths.
+
+Routing the model's own forward to the packed matmuls without patching its modules would take a
+``TorchFunctionMode`` around the forward; that was built and measured (Intel Xeon, SmolLM2-135M,
+float32, 320 cached tokens): it sees every tensor operation of the forward, and its per-operation cost
+(about 20 ms a forward) outweighed what the packed matmuls saved at 1 and 16 inputs, so it was dropped.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
-import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-_GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
 _BATCH_HINT = 16
-"""Row count oneDNN packs for; measured best over 1..32 rows on the 2-core machine."""
-
-_active: contextvars.ContextVar[bool] = contextvars.ContextVar("restspec_fast_kernels", default=False)
-_packed_models: weakref.WeakKeyDictionary[Any, FastKernels] = weakref.WeakKeyDictionary()
+"""Row count oneDNN packs for (the widest trees verification usually runs)."""
 
 
 def available() -> bool:
@@ -57,107 +46,82 @@ def available() -> bool:
     )
 
 
-class _Group:
-    """Linears that read the same input tensor (a layer's q/k/v projections, an MLP's gate and up):
-    one packed matmul over their concatenated weights serves them all.
+class PackedGroup:
+    """Linears that read the same input (a layer's q/k/v projections, an MLP's gate and up): one packed
+    matmul over their concatenated weights serves them all. A group of one is a plain packed linear.
 
-    The first member to be called with an input computes every member's output and keeps them until
-    the last member has taken its own; a member called with another input computes them afresh, so a
-    call order other than the probed one costs time, never correctness. A group of one is a plain
-    packed linear."""
+    Holds the modules' parameters (never writes them); packs again when one changed in place."""
 
     def __init__(self, modules: list[torch.nn.Linear]) -> None:
-        self.modules = [weakref.proxy(m) for m in modules]
+        self.weights = [m.weight for m in modules]
+        self.biases = [m.bias for m in modules]
         self.sizes = [m.out_features for m in modules]
         self._pack()
-        self._kept: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
-        """(input, every member's output): read and replaced whole, so another thread's forward
-        through the same model cannot mix its outputs into this one's."""
 
     def _versions(self) -> tuple[int, ...]:
-        return tuple(t._version for t in self._params)
+        return tuple(t._version for t in (*self.weights, *self.biases) if t is not None)
 
     def _pack(self) -> None:
-        self._params = [m.weight for m in self.modules] + [m.bias for m in self.modules if m.bias is not None]
-        weight = torch.cat([m.weight.detach() for m in self.modules])  # (sum of out_features, in)
+        weight = torch.cat([w.detach() for w in self.weights])  # (sum of out_features, in)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)
         self.bias = (
             None
-            if all(m.bias is None for m in self.modules)
+            if all(b is None for b in self.biases)
             else torch.cat(
                 [
-                    m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
-                    for m in self.modules
+                    b.detach() if b is not None else w.new_zeros(w.shape[0])
+                    for w, b in zip(self.weights, self.biases, strict=True)
                 ]
             )
         )
         self.version = self._versions()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """Every member's output for input ``x``, side by side in the last dimension."""
+        """Every member's output for input ``x`` (..., in), side by side: (..., sum of out_features)."""
         if self._versions() != self.version:  # weights changed in place since packing
             self._pack()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
-    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Member ``index``'s output for input ``x``."""
-        kept = self._kept
-        if index == 0 or kept is None or kept[0] is not x:
-            kept = (x, tuple(part.contiguous() for part in self.matmul(x).split(self.sizes, dim=-1)))
-        # hold no tensors once every member is served
-        self._kept = None if index == len(self.sizes) - 1 else kept
-        return kept[1][index]
 
-
-class _PackedForward:
-    """Replacement ``forward`` of one ``nn.Linear``: its group's packed matmul inside
-    :func:`fast_kernels`, ``F.linear`` outside."""
-
-    def __init__(self, module: torch.nn.Linear, group: _Group, index: int) -> None:
-        self.module = weakref.proxy(module)
-        self.group = group
-        self.index = index
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.module
-        if not _active.get() or x.dtype != torch.float32:
-            return F.linear(x, m.weight, m.bias)
-        return self.group.output(self.index, x)
-
-
-def packed_group(modules: list[torch.nn.Linear]) -> _Group | None:
-    """The packed group whose members are exactly ``modules``, in that order (None if they are not
-    one group, e.g. not packed at all)."""
-    forwards = [vars(m).get("forward") for m in modules]
-    if not all(isinstance(f, _PackedForward) for f in forwards):
+def _free_memory_bytes() -> int | None:
+    """Memory available to this process now (Linux), None where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
         return None
-    group = forwards[0].group
-    if len(group.sizes) != len(modules) or any(
-        f.group is not group or f.index != i for i, f in enumerate(forwards)
-    ):
-        return None
-    return group
+
+
+class _LinearRecorder(TorchFunctionMode):
+    """Records ``(weight, input)`` of every ``F.linear`` call run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            self.calls.append((args[1] if len(args) > 1 else kwargs["weight"], args[0]))
+        return func(*args, **kwargs)
 
 
 def shared_input_groups(model: Any, linears: list[torch.nn.Linear]) -> list[list[torch.nn.Linear]]:
     """``linears`` grouped by the input tensor they read, in call order, found by one two-token
-    forward of ``model``; a linear the probe did not reach (or every one, if the model cannot run
-    on bare ``input_ids``) is a group of its own."""
-    calls: list[tuple[torch.nn.Linear, torch.Tensor]] = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: calls.append((m, args[0]))) for m in linears]
+    forward of ``model`` (recorded by a function mode, no hooks on the model); a linear the probe did
+    not reach (or every one, if the model cannot run on bare ``input_ids``) is a group of its own."""
+    recorder = _LinearRecorder()
     try:
-        with torch.inference_mode():
-            model(input_ids=torch.zeros((1, 2), dtype=torch.long), use_cache=False)
+        with torch.inference_mode(), recorder:
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=model.device), use_cache=False)
     except Exception:  # a model that needs more than input_ids: no grouping
-        calls.clear()
-    finally:
-        for hook in hooks:
-            hook.remove()
+        recorder.calls.clear()
+    by_weight = {id(m.weight): m for m in linears}
     groups: list[list[torch.nn.Linear]] = []
     by_input: dict[int, list[torch.nn.Linear]] = {}
     seen: set[int] = set()
-    for module, x in calls:  # `calls` keeps every input alive, so ids are not reused
-        if id(module) in seen:
+    for weight, x in recorder.calls:  # `calls` keeps every input alive, so ids are not reused
+        module = by_weight.get(id(weight))
+        if module is None or id(module) in seen:
             continue
         seen.add(id(module))
         group = by_input.get(id(x))
@@ -169,61 +133,51 @@ def shared_input_groups(model: Any, linears: list[torch.nn.Linear]) -> list[list
     return groups
 
 
-def _free_memory_bytes() -> int | None:
-    """Memory available to this process now (Linux), None where the OS does not say."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+class PackedWeights:
+    """The packed groups of one model's float32 CPU ``nn.Linear`` layers, built once; the model is only
+    read. Build with :meth:`of`, which says None where packing does not apply."""
 
+    def __init__(self, model: Any, linears: list[torch.nn.Linear]) -> None:
+        self.groups = [PackedGroup(members) for members in shared_input_groups(model, linears)]
+        self.layers = len(linears)
+        self._by_weight: dict[int, tuple[PackedGroup, int]] = {
+            id(w): (group, index) for group in self.groups for index, w in enumerate(group.weights)
+        }
 
-class FastKernels:
-    """The packed layers of one model; entering it routes that thread's forwards through them.
-
-    Packs nothing (``layers == 0``: stock kernels) without oneDNN, for weights that are not float32
-    on the CPU, and when the packed copy would take more than half of the free memory."""
-
-    def __init__(self, model: Any) -> None:
-        self.layers = self.groups = 0
+    @classmethod
+    def of(cls, model: Any) -> PackedWeights | None:
+        """The packed weights of ``model``; None without oneDNN, for a model with no float32 CPU
+        linears, and when the packed copy would take more than half of the free memory."""
         if not available():
-            return
+            return None
         linears = [
             module
             for module in model.modules()
             if type(module) is torch.nn.Linear
             and module.weight.dtype == torch.float32
             and module.weight.device.type == "cpu"
-            and "forward" not in vars(module)
         ]
+        if not linears:
+            return None
         size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
         free = _free_memory_bytes()
         if free is not None and size > free / 2:
-            return
-        groups = shared_input_groups(model, linears)
-        for members in groups:
-            group = _Group(members)
-            for index, module in enumerate(members):
-                module.forward = _PackedForward(module, group, index)
-        self.layers, self.groups = len(linears), len(groups)
+            return None
+        return cls(model, linears)
 
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        token = _active.set(self.layers > 0)
-        previous = os.environ.get(_GQA_SWITCH)
-        os.environ[_GQA_SWITCH] = "1"
-        try:
-            yield
-        finally:
-            _active.reset(token)
-            if previous is None:
-                os.environ.pop(_GQA_SWITCH, None)
-            else:
-                os.environ[_GQA_SWITCH] = previous
+    def member(self, weight: torch.Tensor) -> tuple[PackedGroup, int] | None:
+        """The group holding ``weight`` and its index there, None if it is not packed."""
+        return self._by_weight.get(id(weight))
 
-
-def fast_kernels(model: Any) -> FastKernels:
-    """The (once per model) packed kernels of ``model``; ``with fast_kernels(model)(): model(...)``."""
-    kernels = _packed_models.get(model)
-    if kernels is None:
-        kernels = _packed_models[model] = FastKernels(model)
-    return kernels
+    def group_of(self, modules: list[torch.nn.Linear]) -> PackedGroup | None:
+        """The group whose members are exactly ``modules``, in that order; None if they are not one."""
+        found = [self.member(m.weight) for m in modules]
+        if any(f is None for f in found):
+            return None
+        group = found[0][0]  # type: ignore[index]
+        if len(group.sizes) != len(modules) or any(
+            g is not group or i != index
+            for index, (g, i) in enumerate(found)  # type: ignore[misc]
+        ):
+            return None
+        return group

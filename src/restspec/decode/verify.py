@@ -10,25 +10,27 @@ The cache is a ``DynamicCache`` without config whose layers are :class:`Buffered
 non-sliding ``DynamicLayer``) holding ``keys`` / ``values`` of shape (batch=1, kv_heads, T,
 head_dim), so that rejected rows can be dropped and accepted rows gathered (:func:`compact_cache`),
 also for sliding-window models.
+
+The forward itself is a backend's (:mod:`restspec.decode.backends`): the model's own forward or a faster
+one that reproduces it. Inputs, masks and compaction indices are built on the model's device.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from restspec.decode.direct import DirectForward
-from restspec.decode.kernels import fast_kernels
 from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
+
+if TYPE_CHECKING:
+    from restspec.decode.backends import ForwardBackend
 
 _MASKABLE_ATTENTION = ("sdpa", "eager")
 _FULL, _SLIDING = "full_attention", "sliding_attention"
@@ -171,135 +173,41 @@ def _mask_argument(
     return tree_attention_bias(tree, past_len, layout.dtype, layout.sliding_window)
 
 
+def tree_inputs(
+    root_token: int, tree: DraftTree, past_len: int, layout: ModelLayout, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
+    """Input ids (1, n+1) of ``[root_token] + tree``, their position ids (1, n+1) and the tree mask
+    (see :func:`tree_attention_bias`), all on ``device``."""
+    ids = np.empty(len(tree) + 1, dtype=np.int64)
+    ids[0] = root_token
+    ids[1:] = tree.tokens
+    input_ids = torch.from_numpy(ids)[None, :].to(device)
+    position_ids = torch.from_numpy(tree.position_ids(past_len))[None, :].to(device)
+    mask = _mask_argument(layout, tree, past_len)
+    if isinstance(mask, dict):
+        return input_ids, position_ids, {kind: m.to(device) for kind, m in mask.items()}
+    return input_ids, position_ids, mask.to(device)
+
+
 @torch.inference_mode()
-def prefill(
-    model: Any, cache: DynamicCache, token_ids: np.ndarray, layout: ModelLayout | None = None
-) -> None:
-    """Feed ``token_ids`` (int[L]) into an empty ``cache`` with the model's own causal mask."""
-    if len(token_ids) == 0:
-        return
-    layout = layout or model_layout(model)
-    input_ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))[None, :]  # (1, L)
-    kwargs: dict[str, Any] = {}
-    if layout.logits_to_keep:
-        kwargs["logits_to_keep"] = 1  # no logits are needed: the root is scored by the first step
-    model(
-        input_ids=input_ids,
-        position_ids=torch.arange(input_ids.shape[1])[None, :],
-        past_key_values=cache,
-        use_cache=True,
-        **kwargs,
-    )
+def prefill(backend: ForwardBackend, cache: DynamicCache, token_ids: np.ndarray) -> None:
+    """Feed ``token_ids`` (int[L]) into an empty ``cache`` with the model's own causal mask, through
+    ``backend`` (a :class:`~restspec.decode.backends.ForwardBackend`)."""
+    backend.prefill(cache, token_ids)
 
 
 @torch.inference_mode()
 def forward_tree(
-    model: Any,
-    cache: DynamicCache,
-    root_token: int,
-    tree: DraftTree,
-    past_len: int,
-    layout: ModelLayout | None = None,
-    *,
-    fast: bool = True,
-    direct: bool = True,
+    backend: ForwardBackend, cache: DynamicCache, root_token: int, tree: DraftTree, past_len: int
 ) -> torch.Tensor:
-    """Score ``[root_token] + tree`` on top of ``cache`` (which holds ``past_len`` tokens) in one forward.
+    """Score ``[root_token] + tree`` on top of ``cache`` (which holds ``past_len`` tokens) in one forward
+    of ``backend`` (a :class:`~restspec.decode.backends.ForwardBackend`).
 
-    Returns the raw logits (n+1, V) in the model's dtype; row r scores the token after input r on its
-    tree path. The cache grows by n+1 rows: call :func:`compact_cache` after acceptance. ``fast``
-    runs the forward with :func:`~restspec.decode.kernels.fast_kernels` (packed CPU weights) and,
-    unless ``direct`` is False, through the model's :class:`~restspec.decode.direct.DirectForward`
-    where a probe found it bitwise equal to the model's own forward.
+    Returns the raw logits (n+1, V) in the model's dtype, on its device; row r scores the token after
+    input r on its tree path. The cache grows by n+1 rows: call :func:`compact_cache` after acceptance.
     """
-    layout = layout or model_layout(model)
-    input_ids, position_ids, mask = _tree_inputs(root_token, tree, past_len, layout)
-    if not fast:
-        return _own_forward(model, cache, input_ids, position_ids, mask)
-    with fast_kernels(model)():
-        runner = _direct_forward(model, layout) if direct else None
-        if runner is None:
-            return _own_forward(model, cache, input_ids, position_ids, mask)
-        return runner(cache, input_ids, position_ids, mask)
-
-
-def _tree_inputs(
-    root_token: int, tree: DraftTree, past_len: int, layout: ModelLayout
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
-    """Input ids (1, n+1) of ``[root_token] + tree``, their position ids (1, n+1) and the tree mask."""
-    ids = np.empty(len(tree) + 1, dtype=np.int64)
-    ids[0] = root_token
-    ids[1:] = tree.tokens
-    input_ids = torch.from_numpy(ids)[None, :]
-    position_ids = torch.from_numpy(tree.position_ids(past_len))[None, :]
-    return input_ids, position_ids, _mask_argument(layout, tree, past_len)
-
-
-def _own_forward(
-    model: Any,
-    cache: DynamicCache,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    mask: torch.Tensor | dict[str, torch.Tensor],
-) -> torch.Tensor:
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return out.logits[0]
-
-
-@torch.inference_mode()
-def prepare_fast_forward(model: Any, layout: ModelLayout | None = None) -> None:
-    """Pack the model's kernels and probe its direct forward now (both happen once per model), so that
-    the first ``forward_tree(..., fast=True)`` does not pay for them."""
-    with fast_kernels(model)():
-        _direct_forward(model, layout or model_layout(model))
-
-
-_direct_forwards: weakref.WeakKeyDictionary[Any, DirectForward | None] = weakref.WeakKeyDictionary()
-
-
-def _direct_forward(model: Any, layout: ModelLayout) -> DirectForward | None:
-    """The model's :class:`~restspec.decode.direct.DirectForward` if it reproduces the model's own
-    forward bitwise (logits and cache rows) on a probe (checked once per model), else None."""
-    if model in _direct_forwards:
-        return _direct_forwards[model]
-    direct = None
-    if not layout.hybrid:
-        try:
-            candidate = DirectForward(model)
-        except AttributeError:  # not a Llama-family decoder
-            candidate = None
-        if candidate is not None and _agrees(model, candidate, layout):
-            direct = candidate
-    _direct_forwards[model] = direct
-    return direct
-
-
-@torch.inference_mode()
-def _agrees(model: Any, direct: DirectForward, layout: ModelLayout) -> bool:
-    """Both forwards score the same two-sibling tree on the same three-token cache, bitwise alike."""
-    vocab = model.get_input_embeddings().num_embeddings
-    prompt = np.arange(1, 4) % vocab
-    tree = DraftTree(np.arange(4, 6) % vocab, np.array([-1, -1]))
-    input_ids, position_ids, mask = _tree_inputs(0, tree, len(prompt), layout)
-    runs = []
-    for forward in (functools.partial(_own_forward, model), direct):
-        cache = new_cache()
-        prefill(model, cache, prompt, layout)
-        try:
-            logits = forward(cache, input_ids, position_ids, mask)
-        except Exception:  # a layer the direct forward does not know how to run
-            return False
-        runs.append((logits, [t for layer in cache.layers for t in (layer.keys, layer.values)]))
-    (own_logits, own_rows), (direct_logits, direct_rows) = runs
-    return torch.equal(own_logits, direct_logits) and all(
-        torch.equal(a, b) for a, b in zip(own_rows, direct_rows, strict=True)
-    )
+    input_ids, position_ids, mask = tree_inputs(root_token, tree, past_len, backend.layout, backend.device)
+    return backend(cache, input_ids, position_ids, mask)
 
 
 @torch.inference_mode()
@@ -314,7 +222,7 @@ def compact_cache(cache: DynamicCache, past_len: int, path: np.ndarray | list[in
     drop = n_nodes - keep
     contiguous = bool(np.array_equal(path, np.arange(keep)))
     if not contiguous:
-        src = torch.from_numpy(past_len + 1 + path)
+        src = torch.from_numpy(past_len + 1 + path)  # moved to the cache's device below
         dst = slice(past_len + 1, past_len + 1 + keep)
     for layer in cache.layers:
         if not isinstance(layer, DynamicLayer) or layer.is_sliding:
@@ -323,8 +231,9 @@ def compact_cache(cache: DynamicCache, past_len: int, path: np.ndarray | list[in
             continue
         if not contiguous:
             # (1, kv_heads, T, head_dim): move the accepted rows right after the root
-            layer.keys[:, :, dst] = layer.keys[:, :, src]
-            layer.values[:, :, dst] = layer.values[:, :, src]
+            rows = src.to(layer.keys.device)
+            layer.keys[:, :, dst] = layer.keys[:, :, rows]
+            layer.values[:, :, dst] = layer.values[:, :, rows]
         if drop:
             end = layer.keys.shape[-2] - drop
             layer.keys = layer.keys[:, :, :end]

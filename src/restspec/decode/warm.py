@@ -21,11 +21,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from restspec.draft.base import Drafter, Learner, Step
+
+if TYPE_CHECKING:
+    from restspec.decode.generate import SpeculativeGenerator
 
 WARM_START_VERSION = 2
 """Bump when what is learned or how changes, so cached warm starts are learned again (2: the
@@ -194,10 +197,8 @@ def question_prefix(tokenizer: Any) -> np.ndarray:
 
 
 def learn_warm_start(
-    model: Any,
-    tokenizer: Any,
-    drafter: Drafter,
-    policy: Learner,
+    asker: SpeculativeGenerator,
+    answerer: SpeculativeGenerator,
     *,
     conversations: int = WARM_CONVERSATIONS,
     question_tokens: int = QUESTION_TOKENS,
@@ -205,14 +206,13 @@ def learn_warm_start(
     seed: int = 0,
     on_conversation: Callable[[int], None] | None = None,
 ) -> WarmStart:
-    """Have the model ask ``conversations`` questions (sampled, seeds ``seed``, ``seed + 1``, ...) and
-    answer each greedily with ``drafter`` and ``policy``; return what they learned. Greedy answers are
-    the model's own, so nothing here depends on a data set. ``on_conversation(i)`` after each."""
+    """Have the model ask ``conversations`` questions through ``asker`` (sampled, seeds ``seed``,
+    ``seed + 1``, ...) and answer each greedily through ``answerer`` (the same model, with the drafter
+    and budget policy that learn); return what they learned. Greedy answers are the model's own, so
+    nothing here depends on a data set. ``on_conversation(i)`` after each."""
     from restspec.decode.config import GenerationConfig, SamplingConfig
-    from restspec.decode.generate import SpeculativeGenerator
 
-    asker = SpeculativeGenerator(model, tokenizer, budget=0)
-    answerer = SpeculativeGenerator(model, tokenizer, drafter=drafter, budget=policy)
+    tokenizer = answerer.tokenizer
     prefix = question_prefix(tokenizer)
     chat = bool(getattr(tokenizer, "chat_template", None))
     limit = answerer.layout.max_positions
@@ -228,7 +228,7 @@ def learn_warm_start(
             outputs.append(answer.output_ids.astype(np.int32))
         if on_conversation is not None:
             on_conversation(i)
-    return WarmStart.capture(prompts, outputs, drafter, policy)
+    return WarmStart.capture(prompts, outputs, answerer.drafter, answerer.policy)
 
 
 def warm_start_path(model_name: str, dtype: str, tokenizer: Any) -> Path:
@@ -242,22 +242,35 @@ def warm_start_path(model_name: str, dtype: str, tokenizer: Any) -> Path:
 
 def load_or_learn_warm_start(
     loaded: Any,
-    make: Callable[[], tuple[Drafter, Learner]],
+    make: Callable[[], tuple[SpeculativeGenerator, SpeculativeGenerator]],
     *,
     relearn: bool = False,
     on_conversation: Callable[[int], None] | None = None,
 ) -> WarmStart:
-    """The cached warm start of ``loaded`` (a :class:`restspec.models.LoadedModel`), learned first
-    (with a fresh drafter and policy from ``make()``) when missing or unreadable."""
+    """The warm start of ``loaded`` (a :class:`restspec.models.LoadedModel`): the cached one, else the
+    one shipped with restspec for it, else learned (:func:`learn_warm_start` with the asker and the
+    answerer that ``make()`` builds: a fresh drafter and policy) and cached."""
     from restspec.models import dtype_name
 
     path = warm_start_path(str(loaded.name), dtype_name(loaded.model), loaded.tokenizer)
-    if not relearn and path.is_file():
+    for candidate in (path, shipped_warm_start(path.name)):
+        if relearn or candidate is None or not candidate.is_file():
+            continue
         try:
-            return WarmStart.load(path)
+            return WarmStart.load(candidate)
         except ValueError:
-            pass  # unreadable cache: learn again
-    drafter, policy = make()
-    warm = learn_warm_start(loaded.model, loaded.tokenizer, drafter, policy, on_conversation=on_conversation)
+            pass  # unreadable: look further, or learn again
+    asker, answerer = make()
+    warm = learn_warm_start(asker, answerer, on_conversation=on_conversation)
     warm.save(path)
     return warm
+
+
+def shipped_warm_start(name: str) -> Path | None:
+    """The warm start restspec ships as package data under the cache file's ``name`` (same model, dtype,
+    tokenizer and format version), if there is one: the embedded model's, so that a first run need
+    not learn it."""
+    from importlib.resources import files
+
+    shipped = Path(str(files("restspec") / "data" / "warm" / name))
+    return shipped if shipped.is_file() else None

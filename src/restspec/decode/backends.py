@@ -1,0 +1,423 @@
+"""Forward backends: objects that wrap a model and run its verification forwards, chosen by measurement.
+
+Every backend holds the model and only reads it: nothing is written into its modules, its config or
+``os.environ``. All of them prefill with the model's own forward (causal mask); they differ in how a
+tree is scored:
+
+- ``model``: the model's own forward (what ``model.generate`` runs);
+- ``direct``: :class:`~restspec.decode.direct.DirectForward`, the same operations as a Llama-family
+  forward in one loop over the layers, with the model's own linears;
+- ``direct-packed``: the direct forward calling the oneDNN group matmuls of
+  :class:`~restspec.decode.kernels.PackedWeights` (CPU, float32).
+
+Which is fastest depends on the CPU, the device, the dtype and the width of the forward. Measured on an
+Intel Xeon with AVX-512/AMX (2 cores, other work running; SmolLM2-135M in float32, 320 cached tokens,
+medians of 5 interleaved rounds at 1 / 8 / 16 inputs): ``model`` 45 / 82 / 89 ms, ``direct`` 40 / 75 /
+83 ms, ``direct-packed`` 51 / 64 / 70 ms; the packed kernels win on wide trees and lose on plain steps.
+So :func:`choose_backend` measures, once per machine + model + dtype + device, and keeps the fastest
+backend that passes an exactness probe against the model's own forward and is no slower than it at any
+timed width (here ``direct``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from restspec.decode.direct import DirectForward
+from restspec.decode.kernels import PackedWeights
+from restspec.decode.verify import ModelLayout, model_layout, new_cache, tree_inputs
+from restspec.draft.tree import DraftTree
+from restspec.errors import ModelError
+from restspec.models import dtype_name
+
+BACKEND_NAMES = ("model", "direct", "direct-packed")
+"""Every backend, in the order :func:`choose_backend` considers them."""
+CHOICE_VERSION = 1
+"""Bump when the backends or the measurement change, so cached choices are made again."""
+TIMING_WIDTHS: tuple[int, ...] = (1, 8, 16)
+"""Forward widths (root + tree nodes) the candidates are timed at: a plain step and typical trees."""
+TIMING_PAST_LEN = 320
+"""Cache length the timed forwards run on (a typical prompt plus part of an answer)."""
+TIMING_ROUNDS = 5
+"""Rounds over all candidates and widths, interleaved so machine noise hits them alike; medians kept."""
+PROBE_PAST_LEN = 24
+"""Cache length of the exactness probe."""
+PROBE_TREE = DraftTree(np.array([5, 9, 11, 2, 7, 3]), np.array([-1, -1, 0, 2, 3, 1]))
+"""The probe's tree: a branch at the root and a chain of three under its first child (token ids are
+taken modulo the vocabulary)."""
+PROBE_SEED = 0
+"""Seed of the probe's and the timing's random prompts."""
+PACKED_TOLERANCE = {torch.float32: 1e-4}
+"""Largest difference a packed backend may show against the model's own forward, relative to the
+largest magnitude of the compared tensor (logits, each cache layer's keys and values): float rounding
+of differently blocked dot products, summed over the layers."""
+
+
+@runtime_checkable
+class ForwardBackend(Protocol):
+    """Runs a model's forwards for verification; holds the model, never writes into it."""
+
+    name: str
+    """One of :data:`BACKEND_NAMES`."""
+    model: Any
+    """The wrapped ``transformers`` causal LM."""
+    layout: ModelLayout
+    """The model's attention layout, read once."""
+    device: torch.device
+    """Where the model's weights are: inputs are built there."""
+    exact: bool
+    """Runs the model's own kernels: its logits must equal the model's forward bitwise."""
+
+    def prefill(self, cache: Any, token_ids: np.ndarray) -> None:
+        """Feed ``token_ids`` (int[L]) into an empty ``cache`` with the model's own causal mask."""
+        ...
+
+    def __call__(
+        self,
+        cache: Any,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Logits (n, V) in the model's dtype of ``input_ids`` (1, n) at ``position_ids`` (1, n) on
+        top of ``cache``, with the additive tree ``mask`` (1, 1, n, past + n)."""
+        ...
+
+
+class ModelForward:
+    """The model's own forward (``name == "model"``): the reference every other backend is probed
+    against."""
+
+    name = "model"
+    exact = True
+
+    def __init__(self, model: Any, layout: ModelLayout | None = None) -> None:
+        self.model = model
+        self.layout = layout or model_layout(model)
+        self.device = torch.device(model.device)
+
+    @torch.inference_mode()
+    def prefill(self, cache: Any, token_ids: np.ndarray) -> None:
+        if len(token_ids) == 0:
+            return
+        input_ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64), device=self.device)[None, :]
+        kwargs: dict[str, Any] = {}
+        if self.layout.logits_to_keep:
+            kwargs["logits_to_keep"] = 1  # no logits are needed: the root is scored by the first step
+        self.model(
+            input_ids=input_ids,
+            position_ids=torch.arange(input_ids.shape[1], device=self.device)[None, :],
+            cache=cache,
+            use_cache=True,
+            **kwargs,
+        )
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        cache: Any,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+        )
+        return out.logits[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, model={type(self.model).__name__})"
+
+
+class DirectBackend(ModelForward):
+    """:class:`~restspec.decode.direct.DirectForward` for the tree forwards: ``direct`` with the model's
+    own linears, ``direct-packed`` with ``packed`` weights (CPU only). Raises ``ModelError`` for a
+    model that is not a Llama-family decoder or whose layers mix sliding and full attention."""
+
+    def __init__(self, model: Any, packed: PackedWeights | None = None, layout: ModelLayout | None = None):
+        super().__init__(model, layout)
+        if self.layout.hybrid:
+            raise ModelError("the direct forward takes one mask; this model mixes sliding and full layers")
+        try:
+            self.direct = DirectForward(model, packed)
+        except AttributeError as exc:
+            raise ModelError(f"{type(model).__name__} is not a Llama-family decoder: {exc}") from exc
+        self.name = "direct-packed" if packed is not None else "direct"
+        self.exact = packed is None
+
+    def __call__(
+        self,
+        cache: Any,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        return self.direct(cache, input_ids, position_ids, mask)  # type: ignore[arg-type]
+
+
+def candidates(model: Any, device: torch.device | str | None = None) -> list[ForwardBackend]:
+    """Every backend that can run ``model`` on ``device`` (default: the model's), in the order of
+    :data:`BACKEND_NAMES`: the model's own forward; for Llama-family decoders the direct one, and on the
+    CPU in float32 the direct-packed one where oneDNN is built in and the packed copy fits in memory."""
+    own = ModelForward(model)
+    _check_device(own, device)
+    found: list[ForwardBackend] = [own]
+    with contextlib.suppress(ModelError):  # not a Llama-family decoder: no direct backends
+        found.append(DirectBackend(model, None, own.layout))
+    packed = _packed_weights(own) if len(found) == 2 else None
+    if packed is not None:
+        found.append(DirectBackend(model, packed, own.layout))
+    return found
+
+
+def backend_by_name(model: Any, name: str) -> ForwardBackend:
+    """The backend ``name`` (one of :data:`BACKEND_NAMES`) of ``model``; ``ModelError`` if it cannot
+    run this model here."""
+    if name not in BACKEND_NAMES:
+        raise ModelError(f"backend {name!r} is unknown; use one of {', '.join(BACKEND_NAMES)} or 'auto'")
+    own = ModelForward(model)
+    if name == "model":
+        return own
+    try:
+        if name == "direct":
+            return DirectBackend(model, None, own.layout)
+        packed = _packed_weights(own)
+        if packed is not None:  # name == "direct-packed"
+            return DirectBackend(model, packed, own.layout)
+    except ModelError:
+        pass
+    raise ModelError(
+        f"backend {name!r} cannot run {type(model).__name__} ({dtype_name(model)} on {model.device}); "
+        "use 'auto' or 'model'"
+    )
+
+
+def _packed_weights(own: ModelForward) -> PackedWeights | None:
+    """The model's packed weights where packed backends apply (the CPU), else None."""
+    return PackedWeights.of(own.model) if own.device.type == "cpu" else None
+
+
+def _check_device(backend: ModelForward, device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type != backend.device.type:
+        raise ModelError(
+            f"the model is on {backend.device} but device={str(device)!r} was asked for; "
+            f"load it there: load_model(..., device={str(device)!r})"
+        )
+
+
+# ---- the exactness probe ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """How a backend's forward compared with the model's own on :data:`PROBE_TREE`."""
+
+    passed: bool
+    max_error: float
+    """Largest difference seen, relative to the compared tensor's largest magnitude (0.0: bitwise)."""
+    reason: str = ""
+    """Why it failed; empty when it passed."""
+
+
+def _probe_run(backend: ForwardBackend) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of :data:`PROBE_TREE` on a :data:`PROBE_PAST_LEN`-token cache, and the cache's rows."""
+    vocab = int(backend.model.get_input_embeddings().num_embeddings)
+    prompt = np.random.default_rng(PROBE_SEED).integers(0, vocab, size=PROBE_PAST_LEN + 1)
+    tree = DraftTree(PROBE_TREE.tokens % vocab, PROBE_TREE.parents)
+    cache = new_cache()
+    backend.prefill(cache, prompt[:-1])
+    ids, positions, mask = tree_inputs(int(prompt[-1]), tree, PROBE_PAST_LEN, backend.layout, backend.device)
+    with torch.inference_mode():
+        logits = backend(cache, ids, positions, mask)
+    return logits, [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def probe(backend: ForwardBackend, reference: ForwardBackend | None = None) -> ProbeResult:
+    """Compare ``backend`` with ``reference`` (default: the model's own forward) on one small tree.
+
+    The rule: a backend that runs the model's own kernels (``backend.exact``: ``model``, ``direct``)
+    must give bitwise equal logits and cache rows. A packed backend runs other matmul kernels, so it
+    must give the same argmax in every logits row, and logits and cache rows within
+    :data:`PACKED_TOLERANCE` (relative to each tensor's largest magnitude) of the reference; packed
+    backends exist for float32 only. An error inside the backend's forward fails the probe."""
+    reference = reference or ModelForward(backend.model, backend.layout)
+    want_logits, want_rows = _probe_run(reference)
+    try:
+        got_logits, got_rows = _probe_run(backend)
+    except Exception as exc:  # a layer this backend does not know how to run
+        return ProbeResult(False, float("inf"), f"its forward failed: {exc!r}")
+    pairs = [(got_logits, want_logits), *zip(got_rows, want_rows, strict=True)]
+    if any(a.shape != b.shape for a, b in pairs):
+        return ProbeResult(False, float("inf"), "its logits or cache rows have other shapes")
+    error = max(_relative_error(a, b) for a, b in pairs)
+    if backend.exact:
+        same = all(torch.equal(a, b) for a, b in pairs)
+        return ProbeResult(same, error, "" if same else f"not bitwise equal (relative error {error:.2e})")
+    tolerance = PACKED_TOLERANCE.get(want_logits.dtype)
+    if tolerance is None:
+        return ProbeResult(False, error, f"no tolerance is defined for {want_logits.dtype}")
+    if not torch.equal(got_logits.argmax(-1), want_logits.argmax(-1)):
+        return ProbeResult(False, error, "another argmax in some logits row")
+    if error > tolerance:
+        return ProbeResult(False, error, f"relative error {error:.2e} > {tolerance:.0e}")
+    return ProbeResult(True, error)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    diff = float((got.to(want.dtype) - want).abs().max()) if want.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+# ---- timing and the choice ---------------------------------------------------------------------------
+
+
+def time_backends(
+    backends: Sequence[ForwardBackend],
+    widths: Sequence[int] = TIMING_WIDTHS,
+    *,
+    past_len: int = TIMING_PAST_LEN,
+    rounds: int = TIMING_ROUNDS,
+) -> dict[str, dict[int, float]]:
+    """Median seconds of one tree forward per backend and width, on a ``past_len``-token cache: every
+    round times every backend at every width (interleaved, so load from elsewhere hits all alike)."""
+    from restspec.decode.budget import ForwardLatencyProbe
+
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be >= 1")
+    probes = [ForwardLatencyProbe(b, past_len=past_len) for b in backends]
+    for p in probes:
+        p(max(widths))  # warm-up at the widest shape
+    samples: dict[str, dict[int, list[float]]] = {b.name: {w: [] for w in widths} for b in backends}
+    for _ in range(rounds):
+        for width in widths:
+            for backend, p in zip(backends, probes, strict=True):
+                samples[backend.name][width].append(p(width))
+    return {
+        name: {w: statistics.median(s) for w, s in by_width.items()} for name, by_width in samples.items()
+    }
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What :func:`choose_backend` measured: the kept backend's name, each timed candidate's median
+    seconds per width, and why the others were left out."""
+
+    name: str
+    timings: dict[str, dict[int, float]]
+    rejected: dict[str, str]
+
+    def to_json(self) -> dict:
+        return {
+            "backend": self.name,
+            "timings_ms": {
+                n: {str(w): round(s * 1e3, 3) for w, s in t.items()} for n, t in self.timings.items()
+            },
+            "rejected": self.rejected,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> BackendChoice:
+        timings = {n: {int(w): ms / 1e3 for w, ms in t.items()} for n, t in data["timings_ms"].items()}
+        return cls(str(data["backend"]), timings, dict(data.get("rejected", {})))
+
+
+def fastest(backends: Sequence[ForwardBackend], timings: dict[str, dict[int, float]]) -> ForwardBackend:
+    """Of ``backends`` (the model's own forward first) those whose median time at every width is at
+    most the model's own, the one with the least total over the widths."""
+    own = timings[backends[0].name]
+    eligible = [b for b in backends if all(timings[b.name][w] <= own[w] for w in own)]
+    return min(eligible, key=lambda b: sum(timings[b.name].values()))
+
+
+def choice_path(model: Any, name: str | None = None) -> Path:
+    """``$RESTSPEC_CACHE/backend/<model>-<dtype>-<hash>.json``: the cached choice for this machine (CPU,
+    cores, threads, torch and transformers versions), device, model (``name``, default the model's
+    ``name_or_path`` or class, and its config) and dtype."""
+    import transformers
+
+    from restspec.datastore.default import model_cache_file
+    from restspec.decode.budget import device_key, machine_key
+
+    device = torch.device(model.device)
+    label = name or Path(str(getattr(model, "name_or_path", "") or "")).name or type(model).__name__
+    blob = json.dumps(
+        {
+            "machine": machine_key(),
+            "device": device_key(device),
+            "transformers": transformers.__version__,
+            "config": model.config.to_json_string(use_diff=False) if name is None else "",
+            "version": CHOICE_VERSION,
+        },
+        sort_keys=True,
+    )
+    return model_cache_file("backend", label, dtype_name(model), blob, ".json")
+
+
+def choose_backend(
+    model: Any,
+    device: torch.device | str | None = None,
+    *,
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    refresh: bool = False,
+) -> ForwardBackend:
+    """The fastest backend of ``model`` on ``device`` (default: where the model is) that passes the
+    exactness probe (:func:`probe`), measured once and cached (:func:`choice_path`; ``name`` is the
+    model's cache name, e.g. :attr:`restspec.models.LoadedModel.name`).
+
+    Every candidate (:func:`candidates`) is probed, and those that pass are timed at
+    :data:`TIMING_WIDTHS` on a :data:`TIMING_PAST_LEN`-token cache (:func:`time_backends`). Of those
+    no slower than the model's own forward at any timed width (so that neither plain decoding, all one
+    input wide, nor wide trees lose to ``model.generate``), the one with the least total of median
+    times is kept (:func:`fastest`). A cached choice is probed again before use (cheap), and
+    the choice is made again if it fails or no longer applies. ``progress`` gets a line per phase;
+    ``refresh`` measures again."""
+    path = choice_path(model, name)
+    if not refresh and path.is_file():
+        try:
+            cached = BackendChoice.from_json(json.loads(path.read_text(encoding="utf-8")))
+            backend = backend_by_name(model, cached.name)
+            _check_device(backend, device)  # type: ignore[arg-type]
+            if backend.name == "model" or probe(backend).passed:
+                return backend
+        except (ValueError, KeyError, TypeError, ModelError):
+            pass  # unreadable or stale: choose again
+    found = candidates(model, device)
+    if progress is not None:
+        progress(f"choosing a forward backend among {', '.join(b.name for b in found)} (once per machine)")
+    passing: list[ForwardBackend] = []
+    rejected: dict[str, str] = {}
+    for backend in found:
+        result = probe(backend) if backend.name != "model" else ProbeResult(True, 0.0)
+        if result.passed:
+            passing.append(backend)
+        else:
+            rejected[backend.name] = result.reason
+    timings = time_backends(passing) if len(passing) > 1 else {}
+    best = fastest(passing, timings) if timings else passing[0]
+    choice = BackendChoice(best.name, timings, rejected)
+    if progress is not None:
+        progress(f"forward backend: {best.name}" + (f" ({_summary(timings)})" if timings else ""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(choice.to_json(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return best
+
+
+def _summary(timings: dict[str, dict[int, float]]) -> str:
+    """``model 60/80/95 ms, direct 55/75/90 ms`` over the timed widths."""
+    return ", ".join(
+        f"{n} " + "/".join(f"{s * 1e3:.0f}" for s in t.values()) + " ms" for n, t in timings.items()
+    )
