@@ -650,35 +650,17 @@ class AdaptiveBudget:
         return best_budget(weights, self._table, limit, rate=self.rate)
 
     def state_dict(self) -> dict[str, Any]:
-        """``calibration`` (:meth:`WeightCalibration.state_dict`), the decayed ``tokens`` and
-        ``seconds`` behind the achieved rate, and the measured step costs: ``step_s``, ``step_n``
-        (float64[max_budget + 2], by width), ``steps_seen`` and the cost ``table`` in use."""
-        return {
-            "calibration": self.calibration.state_dict(),
-            "tokens": self._tokens,
-            "seconds": self._seconds,
-            "step_s": self._step_s.copy(),
-            "step_n": self._step_n.copy(),
-            "steps_seen": self._steps_seen,
-            "table": self._table.copy(),
-        }
+        """What the policy learned about the drafts: ``calibration`` (:meth:`WeightCalibration.state_dict`,
+        how often nodes of each weight were accepted). Not what this machine's steps cost or the rate
+        they achieved: those belong to the machine and the process, and every policy measures them
+        afresh from its latency curve, so a state learned elsewhere (a shipped warm start) misleads
+        no cost."""
+        return {"calibration": self.calibration.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from the :meth:`state_dict` of a policy with the same ``max_budget``."""
-        check_state_keys(
-            self, state, {"calibration", "tokens", "seconds", "step_s", "step_n", "steps_seen", "table"}
-        )
-        arrays = {
-            name: check_state_shape(name, state[name], self._table.shape)
-            for name in ("step_s", "step_n", "table")
-        }
+        """Continue from the :meth:`state_dict` of an adaptive policy."""
+        check_state_keys(self, state, {"calibration"})
         self.calibration.load_state_dict(state["calibration"])
-        self._tokens = float(state["tokens"])
-        self._seconds = float(state["seconds"])
-        self._step_s, self._step_n, self._table = (
-            np.array(arrays[n], np.float64) for n in ("step_s", "step_n", "table")
-        )
-        self._steps_seen = int(state["steps_seen"])
 
     @classmethod
     def for_model(

@@ -30,9 +30,9 @@ from restspec.draft.base import Drafter, Learner, Step
 if TYPE_CHECKING:
     from restspec.decode.generate import SpeculativeGenerator
 
-WARM_START_VERSION = 2
+WARM_START_VERSION = 3
 """Bump when what is learned or how changes, so cached warm starts are learned again (2: the
-learners' state dicts)."""
+learners' state dicts; 3: the budget policy's state without the machine's step costs)."""
 WARM_CONVERSATIONS = 32
 """Conversations the model writes for a warm start."""
 QUESTION_TOKENS = 48
