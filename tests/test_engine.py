@@ -120,3 +120,21 @@ def test_phases_print_one_line_each_when_not_on_a_terminal(tiny_model_dir: Path,
 def test_a_missing_datastore_fails_before_the_model_loads(tmp_path: Path):
     with pytest.raises(DatastoreError, match="restspec build"):
         Engine.from_pretrained("no-such-model", datastores=[tmp_path / "missing"], progress=False)
+
+
+def test_the_engine_is_the_one_place_that_assembles_model_drafter_and_budget():
+    """No module of the package but restspec/engine.py calls what builds the pieces of an engine."""
+    import ast
+
+    import restspec
+
+    builders = {"SpeculativeGenerator", "default_drafter", "load_model", "for_model", "choose_backend"}
+    package = Path(restspec.__file__).parent
+    callers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in builders:
+                    callers.add(f"{path.relative_to(package)}:{name}")
+    assert {c.split(":")[0] for c in callers} == {"engine.py"}, sorted(callers)

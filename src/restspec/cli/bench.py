@@ -184,7 +184,7 @@ def bench(
     ctx = MethodContext(engine)
     warm = engine.warm
     if warmup:
-        with err.status("Warming up…"):
+        with ConsoleProgress(err).phase("Warming up"):
             warm_up(build_methods(names, ctx), engine.tokenizer)
     measured = build_methods(names, ctx)
     turns = sum(len(i.turns) for i in items)

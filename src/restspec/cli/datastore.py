@@ -12,6 +12,7 @@ import typer
 
 from restspec.cli.app import app
 from restspec.cli.common import EMBEDDED_MODEL, ModelOption, cli_errors, stderr_console
+from restspec.progress import ConsoleProgress
 
 TOP_CONTINUATIONS = 5
 """Distinct continuations `lookup` shows (most frequent first)."""
@@ -21,7 +22,7 @@ def _tokenizer(spec: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from restspec.models import load_tokenizer
 
-    with stderr_console().status(f"Loading tokenizer of {spec}…", spinner="dots"):
+    with ConsoleProgress(stderr_console()).phase(f"Loading tokenizer of {spec}"):
         return load_tokenizer(spec)
 
 

@@ -41,6 +41,7 @@ from restspec.cli.common import (
     stderr_console,
 )
 from restspec.errors import GenerationError, RestspecError
+from restspec.progress import ConsoleProgress
 
 if TYPE_CHECKING:
     from restspec.decode import GenerationConfig, GenerationResult, SpeculativeGenerator
@@ -120,6 +121,7 @@ def demo(
     from restspec.decode import GenerationConfig
 
     err = stderr_console()
+    progress = ConsoleProgress(err)
     config = options.generation()
     plain = engine.plain()
     err.print(
@@ -134,9 +136,9 @@ def demo(
 
     rows: list[tuple[DemoPrompt, GenerationResult, GenerationResult]] = []
     for i, prompt in enumerate(DEMO_PROMPTS, start=1):
-        with err.status(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): plain decoding…"):
+        with progress.phase(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): plain decoding"):
             base = plain.generate(prompt.text, config, chat=prompt.chat)
-        with err.status(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): restspec…"):
+        with progress.phase(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): restspec"):
             fast = engine.generator.generate(prompt.text, config, chat=prompt.chat)
         rows.append((prompt, base, fast))
 
