@@ -254,3 +254,71 @@ def test_a_generation_prints_no_deprecation(cache_dir):
     finally:
         logger.removeHandler(handler)
     assert not [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+
+
+@pytest.mark.parametrize(
+    ("narrow_ms", "wide_ms", "width"),
+    [
+        ((40, 45, 55, 75, 83), (51, 52, 55, 64, 70), 8),  # packed ahead from 8 inputs (4: a tie, not ahead)
+        ((40, 45, 55, 75, 83), (51, 44, 50, 64, 70), 2),
+        ((40, 45, 55, 75, 83), (39, 44, 50, 64, 70), None),  # packed ahead everywhere: no split
+        ((40, 45, 55, 60, 65), (51, 52, 56, 64, 70), None),  # stock ahead everywhere
+        ((40, 45, 55, 75, 83), (51, 44, 56, 64, 70), 8),  # ahead at 2, behind at 4: from 8 on
+    ],
+)
+def test_the_split_width_is_where_the_packed_kernels_stay_ahead(narrow_ms, wide_ms, width):
+    widths = (1, 2, 4, 8, 16)
+    narrow = dict(zip(widths, narrow_ms, strict=True))
+    wide = dict(zip(widths, wide_ms, strict=True))
+    assert backends_module.split_width(narrow, wide) == width
+
+
+@pytest.mark.skipif(not packed_available(), reason="torch built without oneDNN")
+def test_the_split_backend_runs_each_width_on_its_member_and_keeps_the_output():
+    model = tiny32("llama")
+    split = backend_by_name(model, "direct-split", wide_from=3)
+    narrow, wide = split.members
+    assert (narrow.name, wide.name, split.wide_from) == ("direct", "direct-packed", 3)
+    calls = []
+    for member in split.members:
+        member.direct = _recording(member.direct, member.name, calls)
+    prompt = np.random.default_rng(5).integers(0, VOCAB, size=11).tolist()
+    expected = plain_greedy(model, prompt, 16)
+    drafter = OracleDrafter(prompt + expected, "mixed", VOCAB)
+    gen = SpeculativeGenerator(model, IdTokenizer(), drafter, budget=6, backend=split)
+    assert gen.generate(prompt, GenerationConfig(max_new_tokens=16)).output_ids.tolist() == expected
+    assert {name for name, width in calls if width >= 3} == {"direct-packed"}
+    assert {name for name, width in calls if width < 3} <= {"direct"}
+    assert probe(split).passed
+
+
+def _recording(forward, name, calls):
+    def run(cache, input_ids, position_ids, mask):
+        calls.append((name, input_ids.shape[1]))
+        return forward(cache, input_ids, position_ids, mask)
+
+    return run
+
+
+@pytest.mark.skipif(not packed_available(), reason="torch built without oneDNN")
+def test_choose_backend_splits_where_each_direct_forward_wins_at_some_widths(cache_dir, monkeypatch):
+    model = tiny32("llama")
+    table = {  # median ms at widths 1, 2, 4, 8, 16: the stock kernels win narrow, the packed ones wide
+        "model": (45, 50, 60, 82, 89),
+        "direct": (40, 45, 55, 75, 83),
+        "direct-packed": (51, 52, 54, 64, 70),
+    }
+    monkeypatch.setattr(
+        backends_module,
+        "time_backends",
+        lambda backends, *a, **k: {
+            b.name: {w: t / 1e3 for w, t in zip((1, 2, 4, 8, 16), table[b.name], strict=True)}
+            for b in backends
+        },
+    )
+    chosen = choose_backend(model, "cpu")
+    assert (chosen.name, chosen.wide_from) == ("direct-split", 4)
+    record = BackendChoice.from_json(json.loads(choice_path(model).read_text()))
+    assert record.wide_from == 4 and record.timings["direct-split"][1] == pytest.approx(0.040)
+    again = choose_backend(model)  # from the cache, with its width
+    assert (again.name, again.wide_from) == ("direct-split", 4)

@@ -8,7 +8,9 @@ tree is scored:
 - ``direct``: :class:`~restspec.decode.direct.DirectForward`, the same operations as a Llama-family
   forward in one loop over the layers, with the model's own linears;
 - ``direct-packed``: the direct forward calling the oneDNN group matmuls of
-  :class:`~restspec.decode.kernels.PackedWeights` (CPU, float32).
+  :class:`~restspec.decode.kernels.PackedWeights` (CPU, float32);
+- ``direct-split``: ``direct`` for narrow forwards and ``direct-packed`` from the width on where
+  the packed kernels are measured faster (:class:`SplitBackend`).
 
 Which is fastest depends on the CPU, the device, the dtype and the width of the forward. Measured on an
 Intel Xeon with AVX-512/AMX (2 cores, other work running; SmolLM2-135M in float32, 320 cached tokens,
@@ -16,7 +18,8 @@ medians of 5 interleaved rounds at 1 / 8 / 16 inputs): ``model`` 45 / 82 / 89 ms
 83 ms, ``direct-packed`` 51 / 64 / 70 ms; the packed kernels win on wide trees and lose on plain steps.
 So :func:`choose_backend` measures, once per machine + model + dtype + device, and keeps the fastest
 backend that passes an exactness probe against the model's own forward and is no slower than it at any
-timed width (here ``direct``).
+timed width; where the stock and the packed direct forwards each win at some widths, the split of
+the two takes the faster at every width.
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
 from restspec.models import dtype_name
 
-BACKEND_NAMES = ("model", "direct", "direct-packed")
+BACKEND_NAMES = ("model", "direct", "direct-packed", "direct-split")
 """Every backend, in the order :func:`choose_backend` considers them."""
-CHOICE_VERSION = 1
+CHOICE_VERSION = 2
 """Bump when the backends or the measurement change, so cached choices are made again."""
-TIMING_WIDTHS: tuple[int, ...] = (1, 8, 16)
+TIMING_WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16)
 """Forward widths (root + tree nodes) the candidates are timed at: a plain step and typical trees."""
 TIMING_PAST_LEN = 320
 """Cache length the timed forwards run on (a typical prompt plus part of an answer)."""
@@ -165,6 +168,46 @@ class DirectBackend(ModelForward):
         return self.direct(cache, input_ids, position_ids, mask)  # type: ignore[arg-type]
 
 
+class SplitBackend(ModelForward):
+    """``direct-split``: the stock direct forward (``narrow``) below ``wide_from`` inputs, the packed
+    one (``wide``) from there on: on CPUs where oneDNN's packed matmuls lose to MKL on one row but win
+    on many, plain steps and wide trees each run on their faster kernels. Its probe is both members'."""
+
+    name = "direct-split"
+    exact = False
+
+    def __init__(self, narrow: DirectBackend, wide: DirectBackend, wide_from: int) -> None:
+        if wide_from < 2:
+            raise ValueError(f"wide_from={wide_from} must be >= 2 (else it is {wide.name!r} alone)")
+        super().__init__(narrow.model, narrow.layout)
+        self.members = (narrow, wide)
+        self.wide_from = int(wide_from)
+
+    def __call__(
+        self,
+        cache: Any,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        narrow, wide = self.members
+        member = wide if input_ids.shape[1] >= self.wide_from else narrow
+        return member(cache, input_ids, position_ids, mask)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(wide_from={self.wide_from}, model={type(self.model).__name__})"
+
+
+def split_width(narrow: dict[int, float], wide: dict[int, float]) -> int | None:
+    """The least timed width from which ``wide`` is faster than ``narrow`` at every timed width on
+    (median seconds by width), if ``narrow`` wins below it; else None (one of the two is best alone)."""
+    widths = sorted(narrow)
+    for i, width in enumerate(widths):
+        if all(wide[w] < narrow[w] for w in widths[i:]):
+            return width if i > 0 else None
+    return None
+
+
 def candidates(model: Any, device: torch.device | str | None = None) -> list[ForwardBackend]:
     """Every backend that can run ``model`` on ``device`` (default: the model's), in the order of
     :data:`BACKEND_NAMES`: the model's own forward; for Llama-family decoders the direct one, and on the
@@ -180,9 +223,10 @@ def candidates(model: Any, device: torch.device | str | None = None) -> list[For
     return found
 
 
-def backend_by_name(model: Any, name: str) -> ForwardBackend:
+def backend_by_name(model: Any, name: str, *, wide_from: int = 2) -> ForwardBackend:
     """The backend ``name`` (one of :data:`BACKEND_NAMES`) of ``model``; ``ModelError`` if it cannot
-    run this model here."""
+    run this model here. ``wide_from``: where ``direct-split`` turns to the packed kernels
+    (:func:`choose_backend` measures it)."""
     if name not in BACKEND_NAMES:
         raise ModelError(f"backend {name!r} is unknown; use one of {', '.join(BACKEND_NAMES)} or 'auto'")
     own = ModelForward(model)
@@ -192,8 +236,11 @@ def backend_by_name(model: Any, name: str) -> ForwardBackend:
         if name == "direct":
             return DirectBackend(model, None, own.layout)
         packed = _packed_weights(own)
-        if packed is not None:  # name == "direct-packed"
+        if packed is not None and name == "direct-packed":
             return DirectBackend(model, packed, own.layout)
+        if packed is not None:  # name == "direct-split"
+            narrow, wide = DirectBackend(model, None, own.layout), DirectBackend(model, packed, own.layout)
+            return SplitBackend(narrow, wide, wide_from)
     except ModelError:
         pass
     raise ModelError(
@@ -251,6 +298,9 @@ def probe(backend: ForwardBackend, reference: ForwardBackend | None = None) -> P
     :data:`PACKED_TOLERANCE` (relative to each tensor's largest magnitude) of the reference; packed
     backends exist for float32 only. An error inside the backend's forward fails the probe."""
     reference = reference or ModelForward(backend.model, backend.layout)
+    if isinstance(backend, SplitBackend):  # each member scores the trees of its widths
+        results = [probe(member, reference) for member in backend.members]
+        return next((r for r in results if not r.passed), max(results, key=lambda r: r.max_error))
     want_logits, want_rows = _probe_run(reference)
     try:
         got_logits, got_rows = _probe_run(backend)
@@ -316,10 +366,13 @@ class BackendChoice:
     name: str
     timings: dict[str, dict[int, float]]
     rejected: dict[str, str]
+    wide_from: int = 2
+    """Where ``direct-split`` turns to the packed kernels (used when ``name`` is ``direct-split``)."""
 
     def to_json(self) -> dict:
         return {
             "backend": self.name,
+            "wide_from": self.wide_from,
             "timings_ms": {
                 n: {str(w): round(s * 1e3, 3) for w, s in t.items()} for n, t in self.timings.items()
             },
@@ -329,7 +382,7 @@ class BackendChoice:
     @classmethod
     def from_json(cls, data: dict) -> BackendChoice:
         timings = {n: {int(w): ms / 1e3 for w, ms in t.items()} for n, t in data["timings_ms"].items()}
-        return cls(str(data["backend"]), timings, dict(data.get("rejected", {})))
+        return cls(str(data["backend"]), timings, dict(data.get("rejected", {})), int(data["wide_from"]))
 
 
 def fastest(backends: Sequence[ForwardBackend], timings: dict[str, dict[int, float]]) -> ForwardBackend:
@@ -387,7 +440,7 @@ def choose_backend(
     if not refresh and path.is_file():
         try:
             cached = BackendChoice.from_json(json.loads(path.read_text(encoding="utf-8")))
-            backend = backend_by_name(model, cached.name)
+            backend = backend_by_name(model, cached.name, wide_from=cached.wide_from)
             _check_device(backend, device)  # type: ignore[arg-type]
             if backend.name == "model" or probe(backend).passed:
                 return backend
@@ -405,8 +458,13 @@ def choose_backend(
         else:
             rejected[backend.name] = result.reason
     timings = time_backends(passing) if len(passing) > 1 else {}
+    split = _split(passing, timings)
+    if split is not None:
+        narrow, wide = (timings[m.name] for m in split.members)
+        timings[split.name] = {w: min(narrow[w], wide[w]) for w in narrow}
+        passing.append(split)
     best = fastest(passing, timings) if timings else passing[0]
-    choice = BackendChoice(best.name, timings, rejected)
+    choice = BackendChoice(best.name, timings, rejected, split.wide_from if split is not None else 2)
     if progress is not None:
         progress(f"forward backend: {best.name}" + (f" ({_summary(timings)})" if timings else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,6 +472,17 @@ def choose_backend(
     tmp.write_text(json.dumps(choice.to_json(), indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
     return best
+
+
+def _split(passing: Sequence[ForwardBackend], timings: dict[str, dict[int, float]]) -> SplitBackend | None:
+    """The split of the stock and the packed direct forwards, where both passed the probe and each is
+    faster at some timed widths (the stock one on the narrow side)."""
+    found = {b.name: b for b in passing}
+    narrow, wide = found.get("direct"), found.get("direct-packed")
+    if not isinstance(narrow, DirectBackend) or not isinstance(wide, DirectBackend):
+        return None
+    width = split_width(timings[narrow.name], timings[wide.name])
+    return None if width is None else SplitBackend(narrow, wide, width)
 
 
 def _summary(timings: dict[str, dict[int, float]]) -> str:
