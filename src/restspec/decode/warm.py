@@ -240,6 +240,22 @@ def warm_start_path(model_name: str, dtype: str, tokenizer: Any) -> Path:
     return model_cache_file("warm", model_name, dtype, key, ".npz")
 
 
+def cached_warm_start(loaded: Any) -> WarmStart | None:
+    """The warm start of ``loaded`` (a :class:`restspec.models.LoadedModel`) in the cache, else the one
+    shipped with restspec for it, if either is there and readable."""
+    from restspec.models import dtype_name
+
+    path = warm_start_path(str(loaded.name), dtype_name(loaded.model), loaded.tokenizer)
+    for candidate in (path, shipped_warm_start(path.name)):
+        if candidate is None or not candidate.is_file():
+            continue
+        try:
+            return WarmStart.load(candidate)
+        except ValueError:
+            pass  # unreadable: look further, or learn again
+    return None
+
+
 def load_or_learn_warm_start(
     loaded: Any,
     make: Callable[[], tuple[SpeculativeGenerator, SpeculativeGenerator]],
@@ -247,22 +263,16 @@ def load_or_learn_warm_start(
     relearn: bool = False,
     on_conversation: Callable[[int], None] | None = None,
 ) -> WarmStart:
-    """The warm start of ``loaded`` (a :class:`restspec.models.LoadedModel`): the cached one, else the
-    one shipped with restspec for it, else learned (:func:`learn_warm_start` with the asker and the
-    answerer that ``make()`` builds: a fresh drafter and policy) and cached."""
+    """The warm start of ``loaded``: :func:`cached_warm_start`, else learned (:func:`learn_warm_start`
+    with the asker and the answerer that ``make()`` builds: a fresh drafter and policy) and cached."""
     from restspec.models import dtype_name
 
-    path = warm_start_path(str(loaded.name), dtype_name(loaded.model), loaded.tokenizer)
-    for candidate in (path, shipped_warm_start(path.name)):
-        if relearn or candidate is None or not candidate.is_file():
-            continue
-        try:
-            return WarmStart.load(candidate)
-        except ValueError:
-            pass  # unreadable: look further, or learn again
+    found = None if relearn else cached_warm_start(loaded)
+    if found is not None:
+        return found
     asker, answerer = make()
     warm = learn_warm_start(asker, answerer, on_conversation=on_conversation)
-    warm.save(path)
+    warm.save(warm_start_path(str(loaded.name), dtype_name(loaded.model), loaded.tokenizer))
     return warm
 
 
