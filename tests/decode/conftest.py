@@ -197,3 +197,29 @@ class OracleDrafter(StatelessDrafter):
             self.rng.shuffle(copies)
             return trie([*copies, cont], budget)
         raise ValueError(self.mode)
+
+
+SAMPLING_VOCAB = 8
+"""Vocabulary of :func:`sampling_model`: small enough to tabulate whole distributions."""
+
+
+def sampling_model() -> torch.nn.Module:
+    """A tiny float64 Llama over :data:`SAMPLING_VOCAB` tokens (multi-query attention), peaked enough
+    that drafts get accepted: the sampling tests' model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=SAMPLING_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        initializer_range=0.5,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(config).to(torch.float64).eval()

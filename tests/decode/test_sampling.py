@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, IdTokenizer, OracleDrafter, tiny_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import SAMPLING_VOCAB, VOCAB, IdTokenizer, OracleDrafter, sampling_model, tiny_model
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -43,7 +42,6 @@ from restspec.decode.accept import (
 )
 from restspec.draft.tree import DraftTree
 
-SMALL_VOCAB = 8
 DRAWS = 20_000
 P_PASS = 1e-3  # the exact rule must not be rejected at this level (fixed seeds: deterministic)
 P_REJECT = 1e-6  # biased rules must be rejected at this level
@@ -105,31 +103,24 @@ def test_draw_never_picks_a_zero_probability_token():
 
 @pytest.fixture(scope="module")
 def small_model():
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=SMALL_VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        initializer_range=0.5,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return LlamaForCausalLM(config).to(torch.float64).eval()
+    return sampling_model()
 
 
 PROMPT = [1, 4, 2, 7, 3]
 # every first token is a root child, so the first step always emits >= 2 tokens; two grandchildren
 # per root child (a+1 and a+3 mod V) and a deeper chain are drafted, the other second tokens come
 # from the bonus draw.
-_GRAND = [(a, (a + step) % SMALL_VOCAB) for a in range(SMALL_VOCAB) for step in (1, 3)]
+_GRAND = [(a, (a + step) % SAMPLING_VOCAB) for a in range(SAMPLING_VOCAB) for step in (1, 3)]
 FIRST_STEP_TREE = DraftTree(
-    np.array([*range(SMALL_VOCAB), *(t for _, t in _GRAND), 2, 5]),
-    np.array([*([-1] * SMALL_VOCAB), *(a for a, _ in _GRAND), SMALL_VOCAB, 2 * SMALL_VOCAB + SMALL_VOCAB]),
+    np.array([*range(SAMPLING_VOCAB), *(t for _, t in _GRAND), 2, 5]),
+    np.array(
+        [
+            *([-1] * SAMPLING_VOCAB),
+            *(a for a, _ in _GRAND),
+            SAMPLING_VOCAB,
+            2 * SAMPLING_VOCAB + SAMPLING_VOCAB,
+        ]
+    ),
 )
 
 
@@ -137,7 +128,7 @@ def plain_joint(model, cfg: SamplingConfig) -> torch.Tensor:
     """(V, V): P(first = a, second = b) from plain forwards, without any tree."""
     with torch.inference_mode():
         first = model(torch.tensor([PROMPT])).logits[0, -1]
-        batch = torch.tensor([[*PROMPT, a] for a in range(SMALL_VOCAB)])
+        batch = torch.tensor([[*PROMPT, a] for a in range(SAMPLING_VOCAB)])
         second = model(batch).logits[:, -1]
     p1 = warped_probs(first, cfg).double()
     p2 = warped_probs(second, cfg).double()
@@ -156,7 +147,7 @@ def first_two(walk_fn, logits, cfg, draws: int, seed: int) -> np.ndarray:
     rows is computed once (sample_accept = warped_cdf + walk_cdfs)."""
     gen = torch.Generator().manual_seed(seed)
     cdfs = warped_cdf(logits, cfg)
-    counts = np.zeros((SMALL_VOCAB, SMALL_VOCAB), dtype=np.int64)
+    counts = np.zeros((SAMPLING_VOCAB, SAMPLING_VOCAB), dtype=np.int64)
     for _ in range(draws):
         tokens = walk_fn(FIRST_STEP_TREE, cdfs, gen).tokens
         counts[tokens[0], tokens[1]] += 1
@@ -224,7 +215,7 @@ SAMPLING_CASES = {
 def plain_counts(joint: torch.Tensor, seed: int) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
     plain = torch.multinomial(joint.ravel(), DRAWS, replacement=True, generator=gen)
-    return np.bincount(plain.numpy(), minlength=SMALL_VOCAB**2).reshape(SMALL_VOCAB, SMALL_VOCAB)
+    return np.bincount(plain.numpy(), minlength=SAMPLING_VOCAB**2).reshape(SAMPLING_VOCAB, SAMPLING_VOCAB)
 
 
 @pytest.mark.parametrize("case", list(SAMPLING_CASES))
@@ -252,7 +243,7 @@ def test_retry_once_bias_is_rejected(small_model):
 @pytest.mark.parametrize("cfg", list(SAMPLING_CASES.values()))
 def test_row_by_row_and_batched_warping_draw_the_same_tokens(cfg):
     gen = torch.Generator().manual_seed(2)
-    logits = torch.randn(FIRST_STEP_TREE.tokens.size + 1, SMALL_VOCAB, generator=gen, dtype=torch.float64)
+    logits = torch.randn(FIRST_STEP_TREE.tokens.size + 1, SAMPLING_VOCAB, generator=gen, dtype=torch.float64)
     logits[:, :3] += 2.0  # make the drafted low ids likely, so paths get long
     for seed in range(200):
         lazy = sample_accept(

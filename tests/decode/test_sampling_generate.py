@@ -22,8 +22,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
-from conftest import IdTokenizer, tiny_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import SAMPLING_VOCAB, IdTokenizer, sampling_model, tiny_model
 
 from restspec.decode import GenerationConfig, SamplingConfig, SpeculativeGenerator
 from restspec.draft import ContextDrafter
@@ -32,7 +31,6 @@ from restspec.draft.tree import DraftTree
 
 accept_module = importlib.import_module("restspec.decode.accept")  # `restspec.decode.accept` is the function
 
-VOCAB = 8
 K = 4
 PROMPT = [1, 4, 2, 7, 3]
 SPEC_DRAWS = 1500
@@ -49,22 +47,8 @@ TILTED_TOKEN = 5
 
 
 def small_model() -> torch.nn.Module:
-    """A tiny float64 Llama over 8 tokens, multi-query attention, peaked enough that drafts get accepted."""
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        initializer_range=0.5,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    model = LlamaForCausalLM(config).to(torch.float64).eval()
+    """The sampling tests' tiny model, with no end of sequence (transformers' sampling runs to length)."""
+    model = sampling_model()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -82,7 +66,7 @@ class RandomTreeDrafter(StatelessDrafter):
         parents: list[int] = []
         for _ in range(int(self.rng.integers(0, budget + 1))):
             parent = int(self.rng.integers(-1, len(tokens)))
-            token = int(self.rng.integers(0, VOCAB))
+            token = int(self.rng.integers(0, SAMPLING_VOCAB))
             if all(not (p == parent and t == token) for p, t in zip(parents, tokens, strict=True)):
                 tokens.append(token)
                 parents.append(parent)
@@ -142,8 +126,10 @@ def homogeneity_p_value(a: np.ndarray, b: np.ndarray) -> float:
 def min_p_value(spec: np.ndarray, ref: np.ndarray) -> float:
     """Bonferroni-adjusted smallest p-value over: the joint of the first two tokens, and the token at
     each of the K positions."""
-    tests = [(spec[:, 0] * VOCAB + spec[:, 1], ref[:, 0] * VOCAB + ref[:, 1], VOCAB**2)]
-    tests += [(spec[:, j], ref[:, j], VOCAB) for j in range(K)]
+    tests = [
+        (spec[:, 0] * SAMPLING_VOCAB + spec[:, 1], ref[:, 0] * SAMPLING_VOCAB + ref[:, 1], SAMPLING_VOCAB**2)
+    ]
+    tests += [(spec[:, j], ref[:, j], SAMPLING_VOCAB) for j in range(K)]
     p = min(
         homogeneity_p_value(np.bincount(s, minlength=size), np.bincount(r, minlength=size))
         for s, r, size in tests
