@@ -61,14 +61,14 @@ def built(tmp_path, tok_dir) -> Path:
 def test_build_inspect_lookup(built, tok_dir):
     result = run("inspect", built, "--json")
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["num_docs"] == 2 and info["token_dtype"] == "uint16"
     result = run("inspect", built, "--verify")
     assert result.exit_code == 0 and "checksums: OK" in result.output
 
     result = run("lookup", built, "--text", "def add ( x", "--model", tok_dir, "--json")
     assert result.exit_code == 0, result.output
-    found = json.loads(result.output)
+    found = json.loads(result.stdout)
     assert (found["match_length"], found["occurrences"]) == (4, 2)
     texts = [c["text"] for c in found["continuations"]]
     assert len(texts) == 2 and all(t.startswith(", y ) : return x") for t in texts)
@@ -91,7 +91,7 @@ def test_build_from_stdin(tmp_path, tok_dir):
     result = run("build", "-", "--model", tok_dir, "--out", out, "-q", input="the cat sat on the mat")
     assert result.exit_code == 0, result.output
     result = run("lookup", out, "--text", "on the", "--model", tok_dir, "--json")
-    assert json.loads(result.output)["continuations"][0]["text"] == "mat"
+    assert json.loads(result.stdout)["continuations"][0]["text"] == "mat"
 
 
 def test_build_jsonl_and_shards(tmp_path, tok_dir):
@@ -102,7 +102,7 @@ def test_build_jsonl_and_shards(tmp_path, tok_dir):
         "build", path, "--jsonl-field", "body", "--shard-tokens", "4", "--model", tok_dir, "--out", out, "-q"
     )
     assert result.exit_code == 0, result.output
-    info = json.loads(run("inspect", out, "--json").output)
+    info = json.loads(run("inspect", out, "--json").stdout)
     assert info["num_docs"] == 3 and len(info["shards"]) == 3
 
 
