@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from restspec.engine import Engine, check_datastore_paths, generation_config, parse_budget
-from restspec.errors import DatastoreError, GenerationError
+from restspec.errors import DatastoreError, GenerationError, ModelError
 from restspec.progress import ConsoleProgress
 
 
@@ -138,3 +138,14 @@ def test_the_engine_is_the_one_place_that_assembles_model_drafter_and_budget():
                 if name in builders:
                     callers.add(f"{path.relative_to(package)}:{name}")
     assert {c.split(":")[0] for c in callers} == {"engine.py"}, sorted(callers)
+
+
+def test_an_unavailable_device_fails_before_the_model_loads(tiny_model_dir: Path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = io.StringIO()
+    with pytest.raises(ModelError, match="--device 'cuda'"):
+        Engine.from_pretrained(tiny_model_dir, device="cuda", progress=ConsoleProgress(Console(file=out)))
+    assert out.getvalue() == ""  # no phase started

@@ -126,7 +126,7 @@ class Engine:
         from restspec.decode.backends import BACKEND_NAMES
         from restspec.decode.budget import FixedBudget
         from restspec.draft.base import EmptyDrafter
-        from restspec.models import check_model, load_model
+        from restspec.models import check_model, load_model, resolve_device
 
         fixed = parse_budget(budget)
         if backend != AUTO and backend not in BACKEND_NAMES:
@@ -134,6 +134,7 @@ class Engine:
         paths = [Path(p) for p in datastores or ()]
         check_datastore_paths(paths)
         check_model(model)
+        resolve_device(device)  # an unavailable device fails now, before anything loads
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         report = progress_from(progress)
         with report.phase(f"Loading model {model} ({dtype})"), _without_transformers_progress_bars():
