@@ -153,19 +153,14 @@ class Engine:
             policy = FixedBudget(fixed)
         warm = None
         if warm_start:
-            from restspec.decode.warm import WARM_CONVERSATIONS, cached_warm_start, load_or_learn_warm_start
+            from restspec.decode.warm import WARM_CONVERSATIONS, cached_warm_start, learn_and_cache_warm_start
 
             warm = cached_warm_start(loaded)
             if warm is None:  # learned once per model, with a fresh drafter and policy
+                learner = engine.variant(engine.new_drafter(), engine.adaptive_budget())
                 with report.steps(WARM_START_PHASE, WARM_CONVERSATIONS) as done:
-                    warm = load_or_learn_warm_start(
-                        loaded,
-                        lambda: (
-                            engine.plain(),
-                            engine.variant(engine.new_drafter(), engine.adaptive_budget()),
-                        ),
-                        relearn=True,
-                        on_conversation=lambda i: done(i + 1),
+                    warm = learn_and_cache_warm_start(
+                        loaded, engine.plain(), learner, on_conversation=lambda i: done(i + 1)
                     )
         return cls(loaded, forward, opened, engine.new_drafter(warm, policy), policy, warm)
 

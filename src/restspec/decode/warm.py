@@ -256,24 +256,36 @@ def cached_warm_start(loaded: Any) -> WarmStart | None:
     return None
 
 
+def learn_and_cache_warm_start(
+    loaded: Any,
+    asker: SpeculativeGenerator,
+    answerer: SpeculativeGenerator,
+    *,
+    on_conversation: Callable[[int], None] | None = None,
+) -> WarmStart:
+    """:func:`learn_warm_start` for ``loaded`` (a :class:`restspec.models.LoadedModel`) through
+    ``asker`` and ``answerer`` (a fresh drafter and policy), saved where :func:`cached_warm_start`
+    finds it."""
+    from restspec.models import dtype_name
+
+    warm = learn_warm_start(asker, answerer, on_conversation=on_conversation)
+    warm.save(warm_start_path(str(loaded.name), dtype_name(loaded.model), loaded.tokenizer))
+    return warm
+
+
 def load_or_learn_warm_start(
     loaded: Any,
     make: Callable[[], tuple[SpeculativeGenerator, SpeculativeGenerator]],
     *,
-    relearn: bool = False,
     on_conversation: Callable[[int], None] | None = None,
 ) -> WarmStart:
-    """The warm start of ``loaded``: :func:`cached_warm_start`, else learned (:func:`learn_warm_start`
-    with the asker and the answerer that ``make()`` builds: a fresh drafter and policy) and cached."""
-    from restspec.models import dtype_name
-
-    found = None if relearn else cached_warm_start(loaded)
+    """:func:`cached_warm_start`, else :func:`learn_and_cache_warm_start` with the asker and the
+    answerer that ``make()`` builds."""
+    found = cached_warm_start(loaded)
     if found is not None:
         return found
     asker, answerer = make()
-    warm = learn_warm_start(asker, answerer, on_conversation=on_conversation)
-    warm.save(warm_start_path(str(loaded.name), dtype_name(loaded.model), loaded.tokenizer))
-    return warm
+    return learn_and_cache_warm_start(loaded, asker, answerer, on_conversation=on_conversation)
 
 
 def shipped_warm_start(name: str) -> Path | None:
