@@ -50,11 +50,11 @@ class PaddedDrafter:
         self.inner = inner
         self.width = width
 
-    def start_request(self, prompt: np.ndarray) -> None:
-        self.inner.start_request(prompt)
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
+        self.inner.start_request(prompt, request)
 
-    def stop_request(self) -> None:
-        self.inner.stop_request()
+    def stop_request(self, request: int = 0) -> None:
+        self.inner.stop_request(request)
 
     def observe(self, step: Any) -> None:
         self.inner.observe(step)

@@ -26,7 +26,8 @@ import pickle
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from restspec.draft.tree import DraftTree
 
 PARTS = ("propose", "choose", "observe", "observe_policy")
 """The timed calls: the drafter's propose and observe, the policy's choose and observe."""
-TRACE_VERSION = 2
+TRACE_VERSION = 3
 """Part of a recording's file name: recordings of another layout are recorded again (2: steps)."""
 
 
@@ -59,13 +60,13 @@ class RecordingDrafter:
         self.inner = inner
         self.events = events
 
-    def start_request(self, prompt: np.ndarray) -> None:
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
         self.events.append(("start", np.array(prompt)))
-        self.inner.start_request(prompt)
+        self.inner.start_request(prompt, request)
 
-    def stop_request(self) -> None:
+    def stop_request(self, request: int = 0) -> None:
         self.events.append(("stop",))
-        self.inner.stop_request()
+        self.inner.stop_request(request)
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         self.events.append(("propose", np.array(context), budget))
@@ -114,8 +115,13 @@ class RecordingPolicy:
         return self.inner.max_budget
 
     def choose(self, tree: DraftTree, past_len: int) -> int:
-        chosen = self.inner.choose(tree, past_len)
-        self.events.append(("choose", past_len, np.array(tree.tokens[:chosen])))
+        return self.choose_batch([tree], 1)[0]
+
+    def choose_batch(self, trees: Sequence[DraftTree], fixed_inputs: int | None = None) -> list[int]:
+        """One request at a time is recorded (the overhead bench runs requests one by one)."""
+        chosen = self.inner.choose_batch(trees, fixed_inputs)
+        for tree, size in zip(trees, chosen, strict=True):
+            self.events.append(("choose", fixed_inputs, np.array(tree.tokens[:size])))
         return chosen
 
     def observe(self, step: Step) -> None:
@@ -206,9 +212,9 @@ def replay(trace: Trace, datastores: list[Any]) -> Replay:
             tree = drafter.propose(event[1], event[2])
             steps += 1
         elif kind == "choose":
-            chosen = policy.choose(tree, event[1])
+            chosen = policy.choose_batch([tree], event[1])[0]
         elif kind == "observe" and step is not None:
-            drafter.observe(step)
+            drafter.observe(replace(step, proposal=tree))
         elif kind == "observe_policy" and step is not None:
             policy.observe(step)
         seconds[kind] += clock() - start

@@ -59,15 +59,17 @@ def replay_policy(
             pos = 0
             while pos < len(ref.output):
                 context = full[: prompt_len + pos]
-                tree = drafter.propose(context, policy.max_budget) if policy.max_budget else DraftTree.empty()
-                tree = tree.truncate(policy.choose(tree, len(context) - 1))
+                budget = policy.max_budget
+                proposal = drafter.propose(context, budget) if budget else DraftTree.empty()
+                tree = proposal.truncate(policy.choose(proposal, len(context) - 1))
                 truth = ref.output[pos:]
                 path = accepted_path(tree, truth)[: len(truth) - 1]
                 n_draft = len(path)
                 gained = truth[: n_draft + 1]
                 inputs = full[prompt_len + pos - 1 : prompt_len + pos + n_draft]
                 top = ref.top[prompt_len + pos - 1 : prompt_len + pos + n_draft]
-                step = Step(context, tree, path, gained, synthesized_logits(inputs, top, vocab_size))
+                logits = synthesized_logits(inputs, top, vocab_size)
+                step = Step(context, tree, path, gained, logits, proposal=proposal)
                 drafter.observe(step)
                 policy.observe(step)
                 n = len(tree)

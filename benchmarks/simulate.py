@@ -255,7 +255,7 @@ def replay(
                 top = ref.top[prompt_len + pos - 1 : prompt_len + pos + n_draft]
                 logits = synthesized_logits(inputs, top, vocab_size)
                 t0 = time.perf_counter()
-                drafter.observe(Step(context, tree, path, gained, logits))
+                drafter.observe(Step(context, tree, path, gained, logits, proposal=tree))
                 spent += time.perf_counter() - t0
                 steps += 1
                 tokens += len(gained)

@@ -103,13 +103,15 @@ class SuffixDrafter:
             max_tree_depth=self.config.max_tree_depth, max_cached_requests=self.config.max_cached_requests
         )
         self._ids = itertools.count()
-        self._req: int | None = None
+        self._req: int | None = None  # the cache's id of the one request in flight
 
     @property
     def max_tokens(self) -> int:
         return self.config.max_spec_tokens
 
-    def start_request(self, prompt: np.ndarray) -> None:
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
+        """One request at a time: Arctic's ``speculate`` needs the request, restspec's ``propose`` has
+        only the context (a baseline for the one-request bench)."""
         if self._req is not None:
             raise ValueError(f"request {self._req} is still active; call stop_request first")
         self._req = next(self._ids)
@@ -147,7 +149,7 @@ class SuffixDrafter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise ValueError("Arctic's suffix cache cannot be loaded from a state; replay the outputs instead")
 
-    def stop_request(self) -> None:
+    def stop_request(self, request: int = 0) -> None:
         if self._req is not None:
             self.cache.stop_request(self._req)
             self._req = None

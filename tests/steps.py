@@ -17,7 +17,7 @@ def step(
     seconds: float = 0.0,
 ) -> Step:
     """A step after ``context`` that added ``accepted``; by default nothing was drafted (as in a
-    replay): the tree is empty, the path too."""
+    replay): the tree is empty, the path too. ``tree`` is also the proposal (nothing truncated)."""
     return Step(
         np.asarray(context, np.int32),
         DraftTree.empty() if tree is None else tree,
@@ -25,4 +25,5 @@ def step(
         np.asarray(accepted, np.int32),
         logits,
         forward_s=seconds,
+        proposal=tree,
     )

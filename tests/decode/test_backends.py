@@ -281,7 +281,7 @@ def test_the_split_backend_runs_each_width_on_its_member_and_keeps_the_output():
     assert (narrow.name, wide.name, split.wide_from) == ("direct", "direct-packed", 3)
     calls = []
     for member in split.members:
-        member.direct = _recording(member.direct, member.name, calls)
+        member.forward_batch = _recording(member.forward_batch, member.name, calls)
     prompt = np.random.default_rng(5).integers(0, VOCAB, size=11).tolist()
     expected = plain_greedy(model, prompt, 16)
     drafter = OracleDrafter(prompt + expected, "mixed", VOCAB)
@@ -292,10 +292,10 @@ def test_the_split_backend_runs_each_width_on_its_member_and_keeps_the_output():
     assert probe(split).passed
 
 
-def _recording(forward, name, calls):
-    def run(cache, input_ids, position_ids, mask):
-        calls.append((name, input_ids.shape[1]))
-        return forward(cache, input_ids, position_ids, mask)
+def _recording(forward_batch, name, calls):
+    def run(segments):
+        calls.append((name, sum(seg.width for seg in segments)))
+        return forward_batch(segments)
 
     return run
 

@@ -164,7 +164,7 @@ class RecordingDrafter:
         self.observed: list[Step] = []
         self.fail_at = fail_at
 
-    def start_request(self, prompt):
+    def start_request(self, prompt, request=0):
         self.events.append(f"start {len(prompt)}")
 
     def propose(self, context, budget):
@@ -176,7 +176,7 @@ class RecordingDrafter:
     def observe(self, step):
         self.observed.append(step)
 
-    def stop_request(self):
+    def stop_request(self, request=0):
         self.events.append("stop")
 
     def state_dict(self):
@@ -194,6 +194,9 @@ class HalfBudget:
 
     def choose(self, tree, past_len):
         return 2
+
+    def choose_batch(self, trees, fixed_inputs=None):
+        return [2] * len(trees)
 
     def observe(self, step):
         self.steps.append(step)

@@ -152,14 +152,14 @@ class Recorder(StatelessDrafter):
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[int]]] = []
 
-    def start_request(self, prompt):
+    def start_request(self, prompt, request=0):
         self.calls.append(("start", np.asarray(prompt).tolist()))
 
     def observe(self, step):
         assert step.logits is None and len(step.tree) == 0
         self.calls.append(("observe", np.asarray(step.accepted).tolist()))
 
-    def stop_request(self):
+    def stop_request(self, request=0):
         self.calls.append(("stop", []))
 
     def propose(self, context, budget):  # pragma: no cover - never asked

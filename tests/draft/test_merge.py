@@ -79,9 +79,23 @@ def test_calibration_learns_that_a_source_is_wrong():
     drafter = MergedDrafter([FixedDrafter(good), FixedDrafter(bad)])
     assert drafter.propose(np.array([0], np.int32), 1).tokens.tolist() == [8]
     for _ in range(40):
-        drafter.propose(np.array([0], np.int32), 2)
-        drafter.observe(step(np.array([0], np.int32), np.array([7])))
+        proposal = drafter.propose(np.array([0], np.int32), 2)
+        drafter.observe(step(np.array([0], np.int32), np.array([7]), tree=proposal))
     assert drafter.propose(np.array([0], np.int32), 1).tokens.tolist() == [7]
+
+
+def test_calibration_learns_from_the_proposal_the_step_carries():
+    # two requests' proposals are in flight at once: each step calibrates on its own proposal
+    good = DraftTree(np.array([7]), np.array([-1]), np.array([0.5]))
+    bad = DraftTree(np.array([8]), np.array([-1]), np.array([0.6]))
+    drafter = MergedDrafter([FixedDrafter(good), FixedDrafter(bad)])
+    for _ in range(40):
+        first = drafter.propose(np.array([0], np.int32), 2)
+        drafter.propose(np.array([1], np.int32), 2)  # another request's, observed later (or never)
+        drafter.observe(step(np.array([0], np.int32), np.array([7]), tree=first))
+        drafter.observe(step(np.array([1], np.int32), np.array([7])))  # no proposal: nothing to learn
+    assert drafter.propose(np.array([0], np.int32), 1).tokens.tolist() == [7]
+    assert len(first.sources) == 2 and first.sources[1].tokens.tolist() == [8]
 
 
 def test_calibrated_probability_is_the_product_of_conditional_rates():

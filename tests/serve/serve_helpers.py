@@ -73,7 +73,7 @@ class LookupDrafter:
     draft the tokens that followed it as a chain. A tiny random model falls into loops under greedy
     decoding, so these drafts get accepted and the speculative statistics move."""
 
-    def start_request(self, prompt: np.ndarray) -> None:
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
         return None
 
     def propose(self, context: np.ndarray, budget: int):
@@ -94,7 +94,7 @@ class LookupDrafter:
     def load_state_dict(self, state) -> None:
         return None
 
-    def stop_request(self) -> None:
+    def stop_request(self, request: int = 0) -> None:
         return None
 
 
@@ -107,7 +107,7 @@ class HistoryOnlyDrafter:
         self.history = np.zeros(0, np.int32)
         self._current: list[np.ndarray] | None = None
 
-    def start_request(self, prompt: np.ndarray) -> None:
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
         self._current = []
 
     def propose(self, context: np.ndarray, budget: int):
@@ -126,7 +126,7 @@ class HistoryOnlyDrafter:
         """Add tokens a step accepted to the current request's output."""
         self._current.append(np.asarray(accepted, np.int32))
 
-    def stop_request(self) -> None:
+    def stop_request(self, request: int = 0) -> None:
         self.history = np.concatenate([self.history, *self._current])
         self._current = None
 
@@ -173,7 +173,7 @@ class SlowDrafter(LookupDrafter):
         self.requests_started = 0
         self.requests_stopped = 0
 
-    def start_request(self, prompt: np.ndarray) -> None:
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
         self.active = True
         self.requests_started += 1
 
@@ -181,7 +181,7 @@ class SlowDrafter(LookupDrafter):
         time.sleep(self.step_delay_s)
         return super().propose(context, budget)
 
-    def stop_request(self) -> None:
+    def stop_request(self, request: int = 0) -> None:
         self.active = False
         self.requests_stopped += 1
 

@@ -38,7 +38,7 @@ import torch
 
 from restspec.decode.direct import DirectForward
 from restspec.decode.kernels import PackedWeights
-from restspec.decode.verify import ModelLayout, model_layout, new_cache, tree_inputs
+from restspec.decode.verify import ModelLayout, Segment, model_layout, new_cache, tree_inputs
 from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
 from restspec.models import dtype_name
@@ -96,6 +96,11 @@ class ForwardBackend(Protocol):
         top of ``cache``, with the additive tree ``mask`` (1, 1, n, past + n)."""
         ...
 
+    def forward_batch(self, segments: Sequence[Segment]) -> list[torch.Tensor | None]:
+        """Several requests' segments, each on its own cache, in one step: per segment its logits
+        (n, V) as :meth:`__call__` gives them, or None where the segment wants none (a prefill chunk)."""
+        ...
+
 
 class ModelForward:
     """The model's own forward (``name == "model"``): the reference every other backend is probed
@@ -138,6 +143,15 @@ class ModelForward:
         )
         return out.logits[0]
 
+    def forward_batch(self, segments: Sequence[Segment]) -> list[torch.Tensor | None]:
+        """One forward per segment (the model's forward takes one cache); backends that verify
+        several requests in one pass override it."""
+        out: list[torch.Tensor | None] = []
+        for seg in segments:
+            logits = self(seg.cache, seg.input_ids, seg.position_ids, seg.mask)
+            out.append(logits if seg.logits else None)
+        return out
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={type(self.model).__name__})"
 
@@ -167,6 +181,11 @@ class DirectBackend(ModelForward):
     ) -> torch.Tensor:
         return self.direct(cache, input_ids, position_ids, mask)  # type: ignore[arg-type]
 
+    def forward_batch(self, segments: Sequence[Segment]) -> list[torch.Tensor | None]:
+        """Every segment in one pass: the weights are read once for all rows, attention runs per
+        segment on its own cache (:meth:`~restspec.decode.direct.DirectForward.batch`)."""
+        return self.direct.batch(segments)
+
 
 class SplitBackend(ModelForward):
     """``direct-split``: the stock direct forward (``narrow``) below ``wide_from`` inputs, the packed
@@ -190,9 +209,14 @@ class SplitBackend(ModelForward):
         position_ids: torch.Tensor,
         mask: torch.Tensor | dict[str, torch.Tensor],
     ) -> torch.Tensor:
+        return self._member(input_ids.shape[1])(cache, input_ids, position_ids, mask)
+
+    def forward_batch(self, segments: Sequence[Segment]) -> list[torch.Tensor | None]:
+        return self._member(sum(seg.width for seg in segments)).forward_batch(segments)
+
+    def _member(self, width: int) -> DirectBackend:
         narrow, wide = self.members
-        member = wide if input_ids.shape[1] >= self.wide_from else narrow
-        return member(cache, input_ids, position_ids, mask)
+        return wide if width >= self.wide_from else narrow
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(wide_from={self.wide_from}, model={type(self.model).__name__})"

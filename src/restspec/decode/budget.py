@@ -1,9 +1,11 @@
 """How many draft nodes to verify in a step.
 
-The generate loop asks the drafter for ``policy.max_budget`` nodes, then verifies the first
-``policy.choose(tree, past_len)`` of them (any prefix of a tree's nodes is a valid tree). A policy is
-a :class:`~restspec.draft.base.Learner`: after every step it observes the step's record (the verified
-tree, the accepted path, what the step cost).
+The generate loop asks the drafter for ``policy.max_budget`` nodes per request, then verifies the
+first ``sizes[i]`` nodes of request i's tree, ``sizes = policy.choose_batch(trees, fixed_inputs)``
+(any prefix of a tree's nodes is a valid tree), for every request of the step at once: they share one
+forward, so the policy prices the nodes of all of them against that forward's cost. A policy is a
+:class:`~restspec.draft.base.Learner`: after every step it observes each request's record (the
+verified tree, the accepted path, what the step cost, how many requests shared it).
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ class BudgetPolicy(Learner, Protocol):
         """The most nodes a step may verify; the drafter is asked for this many."""
 
     def choose(self, tree: DraftTree, past_len: int) -> int:
-        """How many of ``tree``'s first nodes to verify on top of a cache of ``past_len`` tokens."""
+        """How many of ``tree``'s first nodes to verify on top of a cache of ``past_len`` tokens, for
+        a request verified alone."""
+
+    def choose_batch(self, trees: Sequence[DraftTree], fixed_inputs: int | None = None) -> list[int]:
+        """How many of each tree's first nodes to verify when all of them share one forward with
+        ``fixed_inputs`` inputs that are verified anyway (every request's root and any prefill rows;
+        default: one root per tree)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,9 @@ class FixedBudget:
 
     def choose(self, tree: DraftTree, past_len: int) -> int:
         return min(self.size, len(tree))
+
+    def choose_batch(self, trees: Sequence[DraftTree], fixed_inputs: int | None = None) -> list[int]:
+        return [min(self.size, len(tree)) for tree in trees]
 
     def observe(self, step: Step) -> None:
         return None
@@ -127,6 +138,9 @@ STEP_OUTLIER = 2.0
 such as compiling a kernel on the first call, must not set a width's cost for hundreds of steps)."""
 STEP_REFIT_STEPS = 16
 """Rebuild the latency table from observed steps every this many steps."""
+TABLE_WIDTH = 64
+"""Widths the latency table covers at first; it grows (along the calibrated curve) as batches of
+several requests verify wider forwards."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,19 @@ class LatencyCurve:
         return cls(tuple(s for s, _ in REFERENCE_LATENCY_S), tuple(t for _, t in REFERENCE_LATENCY_S))
 
 
+def joint_order(probs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The nodes of several trees in the order a shared forward should take them: by falling
+    probability, where a node's rank is the least probability on its tree's order up to it, so every
+    tree's nodes keep their own order (each prefix taken is a valid tree). Returns (owner, prob):
+    int64[N] tree index and float64[N] probability of each node in that order."""
+    envelope = [np.minimum.accumulate(np.asarray(p, np.float64)) for p in probs]
+    owner = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(probs)])
+    index = np.concatenate([np.arange(len(p)) for p in probs])
+    order = np.lexsort((owner, index, -np.concatenate(envelope)))
+    values = np.concatenate([np.asarray(p, np.float64) for p in probs])
+    return owner[order], values[order]
+
+
 def best_budget(
     weights: np.ndarray, latency: np.ndarray, limit: int, scale: float = 1.0, rate: float | None = None
 ) -> int:
@@ -206,6 +233,16 @@ def best_budget(
     seconds = latency[1 : c_max + 2]
     value = expected / seconds if rate is None else expected - rate * seconds
     return int(np.argmax(value))
+
+
+def best_extra(weights: np.ndarray, latency: np.ndarray, fixed_inputs: int, rate: float) -> int:
+    """The k maximizing ``sum(weights[:k]) - rate * latency[fixed_inputs + k]``: how many of the
+    ranked nodes ``weights`` (:func:`joint_order`) a forward that verifies ``fixed_inputs`` inputs
+    anyway should add (:func:`best_budget`'s rule for a forward shared by several requests)."""
+    n = len(weights)
+    gained = np.concatenate(([0.0], np.cumsum(np.minimum(np.asarray(weights, np.float64), 1.0))))
+    seconds = latency[fixed_inputs : fixed_inputs + n + 1]
+    return int(np.argmax(gained - rate * seconds))
 
 
 def cpu_model_name() -> str:
@@ -590,11 +627,11 @@ class AdaptiveBudget:
         self._max_budget = int(max_budget)
         self.correct = correct
         self.learn_costs = learn_costs
-        self._curve_table = self.latency.table(self._max_budget + 1)
+        self._curve_table = self.latency.table(max(self._max_budget + 1, TABLE_WIDTH))
         self._table = self._curve_table.copy()  # the curve, then what steps measured
         self._step_s = np.zeros_like(self._table)  # decayed seconds and counts of steps by width
         self._step_n = np.zeros_like(self._table)
-        self._steps_seen = 0
+        self._since_refit = 0.0  # steps observed since the table was last rebuilt
         self.calibration = WeightCalibration()
         self._tokens = 1.0  # decayed sums behind the achieved rate; prior: one plain step
         self._seconds = float(self._table[1])
@@ -615,25 +652,50 @@ class AdaptiveBudget:
         )
 
     def observe(self, step: Step) -> None:
-        """Learn the achieved rate and the weight map from the step's outcome, and its cost."""
+        """Learn the achieved rate and the weight map from the step's outcome, and its cost.
+
+        A step that shared its forward with others (``step.batch_size`` requests) counts as that
+        share of a forward: the rate becomes the batch's tokens per second, and the cost learned is
+        the whole step's (the forward plus every request's drafting and acceptance, taken as this
+        request's times the batch size)."""
         gained = len(step.accepted)
-        if 1 <= gained <= len(step.path) + 1 and step.width < len(self._table):  # else no verified step
-            self._tokens = RATE_DECAY * self._tokens + gained
-            self._seconds = RATE_DECAY * self._seconds + float(self._table[step.width])
+        share = 1.0 / max(step.batch_size, 1)
+        width = step.forward_width
+        self._grow(width)
+        if 1 <= gained <= len(step.path) + 1:  # else no verified step
+            decay = RATE_DECAY**share
+            self._tokens = decay * self._tokens + gained
+            self._seconds = decay * self._seconds + float(self._table[width]) * share
             if self.correct:
                 self.calibration.observe(step.tree, len(step.path))
-        self._learn_cost(step.width, step.seconds)
+        seconds = step.forward_s + (step.draft_s + step.accept_s) / share
+        self._learn_cost(width, seconds, share)
 
-    def _learn_cost(self, width: int, seconds: float) -> None:
-        """A step over ``width`` inputs (root + nodes) took ``seconds`` of wall time."""
+    def _grow(self, width: int) -> None:
+        """Make the tables cover ``width`` inputs (new widths start from the calibrated curve)."""
+        size = len(self._table)
+        if width < size:
+            return
+        new = max(width + 1, 2 * size)
+        curve = self.latency.table(new - 1)
+        self._curve_table = curve
+        self._table = np.maximum.accumulate(np.concatenate((self._table, curve[size:])))
+        self._step_s = np.concatenate((self._step_s, np.zeros(new - size)))
+        self._step_n = np.concatenate((self._step_n, np.zeros(new - size)))
+
+    def _learn_cost(self, width: int, seconds: float, share: float = 1.0) -> None:
+        """A step over ``width`` inputs (all requests' roots and nodes) took ``seconds`` of wall time;
+        ``share``: the part of that step this observation stands for."""
         if not self.learn_costs or not 1 <= width < len(self._table) or not seconds > 0:
             return
-        self._step_s *= RATE_DECAY
-        self._step_n *= RATE_DECAY
-        self._step_s[width] += min(seconds, STEP_OUTLIER * self._table[width])  # a stall is no width's cost
-        self._step_n[width] += 1.0
-        self._steps_seen += 1
-        if self._steps_seen % STEP_REFIT_STEPS == 0:
+        decay = RATE_DECAY**share
+        self._step_s *= decay
+        self._step_n *= decay
+        self._step_s[width] += share * min(seconds, STEP_OUTLIER * self._table[width])  # a stall is no cost
+        self._step_n[width] += share
+        self._since_refit += share
+        if self._since_refit >= STEP_REFIT_STEPS - 1e-9:
+            self._since_refit = 0.0
             ratio = self._step_s.sum() / float(self._step_n @ self._curve_table)
             prior = STEP_PRIOR_WEIGHT * ratio * self._curve_table
             table = (self._step_s + prior) / (self._step_n + STEP_PRIOR_WEIGHT)
@@ -644,10 +706,28 @@ class AdaptiveBudget:
         limit = min(self._max_budget, len(tree))
         if limit <= 0:
             return 0
+        return best_budget(self._node_probs(tree, limit), self._table, limit, rate=self.rate)
+
+    def choose_batch(self, trees: Sequence[DraftTree], fixed_inputs: int | None = None) -> list[int]:
+        """Every request's tree size at once: the nodes of all trees ranked by probability
+        (:func:`joint_order`), as many taken as pay for their share of the forward at the achieved
+        rate (:func:`best_extra`). The more requests share the step, the higher that rate and the
+        fewer nodes pay: speculation shrinks as the batch grows, down to none."""
+        fixed = len(trees) if fixed_inputs is None else int(fixed_inputs)
+        limits = [min(self._max_budget, len(tree)) for tree in trees]
+        if sum(limits) == 0:
+            return [0] * len(trees)
+        owner, probs = joint_order([self._node_probs(t, c) for t, c in zip(trees, limits, strict=True)])
+        self._grow(fixed + len(probs))
+        k = best_extra(probs, self._table, fixed, self.rate)
+        return np.bincount(owner[:k], minlength=len(trees)).tolist()
+
+    def _node_probs(self, tree: DraftTree, limit: int) -> np.ndarray:
+        """float64[limit]: the estimated probability that each of the first ``limit`` nodes is accepted."""
         weights = tree.weights[:limit]
         if self.correct:
-            weights = self.calibration(weights, tree.depths[:limit])
-        return best_budget(weights, self._table, limit, rate=self.rate)
+            return self.calibration(weights, tree.depths[:limit])
+        return np.asarray(weights, np.float64)
 
     def state_dict(self) -> dict[str, Any]:
         """What the policy learned about the drafts: ``calibration`` (:meth:`WeightCalibration.state_dict`,

@@ -22,12 +22,16 @@ embeddings, fails the probe and keeps its own forward).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from restspec.decode.kernels import PackedWeights
+
+if TYPE_CHECKING:
+    from restspec.decode.verify import Segment
 
 
 def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +87,10 @@ class _Block(NamedTuple):
     down: _Fused
 
 
+_Span = tuple[int, int, Any, torch.Tensor]
+"""(start, end, cache, mask): one request's rows of a batched forward."""
+
+
 class DirectForward:
     """The decoder of a Llama-family ``*ForCausalLM`` (``model.model.layers`` of pre-norm attention
     + gated MLP blocks, rotary positions, tied or untied LM head), run layer by layer.
@@ -123,29 +131,71 @@ class DirectForward:
     ) -> torch.Tensor:
         """Logits (n, V) of ``input_ids`` (1, n) at ``position_ids`` (1, n) on top of ``cache``, with
         the additive ``mask`` (1, 1, n, past + n)."""
+        n = input_ids.shape[1]
+        x = self._layers(input_ids, position_ids, [(0, n, cache, mask)])
+        return self.lm_head(_rms_norm(self.norm, x))[0]
+
+    @torch.inference_mode()
+    def batch(self, segments: Sequence[Segment]) -> list[torch.Tensor | None]:
+        """Several requests in one pass: their rows side by side through every linear (the weights are
+        read once), attention per segment on its own cache with its own mask, the LM head only over
+        the rows of segments that want logits. Row for row the same operations as :meth:`__call__`
+        on each segment alone."""
+        input_ids = torch.cat([seg.input_ids for seg in segments], dim=1)
+        position_ids = torch.cat([seg.position_ids for seg in segments], dim=1)
+        spans: list[_Span] = []
+        start = 0
+        for seg in segments:
+            spans.append((start, start + seg.width, seg.cache, seg.mask))  # type: ignore[arg-type]
+            start += seg.width
+        x = self._layers(input_ids, position_ids, spans)[0]
+        wanted = [(a, b) for (a, b, _, _), seg in zip(spans, segments, strict=True) if seg.logits]
+        if not wanted:
+            return [None] * len(segments)
+        rows = x if len(wanted) == len(spans) else torch.cat([x[a:b] for a, b in wanted])
+        logits = self.lm_head(_rms_norm(self.norm, rows[None]))[0]
+        out: list[torch.Tensor | None] = []
+        at = 0
+        for seg in segments:
+            out.append(logits[at : at + seg.width] if seg.logits else None)
+            at += seg.width if seg.logits else 0
+        return out
+
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, spans: list[_Span]) -> torch.Tensor:
+        """Hidden states (1, n, d) after the last layer; ``spans``: (start, end, cache, mask) of each
+        request's rows, which attend to their own cache only."""
         x = self.embed(input_ids)
         n = input_ids.shape[1]
-        cos, sin = self.rotary(x, position_ids)
+        cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for index, b in enumerate(self.layers):
             out = b.qkv(_rms_norm(b.in_norm, x))  # (1, n, q + k + v)
             qk = out[..., : b.q_size + b.k_size].view(1, n, -1, b.head_dim).transpose(1, 2)
             qk = (qk * cos) + (_rotate_half(qk) * sin)
-            q_heads = b.q_size // b.head_dim
             values = out[..., b.q_size + b.k_size :].view(1, n, -1, b.head_dim).transpose(1, 2)
-            keys, values = cache.update(qk[:, q_heads:], values, index)
-            attn = F.scaled_dot_product_attention(
-                qk[:, :q_heads],
-                keys,
-                values,
-                attn_mask=mask,
-                dropout_p=0.0,
-                scale=b.scaling,
-                is_causal=False,
-                **({"enable_gqa": True} if b.gqa else {}),
-            )
-            attn = attn.transpose(1, 2).contiguous().reshape(1, n, -1).contiguous()
+            parts = [self._attend(b, index, qk[:, :, s:e], values[:, :, s:e], c, m) for s, e, c, m in spans]
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             x = x + b.o_proj(attn)
             out = b.gate_up(_rms_norm(b.mlp_norm, x))  # (1, n, gate + up)
             x = x + b.down(b.act(out[..., : b.gate_size]) * out[..., b.gate_size :])
-        return self.lm_head(_rms_norm(self.norm, x))[0]
+        return x
+
+    @staticmethod
+    def _attend(
+        b: _Block, index: int, qk: torch.Tensor, values: torch.Tensor, cache: Any, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One request's attention in layer ``index``: (1, n, heads * head_dim)."""
+        q_heads = b.q_size // b.head_dim
+        n = qk.shape[2]
+        keys, values = cache.update(qk[:, q_heads:], values, index)
+        attn = F.scaled_dot_product_attention(
+            qk[:, :q_heads],
+            keys,
+            values,
+            attn_mask=mask,
+            dropout_p=0.0,
+            scale=b.scaling,
+            is_causal=False,
+            **({"enable_gqa": True} if b.gqa else {}),
+        )
+        return attn.transpose(1, 2).contiguous().reshape(1, n, -1).contiguous()

@@ -9,9 +9,14 @@ tokens, everything but the root. The plain baseline is this loop with an :class:
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
+import queue
 import secrets
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +28,23 @@ from restspec.decode.backends import ForwardBackend, ModelForward
 from restspec.decode.budget import BudgetPolicy, FixedBudget
 from restspec.decode.config import GenerationConfig
 from restspec.decode.text import IncrementalDecoder, StopStringMatcher
-from restspec.decode.verify import ModelLayout, compact_cache, forward_tree, new_cache, prefill
+from restspec.decode.verify import (
+    ModelLayout,
+    compact_cache,
+    new_cache,
+    prefill,
+    prefill_segment,
+    tree_segment,
+)
 from restspec.draft.base import Drafter, EmptyDrafter, Step, TreeLogits
 from restspec.draft.tree import DraftTree
 from restspec.errors import GenerationError
 from restspec.models import apply_chat_template
+
+PREFILL_CHUNK = 32
+"""Prompt tokens a joining request feeds per step while others decode (all joining requests together):
+a chunk of this size costs about one more decoding step on a CPU (the forward is bound by reading the
+weights), so the running requests' tokens are not held up by a whole long prompt."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +82,10 @@ class GenerationResult:
     prefill_s: float
     """Seconds to prefill the prompt."""
     elapsed_s: float
-    """Seconds for the whole request, prefill included."""
+    """Seconds for the whole request, from the call: waiting for a place in the batch and prefill
+    included."""
+    queued_s: float = 0.0
+    """Seconds the request waited for a place in the batch (``max_batch`` others were running)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -92,8 +112,10 @@ class StreamChunk:
 
 @dataclass(eq=False)
 class _Request:
-    """Mutable state of one request inside the loop."""
+    """Mutable state of one request inside the loop (the loop thread's, but for ``cancelled``)."""
 
+    id: int
+    drafter: Drafter
     prompt: np.ndarray
     config: GenerationConfig
     max_total: int  # most tokens the context may reach
@@ -103,14 +125,25 @@ class _Request:
     generator: torch.Generator | None
     decoder: IncrementalDecoder
     stops: StopStringMatcher
+    submitted: float  # perf_counter when the caller handed it over
     text: str = ""  # all decoded text so far
     sent: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None
     steps: list[StepStats] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in the cache (the prompt but its last token, when done)
+    admitted: float = 0.0  # perf_counter when it joined the batch
+    prefill_s: float = 0.0  # seconds from joining until the prompt was in the cache
+    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # chunks / an error, to the caller
+    done: threading.Event = field(default_factory=threading.Event)  # the loop let go of it
+    cancelled: bool = False  # set by the caller who stopped reading
 
     @property
     def n_new(self) -> int:
         return self.length - len(self.prompt)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt) - 1
 
     def view(self) -> np.ndarray:
         ctx = self.context[: self.length]
@@ -133,7 +166,13 @@ def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
 
 
 class SpeculativeGenerator:
-    """Generates with a drafter and tree verification; output equals plain decoding's."""
+    """Generates with a drafter and tree verification; output equals plain decoding's.
+
+    ``generate`` and ``stream`` may be called from several threads at once: the requests run on one
+    loop thread and, up to ``max_batch`` at a time, share each step's forward (continuous batching;
+    a request joins or leaves between steps, the others wait in order). With ``max_batch=1`` they run
+    one after the other. A request may bring its own ``drafter`` (e.g. one tenant's); the budget
+    policy is shared, as is the forward it prices."""
 
     def __init__(
         self,
@@ -143,24 +182,36 @@ class SpeculativeGenerator:
         budget: BudgetPolicy | int = 8,
         *,
         backend: ForwardBackend | None = None,
+        max_batch: int = 1,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if backend is not None and backend.model is not model:
             raise GenerationError(
                 f"backend {backend.name!r} wraps another model than the one given; build it for this model "
                 "(restspec.decode.backends.choose_backend(model))"
             )
+        if max_batch < 1:
+            raise GenerationError(f"max_batch={max_batch} must be >= 1 (1 = one request at a time)")
+        if prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk={prefill_chunk} must be >= 1")
         self.model = model
         # runs the verification forwards: the model's own forward unless a faster backend was chosen
         self.backend: ForwardBackend = backend if backend is not None else ModelForward(model)
         self.tokenizer = tokenizer
         self.drafter: Drafter = drafter if drafter is not None else EmptyDrafter()
         self.policy: BudgetPolicy = FixedBudget(budget) if isinstance(budget, int) else budget
+        self.max_batch = int(max_batch)
+        self.prefill_chunk = int(prefill_chunk)
         self.layout: ModelLayout = self.backend.layout
         eos = set(self.layout.eos_token_ids)
         if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(eos)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[_Request] = collections.deque()  # submitted, not yet admitted
+        self._looping = False  # a loop thread runs (it exits when no request is left)
 
     # ---- input ---------------------------------------------------------------------------------
     def encode(
@@ -183,8 +234,7 @@ class SpeculativeGenerator:
             raise GenerationError(f"prompt token ids must lie in [0, {vocab}), got {arr.min()}..{arr.max()}")
         return arr.astype(np.int32)
 
-    # ---- the loop ------------------------------------------------------------------------------
-    def _start(self, prompt_ids: np.ndarray, config: GenerationConfig) -> _Request:
+    def _start(self, prompt_ids: np.ndarray, config: GenerationConfig, drafter: Drafter) -> _Request:
         max_pos = self.layout.max_positions
         if max_pos is not None and len(prompt_ids) >= max_pos:
             raise GenerationError(
@@ -202,6 +252,8 @@ class SpeculativeGenerator:
             generator = torch.Generator()
             generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         return _Request(
+            id=next(self._ids),
+            drafter=drafter,
             prompt=prompt_ids,
             config=config,
             max_total=max_total,
@@ -211,31 +263,194 @@ class SpeculativeGenerator:
             generator=generator,
             decoder=IncrementalDecoder(self.tokenizer, prompt_ids.tolist()),
             stops=StopStringMatcher(config.stop_strings),
+            submitted=time.perf_counter(),
         )
 
-    def prefill(self, req: _Request) -> None:
-        """Feed every prompt token but the last (the first root) into the cache."""
-        prefill(self.backend, req.cache, req.prompt[:-1])
+    # ---- the loop thread -----------------------------------------------------------------------
+    def _submit(self, req: _Request) -> None:
+        with self._lock:
+            self._waiting.append(req)
+            if self._looping:
+                return
+            self._looping = True
+        threading.Thread(target=self._loop, name="restspec-generate", daemon=True).start()
 
-    def step(self, req: _Request) -> tuple[np.ndarray, str]:
-        """One draft-verify-accept step; returns the tokens it added and their text increment."""
+    def _loop(self) -> None:
+        """Admit waiting requests up to ``max_batch``, step the batch, until no request is left."""
+        active: list[_Request] = []
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._lock:
+                        joining = []
+                        while self._waiting and len(active) + len(joining) < self.max_batch:
+                            joining.append(self._waiting.popleft())
+                        if not active and not joining:
+                            self._looping = False
+                            return
+                    for req in joining:
+                        if self._guard(req, self._admit, req):
+                            active.append(req)
+                    active = self._step(active)
+        except BaseException as error:  # pragma: no cover - a bug in the loop itself: no request hangs
+            with self._lock:
+                self._looping = False
+                stranded = active + list(self._waiting)
+                self._waiting.clear()
+            for req in stranded:
+                self._fail(req, error)
+            raise
+
+    def _admit(self, req: _Request) -> None:
+        req.admitted = time.perf_counter()
+        req.drafter.start_request(req.prompt, req.id)
+
+    def _guard(self, req: _Request, call: Callable[..., Any], *args: Any) -> bool:
+        """``call(*args)`` for ``req``; on an error the request fails with it (the others go on)."""
+        try:
+            call(*args)
+        except Exception as error:
+            self._fail(req, error)
+            return False
+        return True
+
+    def _fail(self, req: _Request, error: BaseException) -> None:
+        if req.admitted:
+            with contextlib.suppress(Exception):  # the error the caller gets is the first one
+                req.drafter.stop_request(req.id)
+        req.outbox.put(error)
+        req.done.set()
+
+    def _finish(self, req: _Request) -> None:
+        """Let go of a request that ended or whose caller stopped reading."""
+        try:
+            req.drafter.stop_request(req.id)
+        finally:
+            req.done.set()
+
+    def _step(self, active: list[_Request]) -> list[_Request]:
+        """One step of every active request: prefill (a chunk of) the prompts of those that joined,
+        draft, verify all in one forward, accept. Returns the requests still active."""
+        live = []
+        for req in active:
+            if req.cancelled:
+                self._guard(req, self._finish, req)
+            else:
+                live.append(req)
+        decoding = [req for req in live if not req.prefilling]
+        joining = [req for req in live if req.prefilling]
+        if decoding:
+            return self._verify(decoding, joining, self.prefill_chunk)
+        # nobody waits on the prompts: each in one piece (a fresh one with the model's own mask)
+        rest = []
+        for req in joining:
+            if req.prefilled:
+                rest.append(req)
+            elif self._guard(req, self._prefill, req):
+                decoding.append(req)
+        return self._verify(decoding, rest, room=None)
+
+    def _prefill(self, req: _Request) -> None:
+        prefill(self.backend, req.cache, req.prompt[:-1])
+        req.prefilled = len(req.prompt) - 1
+        req.prefill_s = time.perf_counter() - req.admitted
+
+    def _verify(
+        self, decoding: list[_Request], joining: Sequence[_Request], room: int | None
+    ) -> list[_Request]:
+        """Draft for ``decoding``, verify their trees and the next prompt chunks of ``joining`` (at
+        most ``room`` rows in all, first come first served; None: whole) in one forward, accept."""
         t0 = time.perf_counter()
-        context = req.view()
         budget = self.policy.max_budget
-        tree = self.drafter.propose(context, budget) if budget > 0 else DraftTree.empty()
+        proposals: dict[int, DraftTree] = {}
+        draft_s: dict[int, float] = {}
+        for req in decoding:
+            start = time.perf_counter()
+            if budget <= 0 or self._guard(req, self._propose, req, budget, proposals):
+                proposals.setdefault(req.id, DraftTree.empty())
+            draft_s[req.id] = time.perf_counter() - start
+        decoding = [req for req in decoding if req.id in proposals]
+        chunks = self._chunks(joining, room)
         t1 = time.perf_counter()
-        past_len = req.length - 1
-        tree = tree.truncate(self.policy.choose(tree, past_len))
-        # tokens this step may still emit: accepted path + 1
-        tree = limit_depth(tree, req.max_total - req.length - 1)
-        if len(tree) and int(tree.tokens.max()) >= self.vocab_size:
-            raise GenerationError(
-                f"the drafter proposed token {int(tree.tokens.max())} but the model has {self.vocab_size} "
-                "tokens; was its datastore built with another tokenizer?"
-            )
+        fixed = len(decoding) + sum(len(tokens) for _, tokens in chunks)
+        sizes = self.policy.choose_batch([proposals[req.id] for req in decoding], fixed)
+        trees: dict[int, DraftTree] = {}
+        for req, size in zip(decoding, sizes, strict=True):
+            # tokens this step may still emit: accepted path + 1
+            tree = limit_depth(proposals[req.id].truncate(size), req.max_total - req.length - 1)
+            if len(tree) and int(tree.tokens.max()) >= self.vocab_size:
+                self._fail(req, self._vocab_error(tree))
+                continue
+            trees[req.id] = tree
+        decoding = [req for req in decoding if req.id in trees]
+        backend = self.backend
+        segments = [
+            tree_segment(backend, req.cache, int(req.context[req.length - 1]), trees[req.id], req.length - 1)
+            for req in decoding
+        ]
+        segments += [prefill_segment(backend, req.cache, tokens, req.prefilled) for req, tokens in chunks]
+        width = sum(seg.width for seg in segments)
         t2 = time.perf_counter()
-        logits = forward_tree(self.backend, req.cache, int(context[-1]), tree, past_len)
+        try:
+            outputs = self.backend.forward_batch(segments) if segments else []
+        except Exception as error:  # the forward failed: every request in it fails, the loop goes on
+            for req in [*decoding, *(req for req, _ in chunks)]:
+                self._fail(req, error)
+            return [req for req in joining if req not in {r for r, _ in chunks}]
         t3 = time.perf_counter()
+        for req, tokens in chunks:
+            req.prefilled += len(tokens)
+            if not req.prefilling:
+                req.prefill_s = t3 - req.admitted
+        shared = (t1 - t0 - sum(draft_s.values()) + t2 - t1) / max(len(decoding), 1)  # choice, masks
+        batch = len(decoding)
+        still = list(joining)
+        for req, logits in zip(decoding, outputs, strict=False):
+            timing = (draft_s[req.id], t3 - t2, shared)
+            step = (proposals[req.id], trees[req.id], logits, timing, batch, width)
+            if self._guard(req, self._accept, req, *step) and req.finish_reason is None:
+                still.append(req)
+        return still
+
+    def _propose(self, req: _Request, budget: int, proposals: dict[int, DraftTree]) -> None:
+        proposals[req.id] = req.drafter.propose(req.view(), budget)
+
+    @staticmethod
+    def _chunks(joining: Sequence[_Request], room: int | None) -> list[tuple[_Request, np.ndarray]]:
+        """The prompt chunks this step prefills: ``room`` rows in all (None: every prompt's rest), in
+        order of arrival."""
+        chunks = []
+        for req in joining:
+            end = len(req.prompt) - 1 if room is None else min(len(req.prompt) - 1, req.prefilled + room)
+            if end <= req.prefilled:
+                break
+            chunks.append((req, req.prompt[req.prefilled : end]))
+            if room is not None:
+                room -= end - req.prefilled
+        return chunks
+
+    def _vocab_error(self, tree: DraftTree) -> GenerationError:
+        return GenerationError(
+            f"the drafter proposed token {int(tree.tokens.max())} but the model has {self.vocab_size} "
+            "tokens; was its datastore built with another tokenizer?"
+        )
+
+    def _accept(
+        self,
+        req: _Request,
+        proposal: DraftTree,
+        tree: DraftTree,
+        logits: torch.Tensor,
+        timing: tuple[float, float, float],
+        batch: int,
+        width: int,
+    ) -> None:
+        """Accept a path of ``tree`` by ``logits``, compact the cache, emit, let the learners see the
+        step, and hand the caller its chunk (the last one with the result)."""
+        t3 = time.perf_counter()
+        draft_s, forward_s, shared_s = timing
+        context = req.view()
+        past_len = req.length - 1
         logits = logits.to("cpu", torch.float32)  # as transformers' generate does before choosing
         result: Acceptance = accept(tree, logits, req.config.sampling, req.generator)
         compact_cache(req.cache, past_len, result.path, len(tree))
@@ -243,28 +458,32 @@ class SpeculativeGenerator:
         root_and_nodes = np.empty(len(tree) + 1, dtype=np.int32)
         root_and_nodes[0] = context[-1]
         root_and_nodes[1:] = tree.tokens
-        path = np.asarray(result.path, dtype=np.int32)
         t4 = time.perf_counter()
+        accept_s = shared_s + (t4 - t3)
         step = Step(
             context=context,
             tree=tree,
-            path=path,
+            path=np.asarray(result.path, dtype=np.int32),
             accepted=emitted,
             logits=TreeLogits(root_and_nodes, logits.numpy()),
-            draft_s=t1 - t0,
-            forward_s=t3 - t2,
-            accept_s=(t2 - t1) + (t4 - t3),
+            draft_s=draft_s,
+            forward_s=forward_s,
+            accept_s=accept_s,
+            proposal=proposal,
+            request=req.id,
+            batch_size=batch,
+            batch_width=width,
         )
-        self.drafter.observe(step)
+        req.drafter.observe(step)
         t5 = time.perf_counter()
         self.policy.observe(step)
         req.steps.append(
             StepStats(
                 drafted=len(tree),
                 accepted=len(result.path),
-                draft_s=(t1 - t0) + (t5 - t4),
-                forward_s=t3 - t2,
-                accept_s=(t2 - t1) + (t4 - t3),
+                draft_s=draft_s + (t5 - t4),
+                forward_s=forward_s,
+                accept_s=accept_s,
                 emitted=len(emitted),
             )
         )
@@ -272,7 +491,21 @@ class SpeculativeGenerator:
         if req.finish_reason is None and len(req.stops.stop_strings):
             text = text[: len(text) - req.stops.holdback(req.text[req.sent :])]
         req.sent += len(text)
-        return emitted, text
+        if req.finish_reason is None:
+            req.outbox.put(StreamChunk(emitted, text))
+            return
+        result_ = GenerationResult(
+            prompt_ids=req.prompt,
+            output_ids=req.context[len(req.prompt) : req.length].copy(),
+            text=req.text,
+            finish_reason=req.finish_reason,
+            steps=req.steps,
+            prefill_s=req.prefill_s,
+            elapsed_s=time.perf_counter() - req.submitted,
+            queued_s=req.admitted - req.submitted,
+        )
+        self._finish(req)
+        req.outbox.put(StreamChunk(emitted, text, result_))
 
     def _emit(self, req: _Request, tokens: list[int]) -> np.ndarray:
         """Append ``tokens`` up to the first EOS / stop string / limit; set ``finish_reason``."""
@@ -303,41 +536,38 @@ class SpeculativeGenerator:
             req.text += req.decoder.flush()
         return np.asarray(new, dtype=np.int32)
 
+    # ---- the callers' side ---------------------------------------------------------------------
     def stream(
         self,
         prompt: str | Sequence[dict[str, str]] | Sequence[int] | np.ndarray,
         config: GenerationConfig | None = None,
         *,
         chat: bool = False,
+        drafter: Drafter | None = None,
     ) -> Iterator[StreamChunk]:
-        """Generate step by step; every chunk carries new token ids and text, the last the result."""
+        """Generate step by step; every chunk carries new token ids and text, the last the result.
+        ``drafter``: this request's own (default: the generator's). Closing the iterator early stops
+        the request (the drafter's request is over when ``close`` returns)."""
         config = config or GenerationConfig()
         prompt_ids = self.encode(prompt, chat)
-        req = self._start(prompt_ids, config)
-        self.drafter.start_request(prompt_ids)
+        req = self._start(prompt_ids, config, self.drafter if drafter is None else drafter)
+        self._submit(req)
         try:
-            start = time.perf_counter()
-            with torch.inference_mode():
-                self.prefill(req)
-            prefill_s = time.perf_counter() - start
             while True:
-                with torch.inference_mode():
-                    tokens, text = self.step(req)
-                if req.finish_reason is not None:
-                    result = GenerationResult(
-                        prompt_ids=prompt_ids,
-                        output_ids=req.context[len(prompt_ids) : req.length].copy(),
-                        text=req.text,
-                        finish_reason=req.finish_reason,
-                        steps=req.steps,
-                        prefill_s=prefill_s,
-                        elapsed_s=time.perf_counter() - start,
-                    )
-                    yield StreamChunk(tokens, text, result)
+                item = req.outbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.result is not None:
                     return
-                yield StreamChunk(tokens, text)
         finally:
-            self.drafter.stop_request()
+            if not req.done.is_set():
+                with self._lock:
+                    if req in self._waiting:  # never admitted: nobody else holds it
+                        self._waiting.remove(req)
+                        req.done.set()
+                req.cancelled = True
+                req.done.wait()
 
     def generate(
         self,
@@ -345,9 +575,10 @@ class SpeculativeGenerator:
         config: GenerationConfig | None = None,
         *,
         chat: bool = False,
+        drafter: Drafter | None = None,
     ) -> GenerationResult:
         """Generate to the end; see :meth:`stream`."""
-        for chunk in self.stream(prompt, config, chat=chat):
+        for chunk in self.stream(prompt, config, chat=chat, drafter=drafter):
             if chunk.result is not None:
                 return chunk.result
         raise AssertionError("stream ended without a result")  # pragma: no cover

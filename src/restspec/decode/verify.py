@@ -189,6 +189,46 @@ def tree_inputs(
     return input_ids, position_ids, mask.to(device)
 
 
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """One request's part of a batched forward: its inputs on top of its own ``cache``.
+
+    A verification segment is ``[root] + tree`` (:func:`tree_segment`); a prefill chunk is a run of
+    prompt tokens, a chain under its first token whose logits nobody reads (:func:`prefill_segment`)."""
+
+    cache: Any
+    input_ids: torch.Tensor
+    """(1, n) token ids."""
+    position_ids: torch.Tensor
+    """(1, n) positions."""
+    mask: torch.Tensor | dict[str, torch.Tensor]
+    """Additive mask (1, 1, n, past + n) (per layer type for hybrid models)."""
+    logits: bool
+    """Whether the caller reads this segment's logits (False: a prefill chunk)."""
+
+    @property
+    def width(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def tree_segment(
+    backend: ForwardBackend, cache: DynamicCache, root_token: int, tree: DraftTree, past_len: int
+) -> Segment:
+    """``[root_token] + tree`` on top of ``cache`` (``past_len`` tokens), as :func:`forward_tree` does."""
+    input_ids, position_ids, mask = tree_inputs(root_token, tree, past_len, backend.layout, backend.device)
+    return Segment(cache, input_ids, position_ids, mask, logits=True)
+
+
+def prefill_segment(
+    backend: ForwardBackend, cache: DynamicCache, token_ids: np.ndarray, past_len: int
+) -> Segment:
+    """Prompt tokens ``token_ids`` (int[n >= 1]) continuing ``cache`` (``past_len`` tokens) causally."""
+    tokens = np.asarray(token_ids, dtype=np.int32)
+    chain = DraftTree.chain(tokens[1:])
+    ids, positions, mask = tree_inputs(int(tokens[0]), chain, past_len, backend.layout, backend.device)
+    return Segment(cache, ids, positions, mask, logits=False)
+
+
 @torch.inference_mode()
 def prefill(backend: ForwardBackend, cache: DynamicCache, token_ids: np.ndarray) -> None:
     """Feed ``token_ids`` (int[L]) into an empty ``cache`` with the model's own causal mask, through

@@ -3,14 +3,19 @@
 Every source of drafts (datastore, the request's own context, past outputs, the model's recent top
 candidates, a merge of several) implements :class:`Drafter`. The generate loop calls, per request::
 
-    drafter.start_request(prompt_ids)
-    loop:   tree = drafter.propose(context, budget)
+    drafter.start_request(prompt_ids, request)
+    loop:   proposal = drafter.propose(context, budget)
             ... the budget policy truncates the tree, verify it, accept ...
-            step = Step(context, tree, path, accepted, logits, timings)
+            step = Step(context, tree, path, accepted, logits, timings, proposal=proposal, request=request)
             drafter.observe(step); policy.observe(step)
-    drafter.stop_request()          # always, also on errors
+    drafter.stop_request(request)   # always, also on errors
 
 ``context`` is the whole token sequence so far (prompt + output) as int32[L], read-only.
+
+Several requests may be under way at once (continuous batching): ``request`` is an id unique among
+the requests in flight, and a drafter keeps per-request state (if any) under it. Between ``propose``
+and ``observe`` other requests' proposals may come, so a drafter keeps nothing per step: what it needs
+of its proposal comes back as :attr:`Step.proposal`.
 
 Anything that learns across steps is a :class:`Learner`: it learns only from :meth:`observe`, and
 its learned state travels only through :meth:`~Learner.state_dict` / :meth:`~Learner.load_state_dict`
@@ -70,11 +75,25 @@ class Step:
     accept_s: float = 0.0
     """Seconds in everything else up to the record: the budget's choice, the mask, acceptance, cache
     compaction (the learners' own observe calls come after it)."""
+    proposal: DraftTree | None = None
+    """What the drafter proposed, before the budget's truncation (None where not known, e.g. a replay
+    or a finished conversation)."""
+    request: int = 0
+    """Id of the request the step belongs to (unique among the requests in flight)."""
+    batch_size: int = 1
+    """Requests verified in the same forward as this one (1 = alone)."""
+    batch_width: int = 0
+    """Inputs of that whole forward, every request's root and nodes (0 = alone: :attr:`width`)."""
 
     @property
     def width(self) -> int:
-        """Inputs of the verification forward: the root and the tree's nodes."""
+        """Inputs of this request's part of the verification forward: the root and the tree's nodes."""
         return len(self.tree) + 1
+
+    @property
+    def forward_width(self) -> int:
+        """Inputs of the whole verification forward this step was part of."""
+        return self.batch_width or self.width
 
     @property
     def seconds(self) -> float:
@@ -82,12 +101,19 @@ class Step:
         return self.draft_s + self.forward_s + self.accept_s
 
     @classmethod
-    def finished(cls, prompt: np.ndarray, output: np.ndarray) -> Step:
+    def finished(cls, prompt: np.ndarray, output: np.ndarray, request: int = 0) -> Step:
         """A whole request as one step with no draft: ``output`` (int32[T]) followed ``prompt``
         (int32[L]). How finished conversations (a warm start) reach a drafter; the one kind of step
         whose ``accepted`` is longer than ``path`` + 1, which a budget policy takes for no evidence."""
         empty = np.zeros(0, np.int32)
-        return cls(np.asarray(prompt, np.int32), DraftTree.empty(), empty, np.asarray(output, np.int32), None)
+        return cls(
+            np.asarray(prompt, np.int32),
+            DraftTree.empty(),
+            empty,
+            np.asarray(output, np.int32),
+            None,
+            request=request,
+        )
 
 
 @runtime_checkable
@@ -110,14 +136,14 @@ class Learner(Protocol):
 class Drafter(Learner, Protocol):
     """A source of draft trees. ``budget`` is the most nodes the returned tree may have."""
 
-    def start_request(self, prompt: np.ndarray) -> None:
-        """A new request begins with these prompt tokens (int32[L])."""
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
+        """Request ``request`` begins with these prompt tokens (int32[L])."""
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         """A draft tree of at most ``budget`` nodes continuing ``context``; empty is a normal answer."""
 
-    def stop_request(self) -> None:
-        """The current request is over (finished, stopped or failed)."""
+    def stop_request(self, request: int = 0) -> None:
+        """Request ``request`` is over (finished, stopped or failed)."""
 
 
 def check_state_keys(owner: object, state: dict[str, Any], keys: set[str]) -> None:
@@ -141,13 +167,13 @@ class StatelessDrafter:
     """Base for drafters that keep nothing across steps: lifecycle and observe do nothing, the
     state is empty."""
 
-    def start_request(self, prompt: np.ndarray) -> None:
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
         return None
 
     def observe(self, step: Step) -> None:
         return None
 
-    def stop_request(self) -> None:
+    def stop_request(self, request: int = 0) -> None:
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ recycling the context it lacks (``python -m benchmarks.replay``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
 
 import numba as nb
@@ -590,52 +590,53 @@ class MergedDrafter:
         self.extender = extender
         self.config = config or MergeConfig()
         self.calibration = Calibration(len(self.drafters), self.config.strength, scales)
-        self._last: list[DraftTree] = []  # each source's tree of the step under way
 
     def _learners(self) -> list[Drafter]:
         return self.drafters + ([] if self.extender is None else [self.extender])
 
-    def start_request(self, prompt: np.ndarray) -> None:
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
         for drafter in self._learners():
-            drafter.start_request(prompt)
+            drafter.start_request(prompt, request)
 
-    def stop_request(self) -> None:
+    def stop_request(self, request: int = 0) -> None:
         for drafter in self._learners():
-            drafter.stop_request()
+            drafter.stop_request(request)
 
     def source_trees(self, context: np.ndarray, budget: int) -> list[DraftTree]:
         """Each source's own tree (the extender drafts none: it extends the merged tree)."""
         return [drafter.propose(context, budget) for drafter in self.drafters]
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        """The merged tree; it carries each source's own tree (``sources``) for :meth:`observe`."""
         if budget <= 0:
-            self._last = []
             return DraftTree.empty()
-        self._last = trees = self.source_trees(context, budget)
+        trees = self.source_trees(context, budget)
         if self.config.calibrate:
             probs = [self.calibration.estimate(s, tree) for s, tree in enumerate(trees)]
         else:
             probs = [np.minimum.accumulate(tree.weights.astype(np.float64)) for tree in trees]
         if self.extender is None or len(context) == 0:
-            return merge_trees(trees, probs, budget, self.config.combine)
-        # a candidate ranked below ``budget`` others can never be taken (they and their parents come
-        # first), so only the first ``budget`` are offered to the extension
-        candidates = merge_candidates(trees, probs, budget, self.config.combine)
-        return extend_best_first(
-            candidates,
-            int(context[-1]),
-            self.extender.table,
-            self.extender.hit_rates,
-            budget,
-            self.config.extend_depth,
-        )
+            merged = merge_trees(trees, probs, budget, self.config.combine)
+        else:
+            # a candidate ranked below ``budget`` others can never be taken (they and their parents
+            # come first), so only the first ``budget`` are offered to the extension
+            candidates = merge_candidates(trees, probs, budget, self.config.combine)
+            merged = extend_best_first(
+                candidates,
+                int(context[-1]),
+                self.extender.table,
+                self.extender.hit_rates,
+                budget,
+                self.config.extend_depth,
+            )
+        return replace(merged, sources=tuple(trees))
 
     def observe(self, step: Step) -> None:
-        """Calibrate every source on its own tree of this step, then let each source learn."""
-        if self.config.calibrate:
-            for s, tree in enumerate(self._last):
+        """Calibrate every source on its own tree of this step (``step.proposal.sources``), then let
+        each source learn."""
+        if self.config.calibrate and step.proposal is not None:
+            for s, tree in enumerate(step.proposal.sources):
                 self.calibration.update(s, tree, step.accepted)
-        self._last = []
         for drafter in self._learners():
             drafter.observe(step)
 

@@ -183,10 +183,10 @@ class RecycleDrafter:
         """float64[k]: estimated probability that the rank-r candidate is the model's next token."""
         return (self.hits + PRIOR_STRENGTH * self._prior) / (self.trials + PRIOR_STRENGTH)
 
-    def start_request(self, prompt: np.ndarray) -> None:
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
         return None
 
-    def stop_request(self) -> None:
+    def stop_request(self, request: int = 0) -> None:
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -159,17 +159,17 @@ class HistoryDrafter:
         self._outputs: deque[np.ndarray] = deque()
         self._stored = 0
         self._buffer = np.zeros(0, np.int32)  # outputs joined by SEPARATOR, oldest first
-        self._current: list[np.ndarray] | None = None
+        self._current: dict[int, list[np.ndarray]] = {}  # per request in flight: its output so far
 
     @property
     def num_tokens(self) -> int:
         """Tokens of past outputs held (separators not counted)."""
         return self._stored
 
-    def start_request(self, prompt: np.ndarray) -> None:
-        if self._current is not None:
-            raise ValueError("start_request called twice without stop_request")
-        self._current = []
+    def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
+        if request in self._current:
+            raise ValueError(f"start_request called twice for request {request} without stop_request")
+        self._current[request] = []
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
         cfg = self.config
@@ -188,16 +188,16 @@ class HistoryDrafter:
         return tree_from_continuations(found.continuations, budget, cfg.prior_rows, found.length)
 
     def observe(self, step: Step) -> None:
-        if self._current is None:
-            raise ValueError("observe called outside a request: call start_request first")
-        self._current.append(np.asarray(step.accepted, dtype=np.int32))
+        current = self._current.get(step.request)
+        if current is None:
+            raise ValueError(f"observe called outside request {step.request}: call start_request first")
+        current.append(np.asarray(step.accepted, dtype=np.int32))
 
-    def stop_request(self) -> None:
-        if self._current is None:
-            raise ValueError("stop_request called without start_request")
-        output = np.concatenate(self._current) if self._current else np.zeros(0, np.int32)
-        self._current = None
-        self.add(output)
+    def stop_request(self, request: int = 0) -> None:
+        current = self._current.pop(request, None)
+        if current is None:
+            raise ValueError(f"stop_request called for request {request} without start_request")
+        self.add(np.concatenate(current) if current else np.zeros(0, np.int32))
 
     def state_dict(self) -> dict[str, Any]:
         """The held outputs: ``tokens`` int32[N] (joined, oldest first), ``lengths`` int64[n]."""
@@ -211,8 +211,8 @@ class HistoryDrafter:
         lengths = np.asarray(state["lengths"], np.int64)
         if lengths.ndim != 1 or (lengths < 1).any() or int(lengths.sum()) != len(tokens):
             raise ValueError(f"history lengths {lengths.tolist()} do not split {len(tokens)} tokens")
-        if self._current is not None:
-            raise ValueError("load_state_dict called inside a request: call stop_request first")
+        if self._current:
+            raise ValueError("load_state_dict called while requests are in flight: stop them first")
         self._outputs.clear()
         self._stored = 0
         for output in np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []:

@@ -12,7 +12,8 @@ Invariants (checked on construction):
   matches the model). Drafters order nodes by falling weight, so the first c nodes are the best c.
 
 ``match_length`` says what the tree was drafted from: the length of the context suffix a retrieving
-source matched (0 = no match, or a source that does not match suffixes).
+source matched (0 = no match, or a source that does not match suffixes); a merged tree carries the
+trees of its ``sources``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class DraftTree:
     weights: np.ndarray = field(default=None)  # type: ignore[assignment]
     match_length: int = 0
     """Tokens of the context suffix the source matched to draft this tree (0 = none)."""
+    sources: tuple[DraftTree, ...] = ()
+    """The trees a merge of several sources was built from, one per source (empty for a source's
+    own tree); they come back to the merge with the step (:attr:`restspec.draft.base.Step.proposal`)."""
 
     def __post_init__(self) -> None:
         if self.match_length < 0:

@@ -169,13 +169,19 @@ def row_key(row: np.ndarray, length: int) -> tuple[bytes, int, int]:
     return row[: min(ROW_KEY_TOKENS, length)].tobytes(), length, int(row[length - 1])
 
 
-def feed_step(drafter: Drafter, context: np.ndarray, chain: DraftTree, accepted: np.ndarray) -> None:
+def feed_step(
+    drafter: Drafter,
+    context: np.ndarray,
+    chain: DraftTree,
+    accepted: np.ndarray,
+    proposal: DraftTree | None = None,
+) -> None:
     """The one place that hands a verified step to a drafter: ``chain`` was drafted after ``context``
-    and vLLM verified it (or a prefix) and added ``accepted`` (accepted drafts + its own next token).
-    vLLM gives no logits."""
+    (cut from the drafter's ``proposal``) and vLLM verified it (or a prefix) and added ``accepted``
+    (accepted drafts + its own next token). vLLM gives no logits."""
     accepted = np.asarray(accepted, np.int32)
     hits = min(max(len(accepted) - 1, 0), len(chain))  # a chain's accepted nodes are its first ones
-    drafter.observe(Step(context, chain, np.arange(hits, dtype=np.int32), accepted, None))
+    drafter.observe(Step(context, chain, np.arange(hits, dtype=np.int32), accepted, None, proposal=proposal))
 
 
 class SharedSource(StatelessDrafter):
@@ -206,6 +212,8 @@ class Request:
     """Tokens vLLM added since the request was first seen (its output, when first seen after prefill)."""
     chain: DraftTree = field(default_factory=DraftTree.empty)
     """The chain last proposed, which the next step verifies."""
+    proposal: DraftTree | None = None
+    """The merged tree ``chain`` was cut from (its sources calibrate the drafter)."""
 
 
 @dataclass
@@ -327,20 +335,21 @@ class RestspecProposer:
         if len(chain) and hits > 0 and np.array_equal(chain.tokens[:hits], accepted[:hits]):
             self.stats.accepted_tokens += hits
         context.setflags(write=False)
-        feed_step(request.drafter, context, chain, accepted)
+        feed_step(request.drafter, context, chain, accepted, request.proposal)
         request.chain = DraftTree.empty()
+        request.proposal = None
 
     def _draft(self, rows: int, live: list[tuple[int, Request, np.ndarray]]) -> list[list[int]]:
         k = self.num_speculative_tokens
-        paths = [
-            best_path(request.drafter.propose(context, k * TREE_BUDGET_PER_TOKEN))
-            for _, request, context in live
-        ]
+        budget = k * TREE_BUDGET_PER_TOKEN
+        proposals = [request.drafter.propose(context, budget) for _, request, context in live]
+        paths = [best_path(tree) for tree in proposals]
         limits = [min(k, self.max_model_len - len(context)) for _, _, context in live]
         lengths = chain_lengths([probs for _, probs in paths], self.config.knee_tokens, limits)
         drafts: list[list[int]] = [[] for _ in range(rows)]
-        for (i, request, _), (tokens, probs), size in zip(live, paths, lengths, strict=True):
+        for (i, request, _), tree, (tokens, probs), size in zip(live, proposals, paths, lengths, strict=True):
             request.chain = DraftTree.chain(tokens[:size], probs[:size])
+            request.proposal = tree
             drafts[i] = tokens[:size].tolist()
             self.stats.drafted_tokens += size
         return drafts
