@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from restspec.models import LoadedModel
 
 AUTO = "auto"
+DEFAULT_MAX_BATCH = 8
+"""Requests verified together in one forward by default (more wait their turn)."""
 WARM_START_PHASE = "Warm start: the model answers questions it writes (once per model)"
 
 Prompt = Any
@@ -84,6 +86,7 @@ class Engine:
         drafter: Drafter,
         policy: BudgetPolicy,
         warm: WarmStart | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.loaded = loaded
         self.backend = backend
@@ -92,6 +95,8 @@ class Engine:
         self.policy = policy
         self.warm = warm
         """What the warm start taught the drafter (None when started cold)."""
+        self.max_batch = max_batch
+        """Concurrent ``generate`` / ``stream`` calls verified together in one forward (more wait)."""
         self.generator = self.variant(drafter, policy)
 
     @classmethod
@@ -107,6 +112,7 @@ class Engine:
         backend: str = AUTO,
         recalibrate: bool = False,
         progress: bool | Progress = True,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> Engine:
         """Load ``model`` ('smollm2' = the embedded SmolLM2-135M-Instruct, a Hugging Face folder or a
         .gguf file; nothing is downloaded) and build the engine around it.
@@ -121,7 +127,10 @@ class Engine:
         'auto' keeps the fastest that passes an exactness probe on this machine (measured once and
         cached), or one of :data:`~restspec.decode.backends.BACKEND_NAMES`. ``recalibrate`` measures
         the backends and the latency curve again. ``progress``: True shows each phase on stderr, False
-        nothing, or a :class:`~restspec.progress.Progress`."""
+        nothing, or a :class:`~restspec.progress.Progress`. ``max_batch``: how many concurrent
+        ``generate`` / ``stream`` calls (threads, server requests) share each step's forward; the
+        budget then prices every request's draft against that forward, so drafts shrink as the batch
+        grows (1: one request at a time)."""
         from restspec.datastore import Datastore, ensure_default_datastore
         from restspec.decode.backends import BACKEND_NAMES
         from restspec.decode.budget import FixedBudget
@@ -129,6 +138,8 @@ class Engine:
         from restspec.models import check_model, load_model, resolve_device
 
         fixed = parse_budget(budget)
+        if max_batch < 1:
+            raise GenerationError(f"max_batch={max_batch} must be >= 1 (1 = one request at a time)")
         if backend != AUTO and backend not in BACKEND_NAMES:
             raise GenerationError(f"backend={backend!r} must be 'auto' or one of {', '.join(BACKEND_NAMES)}")
         paths = [Path(p) for p in datastores or ()]
@@ -141,7 +152,7 @@ class Engine:
             loaded = load_model(model, dtype=dtype, device=device)
         forward = _backend(loaded, backend, recalibrate, report)
         if fixed == 0:  # plain decoding: nothing to draft from
-            return cls(loaded, forward, [], EmptyDrafter(), FixedBudget(0))
+            return cls(loaded, forward, [], EmptyDrafter(), FixedBudget(0), max_batch=max_batch)
         if not paths:
             paths = [ensure_default_datastore(loaded.tokenizer, progress=progress is not False)]
         opened = [Datastore.open(path, loaded.tokenizer) for path in paths]
@@ -162,7 +173,7 @@ class Engine:
                     warm = learn_and_cache_warm_start(
                         loaded, engine.plain(), learner, on_conversation=lambda i: done(i + 1)
                     )
-        return cls(loaded, forward, opened, engine.new_drafter(warm, policy), policy, warm)
+        return cls(loaded, forward, opened, engine.new_drafter(warm, policy), policy, warm, max_batch)
 
     # ---- what it holds ---------------------------------------------------------------------------
     @property
@@ -194,26 +205,38 @@ class Engine:
         self, prompt: Prompt, config: GenerationConfig | None = None, *, chat: bool = False, **settings: Any
     ) -> Iterator[StreamChunk]:
         """Generate step by step: every chunk carries new token ids and text, the last one the result.
-        ``chat`` applies the model's chat template to a text prompt (messages always get it)."""
+        ``chat`` applies the model's chat template to a text prompt (messages always get it). Safe to
+        call from several threads: up to :attr:`max_batch` requests share each step's forward."""
         return self.generator.stream(prompt, generation_config(config, settings), chat=chat)
 
     # ---- more of the same pieces -------------------------------------------------------------------
-    def plain(self) -> SpeculativeGenerator:
+    def plain(self, *, max_batch: int | None = None) -> SpeculativeGenerator:
         """The same loop on the same forward with no drafts: the baseline restspec is compared against."""
         from restspec.decode.budget import FixedBudget
         from restspec.draft.base import EmptyDrafter
 
-        return self.variant(EmptyDrafter(), FixedBudget(0))
+        return self.variant(EmptyDrafter(), FixedBudget(0), max_batch=max_batch)
 
     def variant(
-        self, drafter: Drafter, budget: BudgetPolicy, *, backend: str | None = None
+        self,
+        drafter: Drafter,
+        budget: BudgetPolicy,
+        *,
+        backend: str | None = None,
+        max_batch: int | None = None,
     ) -> SpeculativeGenerator:
         """A generator on this engine's model with another drafter and budget policy (to compare drafters
-        on one loaded model), through this engine's forward backend or the one named ``backend``."""
+        on one loaded model), through this engine's forward backend or the one named ``backend``, up to
+        ``max_batch`` concurrent requests per forward (None: the engine's)."""
         from restspec.decode import SpeculativeGenerator
 
         return SpeculativeGenerator(
-            self.model, self.tokenizer, drafter=drafter, budget=budget, backend=self._forward(backend)
+            self.model,
+            self.tokenizer,
+            drafter=drafter,
+            budget=budget,
+            backend=self._forward(backend),
+            max_batch=self.max_batch if max_batch is None else max_batch,
         )
 
     def new_drafter(self, warm: WarmStart | None = None, policy: BudgetPolicy | None = None) -> Drafter:
