@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -128,6 +130,22 @@ def test_history_drafter_sees_only_finished_requests_and_evicts_oldest():
     assert drafter.num_tokens == 4
     assert len(drafter.propose(ids(1, 2), 4)) == 0
     assert node_paths(drafter.propose(ids(4, 5), 4)) == [(6,), (6, 7)]
+
+
+def test_history_keeps_interleaved_requests_apart():
+    # two requests in flight at once (continuous batching): each output joins the history whole
+    drafter = HistoryDrafter(min_len=2, m=3)
+    drafter.start_request(ids(9), request=1)
+    drafter.start_request(ids(8), request=2)
+    drafter.observe(replace(step(ids(9), ids(1, 2)), request=1))
+    drafter.observe(replace(step(ids(8), ids(5, 6)), request=2))
+    drafter.observe(replace(step(ids(9, 1, 2), ids(3)), request=1))
+    drafter.stop_request(1)
+    assert node_paths(drafter.propose(ids(7, 1, 2), 4)) == [(3,)]  # 1 2 3, not 1 2 5
+    assert len(drafter.propose(ids(5, 6), 4)) == 0  # request 2 is still running
+    drafter.observe(replace(step(ids(8, 5, 6), ids(7)), request=2))
+    drafter.stop_request(2)
+    assert node_paths(drafter.propose(ids(5, 6), 4)) == [(7,)]
 
 
 def test_history_lifecycle_misuse_raises():
