@@ -157,9 +157,9 @@ def chat_requests(monkeypatch) -> list:
     seen: list = []
     original = SpeculativeGenerator.stream
 
-    def recording_stream(self, prompt, config, *, chat=False):
+    def recording_stream(self, prompt, config, *, chat=False, drafter=None):
         seen.append((list(prompt), chat))
-        return original(self, prompt, config, chat=chat)
+        return original(self, prompt, config, chat=chat, drafter=drafter)
 
     monkeypatch.setattr(SpeculativeGenerator, "stream", recording_stream)
     return seen
