@@ -45,7 +45,7 @@ class ServerMetrics:
         Gauge("restspec_queue_depth", "Requests waiting for the worker", registry=self.registry).set_function(
             queue_depth
         )
-        Gauge("restspec_busy", "1 while the worker generates", registry=self.registry).set_function(
+        Gauge("restspec_busy", "1 while any request generates", registry=self.registry).set_function(
             lambda: float(running() > 0)
         )
         Gauge(
