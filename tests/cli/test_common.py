@@ -42,6 +42,7 @@ def test_defaults_are_greedy_with_auto_budget_on_the_embedded_model():
     assert options.fixed_budget is None  # 'auto'
     assert options.datastores == ()
     assert options.dtype == "float32"
+    assert options.max_batch == 8  # the engine's default
 
 
 @pytest.mark.parametrize(
@@ -55,6 +56,7 @@ def test_defaults_are_greedy_with_auto_budget_on_the_embedded_model():
         ("max_new_tokens", 0, "--max-new-tokens=0"),
         ("budget", "lots", "--budget='lots'"),
         ("budget", "-3", "--budget='-3'"),
+        ("max_batch", 0, "--max-batch=0"),
     ],
 )
 def test_invalid_values_name_the_flag_and_the_value(field, value, flag):

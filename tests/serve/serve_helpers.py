@@ -10,10 +10,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tiny_models import tiny_llama, trained_bpe_tokenizer
+
+from restspec.decode.budget import FixedBudget
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -105,10 +108,10 @@ class HistoryOnlyDrafter:
 
     def __init__(self) -> None:
         self.history = np.zeros(0, np.int32)
-        self._current: list[np.ndarray] | None = None
+        self._current: dict[int, list[np.ndarray]] = {}  # per request in flight: its output so far
 
     def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
-        self._current = []
+        self._current[request] = []
 
     def propose(self, context: np.ndarray, budget: int):
         from restspec.draft.tree import DraftTree
@@ -120,15 +123,14 @@ class HistoryOnlyDrafter:
         return DraftTree.chain(self.history[start : start + budget])
 
     def observe(self, step) -> None:
-        self.remember(step.accepted)
+        self.remember(step.accepted, step.request)
 
-    def remember(self, accepted: np.ndarray) -> None:
-        """Add tokens a step accepted to the current request's output."""
-        self._current.append(np.asarray(accepted, np.int32))
+    def remember(self, accepted: np.ndarray, request: int = 0) -> None:
+        """Add tokens a step accepted to the output of ``request``."""
+        self._current[request].append(np.asarray(accepted, np.int32))
 
     def stop_request(self, request: int = 0) -> None:
-        self.history = np.concatenate([self.history, *self._current])
-        self._current = None
+        self.history = np.concatenate([self.history, *self._current.pop(request)])
 
     def state_dict(self) -> dict:
         return {"history": self.history}
@@ -139,20 +141,31 @@ class HistoryOnlyDrafter:
         self.history = np.asarray(state["history"], np.int32)
 
 
-class WedgedGenerator:
-    """A generator whose stream gives its first chunk, then hangs until :meth:`release` (a worker stuck
-    in a step: a deadlock, a hung device)."""
+class GeneratorWrapper:
+    """A generator around a real one (its model, drafter and batch): subclasses change ``stream``."""
 
     def __init__(self, real) -> None:
         self.real = real
         self.layout = real.layout
         self.drafter = real.drafter
+        self.max_batch = real.max_batch
         self.tokenizer = real.tokenizer
         self.encode = real.encode
+
+    def stream(self, prompt, config, *, chat=False, drafter=None):
+        return self.real.stream(prompt, config, chat=chat, drafter=drafter)
+
+
+class WedgedGenerator(GeneratorWrapper):
+    """A generator whose stream gives its first chunk, then hangs until :meth:`release` (a worker stuck
+    in a step: a deadlock, a hung device)."""
+
+    def __init__(self, real) -> None:
+        super().__init__(real)
         self.released = threading.Event()
 
-    def stream(self, prompt, config, *, chat=False):
-        chunks = self.real.stream(prompt, config, chat=chat)
+    def stream(self, prompt, config, *, chat=False, drafter=None):
+        chunks = super().stream(prompt, config, chat=chat, drafter=drafter)
         try:
             yield next(chunks)
             self.released.wait()
@@ -164,17 +177,52 @@ class WedgedGenerator:
         self.released.set()
 
 
+GATE_TIMEOUT_S = 10.0
+"""How long a gated stream waits for the others (a worker that runs fewer jobs at once never lets
+them all arrive: the gate then breaks and the requests fail)."""
+
+
+class GatedGenerator(GeneratorWrapper):
+    """With :meth:`gate` set to n, each of the next n streams waits until all n have begun, so that
+    they enter the generator's batch together."""
+
+    def __init__(self, real) -> None:
+        super().__init__(real)
+        self.barrier: threading.Barrier | None = None
+
+    def gate(self, parties: int) -> None:
+        self.barrier = threading.Barrier(parties, timeout=GATE_TIMEOUT_S)
+
+    def stream(self, prompt, config, *, chat=False, drafter=None):
+        if self.barrier is not None:
+            self.barrier.wait()
+        yield from super().stream(prompt, config, chat=chat, drafter=drafter)
+
+
+@dataclass(frozen=True)
+class BatchLog(FixedBudget):
+    """A fixed budget that records, for every request's step, how many requests shared its forward,
+    and sleeps ``delay_s`` in each (so that requests last long enough to overlap)."""
+
+    delay_s: float = 0.0
+    batch_sizes: list = field(default_factory=list)
+
+    def observe(self, step) -> None:
+        self.batch_sizes.append(step.batch_size)
+        time.sleep(self.delay_s)
+
+
 class SlowDrafter(LookupDrafter):
     """LookupDrafter that sleeps in every step, so a request takes long enough to be interrupted."""
 
     def __init__(self, step_delay_s: float) -> None:
         self.step_delay_s = step_delay_s
-        self.active = False
+        self.active: set[int] = set()  # requests in flight
         self.requests_started = 0
         self.requests_stopped = 0
 
     def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
-        self.active = True
+        self.active.add(request)
         self.requests_started += 1
 
     def propose(self, context: np.ndarray, budget: int):
@@ -182,7 +230,7 @@ class SlowDrafter(LookupDrafter):
         return super().propose(context, budget)
 
     def stop_request(self, request: int = 0) -> None:
-        self.active = False
+        self.active.remove(request)
         self.requests_stopped += 1
 
 
@@ -202,6 +250,8 @@ def sse_events(lines) -> list:
 
 MODEL_ID = "tiny-llama"
 MODEL_ALIAS = "tiny"
+IDLE_HEALTH = {"status": "ok", "model": MODEL_ID, "busy": False, "running": 0, "queued": 0}
+"""``GET /health`` of the test app while nothing runs or waits."""
 DEFAULT_MAX_TOKENS = 12
 """max_tokens of a request that leaves it out, in the test app."""
 DRAFT_BUDGET = 4
@@ -216,10 +266,16 @@ def slow_generator(tiny_model, step_delay_s: float):
     return SpeculativeGenerator(model, tokenizer, drafter=SlowDrafter(step_delay_s), budget=1)
 
 
-def make_app(generator, **config):
+def make_app(generator, new_drafter=None, **config):
+    """The app over ``generator``; other tenants' drafters are copies of its drafter as it is now
+    (unless ``new_drafter`` builds them)."""
+    import copy
+
     from restspec.decode import GenerationConfig
     from restspec.serve import ServerConfig, create_app
 
     config.setdefault("aliases", (MODEL_ALIAS,))
     config.setdefault("defaults", GenerationConfig(max_new_tokens=DEFAULT_MAX_TOKENS))
-    return create_app(generator, ServerConfig(MODEL_ID, **config))
+    startup = copy.deepcopy(generator.drafter)
+    new_drafter = new_drafter or (lambda: copy.deepcopy(startup))
+    return create_app(generator, ServerConfig(MODEL_ID, **config), new_drafter=new_drafter)

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from serve_helpers import DEFAULT_MAX_TOKENS, DRAFT_BUDGET, MODEL_ALIAS, MODEL_ID, LookupDrafter, make_app
+from serve_helpers import (
+    DEFAULT_MAX_TOKENS,
+    DRAFT_BUDGET,
+    IDLE_HEALTH,
+    MODEL_ALIAS,
+    MODEL_ID,
+    LookupDrafter,
+    make_app,
+)
 
 from restspec.decode import GenerationConfig, SamplingConfig
 
@@ -180,7 +188,7 @@ def test_models_lists_the_one_model(client, generator):
 def test_health_reports_an_idle_server(client):
     response = client.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "model": MODEL_ID, "busy": False, "queued": 0}
+    assert response.json() == IDLE_HEALTH
 
 
 def test_the_largest_seed_is_served(client):

@@ -40,6 +40,7 @@ def test_help_lists_the_server_and_the_shared_flags():
         "--max-prompt-tokens",
         "--shutdown-grace",
         "--history-file",
+        "--max-batch",
     ):
         assert flag in result.output
 
@@ -76,6 +77,7 @@ def test_a_taken_port_is_a_one_line_error_before_the_model_loads():
         (["--max-body-bytes", "0"], "--max-body-bytes: max_body_bytes=0"),
         (["--max-prompt-tokens", "0"], "--max-prompt-tokens: max_prompt_tokens=0"),
         (["--request-timeout", "-1"], "--request-timeout=-1"),
+        (["--max-batch", "0"], "--max-batch=0 must be >= 1"),
         (["--shutdown-grace", "-1"], "--shutdown-grace=-1"),
         (["--max-new-tokens", "300", "--max-tokens-limit", "200"], "--max-new-tokens=300 is above"),
     ],
@@ -119,6 +121,7 @@ def test_serve_builds_the_app_from_the_shared_flags(model_folder, tmp_path, monk
 
     def fake_run(server: uvicorn.Server, sockets: list[socket.socket]) -> None:
         seen["address"] = sockets[0].getsockname()[:2]
+        seen["max_running"] = server.config.app.state.worker.max_running
         with TestClient(server.config.app) as client:
             seen["models"] = client.get("/v1/models").json()
             seen["answer"] = client.post(
@@ -150,6 +153,8 @@ def test_serve_builds_the_app_from_the_shared_flags(model_folder, tmp_path, monk
             "3",
             "--served-model-name",
             "my-model",
+            "--max-batch",
+            "2",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -157,6 +162,7 @@ def test_serve_builds_the_app_from_the_shared_flags(model_folder, tmp_path, monk
     assert host == "127.0.0.1" and port > 0
     assert f"http://127.0.0.1:{port}/v1" in " ".join(result.output.split())
     assert [m["id"] for m in seen["models"]["data"]] == ["my-model"]
+    assert seen["max_running"] == 2  # --max-batch: the engine's batch, and the requests run at once
     answer = seen["answer"]
     assert answer["model"] == "my-model"
     assert answer["usage"]["completion_tokens"] == max_new_tokens  # --max-new-tokens is the default

@@ -1,5 +1,5 @@
 """A real server on 127.0.0.1: a client that leaves mid-answer stops the generation, the server stays
-healthy, and concurrent requests are answered one at a time with the same text as alone."""
+healthy, and with max_batch=1 concurrent requests are answered one at a time with the same text as alone."""
 
 from __future__ import annotations
 

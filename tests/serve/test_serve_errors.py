@@ -6,7 +6,15 @@ from __future__ import annotations
 import re
 
 import pytest
-from serve_helpers import CONTEXT_LENGTH, MODEL_ID, LookupDrafter, make_app, sse_events
+from serve_helpers import (
+    CONTEXT_LENGTH,
+    IDLE_HEALTH,
+    MODEL_ID,
+    GeneratorWrapper,
+    LookupDrafter,
+    make_app,
+    sse_events,
+)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -185,21 +193,17 @@ def test_a_model_without_chat_template_answers_chat_with_a_400(tiny_model, model
         assert test_client.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
-class BrokenGenerator:
+class BrokenGenerator(GeneratorWrapper):
     """A generator with a bug: its stream fails after the first chunk, or before it."""
 
     def __init__(self, real, fail_after_first: bool) -> None:
-        self.real = real
+        super().__init__(real)
         self.fail_after_first = fail_after_first
-        self.layout = real.layout
-        self.drafter = real.drafter
-        self.tokenizer = real.tokenizer
-        self.encode = real.encode
 
-    def stream(self, prompt, config, *, chat=False):
+    def stream(self, prompt, config, *, chat=False, drafter=None):
         if not self.fail_after_first:
             raise RuntimeError("boom before the first chunk")
-        chunks = self.real.stream(prompt, config, chat=chat)
+        chunks = super().stream(prompt, config, chat=chat, drafter=drafter)
         try:
             yield next(chunks)
             raise RuntimeError("boom after the first chunk")
@@ -254,4 +258,4 @@ def test_the_server_still_answers_after_every_kind_of_bad_request(client):
     response = client.post(CHAT, json={"messages": USER, "max_tokens": 3})
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 3
-    assert client.get("/health").json() == {"status": "ok", "model": MODEL_ID, "busy": False, "queued": 0}
+    assert client.get("/health").json() == IDLE_HEALTH

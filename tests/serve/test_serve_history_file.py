@@ -19,28 +19,31 @@ SMALL = {"anonymous": {"history": np.arange(5, dtype=np.int32)}, "t1": {"n": 3, 
 KILL_TIMEOUT_S = 60
 
 
-def serve_once(tiny_model, history_file, *requests):
+def serve_once(tiny_model, history_file, *requests, max_batch: int = 1):
     """A fresh server (new drafter) over ``history_file``; runs ``requests(client)`` and shuts down."""
     from fastapi.testclient import TestClient
 
     from restspec.decode import SpeculativeGenerator
 
     model, tokenizer = tiny_model
-    generator = SpeculativeGenerator(model, tokenizer, drafter=HistoryOnlyDrafter(), budget=4)
+    drafter = HistoryOnlyDrafter()
+    generator = SpeculativeGenerator(model, tokenizer, drafter=drafter, budget=4, max_batch=max_batch)
     app = make_app(generator, access=AccessConfig(api_keys=(KEY_A, KEY_B)), history_file=history_file)
     with TestClient(app) as client:
         return [request(client) for request in requests]
 
 
-def test_a_restart_keeps_each_tenants_memory_and_only_theirs(tiny_model, tmp_path):
+@pytest.mark.parametrize("max_batch", [1, 3])  # one drafter swapped between tenants, or one each
+def test_a_restart_keeps_each_tenants_memory_and_only_theirs(tiny_model, tmp_path, max_batch):
     history_file = tmp_path / "history.npz"
-    serve_once(tiny_model, history_file, lambda client: ask(client, KEY_A))
+    serve_once(tiny_model, history_file, lambda client: ask(client, KEY_A), max_batch=max_batch)
     assert history_file.exists()  # saved at shutdown
     mine, theirs = serve_once(
         tiny_model,
         history_file,
         lambda client: ask(client, KEY_A, **STATS)["restspec"],
         lambda client: ask(client, KEY_B, **STATS)["restspec"],
+        max_batch=max_batch,
     )
     assert mine["accepted_draft_tokens"] > 0
     assert theirs["accepted_draft_tokens"] == 0

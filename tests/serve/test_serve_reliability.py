@@ -9,6 +9,7 @@ in docs/server.md."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -248,39 +249,48 @@ def test_oversized_requests_get_clear_errors_from_the_real_process(server):
         assert http.get("/health").json()["status"] == "ok"
 
 
-@pytest.mark.parametrize("server", [("--shutdown-grace", str(SHUTDOWN_GRACE_S))], indirect=True)
-def test_sigterm_mid_stream_ends_the_stream_cleanly_and_refuses_the_queue(server):
+SIGTERM_BATCH = 2
+"""--max-batch of the SIGTERM test: two streams run, a third request waits."""
+
+
+@pytest.mark.parametrize(
+    "server", [("--shutdown-grace", str(SHUTDOWN_GRACE_S), "--max-batch", str(SIGTERM_BATCH))], indirect=True
+)
+def test_sigterm_mid_stream_ends_the_streams_cleanly_and_refuses_the_queue(server):
     results: dict[str, httpx.Response] = {}
 
     def queued_request() -> None:
         with httpx.Client(base_url=server.url, headers=AUTH, timeout=REQUEST_TIMEOUT_S) as http:
             results["queued"] = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
 
-    body = {"prompt": PROMPTS[0], "max_tokens": LONG_MAX_TOKENS, "stream": True}
-    with (
-        httpx.Client(base_url=server.url, headers=AUTH, timeout=REQUEST_TIMEOUT_S) as http,
-        http.stream("POST", "/v1/completions", json=body) as running,
-    ):
-        lines = running.iter_lines()
-        events = [next(line for line in lines if line.startswith("data: "))]
+    with contextlib.ExitStack() as stack:
+        http = stack.enter_context(httpx.Client(base_url=server.url, headers=AUTH, timeout=REQUEST_TIMEOUT_S))
+        streams = []
+        for prompt in PROMPTS[:SIGTERM_BATCH]:
+            body = {"prompt": prompt, "max_tokens": LONG_MAX_TOKENS, "stream": True}
+            lines = stack.enter_context(http.stream("POST", "/v1/completions", json=body)).iter_lines()
+            streams.append((lines, [next(line for line in lines if line.startswith("data: "))]))
         waiting = threading.Thread(target=queued_request)
         waiting.start()
         deadline = time.monotonic() + REQUEST_TIMEOUT_S
-        while http.get("/health").json()["queued"] != 1:
+        while (health := http.get("/health").json())["queued"] != 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        assert health["running"] == SIGTERM_BATCH
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        events += [line for line in lines if line.startswith("data: ")]
+        for lines, events in streams:
+            events += [line for line in lines if line.startswith("data: ")]
     waiting.join(REQUEST_TIMEOUT_S)
     # uvicorn re-raises the signal once it has shut down, so the exit status says "ended by SIGTERM"
     assert server.process.wait(EXIT_TIMEOUT_S) == -signal.SIGTERM
     exit_s = time.monotonic() - signalled
 
-    assert events[-1] == "data: [DONE]"
-    error = json.loads(events[-2].removeprefix("data: "))["error"]
-    assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
-    assert len(events) > 3, "the stream should have sent text before it was ended"
+    for _, events in streams:
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
+        assert len(events) > 3, "the stream should have sent text before it was ended"
     queued = results["queued"]
     assert queued.status_code == 503 and queued.json()["error"]["code"] == "server_shutting_down"
     assert exit_s < EXIT_TIMEOUT_S

@@ -13,7 +13,7 @@ import pytest
 from serve_helpers import HistoryOnlyDrafter, LookupDrafter, make_app
 
 from restspec.serve import AccessConfig, HistoryMode
-from restspec.serve.tenancy import ANONYMOUS, DrafterMemory, tenant_of
+from restspec.serve.tenancy import ANONYMOUS, TenantDrafters, tenant_of
 
 KEY_A = "a" * 24
 KEY_B = "b" * 24
@@ -86,22 +86,57 @@ def remember(drafter: HistoryOnlyDrafter, tokens: list[int]) -> None:
     drafter.stop_request()
 
 
-def test_memory_keeps_each_tenants_state_and_forgets_the_least_recent_first():
+def serve_one(drafters: TenantDrafters, tenant: str, tokens: list[int] = ()) -> list[int]:
+    """A request of ``tenant`` that outputs ``tokens``; returns the history its drafter held before."""
+    with drafters.drafting(tenant) as drafter:
+        held = drafter.history.tolist()
+        remember(drafter, list(tokens))
+    return held
+
+
+def test_one_drafter_keeps_each_tenants_state_and_forgets_the_least_recent_first():
     drafter = HistoryOnlyDrafter()
     remember(drafter, [9])  # the startup state (a warm start, say)
-    memory = DrafterMemory(drafter, HistoryMode.tenant, tenants=2)
-    for tenant, tokens in (("a", [1, 2]), ("b", [3, 4])):
-        memory.enter(tenant)
-        remember(drafter, tokens)
-    memory.enter("a")
-    assert drafter.history.tolist() == [9, 1, 2]
-    memory.enter("c")  # a third tenant: b, the least recently served, is forgotten
-    assert drafter.history.tolist() == [9]
-    assert memory.tenants_kept == 2
-    memory.enter("b")
-    assert drafter.history.tolist() == [9]
-    memory.enter("c")
-    assert drafter.history.tolist() == [9]
+    drafters = TenantDrafters(drafter, HistoryMode.tenant, tenants=2)
+    assert serve_one(drafters, "a", [1, 2]) == [9]
+    assert serve_one(drafters, "b", [3, 4]) == [9]
+    assert serve_one(drafters, "a") == [9, 1, 2]
+    serve_one(drafters, "c")  # a third tenant: b, the least recently served, is forgotten
+    assert drafters.tenants_kept == 2
+    assert serve_one(drafters, "b") == [9]
+    assert serve_one(drafters, "c") == [9]
+    assert drafters.drafters == 1
+
+
+def test_tenants_running_together_each_get_a_drafter_of_the_pool():
+    """Up to ``slots`` drafters (one per request that may run at once); a tenant's requests share
+    its drafter; an idle drafter passes to another tenant with its state saved back."""
+    startup = HistoryOnlyDrafter()
+    remember(startup, [9])
+    drafters = TenantDrafters(startup, HistoryMode.tenant, tenants=8, slots=2, new_drafter=HistoryOnlyDrafter)
+    with drafters.drafting("a") as a, drafters.drafting("b") as b, drafters.drafting("a") as a_again:
+        assert a is startup and b is not a and a_again is a
+        assert b.history.tolist() == [9]  # a new drafter starts from the startup state
+        remember(a, [1])
+        remember(b, [2])
+        with pytest.raises(RuntimeError, match="all 2 drafters are in use"), drafters.drafting("c"):
+            pass
+        assert drafters.states() == {}, "running tenants have no saved state yet"
+    assert serve_one(drafters, "c", [3]) == [9]  # takes a's drafter (least recently served)...
+    assert drafters.drafters == 2
+    assert serve_one(drafters, "a") == [9, 1]  # ...whose state was saved back, and comes back
+    states = drafters.states()
+    assert list(states) == ["b", "c", "a"]
+    assert [states[t]["history"].tolist() for t in states] == [[9, 2], [9, 3], [9, 1]]
+
+
+def test_history_off_resets_every_request_and_shared_history_has_one_drafter():
+    startup = HistoryOnlyDrafter()
+    off = TenantDrafters(startup, HistoryMode.off, tenants=4, slots=2, new_drafter=HistoryOnlyDrafter)
+    assert serve_one(off, "a", [1]) == serve_one(off, "a", [2]) == []
+    shared = TenantDrafters(startup, HistoryMode.shared, tenants=4, slots=2)
+    with shared.drafting("a") as a, shared.drafting("b") as b:
+        assert a is b is startup
 
 
 def test_tenant_ids_are_digests_of_key_and_user():
@@ -117,5 +152,7 @@ def test_a_drafter_without_state_needs_shared_history():
         load_state_dict = None
 
     with pytest.raises(TypeError, match="--shared-history"):
-        DrafterMemory(NoState(), HistoryMode.tenant, tenants=4)
-    DrafterMemory(NoState(), HistoryMode.shared, tenants=4)
+        TenantDrafters(NoState(), HistoryMode.tenant, tenants=4)
+    TenantDrafters(NoState(), HistoryMode.shared, tenants=4, slots=8)
+    with pytest.raises(ValueError, match="needs new_drafter"):
+        TenantDrafters(LookupDrafter(), HistoryMode.tenant, tenants=4, slots=2)

@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from restspec.engine import AUTO
+from restspec.engine import AUTO, DEFAULT_MAX_BATCH
 from restspec.engine import parse_budget as engine_parse_budget
 from restspec.errors import GenerationError, RestspecError
 from restspec.models import DEFAULT_MODEL
@@ -177,6 +177,18 @@ DtypeOption = Annotated[
     ),
 ]
 
+MaxBatchOption = Annotated[
+    int,
+    typer.Option(
+        "--max-batch",
+        rich_help_panel=MODEL_PANEL,
+        help=(
+            "Concurrent requests verified together in one forward pass (continuous batching); more wait "
+            "their turn. Drafts shrink as the batch grows. 1 = one request at a time."
+        ),
+    ),
+]
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -204,6 +216,8 @@ class EngineOptions:
     """'auto', 'cpu', 'cuda' (or 'cuda:N') or 'mps'."""
     warm_start: bool = True
     """Start the drafter warm (:mod:`restspec.decode.warm`, learned once per model)."""
+    max_batch: int = DEFAULT_MAX_BATCH
+    """Concurrent requests verified together in one forward."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datastores", tuple(Path(p) for p in self.datastores))
@@ -216,6 +230,8 @@ class EngineOptions:
             raise GenerationError(f"--top-p={self.top_p} must be in (0, 1] (1 keeps every token)")
         if self.top_k < 0:
             raise GenerationError(f"--top-k={self.top_k} must be >= 0 (0 keeps every token)")
+        if self.max_batch < 1:
+            raise GenerationError(f"--max-batch={self.max_batch} must be >= 1 (1 = one request at a time)")
         parse_budget(self.budget)
 
     @property
@@ -257,6 +273,7 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
         device=options.device,
         budget=options.budget,
         warm_start=options.warm_start,
+        max_batch=options.max_batch,
         progress=ConsoleProgress(stderr_console()) if progress else False,
     )
 

@@ -20,6 +20,7 @@ from restspec.cli.common import (
     Dtype,
     DtypeOption,
     EngineOptions,
+    MaxBatchOption,
     MaxNewTokensOption,
     ModelOption,
     SeedOption,
@@ -31,6 +32,7 @@ from restspec.cli.common import (
     load_engine,
     stderr_console,
 )
+from restspec.engine import DEFAULT_MAX_BATCH
 from restspec.errors import RestspecError
 
 if TYPE_CHECKING:
@@ -296,13 +298,15 @@ def serve(
     seed: SeedOption = None,
     budget: BudgetOption = AUTO_BUDGET,
     warm_start: WarmStartOption = True,
+    max_batch: MaxBatchOption = DEFAULT_MAX_BATCH,
     dtype: DtypeOption = Dtype.float32,
     device: DeviceOption = AUTO_DEVICE,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions,
     /v1/models, /metrics, /health, /ready.
 
-    One model per process; requests are answered one at a time, in arrival order. --max-new-tokens,
+    One model per process; up to --max-batch requests generate at once, sharing each step's forward
+    pass, and the others wait in arrival order. --max-new-tokens,
     --temperature, --top-p, --top-k and --seed are the defaults for requests that leave those fields out.
     """
     if log_level.lower() not in LOG_LEVELS:
@@ -339,6 +343,7 @@ def serve(
         seed=seed,
         budget=budget,
         warm_start=warm_start,
+        max_batch=max_batch,
         dtype=dtype.value,
         device=device,
     )
@@ -370,7 +375,8 @@ def serve(
         config = server_app.state.config
         err.print(
             f"[bold]restspec serve[/]: model [cyan]{config.model_id}[/] "
-            f"on http://{bound_host}:{bound_port}/v1 (budget {options.budget}; history {history.value}; "
+            f"on http://{bound_host}:{bound_port}/v1 (budget {options.budget}; max batch {engine.max_batch}; "
+            f"history {history.value}; "
             f"{'API key required' if access.api_keys else 'no API key'}; Ctrl-C stops)"
         )
         uvicorn_config = uvicorn.Config(

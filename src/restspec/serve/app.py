@@ -42,7 +42,7 @@ from restspec.serve.metrics import ServerMetrics
 from restspec.serve.middleware import BearerAuth, BodyLimit
 from restspec.serve.persist import HistoryFileError, HistoryStore, load_states
 from restspec.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
-from restspec.serve.tenancy import DrafterMemory, tenant_of
+from restspec.serve.tenancy import TenantDrafters, tenant_of
 from restspec.serve.worker import GenerationWorker, Generator, Job, QueueFull, StopReason, result_of
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -107,7 +107,7 @@ def context_length_of(generator: Any) -> int | None:
 
 class Lifecycle:
     """Admitting, or shutting down: :meth:`begin_shutdown` (any thread) stops admitting, refuses the
-    queued requests and, after the grace period, ends the running one."""
+    queued requests and, after the grace period, ends the running ones."""
 
     def __init__(self, worker: GenerationWorker) -> None:
         self.worker = worker
@@ -137,17 +137,30 @@ def endpoint_of(path: str) -> str:
     return ENDPOINTS.get(path, "other")
 
 
-def create_app(generator: Generator, config: ServerConfig) -> FastAPI:
-    """The FastAPI app serving ``generator`` (used from one worker thread only)."""
+def create_app(
+    generator: Generator, config: ServerConfig, *, new_drafter: Callable[[], Any] | None = None
+) -> FastAPI:
+    """The FastAPI app serving ``generator``: up to ``generator.max_batch`` requests at once, each
+    drafting with its tenant's drafter. ``generator.drafter`` is the first; ``new_drafter`` builds one
+    more (of the same kind: each is loaded with a tenant's state) for every other tenant running at the
+    same time, needed unless ``max_batch`` is 1 or the history is shared."""
     limits = config.limits
-    metrics = ServerMetrics(queue_depth=lambda: worker.queued, busy=lambda: worker.busy)
-    memory = DrafterMemory(generator.drafter, config.history, limits.tenants)
+    metrics = ServerMetrics(
+        queue_depth=lambda: worker.queued, running=lambda: worker.running, max_batch=generator.max_batch
+    )
+    drafters = TenantDrafters(
+        generator.drafter,
+        config.history,
+        limits.tenants,
+        slots=generator.max_batch,
+        new_drafter=new_drafter,
+    )
     store = None
     if config.history_file is not None:
         store = HistoryStore(config.history_file, config.history_save_s)
         if store.path.exists():
-            restore_history(memory, store.path)
-    worker = GenerationWorker(generator, memory, metrics, limits.max_queued, store)
+            restore_history(drafters, store.path)
+    worker = GenerationWorker(generator, drafters, metrics, limits.max_queued, store)
     lifecycle = Lifecycle(worker)
     admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restspec-admit")
     created = int(time.time())
@@ -173,7 +186,7 @@ def create_app(generator: Generator, config: ServerConfig) -> FastAPI:
     app.state.config = config
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
-    app.state.memory = memory
+    app.state.drafters = drafters
 
     def count_rejection(path: str, status: int, code: str | None) -> None:
         metrics.rejected(endpoint_of(path), status, code)
@@ -202,9 +215,15 @@ def create_app(generator: Generator, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """Liveness: the worker is idle or made progress within ``stall_after_s``."""
+        """Liveness: every running request made progress within ``stall_after_s``."""
         stalled = worker.stalled_s()
-        body = {"status": "ok", "model": config.model_id, "busy": worker.busy, "queued": worker.queued}
+        body = {
+            "status": "ok",
+            "model": config.model_id,
+            "busy": worker.busy,
+            "running": worker.running,
+            "queued": worker.queued,
+        }
         if stalled > limits.stall_after_s:
             body |= {"status": "stalled", "stalled_seconds": round(stalled, 1)}
             return JSONResponse(body, status_code=503)
@@ -255,10 +274,10 @@ def create_app(generator: Generator, config: ServerConfig) -> FastAPI:
     return app
 
 
-def restore_history(memory: DrafterMemory, path: Path) -> None:
+def restore_history(drafters: TenantDrafters, path: Path) -> None:
     """Continue from the drafting memory saved in ``path``; :class:`HistoryFileError` if it does not fit."""
     try:
-        memory.restore(load_states(path))
+        drafters.restore(load_states(path))
     except ValueError as error:
         raise HistoryFileError(
             f"history file {str(path)!r} does not fit this drafter ({error}); it was saved with another "
@@ -708,7 +727,8 @@ def app_for_engine(
     history: HistoryMode = HistoryMode.tenant,
     history_file: Path | None = None,
 ) -> FastAPI:
-    """The app for a :class:`restspec.Engine`: its generator, ``defaults`` for omitted request fields,
+    """The app for a :class:`restspec.Engine`: its generator (up to the engine's ``max_batch`` requests
+    at once; tenants' drafters built by ``engine.new_drafter``), ``defaults`` for omitted request fields,
     the engine's model name (or ``model_name``) as id and ``aliases`` (e.g. the name it was loaded by)."""
     model_id = model_name or engine.name
     config = ServerConfig(
@@ -720,4 +740,4 @@ def app_for_engine(
         history=history,
         history_file=history_file,
     )
-    return create_app(engine.generator, config)
+    return create_app(engine.generator, config, new_drafter=engine.new_drafter)

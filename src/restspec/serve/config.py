@@ -58,7 +58,7 @@ class ServerLimits:
     max_stop_chars: int = 256
     """Longest ``stop`` string in characters (each request may send at most 4)."""
     stall_after_s: float = 120.0
-    """``/health`` is 503 when the worker has been on one step this long (a wedged worker)."""
+    """``/health`` is 503 when a running request has gone this long without a step (a wedged worker)."""
     tenants: int = 64
     """Tenants whose drafting memory is kept (least recently used are forgotten first)."""
 

@@ -26,9 +26,9 @@ OUTCOMES = (
 
 
 class ServerMetrics:
-    """The server's Prometheus metrics; ``queue_depth`` and ``busy`` are read when scraped."""
+    """The server's Prometheus metrics; ``queue_depth`` and ``running`` are read when scraped."""
 
-    def __init__(self, queue_depth: Callable[[], int], busy: Callable[[], bool]) -> None:
+    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int], max_batch: int) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "restspec_requests",
@@ -45,9 +45,15 @@ class ServerMetrics:
         Gauge("restspec_queue_depth", "Requests waiting for the worker", registry=self.registry).set_function(
             queue_depth
         )
-        Gauge("restspec_busy", "1 while the worker generates", registry=self.registry).set_function(
-            lambda: float(busy())
+        Gauge("restspec_busy", "1 while any request generates", registry=self.registry).set_function(
+            lambda: float(running() > 0)
         )
+        Gauge(
+            "restspec_running", "Requests generating now, sharing each step's forward", registry=self.registry
+        ).set_function(running)
+        Gauge(
+            "restspec_max_batch", "Requests that may generate at once (--max-batch)", registry=self.registry
+        ).set(max_batch)
         self.step_seconds = Histogram(
             "restspec_step_seconds",
             "Time of one decoding step (draft, verify, accept) after the first",
@@ -80,7 +86,7 @@ class ServerMetrics:
         self.request(endpoint, outcome)
 
     def chunk(self, seconds: float, tokens: int, *, first: bool) -> None:
-        """(worker thread) One chunk of a generation: ``seconds`` since the previous (or the start)."""
+        """(job thread) One chunk of a generation: ``seconds`` since the previous (or the start)."""
         (self.first_chunk_seconds if first else self.step_seconds).observe(seconds)
         self.tokens_per_step.observe(tokens)
         self.generated_tokens.inc(tokens)

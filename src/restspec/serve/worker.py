@@ -1,17 +1,19 @@
-"""One generator, one worker thread, one request at a time.
+"""One generator, up to ``max_batch`` requests at a time, one worker thread each.
 
-The generator (model, KV cache, drafter state) is not thread-safe, and torch's grad mode is
-thread-local, so every call into it happens on a single worker thread. Requests are tokenized and
-checked before they queue (see :mod:`restspec.serve.app`), then wait in front of that thread in arrival
-order; the event loop only moves chunks from the worker to the client::
+The generator verifies concurrent ``stream`` calls together, up to its ``max_batch`` requests per
+forward (continuous batching), so the worker runs that many jobs at once, each on a thread of its own
+that reads the job's stream; more jobs wait in arrival order. Requests are tokenized and checked before
+they queue (see :mod:`restspec.serve.app`); the event loop only moves chunks from the worker to the
+client::
 
-    handler ──submit(job)──► worker thread: enter tenant; for chunk in generator.stream(...): job.put(chunk)
-       ▲                                          │  (checks job.stop_reason between chunks)
-       └──────────── asyncio.Queue ◄──────────────┘
+    handler ──submit(job)──► job thread (one of max_batch): take the tenant's drafter;
+       ▲                       for chunk in generator.stream(..., drafter=...): job.put(chunk)
+       │                                  │  (checks job.stop_reason between chunks)
+       └──────────── asyncio.Queue ◄──────┘
 
 A job is stopped (:meth:`Job.stop`) when its client goes away, its time runs out or the server shuts
-down: the worker stops after the step it is in, closes the generator's stream (which ends the drafter's
-request) and takes the next job.
+down: its thread stops after the step it is in and closes the generator's stream (which takes the request
+out of the batch and ends the drafter's request); the other jobs go on, and the thread takes the next job.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from restspec.decode import GenerationConfig, GenerationResult, StreamChunk
 from restspec.serve.metrics import ServerMetrics
 from restspec.serve.persist import HistoryStore
-from restspec.serve.tenancy import DrafterMemory
+from restspec.serve.tenancy import TenantDrafters
 
 RECENT_JOBS_KEPT = 32
 """How many finished jobs :attr:`GenerationWorker.recent` remembers (for debugging and tests)."""
@@ -44,10 +46,14 @@ class Generator(Protocol):
 
     drafter: Any
     tokenizer: Any
+    max_batch: int
+    """Concurrent ``stream`` calls verified together (the worker runs that many jobs at once)."""
 
     def encode(self, prompt: Any, chat: bool = False) -> np.ndarray: ...
 
-    def stream(self, prompt: Any, config: GenerationConfig | None = None, *, chat: bool = False) -> Any: ...
+    def stream(
+        self, prompt: Any, config: GenerationConfig | None = None, *, chat: bool = False, drafter: Any = None
+    ) -> Any: ...
 
 
 class StopReason(str, Enum):
@@ -67,7 +73,7 @@ class QueueFull(Exception):
 
 @dataclass
 class JobRecord:
-    """What happened to one request on the worker thread."""
+    """What happened to one request on the worker."""
 
     job_id: str
     tenant: str
@@ -90,7 +96,7 @@ class JobRecord:
 
 @dataclass(eq=False)
 class Job:
-    """One request on the worker: the event loop reads chunks, the worker thread writes them."""
+    """One request on the worker: the event loop reads chunks, the job's thread writes them."""
 
     prompt_ids: np.ndarray
     """int32[L] the prompt's token ids, checked at admission."""
@@ -102,9 +108,11 @@ class Job:
     stop_reason: StopReason | None = None
     started: threading.Event = field(default_factory=threading.Event)
     done: bool = False
+    progress_at: float = 0.0
+    """(job thread) ``time.monotonic()`` of its start or its latest chunk."""
 
     def put(self, item: Any) -> None:
-        """(worker thread) Hand an item to the event loop; a closed loop means nobody listens."""
+        """(job thread) Hand an item to the event loop; a closed loop means nobody listens."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop was closed
@@ -142,32 +150,41 @@ class _Failed:
 
 
 class GenerationWorker:
-    """Runs ``generator.stream`` jobs one at a time on a dedicated worker thread."""
+    """Runs ``generator.stream`` jobs, up to ``generator.max_batch`` at once (one thread each), so that
+    they share the generator's steps; the others wait in arrival order."""
 
     def __init__(
         self,
         generator: Generator,
-        memory: DrafterMemory,
+        drafters: TenantDrafters,
         metrics: ServerMetrics,
         max_queued: int,
         store: HistoryStore | None = None,
     ) -> None:
         self.generator = generator
-        self.memory = memory
+        self.drafters = drafters
         self.store = store
         self.metrics = metrics
         self.max_queued = max_queued
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restspec-generate")
+        self.max_running = generator.max_batch
+        """Jobs that run at once."""
+        self._executor = ThreadPoolExecutor(max_workers=self.max_running, thread_name_prefix="restspec-job")
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when a job ends
+        self._saving = threading.Lock()
         self._queued: list[Job] = []
-        self._running: Job | None = None
-        self._progress_at = time.monotonic()
+        self._running: list[Job] = []
         self.recent: collections.deque[JobRecord] = collections.deque(maxlen=RECENT_JOBS_KEPT)
         self._durations: collections.deque[float] = collections.deque(maxlen=RECENT_JOBS_KEPT)
 
     @property
     def busy(self) -> bool:
-        return self._running is not None
+        return bool(self._running)
+
+    @property
+    def running(self) -> int:
+        """Jobs generating now (at most :attr:`max_running`)."""
+        return len(self._running)
 
     @property
     def queued(self) -> int:
@@ -175,33 +192,51 @@ class GenerationWorker:
         return len(self._queued)
 
     def stalled_s(self) -> float:
-        """Seconds the running job has gone without a chunk (0 while idle): a wedged worker grows it."""
-        return time.monotonic() - self._progress_at if self.busy else 0.0
+        """Seconds the running job that has gone longest without a chunk has gone so (0 while idle):
+        a wedged worker grows it."""
+        with self._lock:
+            oldest = min((job.progress_at for job in self._running), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
 
     def expected_wait_s(self) -> float:
-        """A guess at how long a new request would wait: recent jobs' mean duration times those ahead."""
+        """A guess at how long a new request would wait for a place: recent jobs' mean duration for
+        every ``max_running`` jobs that must end before it starts."""
         mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
-        return mean * (self.queued + self.busy)
+        ahead = self.queued + self.running - self.max_running + 1
+        return mean * max(0, ahead) / self.max_running
 
     def save_history(self) -> Future[None]:
-        """Save the tenants' drafting memory (if there is a store) on the worker thread, after the
-        jobs submitted before; the future is done when it is written."""
-        return self._executor.submit(self._save_history)
+        """Save the tenants' drafting memory (if there is a store) once no job runs or waits (at
+        shutdown, after :meth:`stop_all`); the future is done when it is written. On a thread of its
+        own, which a wedged job keeps waiting (it does not keep the process alive)."""
+        future: Future[None] = Future()
+
+        def save_when_idle() -> None:
+            try:
+                with self._changed:
+                    self._changed.wait_for(lambda: not self._running and not self._queued)
+                self._save_history()
+            finally:
+                future.set_result(None)
+
+        threading.Thread(target=save_when_idle, name="restspec-save-history", daemon=True).start()
+        return future
 
     def _save_history(self) -> None:
         if self.store is None:
             return
-        try:
-            self.store.save(self.memory.states())
-        except Exception:  # a full disk must not stop the serving; the previous file stays intact
-            logger.exception("could not save the drafting memory to %s", self.store.path)
+        with self._saving:  # one save at a time (jobs end together)
+            try:
+                self.store.save(self.drafters.states())
+            except Exception:  # a full disk must not stop the serving; the previous file stays intact
+                logger.exception("could not save the drafting memory to %s", self.store.path)
 
     def stop_all(self, reason: StopReason, *, queued_only: bool = False) -> None:
-        """Stop the queued jobs (and the running one unless ``queued_only``) with ``reason``."""
+        """Stop the queued jobs (and the running ones unless ``queued_only``) with ``reason``."""
         with self._lock:
             jobs = list(self._queued)
-            if self._running is not None and not queued_only:
-                jobs.append(self._running)
+            if not queued_only:
+                jobs += self._running
         for job in jobs:
             job.stop(reason)
 
@@ -225,52 +260,58 @@ class GenerationWorker:
 
     def _run(self, job: Job) -> None:
         record = job.record
+        job.progress_at = start = time.monotonic()
         with self._lock:
             self._queued.remove(job)
-            self._running = job
-        self._progress_at = start = time.monotonic()
+            self._running.append(job)
         record.started_at = time.time()
         job.started.set()
-        chunks = None
-        last: Any = None  # the result chunk or the failure: handed over once the worker is free again
+        last: Any = None  # the result chunk or the failure: handed over once the job has let go
         try:
-            if job.stop_reason is not None:
-                return
-            self.memory.enter(job.tenant)
-            chunks = self.generator.stream(job.prompt_ids, job.config)
-            for chunk in chunks:
-                now = time.monotonic()
-                self.metrics.chunk(now - self._progress_at, len(chunk.token_ids), first=record.chunks == 0)
-                self._progress_at = now
-                record.chunks += 1
-                record.tokens += len(chunk.token_ids)
-                record.completed = result_of(chunk) is not None
-                if record.completed:
-                    last = chunk
-                    continue
-                job.put(chunk)
-                if job.stop_reason is not None:
-                    break
+            if job.stop_reason is None:
+                last = self._generate(job)
         except Exception as error:  # handed to the request, which answers it (400 for RestspecError)
             record.error = f"{type(error).__name__}: {error}"
             last = _Failed(error)
         finally:
-            if chunks is not None:
-                chunks.close()  # ends the drafter's request when we stopped early
             if record.error is None and not record.completed:
                 record.stopped = job.stop_reason
             record.finished_at = time.time()
-            with self._lock:
-                self._running = None
+            with self._changed:
+                self._running.remove(job)
                 self.recent.append(record)
                 self._durations.append(time.monotonic() - start)
-            self._progress_at = time.monotonic()
-            # only now, so that a client answered from the last item finds the server idle
+                self._changed.notify_all()
+            # only now, so that a client answered from the last item finds its job ended
             if last is not None:
                 job.put(last)
             job.put(_END)
         if self.store is not None and self.store.due():
             self._save_history()
+
+    def _generate(self, job: Job) -> StreamChunk | None:
+        """Stream the job's chunks to it (all but the last, which carries the result and is returned)
+        until it ends or is stopped; the generator's stream is closed (the drafter's request ended)
+        before the tenant's drafter is let go."""
+        record = job.record
+        with self.drafters.drafting(job.tenant) as drafter:
+            chunks = self.generator.stream(job.prompt_ids, job.config, drafter=drafter)
+            try:
+                for chunk in chunks:
+                    now = time.monotonic()
+                    self.metrics.chunk(now - job.progress_at, len(chunk.token_ids), first=record.chunks == 0)
+                    job.progress_at = now
+                    record.chunks += 1
+                    record.tokens += len(chunk.token_ids)
+                    record.completed = result_of(chunk) is not None
+                    if record.completed:
+                        return chunk
+                    job.put(chunk)
+                    if job.stop_reason is not None:
+                        break
+            finally:
+                chunks.close()  # ends the drafter's request when we stopped early
+        return None
 
 
 def result_of(chunk: StreamChunk) -> GenerationResult | None:
