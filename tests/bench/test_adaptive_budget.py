@@ -11,12 +11,10 @@ from steps import step
 
 from restspec.decode import budget as budget_module
 from restspec.decode.budget import (
-    CORRECTION_REFIT_STEPS,
     AdaptiveBudget,
     BudgetPolicy,
     CpuSnapshot,
     LatencyCurve,
-    WeightCalibration,
     best_budget,
     calibration_path,
     cores_busy_elsewhere,
@@ -24,7 +22,6 @@ from restspec.decode.budget import (
     load_or_calibrate,
     read_calibration,
 )
-from restspec.draft.base import Step
 from restspec.draft.tree import DraftTree
 
 WEIGHTS = [0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1, 0.05]
@@ -65,18 +62,18 @@ def observe_cost(policy, width: int, seconds: float) -> None:
 def test_flat_latency_takes_the_whole_tree():
     # every node adds expected tokens at no cost: verify all 8
     flat = LatencyCurve((1, 100), (0.05, 0.05))
-    assert AdaptiveBudget(flat, max_budget=64, correct=False).choose(chain(WEIGHTS), 300) == 8
-    assert AdaptiveBudget(flat, max_budget=5, correct=False).choose(chain(WEIGHTS), 300) == 5
+    assert AdaptiveBudget(flat, max_budget=64).choose(chain(WEIGHTS), 300) == 8
+    assert AdaptiveBudget(flat, max_budget=5).choose(chain(WEIGHTS), 300) == 5
 
 
 def test_steep_latency_takes_a_small_tree():
     # each extra input costs half a plain step and the rate to beat is plain decoding's (1 token per
     # step): a node pays when its weight exceeds 1 * 0.5, so 0.9, 0.8, 0.6 (0.5 only ties): 3 nodes
     steep = LatencyCurve((1, 2), (1.0, 1.5))
-    assert AdaptiveBudget(steep, correct=False).choose(chain(WEIGHTS), 300) == 3
+    assert AdaptiveBudget(steep).choose(chain(WEIGHTS), 300) == 3
     # each extra input costs a whole plain step: no draft node is certain, so none pays
     linear = LatencyCurve((1, 2), (1.0, 2.0))
-    assert AdaptiveBudget(linear, correct=False).choose(chain(WEIGHTS), 300) == 0
+    assert AdaptiveBudget(linear).choose(chain(WEIGHTS), 300) == 0
 
 
 def test_a_higher_achieved_rate_raises_the_bar_for_each_node():
@@ -84,7 +81,7 @@ def test_a_higher_achieved_rate_raises_the_bar_for_each_node():
     # 1.2 and the 0.6 node no longer beats rate * 0.5; 2 nodes: 3 tokens per 2.0, the rate settles at
     # 1.5 and the bar at 0.75, which 0.9 and 0.8 still clear
     steep = LatencyCurve((1, 2), (1.0, 1.5))
-    policy = AdaptiveBudget(steep, correct=False)
+    policy = AdaptiveBudget(steep)
     past = 300
     chosen = [policy.choose(chain(WEIGHTS), past)]
     for _ in range(2000):
@@ -118,7 +115,7 @@ def test_worked_example_on_the_reference_curve():
 
 def test_zero_weights_and_empty_trees_choose_nothing():
     curve = LatencyCurve.reference()
-    policy = AdaptiveBudget(curve, correct=False)
+    policy = AdaptiveBudget(curve)
     assert policy.choose(DraftTree.empty(), 100) == 0
     assert policy.choose(chain([0.0, 0.0]), 100) == 0
     assert isinstance(policy, BudgetPolicy)
@@ -134,87 +131,6 @@ def test_latency_curve_is_monotone_and_extrapolates():
         LatencyCurve((2, 4), (1.0, 2.0))
     with pytest.raises(ValueError, match="increase strictly"):
         LatencyCurve((1, 1), (1.0, 2.0))
-
-
-def test_online_correction_shrinks_trees_when_drafts_fail():
-    # 0.3 per node after the first: with the weights believed, 4 nodes pay; when nothing is ever
-    # accepted the learned map sends the weights toward 0 and the policy stops drafting
-    curve = LatencyCurve((1, 2, 65), (1.0, 1.1, 20.0))
-    policy = AdaptiveBudget(curve, max_budget=16)
-    tree = chain([0.95, 0.9, 0.85, 0.8])
-    past = 100
-    first = last = policy.choose(tree, past)
-    assert first == 4
-    for _ in range(80):
-        observe(policy, tree.truncate(last))  # nothing accepted: the step adds the model's token only
-        past += 1
-        last = policy.choose(tree, past)
-    assert policy.calibration(np.array([0.9]), np.array([1]))[0] < 0.3
-    assert last < first
-    # a finished request replayed as one step (a warm start's conversation) is no evidence
-    before = policy.calibration.values.copy()
-    for _ in range(CORRECTION_REFIT_STEPS):
-        policy.observe(Step.finished(np.array([1, 2], np.int32), np.arange(30, dtype=np.int32)))
-    assert np.array_equal(policy.calibration.values, before)
-
-
-def test_weight_calibration_learns_per_depth_rates():
-    # a chain of two nodes weighted 0.4 and 0.3 whose first node is accepted 10% of the time and the
-    # second never: g_1(0.4) -> ~0.1, g_2(0.3) -> ~0 (ridge toward identity keeps a little)
-    rng = np.random.default_rng(0)
-    cal = WeightCalibration()
-    tree = chain([0.4, 0.3])
-    for _ in range(3000):
-        cal.observe(tree, int(rng.random() < 0.1))
-    g = cal(np.array([0.4, 0.3, 1.0, 0.4]), np.array([1, 2, 1, 6]))
-    assert g[0] == pytest.approx(0.1, abs=0.04)
-    assert g[1] < 0.06
-    assert g[2] == pytest.approx(1.0)  # never observed: stays at the prior
-    assert g[3] == pytest.approx(0.4**2)  # depth 6 has a map of its own, never observed: the prior
-
-
-def test_weight_calibration_tells_depths_apart():
-    # the same weight 0.5 at depth 1 (a lone guess) is accepted 50% of the time, at depth 9 (deep in
-    # a chain whose 8 ancestors are always right) 10%: one map per depth bucket learns both
-    rng = np.random.default_rng(1)
-    cal = WeightCalibration()
-    lone = chain([0.5])
-    deep = chain([1.0] * 8 + [0.5])
-    for _ in range(3000):
-        cal.observe(lone, int(rng.random() < 0.5))
-        cal.observe(deep, 8 + int(rng.random() < 0.1))
-    g = cal(np.array([0.5, 0.5]), np.array([1, 9]))
-    assert g[0] == pytest.approx(0.5, abs=0.05)
-    assert g[1] == pytest.approx(0.1, abs=0.05)
-
-
-def test_weight_calibration_statistics_follow_their_definition():
-    # per step: x[d] = the interpolation coefficients of the depth-(d+1) nodes on their bucket's knots,
-    # summed; y[d] = 1 if the step accepted d+1 drafts; xtx = decay * xtx + x.T x, xty likewise
-    rng = np.random.default_rng(2)
-    knots = np.asarray(budget_module.CALIBRATION_KNOTS)
-    edges = budget_module.CALIBRATION_DEPTH_EDGES
-    size = len(knots) * (len(edges) + 1)
-    cal = WeightCalibration()
-    xtx, xty = np.zeros((size, size)), np.zeros(size)
-    for _ in range(20):
-        n = int(rng.integers(1, 14))
-        parents = np.array([int(rng.integers(-1, i)) for i in range(n)])
-        tree = DraftTree(np.arange(n), parents, rng.random(n))
-        accepted = int(rng.integers(0, n + 1))
-        x = np.zeros((int(tree.depths.max()), size))
-        for w, d in zip(tree.weights.astype(np.float64), tree.depths, strict=True):
-            lo = min(int(np.searchsorted(knots, w, side="right")), len(knots) - 1) - 1
-            t = (w - knots[lo]) / (knots[lo + 1] - knots[lo])
-            column = int(np.searchsorted(edges, d, side="right")) * len(knots) + lo
-            x[d - 1, column] += 1 - t
-            x[d - 1, column + 1] += t
-        y = (np.arange(1, len(x) + 1) <= accepted).astype(np.float64)
-        xtx = budget_module.CORRECTION_DECAY * xtx + x.T @ x
-        xty = budget_module.CORRECTION_DECAY * xty + x.T @ y
-        cal.observe(tree, accepted)
-        np.testing.assert_allclose(cal._xtx, xtx, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(cal._xty, xty, rtol=1e-12, atol=1e-12)
 
 
 def test_calibration_is_cached(tmp_path, monkeypatch):
@@ -329,7 +245,7 @@ def test_a_corrupt_calibration_is_measured_again(tmp_path, monkeypatch):
 
 def test_measured_steps_replace_a_calibration_that_called_a_node_free():
     curve = LatencyCurve((1, 2, 3, 13), (0.050, 0.050, 0.055, 0.100))  # one node measured as free
-    policy = AdaptiveBudget(curve, correct=False)
+    policy = AdaptiveBudget(curve)
     tree = chain([0.15])
     assert policy.choose(tree, 100) == 1  # a free node is worth 0.15 tokens
     for _ in range(64):
@@ -337,7 +253,7 @@ def test_measured_steps_replace_a_calibration_that_called_a_node_free():
         observe_cost(policy, 2, 0.060)  # the loop's own steps: one node costs 20 % more
     assert policy.choose(tree, 200) == 0
     assert policy.choose(chain([0.5]), 300) == 1  # still worth it for a likely node
-    fixed = AdaptiveBudget(curve, correct=False, learn_costs=False).fresh()
+    fixed = AdaptiveBudget(curve, learn_costs=False).fresh()
     for _ in range(64):
         observe_cost(fixed, 1, 0.050)
         observe_cost(fixed, 2, 0.060)
@@ -346,7 +262,7 @@ def test_measured_steps_replace_a_calibration_that_called_a_node_free():
 
 def test_one_stalled_step_does_not_set_a_widths_cost():
     curve = LatencyCurve((1, 2, 3, 13), (0.050, 0.050, 0.055, 0.100))
-    policy = AdaptiveBudget(curve, correct=False)
+    policy = AdaptiveBudget(curve)
     for _ in range(64):
         observe_cost(policy, 1, 0.050)
         observe_cost(policy, 2, 0.052)

@@ -21,13 +21,12 @@ def test_restspec_starts_warm_and_the_plain_loop_has_nothing_to_warm(tiny_engine
     restspec, plain = build_methods(["restspec", "restspec-plain"], MethodContext(engine))
     warm = engine.warm
     assert warm.summary()["conversations"] == CONVERSATIONS
-    drafter, policy = restspec.generator.drafter, restspec.generator.policy
+    drafter = restspec.generator.drafter
     assert drafter is not engine.drafter  # a fresh copy: the bench's runs do not teach the engine's own
     history = next(d for d in drafter.drafters if isinstance(d, HistoryDrafter))
     assert history.num_tokens == warm.summary()["output_tokens"] > 0
-    np.testing.assert_array_equal(
-        policy.calibration.state_dict()["xtx"], warm.policy_state["calibration"]["xtx"]
-    )
+    learned = warm.drafter_state["correction"]["xtx"]
+    np.testing.assert_array_equal(drafter.correction.state_dict()["xtx"], learned)
     assert isinstance(plain.generator.drafter, EmptyDrafter)
 
     cold = build_methods(["restspec"], MethodContext(tiny_engine(warm_start=False)))[0]

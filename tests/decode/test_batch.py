@@ -199,7 +199,7 @@ def test_a_cancelled_stream_leaves_the_batch_and_the_others_finish():
 
 def test_the_joint_budget_shrinks_speculation_as_the_batch_grows():
     curve = LatencyCurve((1, 8, 16, 64), (0.010, 0.012, 0.016, 0.050))
-    policy = AdaptiveBudget(curve, max_budget=8, correct=False, learn_costs=False)
+    policy = AdaptiveBudget(curve, max_budget=8, learn_costs=False)
     tree = DraftTree.chain(list(range(8)), [0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05])
     alone = policy.choose_batch([tree])
     assert alone == [policy.choose(tree, 10)]

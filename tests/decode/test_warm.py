@@ -17,10 +17,12 @@ from restspec.decode.warm import (
     learn_warm_start,
     load_or_learn_warm_start,
     question_prefix,
+    shipped_warm_start,
     warm_start_path,
 )
 from restspec.draft import HistoryDrafter, MergedDrafter, RecycleDrafter, default_drafter
 from restspec.draft.base import StatelessDrafter, Step
+from restspec.models import load_tokenizer
 
 TEXTS = ["Tell me about the sea. The sea is wide and deep.", "How do birds fly? Birds fly with wings."] * 4
 CONVERSATIONS = 3
@@ -66,7 +68,8 @@ def test_learns_conversations_and_state(tiny, warm):
     assert recycle["trials"] > 0
     assert set(warm.drafter_state["sources"]) == {"0", "1"}  # context, history
     assert warm.drafter_state["calibration"]["trials"].sum() > 0
-    assert warm.policy_state is not None and warm.policy_state["calibration"]["steps"] > 0
+    assert warm.drafter_state["correction"]["steps"] > 0
+    assert warm.policy_state == {}  # the adaptive policy learns only this machine's costs
     assert warm.summary() == {
         "version": WARM_START_VERSION,
         "conversations": CONVERSATIONS,
@@ -209,3 +212,11 @@ def test_load_or_learn_caches_and_relearns_a_corrupt_file(tmp_path, monkeypatch,
     path.write_bytes(b"corrupt")
     load_or_learn_warm_start(tiny, make)
     assert len(made) == 2 and WarmStart.load(path).summary() == warm.summary()
+
+
+def test_the_embedded_models_warm_start_ships_for_this_version():
+    # a bump of WARM_START_VERSION renames the cache file: the shipped one must be learned again
+    path = warm_start_path("smollm2-135m-instruct-q4_1", "float32", load_tokenizer("smollm2"))
+    shipped = shipped_warm_start(path.name)
+    assert shipped is not None, f"no shipped warm start {path.name}: learn it (restspec.decode.warm)"
+    assert WarmStart.load(shipped).summary()["version"] == WARM_START_VERSION

@@ -136,20 +136,18 @@ def run_policy(policy: AdaptiveBudget, steps: int, seed: int) -> list[int]:
     return chosen
 
 
-def test_a_loaded_policy_weighs_drafts_as_the_trained_one_and_keeps_its_own_costs():
+def test_a_loaded_policy_keeps_its_own_costs():
+    # the adaptive policy learns only this machine's costs and rate: its state is empty, and a policy
+    # loaded from a trained one starts from its own curve (what is learned about drafts is the drafter's)
     curve = LatencyCurve((1, 4, 13), (0.05, 0.06, 0.10))
     trained = AdaptiveBudget(curve)
-    run_policy(trained, 50, seed=0)  # 50 steps: the last refits are a few steps back
+    run_policy(trained, 50, seed=0)
+    assert trained.state_dict() == {}
     loaded = AdaptiveBudget(curve)
     loaded.load_state_dict(trained.state_dict())
-    weights, depths = np.linspace(0.9, 0.1, 8), np.arange(1, 9)
-    np.testing.assert_array_equal(loaded.calibration(weights, depths), trained.calibration(weights, depths))
-    assert not np.array_equal(
-        AdaptiveBudget(curve).calibration(weights, depths), trained.calibration(weights, depths)
-    )
     assert loaded.rate == AdaptiveBudget(curve).rate != trained.rate  # costs and rate: measured afresh
     with pytest.raises(ValueError, match="keys"):
-        loaded.load_state_dict({"calibration": trained.state_dict()["calibration"], "table": np.zeros(3)})
+        loaded.load_state_dict({"calibration": {}})
 
 
 def test_stateless_learners_have_empty_states():

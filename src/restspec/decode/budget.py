@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numba as nb
 import numpy as np
 
-from restspec.draft.base import Learner, Step, check_state_keys, check_state_shape
+from restspec.draft.base import Learner, Step, check_state_keys
 from restspec.draft.tree import DraftTree
 
 if TYPE_CHECKING:
@@ -112,16 +111,6 @@ BUSY_LOAD_PER_CORE = 1.5
 this is used but not cached."""
 CALIBRATION_SEED = 0
 """Seed of the random token ids the calibration forwards run on (latency does not depend on them)."""
-CALIBRATION_KNOTS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-"""Weights at which the online weight -> acceptance map is a free parameter (linear in between)."""
-CALIBRATION_DEPTH_EDGES: tuple[int, ...] = (2, 3, 5, 9)
-"""Depth buckets with a weight map of their own: 1, 2, 3-4, 5-8, 9 and deeper."""
-CORRECTION_PRIOR = 4.0
-"""Ridge strength pulling the learned map toward the prior map ``w ** 2``."""
-CORRECTION_DECAY = 0.999
-"""Per-step decay of the correction statistics (memory of about a thousand steps)."""
-CORRECTION_REFIT_STEPS = 8
-"""Refit the map every this many observed steps."""
 DEFAULT_MAX_BUDGET = 12
 """Most draft nodes the adaptive policy verifies by default. A forward over 13 inputs already costs
 about 1.5 plain steps on the 2-core reference machine (benchmarks/results/latency.md), and the policy's
@@ -424,161 +413,6 @@ def load_or_calibrate(
     return curve
 
 
-_KNOTS = np.asarray(CALIBRATION_KNOTS, dtype=np.float64)
-_DEPTH_EDGES = np.asarray(CALIBRATION_DEPTH_EDGES, dtype=np.int64)
-
-
-@nb.njit(cache=True)
-def _knot_columns(weights, depths, knots, edges):  # pragma: no cover - compiled
-    """Where each node lies on the piecewise-linear maps: (int64[n] column ``bucket * len(knots) +
-    lo`` of the knot below its weight in its depth bucket's row, float64[n] fraction ``t`` of the way
-    to the next knot). A map g is then ``(1 - t) * g[column] + t * g[column + 1]``; the bucket is the
-    number of ``edges`` at or below the depth, ``lo`` the number of knots at or below the weight
-    (clipped to [0, 1]) less one, kept inside the last segment."""
-    n = len(weights)
-    k = len(knots)
-    columns = np.empty(n, np.int64)
-    fractions = np.empty(n, np.float64)
-    for i in range(n):
-        w = min(max(np.float64(weights[i]), 0.0), 1.0)
-        lo = 0
-        while lo < k and knots[lo] <= w:
-            lo += 1
-        lo = min(max(lo, 1), k - 1) - 1
-        bucket = 0
-        while bucket < len(edges) and edges[bucket] <= depths[i]:
-            bucket += 1
-        columns[i] = bucket * k + lo
-        fractions[i] = (w - knots[lo]) / (knots[lo + 1] - knots[lo])
-    return columns, fractions
-
-
-@nb.njit(cache=True)
-def _interpolate(values, columns, fractions):  # pragma: no cover - compiled
-    out = np.empty(len(columns), np.float64)
-    for i in range(len(columns)):
-        out[i] = (1.0 - fractions[i]) * values[columns[i]] + fractions[i] * values[columns[i] + 1]
-    return out
-
-
-@nb.njit(cache=True)
-def _accumulate(xtx, xty, decay, columns, fractions, depths, accepted):  # pragma: no cover - compiled
-    """``xtx = decay * xtx + x.T @ x`` and ``xty = decay * xty + x.T @ y`` in place, for the design
-    rows x (per depth, the interpolation coefficients of its nodes, summed) and y (1 for the depths
-    the step accepted). x has two entries per node, so only those products are formed."""
-    size = len(xty)
-    x = np.zeros((depths.max(), size), np.float64)
-    for i in range(len(columns)):
-        x[depths[i] - 1, columns[i]] += 1.0 - fractions[i]
-        x[depths[i] - 1, columns[i] + 1] += fractions[i]
-    gram = np.zeros((size, size), np.float64)
-    moment = np.zeros(size, np.float64)
-    used = np.empty(size, np.int64)
-    for d in range(len(x)):
-        n_used = 0
-        for c in range(size):
-            if x[d, c] != 0.0:
-                used[n_used] = c
-                n_used += 1
-        for a in range(n_used):
-            ca = used[a]
-            if d < accepted:
-                moment[ca] += x[d, ca]
-            for b in range(n_used):
-                gram[ca, used[b]] += x[d, ca] * x[d, used[b]]
-    for a in range(size):
-        xty[a] = decay * xty[a] + moment[a]
-        for b in range(size):
-            xtx[a, b] = decay * xtx[a, b] + gram[a, b]
-
-
-class WeightCalibration:
-    """Learns ``p = g_b(w)``, the real acceptance probability of a node the drafter weighted ``w`` at a
-    depth in bucket ``b`` (:data:`CALIBRATION_DEPTH_EDGES`), from how many tokens each step accepted,
-    online.
-
-    Nodes of one depth are disjoint events (at most one of them lies on the accepted path), so
-    ``P(accepted >= d) = sum of g(w_i) over depth-d nodes``; each step gives one such observation per
-    depth of the verified tree. Each ``g_b`` is piecewise linear on :data:`CALIBRATION_KNOTS`, fitted
-    by ridge regression toward the prior ``g(w) = w ** 2``, then made non-decreasing and clipped to
-    [0, 1]. Depth matters: in chat, a lone first-token guess weighted 0.43 was accepted 18 % of the
-    time while nodes deep in long retrieved chains were accepted far less often than their weights
-    said. The prior is ``w ** 2``, not the identity, because the default drafter's weights are
-    overconfident in every bucket: the maps learned over our HumanEval runs lie near ``w ** 2``
-    (depth 1: 0.29 at 0.5, 0.57 at 0.7; depth 5-8: 0.14 at 0.5, 0.37 at 0.7), as does the chat
-    example above (0.43 ** 2 = 0.18). Starting there spares the first requests the over-wide trees
-    an identity prior verifies until enough steps have been seen.
-    """
-
-    def __init__(self) -> None:
-        k = len(CALIBRATION_KNOTS) * (len(CALIBRATION_DEPTH_EDGES) + 1)
-        self._prior = np.tile(
-            np.asarray(CALIBRATION_KNOTS, dtype=np.float64) ** 2, len(CALIBRATION_DEPTH_EDGES) + 1
-        )
-        self._xtx = np.zeros((k, k))
-        self._xty = np.zeros(k)
-        self._steps = 0
-        self.values = self._prior.reshape(-1, len(CALIBRATION_KNOTS)).copy()
-        """g at the knots, one row per depth bucket."""
-
-    def __call__(self, weights: np.ndarray, depths: np.ndarray) -> np.ndarray:
-        """float64[n]: calibrated probabilities of nodes with these ``weights`` at these ``depths``."""
-        columns, fractions = _knot_columns(weights, depths, _KNOTS, _DEPTH_EDGES)
-        return _interpolate(self.values.reshape(-1), columns, fractions)
-
-    def observe(self, tree: DraftTree, accepted: int) -> None:
-        """``tree``: the nodes verified in a step; ``accepted``: how many draft tokens it accepted."""
-        if len(tree) == 0:
-            return
-        depths = tree.depths
-        columns, fractions = _knot_columns(tree.weights, depths, _KNOTS, _DEPTH_EDGES)
-        _accumulate(self._xtx, self._xty, CORRECTION_DECAY, columns, fractions, depths, accepted)
-        self._steps += 1
-        if self._steps % CORRECTION_REFIT_STEPS == 0:
-            self._refit()
-
-    def state_dict(self) -> dict[str, Any]:
-        """What was learned: the statistics ``xtx``, ``xty``, ``steps`` and the map's ``values`` at
-        their last refit."""
-        return {
-            "xtx": self._xtx.copy(),
-            "xty": self._xty.copy(),
-            "steps": self._steps,
-            "values": self.values.copy(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state_dict` (of a calibration with the same knots)."""
-        check_state_keys(self, state, {"xtx", "xty", "steps", "values"})
-        xtx = check_state_shape("xtx", state["xtx"], self._xtx.shape)
-        xty = check_state_shape("xty", state["xty"], self._xty.shape)
-        values = check_state_shape("values", state["values"], self.values.shape)
-        self._xtx = np.array(xtx, np.float64)
-        self._xty = np.array(xty, np.float64)
-        self._steps = int(state["steps"])
-        self.values = np.array(values, np.float64)
-
-    def _refit(self) -> None:
-        a = self._xtx + CORRECTION_PRIOR * np.eye(len(self._prior))
-        b = self._xty + CORRECTION_PRIOR * self._prior
-        theta = np.clip(np.linalg.solve(a, b), 0.0, 1.0).reshape(self.values.shape)
-        seen = np.diag(a).reshape(self.values.shape)
-        self.values = np.stack([_isotonic(t, w) for t, w in zip(theta, seen, strict=True)])
-
-
-def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The non-decreasing sequence closest to ``values`` in weighted least squares (pool adjacent
-    violators): a knot seen often outweighs a neighbour that only has its prior."""
-    blocks: list[list[float]] = []  # [weighted mean, total weight, count]
-    for v, w in zip(values.tolist(), weights.tolist(), strict=True):
-        blocks.append([v, w, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            v2, w2, n2 = blocks.pop()
-            v1, w1, n1 = blocks.pop()
-            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    return np.concatenate([np.full(n, v) for v, _, n in blocks])
-
-
 class AdaptiveBudget:
     """Choose each step's tree size to maximize tokens per second over the whole run.
 
@@ -600,14 +434,12 @@ class AdaptiveBudget:
     measured as free) is corrected by the run itself, on its real cache lengths and tree shapes.
     ``learn_costs=False`` plans with the calibrated curve alone.
 
-    Online correction (``correct=True``): drafters' weights are estimates, often overconfident for
-    low-weight nodes. The policy learns the real acceptance probability as a function of the weight
-    (:class:`WeightCalibration`) from the verified tree and accepted path of each observed step. The
-    achieved rate is learned from the tokens each step added. The default drafter calibrates its own
-    weights too (per source, :class:`~restspec.draft.merge.Calibration`), and neither alone does as
-    well as both: on three HumanEval prompts (the embedded model, 64 tokens, the reference curve),
-    without this correction the trees grew from 2.0 to 6.4 nodes and the modeled tokens per second
-    fell 11 %; without the drafter's, tokens per step fell from 1.475 to 1.462 (modeled: -1.5 %).
+    Node probabilities: the tree's weights, taken as they are. The drafter owns the estimate of how
+    likely verification accepts each node and learns it from the steps (the default drafter's
+    :class:`~restspec.draft.merge.MergedDrafter`: per-source rates, then a map per depth fitted to
+    what was accepted); the policy only prices it. A drafter whose weights are not probabilities
+    (say, raw counts) makes it verify too much or too little. The achieved rate is learned from the
+    tokens each step added.
 
     ``AdaptiveBudget()`` uses :data:`REFERENCE_LATENCY_S`; ``AdaptiveBudget.for_model(loaded)``
     calibrates the real model once per machine and caches the curve.
@@ -618,21 +450,18 @@ class AdaptiveBudget:
         latency: LatencyCurve | None = None,
         max_budget: int = DEFAULT_MAX_BUDGET,
         *,
-        correct: bool = True,
         learn_costs: bool = True,
     ):
         if max_budget < 0:
             raise ValueError(f"max_budget={max_budget} must be >= 0")
         self.latency = LatencyCurve.reference() if latency is None else latency
         self._max_budget = int(max_budget)
-        self.correct = correct
         self.learn_costs = learn_costs
         self._curve_table = self.latency.table(max(self._max_budget + 1, TABLE_WIDTH))
         self._table = self._curve_table.copy()  # the curve, then what steps measured
         self._step_s = np.zeros_like(self._table)  # decayed seconds and counts of steps by width
         self._step_n = np.zeros_like(self._table)
         self._since_refit = 0.0  # steps observed since the table was last rebuilt
-        self.calibration = WeightCalibration()
         self._tokens = 1.0  # decayed sums behind the achieved rate; prior: one plain step
         self._seconds = float(self._table[1])
 
@@ -646,13 +475,11 @@ class AdaptiveBudget:
         return self._tokens / self._seconds
 
     def fresh(self) -> AdaptiveBudget:
-        """A new policy on the same latency curve, with no correction history."""
-        return AdaptiveBudget(
-            self.latency, self._max_budget, correct=self.correct, learn_costs=self.learn_costs
-        )
+        """A new policy on the same latency curve, with no history."""
+        return AdaptiveBudget(self.latency, self._max_budget, learn_costs=self.learn_costs)
 
     def observe(self, step: Step) -> None:
-        """Learn the achieved rate and the weight map from the step's outcome, and its cost.
+        """Learn the achieved rate from the step's outcome, and its cost.
 
         A step that shared its forward with others (``step.batch_size`` requests) counts as that
         share of a forward: the rate becomes the batch's tokens per second, and the cost learned is
@@ -666,8 +493,6 @@ class AdaptiveBudget:
             decay = RATE_DECAY**share
             self._tokens = decay * self._tokens + gained
             self._seconds = decay * self._seconds + float(self._table[width]) * share
-            if self.correct:
-                self.calibration.observe(step.tree, len(step.path))
         seconds = step.forward_s + (step.draft_s + step.accept_s) / share
         self._learn_cost(width, seconds, share)
 
@@ -706,7 +531,7 @@ class AdaptiveBudget:
         limit = min(self._max_budget, len(tree))
         if limit <= 0:
             return 0
-        return best_budget(self._node_probs(tree, limit), self._table, limit, rate=self.rate)
+        return best_budget(tree.weights[:limit], self._table, limit, rate=self.rate)
 
     def choose_batch(self, trees: Sequence[DraftTree], fixed_inputs: int | None = None) -> list[int]:
         """Every request's tree size at once: the nodes of all trees ranked by probability
@@ -717,30 +542,21 @@ class AdaptiveBudget:
         limits = [min(self._max_budget, len(tree)) for tree in trees]
         if sum(limits) == 0:
             return [0] * len(trees)
-        owner, probs = joint_order([self._node_probs(t, c) for t, c in zip(trees, limits, strict=True)])
+        owner, probs = joint_order([t.weights[:c] for t, c in zip(trees, limits, strict=True)])
         self._grow(fixed + len(probs))
         k = best_extra(probs, self._table, fixed, self.rate)
         return np.bincount(owner[:k], minlength=len(trees)).tolist()
 
-    def _node_probs(self, tree: DraftTree, limit: int) -> np.ndarray:
-        """float64[limit]: the estimated probability that each of the first ``limit`` nodes is accepted."""
-        weights = tree.weights[:limit]
-        if self.correct:
-            return self.calibration(weights, tree.depths[:limit])
-        return np.asarray(weights, np.float64)
-
     def state_dict(self) -> dict[str, Any]:
-        """What the policy learned about the drafts: ``calibration`` (:meth:`WeightCalibration.state_dict`,
-        how often nodes of each weight were accepted). Not what this machine's steps cost or the rate
-        they achieved: those belong to the machine and the process, and every policy measures them
-        afresh from its latency curve, so a state learned elsewhere (a shipped warm start) misleads
-        no cost."""
-        return {"calibration": self.calibration.state_dict()}
+        """Nothing: what the policy learns is what this machine's steps cost and the rate they
+        achieve, which belong to the machine and the process; every policy measures them afresh from
+        its latency curve, so a state learned elsewhere (a shipped warm start) misleads no cost. What
+        is learned about the drafts belongs to the drafter."""
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from the :meth:`state_dict` of an adaptive policy."""
-        check_state_keys(self, state, {"calibration"})
-        self.calibration.load_state_dict(state["calibration"])
+        """Continue from the :meth:`state_dict` of an adaptive policy (empty)."""
+        check_state_keys(self, state, set())
 
     @classmethod
     def for_model(

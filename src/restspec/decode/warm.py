@@ -1,8 +1,8 @@
 """Warm start: what the default drafter learns from the model's own conversations, learned once.
 
-A fresh process drafts cold: the recycling table knows no token's likely successors, the per-source
-acceptance rates and the budget's weight calibration sit at their priors, and there are no past
-outputs. Whatever a process serves first pays for that: in MT-Bench runs the first category
+A fresh process drafts cold: the recycling table knows no token's likely successors, the drafter's
+acceptance estimates (per-source rates and the map per depth) sit at their priors, and there are no
+past outputs. Whatever a process serves first pays for that: in MT-Bench runs the first category
 (writing) was the one where restspec did not lead SuffixDecoding (docs/benchmarks.md, MT-Bench).
 
 :func:`learn_warm_start` makes the model write its own user questions (sampled from the chat
@@ -30,9 +30,10 @@ from restspec.draft.base import Drafter, Learner, Step
 if TYPE_CHECKING:
     from restspec.decode.generate import SpeculativeGenerator
 
-WARM_START_VERSION = 3
+WARM_START_VERSION = 4
 """Bump when what is learned or how changes, so cached warm starts are learned again (2: the
-learners' state dicts; 3: the budget policy's state without the machine's step costs)."""
+learners' state dicts; 3: the budget policy's state without the machine's step costs; 4: the weight
+correction moved from the budget policy into the drafter)."""
 WARM_CONVERSATIONS = 32
 """Conversations the model writes for a warm start."""
 QUESTION_TOKENS = 48

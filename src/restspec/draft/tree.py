@@ -77,6 +77,10 @@ class DraftTree:
     sources: tuple[DraftTree, ...] = ()
     """The trees a merge of several sources was built from, one per source (empty for a source's
     own tree); they come back to the merge with the step (:attr:`restspec.draft.base.Step.proposal`)."""
+    uncorrected: np.ndarray | None = None
+    """float32[n]: the weights before the drafter's last correction of them, None where none was
+    applied; they come back to the drafter with the step, so that it learns the correction from
+    what it corrected (:class:`restspec.draft.merge.MergedDrafter`)."""
 
     def __post_init__(self) -> None:
         if self.match_length < 0:
@@ -95,6 +99,12 @@ class DraftTree:
         if weights.shape != tokens.shape:
             raise ValueError(f"weights must have shape {tokens.shape}, got {weights.shape}")
         weights.setflags(write=False)
+        if self.uncorrected is not None:
+            uncorrected = np.ascontiguousarray(self.uncorrected, dtype=np.float32)
+            if uncorrected.shape != tokens.shape:
+                raise ValueError(f"uncorrected must have shape {tokens.shape}, got {uncorrected.shape}")
+            uncorrected.setflags(write=False)
+            object.__setattr__(self, "uncorrected", uncorrected)
         code, i = _first_violation(tokens, parents, weights) if n else (0, -1)
         if code == 1:
             raise ValueError(f"weights must lie in [0, 1], got {weights.min()}..{weights.max()}")

@@ -32,7 +32,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,10 +256,11 @@ class RestspecProposer:
         """vLLM hands over the target model; restspec drafts without it."""
 
     def _new_drafter(self) -> MergedDrafter:
+        """A request's drafter: the default merge, without its map per depth (a request's drafter
+        would learn it afresh from one request's chains; chain lengths are priced here)."""
         views = [SharedSource(source, self.stats.source_matches, name) for name, source in self._sources]
-        return MergedDrafter(
-            views, scales=[DEFAULT_SCALES[name] for name, _ in self._sources], config=DEFAULT_MERGE
-        )
+        scales = [DEFAULT_SCALES[name] for name, _ in self._sources]
+        return MergedDrafter(views, scales=scales, config=replace(DEFAULT_MERGE, correct=False))
 
     def _take(self, key: tuple[bytes, int, int]) -> Request | None:
         waiting = self._requests.get(key)
