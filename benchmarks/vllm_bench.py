@@ -83,6 +83,7 @@ def speculative_config(method: str, restspec_config: Path) -> dict | None:
         return None
     if method == "restspec":
         os.environ["RESTSPEC_VLLM_CONFIG"] = str(restspec_config)
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # restspec_counters reads the worker
         model = "restspec.integrations.vllm.RestspecProposer"
         return {"method": "custom_class", "model": model, "num_speculative_tokens": SPECULATIVE_TOKENS}
     if method == "ngram":  # vLLM's default matches 5-grams only, which rarely drafts on short outputs
@@ -116,6 +117,7 @@ def run(folder: Path, method: str, concurrency: int, items, max_tokens: int, res
         "vllm:spec_decode_num_accepted_tokens", 0
     )
     outputs = [list(r.outputs[0].token_ids) for r in results]
+    proposer = restspec_counters(llm) if method == "restspec" else None
     del llm
     gc.collect()
     tokens = sum(len(o) for o in outputs)
@@ -126,7 +128,23 @@ def run(folder: Path, method: str, concurrency: int, items, max_tokens: int, res
         "output_tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+        "proposer": proposer,
         "outputs": outputs,
+    }
+
+
+def restspec_counters(llm) -> dict:
+    """What restspec's proposer reports of the whole engine's life (warm-up included): ms spent in
+    ``propose`` per step, steps it drafted nothing, the learned step cost in ms (fixed, per row, per
+    draft token)."""
+    from restspec.integrations.vllm import proposer_stats
+
+    stats = llm.collective_rpc(proposer_stats)[0]
+    return {
+        "steps": stats["steps"],
+        "propose_ms_per_step": 1000 * stats["propose_seconds"] / max(stats["steps"], 1),
+        "steps_not_drafted": stats["steps_not_drafted"],
+        "step_cost_ms": [round(1000 * c, 2) for c in stats["step_cost"]],
     }
 
 
@@ -149,7 +167,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="default: none ngram [suffix] restspec")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--datastore", action="append", help="restspec datastore (default: the stdlib one)")
-    parser.add_argument("--knee-tokens", type=float, default=16.0, help="restspec's cost model (CPU: ~16)")
+    parser.add_argument(
+        "--knee-tokens", type=float, default=16.0, help="restspec's prior step cost, before measured steps"
+    )
     parser.add_argument("--out", type=Path, default=Path("vllm-bench.json"))
     args = parser.parse_args()
 
@@ -181,7 +201,7 @@ def main() -> None:
             print(
                 f"c={concurrency:<3} {method:<9} {row['tokens_per_s']:8.1f} tok/s  "
                 f"accepted length {row['mean_accepted_length'] or 1:.2f}  "
-                f"identical {row['identical']}/{len(items)}",
+                f"identical {row['identical']}/{len(items)}  {row['proposer'] or ''}",
                 flush=True,
             )
     args.out.write_text(
