@@ -83,6 +83,7 @@ def speculative_config(method: str, restspec_config: Path) -> dict | None:
         return None
     if method == "restspec":
         os.environ["RESTSPEC_VLLM_CONFIG"] = str(restspec_config)
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # restspec_counters reads the worker
         model = "restspec.integrations.vllm.RestspecProposer"
         return {"method": "custom_class", "model": model, "num_speculative_tokens": SPECULATIVE_TOKENS}
     if method == "ngram":  # vLLM's default matches 5-grams only, which rarely drafts on short outputs
@@ -107,6 +108,7 @@ def run(folder: Path, method: str, concurrency: int, items, max_tokens: int, res
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     llm.generate([{"prompt_token_ids": items[0][1]}], params, use_tqdm=False)  # warm-up (compilation)
     before = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+    counters = restspec_counters(llm) if method == "restspec" else None
     start = time.perf_counter()
     results = llm.generate([{"prompt_token_ids": ids} for _, ids in items], params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -116,6 +118,7 @@ def run(folder: Path, method: str, concurrency: int, items, max_tokens: int, res
         "vllm:spec_decode_num_accepted_tokens", 0
     )
     outputs = [list(r.outputs[0].token_ids) for r in results]
+    proposer = restspec_counters(llm, counters) if counters else None
     del llm
     gc.collect()
     tokens = sum(len(o) for o in outputs)
@@ -126,7 +129,27 @@ def run(folder: Path, method: str, concurrency: int, items, max_tokens: int, res
         "output_tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+        "load_average": os.getloadavg()[0],  # other work on the machine during the run (1 minute)
+        "proposer": proposer,
         "outputs": outputs,
+    }
+
+
+def restspec_counters(llm, before: dict | None = None) -> dict:
+    """What restspec's proposer reports (since ``before``, its report at an earlier time): steps, ms
+    spent in ``propose`` per step, steps on which it drafted nothing, and the learned step cost in ms
+    (fixed, per row, per draft token)."""
+    from restspec.integrations.vllm import proposer_stats
+
+    stats = llm.collective_rpc(proposer_stats)[0]
+    steps = stats["steps"] - (before["steps"] if before else 0)
+    seconds = stats["propose_seconds"] - (before["propose_seconds"] if before else 0.0)
+    return {
+        "steps": steps,
+        "propose_seconds": seconds,
+        "propose_ms_per_step": 1000 * seconds / max(steps, 1),
+        "steps_not_drafted": stats["steps_not_drafted"] - (before["steps_not_drafted"] if before else 0),
+        "step_cost_ms": [round(1000 * c, 2) for c in stats["step_cost"]],
     }
 
 
@@ -149,7 +172,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="default: none ngram [suffix] restspec")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--datastore", action="append", help="restspec datastore (default: the stdlib one)")
-    parser.add_argument("--knee-tokens", type=float, default=16.0, help="restspec's cost model (CPU: ~16)")
+    parser.add_argument(
+        "--knee-tokens", type=float, default=16.0, help="restspec's prior step cost, before measured steps"
+    )
     parser.add_argument("--out", type=Path, default=Path("vllm-bench.json"))
     args = parser.parse_args()
 
@@ -181,7 +206,8 @@ def main() -> None:
             print(
                 f"c={concurrency:<3} {method:<9} {row['tokens_per_s']:8.1f} tok/s  "
                 f"accepted length {row['mean_accepted_length'] or 1:.2f}  "
-                f"identical {row['identical']}/{len(items)}",
+                f"identical {row['identical']}/{len(items)}  load {row['load_average']:.1f}  "
+                f"{row['proposer'] or ''}",
                 flush=True,
             )
     args.out.write_text(

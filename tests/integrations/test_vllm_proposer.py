@@ -20,10 +20,9 @@ from restspec.integrations.vllm import (
     ProposerConfigError,
     RestspecProposer,
     best_path,
-    chain_lengths,
 )
 
-MAX_LEN = 64
+MAX_LEN = 512
 
 
 def vllm_config(k: int = 4, tokenizer: str = "unused") -> SimpleNamespace:
@@ -74,28 +73,6 @@ def test_best_path_follows_the_most_probable_child():
     assert tokens.tolist() == [7, 8, 9]
     np.testing.assert_allclose(probs, [0.9, 0.5, 0.2], rtol=1e-6)
     assert best_path(DraftTree.empty())[0].size == 0
-
-
-def test_chain_lengths_weigh_each_token_against_the_batch():
-    probs = np.array([0.9, 0.8, 0.5, 0.1])
-    # one request, knee 64: a token pays when p > A / (64 + n); A = 1 + drafted p's, n = 1 + drafted
-    # 0.9 > 1/65, 0.8 > 1.9/66, 0.5 > 2.7/67, 0.1 > 3.2/68 = 0.047: all four
-    assert chain_lengths([probs], knee_tokens=64, max_tokens=[8]) == [4]
-    assert chain_lengths([probs], knee_tokens=64, max_tokens=[2]) == [2]
-    # a CPU-like knee of 4: 0.1 < 3.2 / 8 = 0.4 stops the chain after three tokens
-    assert chain_lengths([probs], knee_tokens=4, max_tokens=[8]) == [3]
-    # 32 requests at knee 4: every first token passes (0.9 > (32 + 0.9 j) / (36 + j) for j < 32), no
-    # second one does (0.8 < 60.8 / 68)
-    assert chain_lengths([probs] * 32, knee_tokens=4, max_tokens=[8] * 32) == [1] * 32
-    # 64 requests: 0.9 < 64 / 68 already, so the batch drafts nothing
-    assert chain_lengths([probs] * 64, knee_tokens=4, max_tokens=[8] * 64) == [0] * 64
-
-
-def test_chain_lengths_prefer_the_likelier_request():
-    sure, unsure = np.array([0.95, 0.9, 0.9]), np.array([0.3, 0.2, 0.1])
-    lengths = chain_lengths([unsure, sure] * 4, knee_tokens=8, max_tokens=[3] * 8)
-    assert lengths[1::2] == [3] * 4
-    assert lengths[0::2] == [0] * 4
 
 
 def test_a_request_drafts_from_its_own_context_and_learns_what_was_accepted():
@@ -152,6 +129,61 @@ def test_a_large_batch_drafts_nothing():
     assert batch.step([[8]] * 8) == [[]] * 8  # each would copy "r+1 7 8 ...", but 8 rows > knee 2
 
 
+class Clock:
+    """A clock the test moves: ``advance`` stands for vLLM's step between two ``propose`` calls."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_priced_steps(draft_s: float, steps: int = 60, learn_step_cost: bool = True) -> RestspecProposer:
+    """Four requests whose "model" continues ``1 2 3 4 5`` but says 6 instead one time in four (so
+    drafts are sometimes wrong and the chains vary), on a machine where a step costs 10 ms + 1 ms a
+    row + ``draft_s`` a draft token."""
+    clock = Clock()
+    config = ProposerConfig(knee_tokens=16, learn_step_cost=learn_step_cost)
+    proposer = RestspecProposer(vllm_config(k=4), config, clock=clock)
+    batch = Batch(proposer)
+    for _ in range(4):
+        batch.add([1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1])
+    rng = np.random.default_rng(0)
+    drafts: list[list[int]] = [[] for _ in range(4)]
+    for _ in range(steps):
+        sampled = []
+        for row, draft in enumerate(drafts):
+            last = int(batch.tokens[row, batch.lengths[row] - 1])
+            tokens: list[int] = []
+            for j in range(len(draft) + 1):  # vLLM: the accepted draft tokens, then the model's own
+                last = 6 if rng.random() < 0.25 else last % 5 + 1
+                tokens.append(last)
+                if j == len(draft) or draft[j] != last:
+                    break
+            sampled.append(tokens)
+        clock.now += 0.010 + 0.001 * 4 + draft_s * sum(len(d) for d in drafts)
+        drafts = batch.step(sampled)
+    return proposer
+
+
+def test_the_step_cost_is_learned_from_the_time_between_calls():
+    cheap = run_priced_steps(draft_s=0.0001)
+    _, per_row, per_draft = cheap.step_cost.coefficients
+    assert per_draft < per_row  # learned: a draft token costs a tenth of a row here
+    assert cheap.stats.drafted_tokens > 4 * 60  # cheap: drafts all along
+    assert cheap.stats.steps_not_drafted == 0
+    # a draft token costing five of the step's fixed cost can never pay: once the proposer has
+    # learned that, it stops drafting, and stops calling the drafters too
+    dear = run_priced_steps(draft_s=0.050)
+    assert dear.stats.steps_not_drafted > 30
+    assert dear.stats.drafted_tokens < 4 * 4 * 20
+    # unless told to price every step by the prior alone
+    fixed = run_priced_steps(draft_s=0.050, learn_step_cost=False)
+    assert fixed.stats.steps_not_drafted == 0
+    assert fixed.stats.drafted_tokens > 4 * 60
+
+
 def test_the_datastore_drafts_and_its_tokenizer_is_checked(tmp_path, model_folder):
     from restspec.models import load_tokenizer
 
@@ -166,7 +198,9 @@ def test_the_datastore_drafts_and_its_tokenizer_is_checked(tmp_path, model_folde
     proposer = RestspecProposer(vllm_config(k=3, tokenizer=model_folder), config)
     batch = Batch(proposer)
     batch.add([1, 30, 31])
-    assert batch.step([[32]]) == [[33, 34, 35]]  # only the datastore has seen 30 31 32 before
+    # only the datastore has seen 30 31 32 before (the third token of its path, squared by the
+    # acceptance calibration's prior, is not worth its price)
+    assert batch.step([[32]]) == [[33, 34]]
     assert proposer.stats.source_matches["datastore"] == 1
 
     other = Datastore.build_from_tokens(

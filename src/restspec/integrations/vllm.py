@@ -21,9 +21,13 @@ output joins the past outputs that every later request drafts from.
 
 Per request and step: the merged tree of restspec's sources (datastores, the request's own context,
 past outputs; see :func:`restspec.draft.default_drafter`, minus token recycling, which needs logits
-that vLLM does not hand out) under per-request calibration, its most probable path
-(:func:`best_path`), cut to a length chosen for the whole batch by a cost model
-(:func:`chain_lengths`), so that drafts shrink as the batch grows, down to none.
+that vLLM does not hand out) under per-request calibration, and its most probable path
+(:func:`best_path`). The path's probabilities are calibrated once more by what vLLM accepted of all
+requests' chains (:class:`~restspec.draft.merge.WeightCalibration`), and cut to lengths chosen for
+the whole batch (:func:`~restspec.integrations.step_cost.chain_lengths`) by the cost of vLLM's step,
+learned from the wall time between two ``propose`` calls
+(:class:`~restspec.integrations.step_cost.StepCost`): drafts shrink as the batch grows, down to none,
+and when no draft could pay, the drafting itself is skipped.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -41,9 +46,10 @@ import numpy as np
 from restspec.datastore import Datastore
 from restspec.draft import DEFAULT_MERGE, DEFAULT_SCALES, ContextDrafter, DatastoreDrafter, HistoryDrafter
 from restspec.draft.base import Drafter, StatelessDrafter, Step
-from restspec.draft.merge import MergedDrafter
+from restspec.draft.merge import MergedDrafter, WeightCalibration
 from restspec.draft.tree import DraftTree
 from restspec.errors import RestspecError
+from restspec.integrations.step_cost import StepCost, chain_lengths
 
 CONFIG_ENV = "RESTSPEC_VLLM_CONFIG"
 """Environment variable naming the proposer's config file (JSON, or TOML on Python 3.11+)."""
@@ -65,9 +71,12 @@ class ProposerConfig:
     datastores: tuple[str, ...] = ()
     """Datastore folders (``restspec build`` output) built with the served model's tokenizer."""
     knee_tokens: float = 64.0
-    """vLLM's step cost as ``fixed + per_token * inputs``, expressed as fixed / per_token: the batch
-    inputs at which the step takes twice its one-input time. Small on CPUs (about 16 for a 135M model
-    on 2 cores), hundreds on GPUs (decoding is bound by reading the weights)."""
+    """The prior of vLLM's step cost, before measured steps replace it (:class:`StepCost`): the
+    inputs (rows + draft tokens) at which a step takes twice its one-input time. Small on CPUs (about
+    20-30 for a 135M model on 2 cores), hundreds on GPUs (decoding is bound by reading the weights)."""
+    learn_step_cost: bool = True
+    """Learn vLLM's step cost from the time between ``propose`` calls; False prices every step by
+    ``knee_tokens`` alone (chain lengths then depend on the drafts only, not on the machine's load)."""
     history_tokens: int = 200_000
     """Most tokens of past outputs kept for drafting (the oldest outputs are evicted first)."""
     tokenizer: str | None = None
@@ -131,38 +140,6 @@ def best_path(tree: DraftTree) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(tokens, np.int32), np.asarray(probs, np.float64)
 
 
-def chain_lengths(
-    path_probs: Sequence[np.ndarray], knee_tokens: float, max_tokens: Sequence[int]
-) -> list[int]:
-    """How many tokens of each request's best path to draft in one batched step.
-
-    ``path_probs[r]``: float[d_r], the probability that request r's path is accepted up to each depth
-    (non-increasing). Cost model: a step over n input tokens takes ``t0 + t1 * n`` (``knee_tokens`` =
-    t0 / t1) and yields A tokens in expectation: one per request plus the probabilities of its drafted
-    tokens. Drafting one more token of probability p raises the throughput A / (t0 + t1 n) exactly
-    when ``p > A / (knee_tokens + n)``. Tokens are taken in order of falling p over the whole batch
-    (ties: request, then depth, so every request keeps a prefix), each while it passes that test and
-    its request has fewer than ``max_tokens[r]``; the test only gets harder as tokens are added, so
-    the first failure ends the choice. A large batch (n near or above the knee) drafts nothing."""
-    if len(path_probs) != len(max_tokens):
-        raise ValueError(f"got {len(path_probs)} paths but {len(max_tokens)} limits")
-    lengths = [0] * len(path_probs)
-    candidates = sorted(
-        (-float(p), r, depth)
-        for r, probs in enumerate(path_probs)
-        for depth, p in enumerate(np.asarray(probs, np.float64)[: max(max_tokens[r], 0)])
-    )
-    expected = n = float(len(path_probs))
-    for neg_p, r, depth in candidates:
-        p = -neg_p
-        if depth != lengths[r] or p <= expected / (knee_tokens + n):
-            break
-        lengths[r] += 1
-        expected += p
-        n += 1
-    return lengths
-
-
 def row_key(row: np.ndarray, length: int) -> tuple[bytes, int, int]:
     """What identifies the request in a batch row of ``length`` tokens: its first tokens, the length
     and the last token."""
@@ -223,8 +200,14 @@ class ProposerStats:
     steps: int = 0
     requests_started: int = 0
     requests_finished: int = 0
+    steps_not_drafted: int = 0
+    """Steps on which no draft could pay for its verification, so nothing was drafted."""
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    propose_seconds: float = 0.0
+    """Wall time spent inside ``propose`` (bookkeeping, learning and drafting)."""
+    step_cost: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """The learned cost of vLLM's step: (fixed, per row, per draft token) seconds."""
     source_matches: dict[str, int] = field(default_factory=dict)
     """Proposals in which a source ("datastore", "context", "history") found a match."""
 
@@ -232,8 +215,15 @@ class ProposerStats:
 class RestspecProposer:
     """restspec's drafter for vLLM 0.32/0.33's ``custom_class`` speculative method (see the module)."""
 
-    def __init__(self, vllm_config: Any, config: ProposerConfig | None = None) -> None:
+    def __init__(
+        self,
+        vllm_config: Any,
+        config: ProposerConfig | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.config = config or ProposerConfig.from_env()
+        self.clock = clock
+        """Seconds, for the step times the cost is learned from (tests pass a fake one)."""
         self.num_speculative_tokens = int(vllm_config.speculative_config.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.datastores = self._open_datastores(vllm_config)
@@ -243,6 +233,10 @@ class RestspecProposer:
         if self.datastores:
             self._sources.insert(0, ("datastore", DatastoreDrafter(self.datastores)))
         self._requests: dict[tuple[bytes, int, int], list[Request]] = {}
+        self.step_cost = StepCost(self.config.knee_tokens)
+        self.calibration = WeightCalibration()
+        """Path probability -> acceptance, learned from every request's verified chains."""
+        self._returned: float | None = None  # when the last propose returned
 
     def _open_datastores(self, vllm_config: Any) -> list[Datastore]:
         if not self.config.datastores:
@@ -289,10 +283,13 @@ class RestspecProposer:
         ``sampled_token_ids``: per row, the tokens this step added (may be empty);
         ``num_tokens_no_spec``: int[>= rows], tokens per row, this step's included;
         ``token_ids_cpu``: int[>= rows, max_model_len], the rows' tokens; ``slot_mappings``: unused."""
+        start = self.clock()
         self.stats.steps += 1
         live: list[tuple[int, Request, np.ndarray]] = []  # (row, request, context) of rows to draft for
         waiting: list[tuple[int, Request]] = []  # rows not decoded this step: their chain still stands
         seen: list[Request] = []
+        decode_only = True  # the step decoded known requests only (no prefill): its time is a cost
+        verified = 0  # draft tokens the step verified
         for i, sampled in enumerate(sampled_token_ids):
             length = int(num_tokens_no_spec[i])
             before = length - len(sampled)
@@ -300,6 +297,8 @@ class RestspecProposer:
                 continue
             row = np.asarray(token_ids_cpu[i])
             request = self._take(row_key(row, before))
+            if request is None or not sampled:
+                decode_only = False
             if request is None and not sampled:
                 continue  # a prefill chunk: nothing decoded yet
             if request is None:
@@ -311,6 +310,7 @@ class RestspecProposer:
                 waiting.append((i, request))
                 continue
             accepted = np.asarray(sampled, np.int32)
+            verified += len(request.chain)
             self._learn(request, np.array(row[:before], np.int32), accepted)
             request.output.append(accepted)
             request.key = row_key(row, length)
@@ -318,6 +318,8 @@ class RestspecProposer:
                 context = np.array(row[:length], np.int32)
                 context.setflags(write=False)
                 live.append((i, request, context))
+        if self.config.learn_step_cost and decode_only and seen and self._returned is not None:
+            self.step_cost.observe(len(seen), verified, start - self._returned)
         for gone in self._requests.values():
             for request in gone:
                 self._finish(request)
@@ -327,27 +329,46 @@ class RestspecProposer:
         drafts = self._draft(len(sampled_token_ids), live)
         for i, request in waiting:
             drafts[i] = request.chain.tokens.tolist()
+        self._returned = self.clock()
+        self.stats.propose_seconds += self._returned - start
+        self.stats.step_cost = tuple(self.step_cost.coefficients.tolist())
         return drafts
 
     def _learn(self, request: Request, context: np.ndarray, accepted: np.ndarray) -> None:
         """Feed the verified step to the request's drafter; count the accepted draft tokens."""
         chain = request.chain
-        hits = len(accepted) - 1
-        if len(chain) and hits > 0 and np.array_equal(chain.tokens[:hits], accepted[:hits]):
-            self.stats.accepted_tokens += hits
+        hits = min(len(accepted) - 1, len(chain))
+        if len(chain):
+            if hits > 0 and np.array_equal(chain.tokens[:hits], accepted[:hits]):
+                self.stats.accepted_tokens += hits
+            self.calibration.observe(chain, hits)
         context.setflags(write=False)
         feed_step(request.drafter, context, chain, accepted, request.proposal)
         request.chain = DraftTree.empty()
         request.proposal = None
 
     def _draft(self, rows: int, live: list[tuple[int, Request, np.ndarray]]) -> list[list[int]]:
+        """Chains for the ``live`` rows: each request's best path, calibrated, cut to the lengths that
+        maximize the batch's expected tokens per second under the learned step cost. When even a
+        certain first token (the calibrated acceptance of a path of weight 1) would not pay for its
+        verification, nothing is drafted at all."""
+        drafts: list[list[int]] = [[] for _ in range(rows)]
+        if not live:
+            return drafts
+        base = self.step_cost.base_tokens(len(live))
+        surest = float(self.calibration(np.ones(1), np.ones(1, np.int64))[0])
+        if surest <= len(live) / base:
+            self.stats.steps_not_drafted += 1
+            return drafts
         k = self.num_speculative_tokens
         budget = k * TREE_BUDGET_PER_TOKEN
         proposals = [request.drafter.propose(context, budget) for _, request, context in live]
         paths = [best_path(tree) for tree in proposals]
+        calibrated = [
+            np.minimum.accumulate(self.calibration(probs, np.arange(1, len(probs) + 1))) for _, probs in paths
+        ]
         limits = [min(k, self.max_model_len - len(context)) for _, _, context in live]
-        lengths = chain_lengths([probs for _, probs in paths], self.config.knee_tokens, limits)
-        drafts: list[list[int]] = [[] for _ in range(rows)]
+        lengths = chain_lengths(calibrated, base, limits)
         for (i, request, _), tree, (tokens, probs), size in zip(live, proposals, paths, lengths, strict=True):
             request.chain = DraftTree.chain(tokens[:size], probs[:size])
             request.proposal = tree
