@@ -341,7 +341,7 @@ class RestspecProposer:
         if len(chain):
             if hits > 0 and np.array_equal(chain.tokens[:hits], accepted[:hits]):
                 self.stats.accepted_tokens += hits
-            self.calibration.observe(chain, hits)
+            self.calibration.observe(chain.weights, chain.depths, hits)
         context.setflags(write=False)
         feed_step(request.drafter, context, chain, accepted, request.proposal)
         request.chain = DraftTree.empty()
