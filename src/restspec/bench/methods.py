@@ -210,9 +210,22 @@ class MethodContext:
             self.engine.warm.apply(drafter)
         return drafter
 
-    def default_generator(self, policy: Any) -> Any:
-        """The engine's default drafter, fresh and warmed, under ``policy`` (warmed too)."""
-        return self.engine.variant(self.engine.new_drafter(policy=policy), policy)
+    def adaptive_budget(self) -> Any:
+        """A fresh adaptive budget policy on the latency curve the engine measured for this run (the
+        engine's own when it is adaptive: on a busy machine a new measurement is not cached, so each
+        ``engine.adaptive_budget()`` would measure again, and every method would price its forwards
+        on another curve)."""
+        curve = self.latency_curve
+        if curve is None:
+            return self.engine.adaptive_budget()
+        from restspec.decode.budget import AdaptiveBudget
+
+        return AdaptiveBudget(curve, self.engine.policy.max_budget)
+
+    def default_generator(self, policy: Any, *, max_batch: int | None = None) -> Any:
+        """The engine's default drafter, fresh and warmed, under ``policy`` (warmed too), up to
+        ``max_batch`` requests per forward (None: the engine's)."""
+        return self.engine.variant(self.engine.new_drafter(policy=policy), policy, max_batch=max_batch)
 
 
 def _plain(ctx: MethodContext) -> BenchMethod:
@@ -224,7 +237,7 @@ def _pld(ctx: MethodContext) -> BenchMethod:
 
 
 def _restspec(ctx: MethodContext) -> BenchMethod:
-    return LoopMethod("restspec", ctx.default_generator(ctx.engine.adaptive_budget()))
+    return LoopMethod("restspec", ctx.default_generator(ctx.adaptive_budget()))
 
 
 def _restspec_plain(ctx: MethodContext) -> BenchMethod:

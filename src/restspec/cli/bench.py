@@ -31,35 +31,63 @@ UNDRAFTED_METHODS = ("plain", "pld", "restspec-plain")
 DEFAULT_BENCH_TOKENS = 128
 """--max-new-tokens of a benchmark answer (long enough for drafting to matter, short enough to run)."""
 
+WorkloadOption = Annotated[
+    str,
+    typer.Option(
+        "--workload",
+        "-w",
+        help="'humaneval' (raw completion of the HumanEval prompts), or a file: MT-Bench-style JSONL "
+        '({"question_id", "category", "turns": [...]}, chat, later turns follow the model\'s own '
+        'answers), JSONL with "prompt", or plain text with one prompt per line.',
+    ),
+]
+LimitOption = Annotated[
+    int | None,
+    typer.Option(
+        "--limit",
+        "-l",
+        help="Only the first N prompts (N per category with --per-category).",
+        show_default=False,
+    ),
+]
+PerCategoryOption = Annotated[bool, typer.Option("--per-category", help="Apply --limit to every category.")]
+MaxNewTokensOption = Annotated[
+    int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer (>= 1).")
+]
+RecalibrateOption = Annotated[
+    bool,
+    typer.Option(
+        "--recalibrate",
+        help="Measure the forward backends and the latency curve of the adaptive budget again, "
+        "replacing the cached measurements.",
+    ),
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="torch intra-op threads (default: torch's choice, the core count).",
+        show_default=False,
+    ),
+]
+WarmStartOption = Annotated[
+    bool,
+    typer.Option(
+        "--warm-start/--cold-start",
+        help="Start restspec's drafters from the model's answers to questions it "
+        "wrote itself (learned once per model, cached), as restspec's generate, chat and serve do; "
+        "--cold-start: from nothing.",
+    ),
+]
+
 
 @app.command()
 @cli_errors
 def bench(
-    workload: Annotated[
-        str,
-        typer.Option(
-            "--workload",
-            "-w",
-            help="'humaneval' (raw completion of the HumanEval prompts), or a file: MT-Bench-style JSONL "
-            '({"question_id", "category", "turns": [...]}, chat, later turns follow the model\'s own '
-            'answers), JSONL with "prompt", or plain text with one prompt per line.',
-        ),
-    ] = "humaneval",
-    limit: Annotated[
-        int | None,
-        typer.Option(
-            "--limit",
-            "-l",
-            help="Only the first N prompts (N per category with --per-category).",
-            show_default=False,
-        ),
-    ] = None,
-    per_category: Annotated[
-        bool, typer.Option("--per-category", help="Apply --limit to every category.")
-    ] = False,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer (>= 1).")
-    ] = DEFAULT_BENCH_TOKENS,
+    workload: WorkloadOption = "humaneval",
+    limit: LimitOption = None,
+    per_category: PerCategoryOption = False,
+    max_new_tokens: MaxNewTokensOption = DEFAULT_BENCH_TOKENS,
     temperature: TemperatureOption = 0.0,
     datastore: DatastoreOption = None,
     model: ModelOption = EMBEDDED_MODEL,
@@ -102,34 +130,12 @@ def bench(
         Path | None,
         typer.Option("--markdown", help="Write the table as Markdown to this file.", show_default=False),
     ] = None,
-    recalibrate: Annotated[
-        bool,
-        typer.Option(
-            "--recalibrate",
-            help="Measure the forward backends and the latency curve of the adaptive budget again, "
-            "replacing the cached measurements.",
-        ),
-    ] = False,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            help="torch intra-op threads (default: torch's choice, the core count).",
-            show_default=False,
-        ),
-    ] = None,
+    recalibrate: RecalibrateOption = False,
+    threads: ThreadsOption = None,
     warmup: Annotated[
         bool, typer.Option("--warmup/--no-warmup", help="One untimed short generate per method first.")
     ] = True,
-    warm_start: Annotated[
-        bool,
-        typer.Option(
-            "--warm-start/--cold-start",
-            help="Start restspec's drafters from the model's answers to questions it "
-            "wrote itself (learned once per model, cached), as restspec's generate, chat and serve do; "
-            "--cold-start: from nothing.",
-        ),
-    ] = True,
+    warm_start: WarmStartOption = True,
 ) -> None:
     """Measure decoding methods side by side: tokens/s, speedup over plain greedy, tokens per step,
     time split, and whether outputs are token-identical to plain greedy."""
@@ -151,16 +157,9 @@ def bench(
     from restspec.bench.workloads import load_workload, select
     from restspec.errors import GenerationError
 
-    if max_new_tokens < 1:
-        raise GenerationError(f"--max-new-tokens={max_new_tokens} must be >= 1")
+    check_run_options(max_new_tokens, threads)
     if not temperature >= 0.0:
         raise GenerationError(f"--temperature={temperature} must be >= 0 (0 = greedy)")
-    if threads is not None:
-        if threads < 1:
-            raise GenerationError(f"--threads={threads} must be >= 1")
-        import torch
-
-        torch.set_num_threads(threads)
     names = parse_methods(methods)
     if reference not in names and reference != "plain":  # without plain there is just no exact figure
         raise GenerationError(f"--reference={reference!r} must be one of --methods ({', '.join(names)})")
@@ -170,16 +169,7 @@ def bench(
     machine = machine_info()
     drafting = any(n not in UNDRAFTED_METHODS for n in names)  # they draft from datastores, warmed from them
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(
-        model,
-        datastores=datastore,
-        device=device,
-        dtype=dtype_name,
-        budget="auto" if drafting else 0,
-        warm_start=warm_start and drafting,
-        recalibrate=recalibrate,
-        progress=ConsoleProgress(err),
-    )
+    engine = bench_engine(model, datastore, device, dtype_name, drafting, warm_start, recalibrate)
     load_s = time.perf_counter() - t0
     ctx = MethodContext(engine)
     warm = engine.warm
@@ -257,6 +247,42 @@ def bench(
     if plot_path is not None:
         write_plot(plot_path, summaries, title=title)
         err.print(f"wrote {plot_path}")
+
+
+def check_run_options(max_new_tokens: int, threads: int | None) -> None:
+    """Validate the options every benchmark command shares; set torch's threads."""
+    from restspec.errors import GenerationError
+
+    if max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens={max_new_tokens} must be >= 1")
+    if threads is not None:
+        if threads < 1:
+            raise GenerationError(f"--threads={threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def bench_engine(
+    model: str,
+    datastore: list[Path] | None,
+    device: str,
+    dtype: str,
+    drafting: bool,
+    warm_start: bool,
+    recalibrate: bool,
+) -> Engine:
+    """The engine a benchmark measures: adaptive budget and warm start when a method drafts, else plain."""
+    return Engine.from_pretrained(
+        model,
+        datastores=datastore,
+        device=device,
+        dtype=dtype,
+        budget="auto" if drafting else 0,
+        warm_start=warm_start and drafting,
+        recalibrate=recalibrate,
+        progress=ConsoleProgress(stderr_console()),
+    )
 
 
 @app.command("compare")
