@@ -282,11 +282,15 @@ class Engine:
 def _backend(loaded: LoadedModel, name: str, refresh: bool, report: Progress) -> ForwardBackend:
     """The forward backend ``name`` of the loaded model, or for 'auto' the one this machine measured
     fastest among those that pass the exactness probe (measured once, then cached)."""
-    from restspec.decode.backends import backend_by_name, choose_backend
+    from restspec.decode.backends import backend_by_name, choice_path, choose_backend
 
     if name != AUTO:
         return backend_by_name(loaded.model, name)
-    with report.phase("Choosing the fastest exact forward for this machine (once per machine and model)"):
+    if not refresh and choice_path(loaded.model, loaded.name).is_file():
+        phase = "Preparing the forward chosen on this machine (checking it is exact)"
+    else:
+        phase = "Choosing the fastest exact forward for this machine (once per machine and model)"
+    with report.phase(phase):
         return choose_backend(loaded.model, name=loaded.name, refresh=refresh)
 
 
