@@ -27,12 +27,13 @@ class Provenance:
     """Where one prompt's text comes from."""
 
     package: str
-    """Distribution the text ships in (``python`` for the standard library)."""
+    """Distribution the text ships in (``python``: the standard library; ``restspec``: written here)."""
     version: str
+    """Its installed version (empty for text this repository writes)."""
     license: str
     """The license of that text, as its distribution declares it."""
     path: str
-    """File inside site-packages (or the standard library) that holds the text."""
+    """File that holds the text, inside site-packages, the standard library or this repository."""
     parts: tuple[str, ...]
     """Which pieces of that file: topic names, operation names, paragraph numbers."""
     in_default_datastore: bool
