@@ -101,6 +101,7 @@ def variants(datastores: Sequence, vocab_size: int) -> dict[str, tuple[str, Call
         "context": ("alone", ContextDrafter),
         "history": ("alone", HistoryDrafter),
         "recycle": ("alone", lambda: RecycleDrafter(vocab_size)),
+        "recycle-plain": ("alone, without pairs and agreement", lambda: TokenRecycling(vocab_size)),
     }
     for name in SOURCES:
         rest = [s for s in SOURCES if s != name]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from steps import step
 
 from restspec.draft import RecycleDrafter, TreeLogits
-from restspec.draft.recycle import AGREEMENT_BOOST, INITIAL_HIT_RATES, top_k_rows
+from restspec.draft.recycle import INITIAL_HIT_RATES, top_k_rows
 from restspec.draft.tree import DraftTree
 
 VOCAB = 10
@@ -111,26 +111,35 @@ def test_rates_track_which_rank_was_right():
     np.testing.assert_array_equal(drafter.rates[1], before[1])  # no pair row was ever drafted from
 
 
-def test_candidates_the_row_before_also_holds_start_more_likely():
-    # LogitSpec's observation as a prior: a candidate that the row of the token before holds too
-    rates = RecycleDrafter(VOCAB, k=2).rates
-    assert rates[0, 0, 2] == INITIAL_HIT_RATES[0]
-    assert rates[0, 0, 1] == rates[0, 0, 0] > rates[0, 0, 2]
-    assert rates[0, 1, 0] > rates[0, 1, 2] == INITIAL_HIT_RATES[1]
+def test_agreement_is_learned_in_its_own_cell():
+    drafter = RecycleDrafter(VOCAB, k=3)
+    # the row of 8 holds 5 at rank 1; the root 1's row: 2, 5, 6; then after "8 1" the model says 5
+    drafter.observe(step(np.array([8], np.int32), np.array([1], np.int32), logits_ranking([8], [[1, 5, 9]])))
+    drafter.observe(step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 5, 6]])))
+    before = drafter.rates.copy()
+    drafter.observe(
+        step(np.array([8, 1], np.int32), np.array([5], np.int32), logits_ranking([1], [[5, 2, 6]]))
+    )
+    # scored against the row of 1 (no pair row for "8 1" yet): rank 1, held at rank 1 by the row of 8
+    assert drafter.rates[0, 1, 1] > before[0, 1, 1]
+    assert drafter.rates[0, 0, 3] < before[0, 0, 3]  # 2: rank 0, not in the row of 8, wrong
+    assert drafter.rates[0, 1, 3] == before[0, 1, 3]
 
 
 def test_agreement_with_the_row_before_raises_a_child():
     drafter = RecycleDrafter(VOCAB, k=3)
-    # the root 1's row: 2, 5, 6; the row of 8 holds 5 (at rank 1), the row of 7 is unknown
     drafter.observe(step(np.array([8], np.int32), np.array([1], np.int32), logits_ranking([8], [[1, 5, 9]])))
     drafter.observe(step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 5, 6]])))
+    state = drafter.state_dict()
+    state["hits"][:, 1, 1], state["trials"][:, 1, 1] = 92.0, 100.0  # rank 1 held at rank 1 before: right
+    drafter.load_state_dict(state)
 
     def weight_of_5(before: int) -> float:
         tree = drafter.propose(np.array([before, 1], np.int32), 3)
         return float(tree.weights[node_paths(tree).index((5,))])
 
-    assert weight_of_5(8) == pytest.approx(AGREEMENT_BOOST * INITIAL_HIT_RATES[1])
-    assert weight_of_5(7) == pytest.approx(INITIAL_HIT_RATES[1])
+    assert weight_of_5(8) == pytest.approx(drafter.rates[0, 1, 1])  # the row of 8 holds 5 at rank 1
+    assert weight_of_5(7) == pytest.approx(INITIAL_HIT_RATES[1])  # the row of 7 is unknown
 
 
 def test_state_round_trips_and_rejects_other_shapes():

@@ -7,12 +7,13 @@ rows of all verified inputs (accepted or not) for free.
 
 Drafting expands a tree from the last context token, best first: a node's children are its token's
 table row, each with the probability that the path is accepted, the parent's times a rate learned
-online in ``observe`` (starting from ``INITIAL_HIT_RATES``). The rate of a rank-r candidate depends
-on its rank in the row of the token *before* the node as well (LogitSpec's next-next-token
+online in ``observe`` (starting from ``INITIAL_HIT_RATES``). The rate of a rank-r candidate is
+learned per rank in the row of the token *before* the node as well (LogitSpec's next-next-token
 observation, Liu et al., 2025: the model's runners-up for one position often hold the token after
-it). Below the root that row is the one verification just computed, whose top token the root is; on
-MT-Bench a rank-0 candidate that also stands at rank 1-3 there is right about 75-80 % of the time
-against about 41 % otherwise (``python -m benchmarks.replay``, the recorded references).
+it). Below the root that row is the one verification just computed, whose top token the root is; in
+the recorded MT-Bench references a rank-0 candidate that also stands at rank 1-3 there is right
+about 75-80 % of the time, against about 41 % otherwise. Rows are kept per token and per pair of
+tokens (the token before and the token): a pair seen before drafts from its own row.
 """
 
 from __future__ import annotations
@@ -27,15 +28,13 @@ from restspec.draft.merge import Candidates, RecycleRows, extend_best_first, pai
 from restspec.draft.tree import DraftTree
 
 INITIAL_HIT_RATES = (0.35, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)
-"""Prior rank hit rates (rank 0 first) of a candidate not in the row of the token before, extended by
-the last value for larger k."""
-AGREEMENT_BOOST = 2.0
-"""Prior for a candidate that the row of the token before holds too: this times its rank's prior
-(at most :data:`MAX_PRIOR_RATE`); on MT-Bench such candidates were right about twice as often."""
-MAX_PRIOR_RATE = 0.9
-"""Cap on a boosted prior rate."""
+"""Prior rank hit rates (rank 0 first), whatever the rank in the row of the token before, extended by
+the last value for larger k. A prior that doubled them where the row before agrees (what the
+recorded references show) over-spent the adaptive budget while cold: on 8 HumanEval prompts the mix
+lost 2.7 % of predicted speed against Token Recycling's rates, and gained 3.5 % with this one
+(``python -m benchmarks.sources``)."""
 PRIOR_STRENGTH = 8.0
-"""Pseudo-observations behind the prior of each (rank, rank before) rate."""
+"""Pseudo-observations behind the prior of each (row kind, rank, rank before) rate."""
 
 PAIR_SLOTS = 1 << 17
 """Pairs of tokens whose rows are held (a direct-mapped hash table; 4 MiB of rows for k = 8)."""
@@ -165,9 +164,8 @@ class RecycleDrafter:
         )
         padded = INITIAL_HIT_RATES + (INITIAL_HIT_RATES[-1],) * max(0, k - len(INITIAL_HIT_RATES))
         rank = np.asarray(padded[:k])
-        self._prior = np.empty((2, k, k + 1))  # [own row or pair's, rank, rank in the row before]
-        self._prior[:, :, :k] = np.minimum(AGREEMENT_BOOST * rank, MAX_PRIOR_RATE)[:, None]
-        self._prior[:, :, k] = rank
+        # [own row or pair's, rank, rank in the row before]
+        self._prior = np.broadcast_to(rank[None, :, None], (2, k, k + 1)).copy()
         self.hits = np.zeros((2, k, k + 1))  # times the candidate was the model's next token
         self.trials = np.zeros((2, k, k + 1))  # candidates checked
 
