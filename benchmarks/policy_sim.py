@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.simulate import Reference, accepted_path, synthesized_logits
+from benchmarks.simulate import Reference, accepted_path, step_logits
 from restspec.decode.budget import BudgetPolicy, LatencyCurve
 from restspec.draft.base import Drafter, Step
 from restspec.draft.tree import DraftTree
@@ -66,9 +66,8 @@ def replay_policy(
                 path = accepted_path(tree, truth)[: len(truth) - 1]
                 n_draft = len(path)
                 gained = truth[: n_draft + 1]
-                inputs = full[prompt_len + pos - 1 : prompt_len + pos + n_draft]
                 top = ref.top[prompt_len + pos - 1 : prompt_len + pos + n_draft]
-                logits = synthesized_logits(inputs, top, vocab_size)
+                logits = step_logits(tree, path, int(context[-1]), top, vocab_size)
                 step = Step(context, tree, path, gained, logits, proposal=proposal)
                 drafter.observe(step)
                 policy.observe(step)

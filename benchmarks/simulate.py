@@ -11,11 +11,12 @@ greedy continuation, plus the model's own next token (the bonus token), exactly 
 verification would accept. The context advances by those tokens and ``observe()`` is called.
 
 What is approximated: the model's verification logits. The ``TreeLogits`` passed to ``observe()``
-holds only the root and the *accepted* tree nodes (their rows are exact in rank: the recorded top-k
-of the reference position, with synthetic logits ``-rank`` so ``top_candidates`` returns them in the
-recorded order, and everything outside the top-k at a large negative value). Rejected nodes are left
-out, because the model's outputs after an off-reference token were never recorded; a real decoder
-shows the drafter those rows too, so recycling drafters learn a little more in real runs than here.
+has a row for the root and every tree node, as a real step's, but only the root's and the
+*accepted* nodes' rows hold anything (exact in rank: the recorded top-k of the reference position,
+with synthetic logits ``-rank`` so ``top_candidates`` returns them in the recorded order, and
+everything outside the top-k at a large negative value). The other nodes' inputs are marked -1,
+because the model's outputs after an off-reference token were never recorded; a real decoder shows
+the drafter those rows too, so recycling drafters learn a little more in real runs than here.
 Everything else (the accepted length per step) is exact for greedy decoding.
 """
 
@@ -203,6 +204,21 @@ def synthesized_logits(input_ids: np.ndarray, top: np.ndarray, vocab_size: int) 
     return TreeLogits(np.asarray(input_ids, np.int32), logits)
 
 
+def step_logits(tree: DraftTree, path: np.ndarray, root: int, top: np.ndarray, vocab_size: int) -> TreeLogits:
+    """The verification logits a replay can give for a step that verified ``tree`` below ``root`` and
+    accepted ``path``: one row for the root and one per node, as a real step's; ``top``:
+    int32[len(path) + 1, K], the recorded ranking after the root and after each accepted node. Every
+    other node's input is -1 (no recorded row) and its row is flat."""
+    rows = np.asarray(path, np.int64) + 1
+    inputs = np.full(len(tree) + 1, -1, np.int32)
+    inputs[0] = root
+    inputs[rows] = tree.tokens[path]
+    ranking = np.full((len(tree) + 1, top.shape[1]), -1, np.int32)
+    ranking[0] = top[0]
+    ranking[rows] = top[1:]
+    return synthesized_logits(inputs, ranking, vocab_size)
+
+
 @dataclass(frozen=True)
 class ReplayResult:
     """What one drafter achieved at one budget over all references."""
@@ -250,10 +266,9 @@ def replay(
                 path = accepted_path(tree, truth)[: len(truth) - 1]
                 n_draft = len(path)
                 gained = truth[: n_draft + 1]  # accepted drafts + the model's own next token
-                # logits rows: the root (context[-1]) and each accepted draft node
-                inputs = full[prompt_len + pos - 1 : prompt_len + pos + n_draft]
+                # recorded rows: after the root (context[-1]) and after each accepted draft node
                 top = ref.top[prompt_len + pos - 1 : prompt_len + pos + n_draft]
-                logits = synthesized_logits(inputs, top, vocab_size)
+                logits = step_logits(tree, path, int(context[-1]), top, vocab_size)
                 t0 = time.perf_counter()
                 drafter.observe(Step(context, tree, path, gained, logits, proposal=tree))
                 spent += time.perf_counter() - t0

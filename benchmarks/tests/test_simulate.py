@@ -12,6 +12,7 @@ from benchmarks.simulate import (
     markdown_table,
     replay,
     save_references,
+    step_logits,
     synthesized_logits,
 )
 from restspec.draft import EmptyDrafter, HistoryDrafter, RecycleDrafter
@@ -30,6 +31,16 @@ def test_synthesized_logits_reproduce_the_recorded_ranking():
     top = np.array([[4, 2, 7], [1, 0, 3]], np.int32)
     logits = synthesized_logits(np.array([5, 4]), top, VOCAB)
     assert logits.top_candidates(3).tolist() == top.tolist()
+
+
+def test_step_logits_have_a_row_per_node_and_only_accepted_ones_hold_a_ranking():
+    # tree below root 5: (1) (1,2) (3); path (1)(1,2) accepted: rows of 5, 1, 2 recorded, 3's not
+    tree = DraftTree(np.array([1, 2, 3]), np.array([-1, 0, -1]))
+    top = np.array([[1, 9, 8], [2, 7, 6], [4, 0, 3]], np.int32)
+    logits = step_logits(tree, np.array([0, 1]), 5, top, VOCAB)
+    assert logits.input_ids.tolist() == [5, 1, 2, -1]
+    assert logits.top_candidates(3)[:3].tolist() == top.tolist()
+    assert np.all(logits.logits[3] == logits.logits[3, 0])  # flat: nothing recorded
 
 
 def test_empty_drafter_gains_one_token_per_step():

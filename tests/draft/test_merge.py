@@ -22,8 +22,37 @@ from restspec.draft import (
     node_outcomes,
     select_tree,
 )
-from restspec.draft.merge import Calibration, Candidates, conditional_weights, merge_candidates
+from restspec.draft.merge import (
+    Calibration,
+    Candidates,
+    RecycleRows,
+    conditional_weights,
+    merge_candidates,
+    pair_slot,
+)
 from restspec.draft.tree import DraftTree
+
+
+def rows_of(
+    table: np.ndarray, pairs: dict[tuple[int, int], list[int]] | None = None, slots: int = 64
+) -> RecycleRows:
+    """The recycling rows of ``table`` (int32[V, k]) and of the pairs ``{(before, token): row}``."""
+    vocab, k = table.shape
+    keys = np.full(slots, -1, np.int64)
+    rows = np.full((slots, k), -1, np.int32)
+    for (before, token), row in (pairs or {}).items():
+        key = before * vocab + token
+        slot = pair_slot(key, slots)
+        assert keys[slot] == -1, "pairs that share a slot"
+        keys[slot] = key
+        rows[slot, : len(row)] = row
+    return RecycleRows(np.asarray(table, np.int32), keys, rows)
+
+
+def by_rank(hit_rates) -> np.ndarray:
+    """Rates that depend on the rank alone (not on the row kind or the row before): float[2, k, k + 1]."""
+    hit_rates = np.asarray(hit_rates, np.float64)
+    return np.broadcast_to(hit_rates[None, :, None], (2, len(hit_rates), len(hit_rates) + 1)).copy()
 
 
 def node_paths(tree: DraftTree) -> list[tuple[int, ...]]:
@@ -181,16 +210,17 @@ def test_extension_adds_table_children_below_every_node_best_first():
     candidates = DraftTree(np.array([5, 6]), np.array([-1, 0]), np.array([0.6, 0.5]))
     table = np.full((10, 2), -1, np.int32)
     table[1], table[5], table[6, 0] = [5, 9], [6, 7], 8
-    tree = extend_best_first(candidates, 1, table, np.array([0.5, 0.2]), 8, max_depth=5)
+    root, rows, rates = np.array([1]), rows_of(table), by_rank([0.5, 0.2])
+    tree = extend_best_first(candidates, root, rows, rates, 8, max_depth=5)
     assert node_paths(tree) == [(5,), (5, 6), (5, 6, 8), (9,), (5, 7)]
     np.testing.assert_allclose(tree.weights, [0.6, 0.5, 0.25, 0.2, 0.12], rtol=1e-6)
-    assert node_paths(extend_best_first(candidates, 1, table, np.array([0.5, 0.2]), 3, 5)) == [
+    assert node_paths(extend_best_first(candidates, root, rows, rates, 3, 5)) == [
         (5,),
         (5, 6),
         (5, 6, 8),
     ]
     # depth limit 1: extensions only below the root; the candidates stay
-    assert node_paths(extend_best_first(candidates, 1, table, np.array([0.5, 0.2]), 8, 1)) == [
+    assert node_paths(extend_best_first(candidates, root, rows, rates, 8, 1)) == [
         (5,),
         (5, 6),
         (9,),
@@ -231,10 +261,10 @@ def test_extension_needs_only_the_first_budget_candidates(sources, budget, rows)
     paths and probabilities, ranked exactly as the extension ranks them): the rest can never be
     taken, so the tree equals the one extended from every candidate."""
     trees, probs = source_trees_and_probs(sources)
-    table = np.asarray([r if r[0] != r[1] else [r[0], -1] for r in rows], np.int32)
-    hit_rates = np.array([0.5, 0.2])
-    every = extend_best_first(merge_candidates(trees, probs, 10**6, "or"), 0, table, hit_rates, budget, 6)
-    first = extend_best_first(merge_candidates(trees, probs, budget, "or"), 0, table, hit_rates, budget, 6)
+    table = rows_of(np.asarray([r if r[0] != r[1] else [r[0], -1] for r in rows], np.int32))
+    rates, root = by_rank([0.5, 0.2]), np.array([0])
+    every = extend_best_first(merge_candidates(trees, probs, 10**6, "or"), root, table, rates, budget, 6)
+    first = extend_best_first(merge_candidates(trees, probs, budget, "or"), root, table, rates, budget, 6)
     assert node_paths(first) == node_paths(every)
     np.testing.assert_array_equal(first.weights, every.weights)
 
@@ -256,33 +286,36 @@ def reference_merge(trees, probs, budget, combine):
     return order, [merged[path] for path in order]
 
 
-def reference_extend(cand_paths, cand_probs, root, table, hit_rates, budget, max_depth):
+def reference_extend(cand_paths, cand_probs, context, table, pairs, rates, budget, max_depth):
     """Best-first extension by its definition, with Python's heap over (-p, depth, path, from the
-    table, rank, parent's p) tuples."""
+    table, rank, parent's p) tuples; ``pairs``: {(before, token): row}."""
     vocab, k = table.shape
     heap = [(-float(p), len(path), path, 0, 0, 0.0) for path, p in zip(cand_paths, cand_probs, strict=True)]
+    root, before_root = int(context[-1]), int(context[-2]) if len(context) > 1 else -1
 
-    def offer(parent_path, parent_token, rank, p_parent):
-        if rank >= k or len(parent_path) >= max_depth or not 0 <= parent_token < vocab:
+    def offer(path, p_parent):
+        token, before = (path[-1], path[-2] if len(path) > 1 else root) if path else (root, before_root)
+        if len(path) >= max_depth or not 0 <= token < vocab:
             return
-        tok = int(table[parent_token, rank])
-        if tok >= 0:
-            p = p_parent * float(hit_rates[rank])
-            heapq.heappush(heap, (-p, len(parent_path) + 1, (*parent_path, tok), 1, rank, p_parent))
+        kind, row = (1, pairs[(before, token)]) if (before, token) in pairs else (0, list(table[token]))
+        row_before = list(table[before]) if 0 <= before < vocab else []
+        for rank, tok in enumerate(int(t) for t in row):
+            if tok >= 0:
+                s = row_before.index(tok) if tok in row_before else k
+                p = p_parent * float(rates[kind, rank, s])
+                heapq.heappush(heap, (-p, len(path) + 1, (*path, tok), 1, rank, p_parent))
 
     heapq.heapify(heap)
-    offer((), root, 0, 1.0)
+    offer((), 1.0)
     taken: list[tuple[int, ...]] = []
     probs: list[float] = []
     while heap and len(taken) < budget:
-        neg_p, _, path, from_table, rank, p_parent = heapq.heappop(heap)
-        if from_table:
-            offer(path[:-1], path[-2] if len(path) > 1 else root, rank + 1, p_parent)
+        neg_p, _, path, _, _, _ = heapq.heappop(heap)
         if path in taken or (len(path) > 1 and path[:-1] not in taken):
             continue
         taken.append(path)
         probs.append(-neg_p)
-        offer(path, path[-1], 0, -neg_p)
+        offer(path, -neg_p)
     return taken, probs
 
 
@@ -311,23 +344,34 @@ def test_compiled_merge_matches_its_definition_ties_included(sources, budget, co
     st.integers(0, 14),
     st.integers(1, 6),
     st.lists(st.lists(st.integers(-1, 4), min_size=3, max_size=3), min_size=5, max_size=5),
-    st.lists(st.sampled_from([0.5, 0.25, 0.2, 0.1]), min_size=3, max_size=3),
-    st.integers(-1, 5),
+    st.dictionaries(
+        st.tuples(st.integers(0, 4), st.integers(0, 4)),
+        st.lists(st.integers(0, 4), min_size=1, max_size=3, unique=True),
+        max_size=4,
+    ),
+    st.lists(st.sampled_from([0.5, 0.25, 0.2, 0.1]), min_size=24, max_size=24),
+    st.lists(st.integers(-1, 5), min_size=1, max_size=3),
     st.sampled_from(["max", "or"]),
 )
 def test_compiled_extension_matches_its_definition_ties_included(
-    sources, budget, max_depth, rows, hit_rates, root, combine
+    sources, budget, max_depth, rows, pairs, rates, context, combine
 ):
     trees, probs = source_trees_and_probs(sources)
     table = np.full((5, 3), -1, np.int32)
     for r, row in enumerate(rows):  # a row lists distinct tokens, best first, then unknowns
         distinct = list(dict.fromkeys(t for t in row if t >= 0))
         table[r, : len(distinct)] = distinct
+    # pairs of one hash slot: keep the first
+    slots = {}
+    for pair in pairs:
+        slots.setdefault(pair_slot(pair[0] * 5 + pair[1], 64), pair)
+    pairs = {pair: pairs[pair] for pair in slots.values()}
+    rates = np.asarray(rates).reshape(2, 3, 4)
     candidates = merge_candidates(trees, probs, budget, combine)
     cand_paths = node_paths(DraftTree(candidates.tokens, candidates.parents, np.clip(candidates.probs, 0, 1)))
-    tree = extend_best_first(candidates, root, table, np.asarray(hit_rates), budget, max_depth)
+    tree = extend_best_first(candidates, np.asarray(context), rows_of(table, pairs), rates, budget, max_depth)
     paths, expected = reference_extend(
-        cand_paths, candidates.probs.tolist(), root, table, np.asarray(hit_rates), budget, max_depth
+        cand_paths, candidates.probs.tolist(), context, table, pairs, rates, budget, max_depth
     )
     assert node_paths(tree) == paths
     np.testing.assert_array_equal(tree.weights, np.clip(np.asarray(expected), 0, 1).astype(np.float32))

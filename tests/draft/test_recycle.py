@@ -1,14 +1,15 @@
-"""RecycleDrafter: the table learns from verification logits; trees follow the table."""
+"""RecycleDrafter: the rows learn from verification logits; trees follow the rows."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from steps import step
 
 from restspec.draft import RecycleDrafter, TreeLogits
-from restspec.draft.recycle import best_first_template, top_k_rows
+from restspec.draft.recycle import INITIAL_HIT_RATES, top_k_rows
 from restspec.draft.tree import DraftTree
 
 VOCAB = 10
@@ -29,27 +30,29 @@ def node_paths(tree: DraftTree) -> list[tuple[int, ...]]:
     return paths
 
 
-def test_template_is_best_first_with_parents_first():
-    # hit rates 0.5 / 0.25: paths (0)=.5, (0,0)=.25, (1)=.25, (0,0,0)=.125, (0,1)=.125, ...
-    parents, ranks, probs = best_first_template(np.array([0.5, 0.25]), 5, max_depth=3)
-    assert probs.tolist() == [0.5, 0.25, 0.25, 0.125, 0.125]
-    assert np.all(parents < np.arange(5))
-    assert ranks[0] == 0 and parents[0] == -1
-
-
 def test_unknown_token_drafts_nothing():
     drafter = RecycleDrafter(VOCAB, k=2)
     assert len(drafter.propose(np.array([3], np.int32), 4)) == 0
 
 
+def chain(tokens: list[int]) -> DraftTree:
+    """A chain of draft nodes, each below the one before."""
+    n = len(tokens)
+    return DraftTree(np.asarray(tokens), np.arange(-1, n - 1), np.linspace(0.9, 0.5, n))
+
+
 def test_observe_fills_rows_of_all_verified_inputs_and_propose_expands_them():
     drafter = RecycleDrafter(VOCAB, k=2, max_depth=2)
-    # the verified tree fed inputs 1 (root), 2 and 7 (a rejected node's row is learned too)
+    # the verified tree 2, 7 (both below the root 1) fed inputs 1, 2 and 7; a rejected node's row
+    # is learned too
+    tree = DraftTree(np.array([2, 7]), np.array([-1, -1]), np.array([0.5, 0.4]))
     drafter.observe(
         step(
             np.array([1], np.int32),
             np.array([2], np.int32),
             logits_ranking([1, 2, 7], [[2, 7], [3, 4], [5, 6]]),
+            tree=tree,
+            path=[0],
         )
     )
     assert drafter.table[1].tolist() == [2, 7]
@@ -61,16 +64,93 @@ def test_observe_fills_rows_of_all_verified_inputs_and_propose_expands_them():
     assert np.all(np.diff(tree.weights) <= 0)
 
 
-def test_hit_rates_track_which_rank_was_right():
+def test_logits_must_be_the_root_and_every_node():
+    drafter = RecycleDrafter(VOCAB, k=2)
+    with pytest.raises(ValueError, match="3 rows, its tree 0 nodes"):
+        drafter.observe(
+            step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1, 2, 7], [[2]] * 3))
+        )
+
+
+def test_rows_marked_minus_one_are_skipped():
+    # a replay marks the nodes whose rows it lacks with -1: no row is learned for them
+    drafter = RecycleDrafter(VOCAB, k=2)
+    tree = DraftTree(np.array([2, 7]), np.array([-1, -1]), np.array([0.5, 0.4]))
+    logits = logits_ranking([1, 2, -1], [[2, 7], [3, 4], [5, 6]])
+    drafter.observe(step(np.array([1], np.int32), np.array([2, 3], np.int32), logits, tree=tree, path=[0]))
+    assert drafter.table[2].tolist() == [3, 4]
+    assert drafter.table[7].tolist() == [-1, -1]
+
+
+def test_a_pair_seen_before_drafts_from_its_own_row():
+    drafter = RecycleDrafter(VOCAB, k=2)
+    # after "4 1" the model predicted 2 then 3; after "5 1" it predicted 6 then 3
+    for before, after in ((4, [2, 3]), (5, [6, 3])):
+        drafter.observe(
+            step(
+                np.array([before, 1], np.int32), np.array([after[0]], np.int32), logits_ranking([1], [after])
+            )
+        )
+    assert drafter.table[1].tolist() == [6, 3]  # the token's own row: the latest
+    assert node_paths(drafter.propose(np.array([4, 1], np.int32), 1)) == [(2,)]  # the pair "4 1"'s row
+    assert node_paths(drafter.propose(np.array([5, 1], np.int32), 1)) == [(6,)]
+    assert node_paths(drafter.propose(np.array([9, 1], np.int32), 1)) == [(6,)]  # unseen pair: own row
+
+
+def test_rates_track_which_rank_was_right():
     drafter = RecycleDrafter(VOCAB, k=2)
     drafter.observe(step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 3]])))
-    before = drafter.hit_rates.copy()
-    # the model now prefers 3 after 1: the old row's rank-1 candidate was right
+    before = drafter.rates.copy()
+    # the model now prefers 3 after 1: the old row's rank-1 candidate was right (no token before 1,
+    # so the candidates count in the column "not in the row before", of the token's own row)
     for _ in range(50):
         drafter.observe(step(np.array([1], np.int32), np.array([3], np.int32), logits_ranking([1], [[3, 2]])))
         drafter.observe(step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 3]])))
-    assert drafter.hit_rates[1] > before[1]
-    assert drafter.hit_rates[0] < before[0]
+    assert drafter.rates[0, 1, 2] > before[0, 1, 2]
+    assert drafter.rates[0, 0, 2] < before[0, 0, 2]
+    np.testing.assert_array_equal(drafter.rates[1], before[1])  # no pair row was ever drafted from
+
+
+def test_agreement_is_learned_in_its_own_cell():
+    drafter = RecycleDrafter(VOCAB, k=3)
+    # the row of 8 holds 5 at rank 1; the root 1's row: 2, 5, 6; then after "8 1" the model says 5
+    drafter.observe(step(np.array([8], np.int32), np.array([1], np.int32), logits_ranking([8], [[1, 5, 9]])))
+    drafter.observe(step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 5, 6]])))
+    before = drafter.rates.copy()
+    drafter.observe(
+        step(np.array([8, 1], np.int32), np.array([5], np.int32), logits_ranking([1], [[5, 2, 6]]))
+    )
+    # scored against the row of 1 (no pair row for "8 1" yet): rank 1, held at rank 1 by the row of 8
+    assert drafter.rates[0, 1, 1] > before[0, 1, 1]
+    assert drafter.rates[0, 0, 3] < before[0, 0, 3]  # 2: rank 0, not in the row of 8, wrong
+    assert drafter.rates[0, 1, 3] == before[0, 1, 3]
+
+
+def test_agreement_with_the_row_before_raises_a_child():
+    drafter = RecycleDrafter(VOCAB, k=3)
+    drafter.observe(step(np.array([8], np.int32), np.array([1], np.int32), logits_ranking([8], [[1, 5, 9]])))
+    drafter.observe(step(np.array([1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 5, 6]])))
+    state = drafter.state_dict()
+    state["hits"][:, 1, 1], state["trials"][:, 1, 1] = 92.0, 100.0  # rank 1 held at rank 1 before: right
+    drafter.load_state_dict(state)
+
+    def weight_of_5(before: int) -> float:
+        tree = drafter.propose(np.array([before, 1], np.int32), 3)
+        return float(tree.weights[node_paths(tree).index((5,))])
+
+    assert weight_of_5(8) == pytest.approx(drafter.rates[0, 1, 1])  # the row of 8 holds 5 at rank 1
+    assert weight_of_5(7) == pytest.approx(INITIAL_HIT_RATES[1])  # the row of 7 is unknown
+
+
+def test_state_round_trips_and_rejects_other_shapes():
+    drafter = RecycleDrafter(VOCAB, k=2, pair_slots=8)
+    drafter.observe(step(np.array([4, 1], np.int32), np.array([2], np.int32), logits_ranking([1], [[2, 3]])))
+    other = RecycleDrafter(VOCAB, k=2, pair_slots=8)
+    other.load_state_dict(drafter.state_dict())
+    context = np.array([4, 1], np.int32)
+    assert node_paths(other.propose(context, 4)) == node_paths(drafter.propose(context, 4))
+    with pytest.raises(ValueError, match="pair_keys"):
+        RecycleDrafter(VOCAB, k=2, pair_slots=16).load_state_dict(drafter.state_dict())
 
 
 def test_without_logits_observed_pairs_move_to_the_front():
@@ -79,6 +159,10 @@ def test_without_logits_observed_pairs_move_to_the_front():
     drafter.observe(step(np.array([4], np.int32), np.array([8], np.int32)))  # 4->8
     assert drafter.table[4].tolist() == [8, 5, -1]
     assert drafter.table[5].tolist() == [6, -1, -1]
+    # and the pair "4 5" was followed by 6: its own row drafts 6 after 4 5 even once 5 -> 9 is newer
+    drafter.observe(step(np.array([3, 5], np.int32), np.array([9], np.int32)))
+    assert node_paths(drafter.propose(np.array([4, 5], np.int32), 1)) == [(6,)]
+    assert node_paths(drafter.propose(np.array([3, 5], np.int32), 1)) == [(9,)]
 
 
 def test_budget_is_respected_when_rows_are_missing():

@@ -12,8 +12,9 @@ ranks above a kept one.
 
 An *extender* (``extender=``, a :class:`~restspec.draft.recycle.RecycleDrafter`) drafts no tree of
 its own from the root: every merged node (and the root) offers the model's recent top candidates
-after its token as children, with probability p(node) * hit rate of the candidate's rank, and the
-final ``budget`` nodes are taken best-first from candidates and extensions alike
+after its last two tokens as children, with probability p(node) * the candidate's rate (by its rank,
+and its rank in the row of the token before), and the final ``budget`` nodes are taken best-first
+from candidates and extensions alike
 (:func:`extend_best_first`). On HumanEval this lifts short retrieved chains and gives
 recycling the context it lacks (``python -m benchmarks.replay``).
 
@@ -571,45 +572,93 @@ def _taken_child(taken_tok, taken_par, n, node, tok):  # pragma: no cover - comp
     return -2
 
 
+PAIR_HASH = 2654435761
+"""Multiplier of :func:`pair_slot`'s hash (Knuth's multiplicative constant)."""
+
+
+class RecycleRows(NamedTuple):
+    """The model's recent top-k next tokens (best first, -1 = unknown) after each token, ``table``
+    int32[V, k], and after each (token before, token) pair seen lately, ``pair_rows`` int32[S, k] in a
+    direct-mapped hash table of S slots (a power of two): slot :func:`pair_slot` holds the pair whose
+    key ``before * V + token`` is ``pair_keys[slot]`` (int64[S], -1 = empty); a newer pair takes the
+    slot of an older one."""
+
+    table: np.ndarray
+    pair_keys: np.ndarray
+    pair_rows: np.ndarray
+
+
 @nb.njit(cache=True, inline="always")
-def _offer(
-    src, length, parent_token, r, p, table, hit_rates, max_depth, used, size, heap, entries
+def pair_slot(key, slots):  # pragma: no cover - compiled
+    """Slot of the pair key ``key`` (>= 0) in a hash table of ``slots`` slots (a power of two)."""
+    return (key * PAIR_HASH) & (slots - 1)
+
+
+@nb.njit(cache=True, inline="always")
+def row_of(token, before, table, pair_keys, pair_rows):  # pragma: no cover - compiled
+    """(row, kind): the pair row of (before, token) where the table holds it (kind 1), else the
+    token's own row (kind 0)."""
+    vocab = table.shape[0]
+    if 0 <= before < vocab:
+        key = before * vocab + token
+        slot = pair_slot(key, len(pair_keys))
+        if pair_keys[slot] == key:
+            return pair_rows[slot], 1
+    return table[token], 0
+
+
+@nb.njit(cache=True, inline="always")
+def _offer_row(
+    src, length, token, before, p, rows_of, rates, max_depth, used, size, heap, entries
 ):  # pragma: no cover - compiled
-    """offer(): push the rank-``r`` table child of the path ``rows[src, :length]`` (the root's when
-    ``length`` is 0), whose last token is ``parent_token`` and probability ``p``, as entry ``used``;
-    returns (used, size)."""
+    """Push the table children of the path ``rows[src, :length]`` (the root's when ``length`` is 0),
+    whose last token is ``token``, the token before it ``before`` (-1 = unknown) and probability
+    ``p``, as entries ``used``, ``used + 1``, ...: the rank-r child in the row of (before, token)
+    (:func:`row_of`, of kind q) gets ``p * rates[q, r, s]``, s its rank in the row of ``before``
+    alone (k when not there); returns (used, size)."""
     neg_p, depth, rows, origin, rank, p_parent = entries
+    table, pair_keys, pair_rows = rows_of
     vocab, k = table.shape
-    if r >= k or length >= max_depth or parent_token < 0 or parent_token >= vocab:
+    if length >= max_depth or token < 0 or token >= vocab:
         return used, size
-    tok = table[parent_token, r]
-    if tok < 0:
-        return used, size
-    neg_p[used] = -(p * hit_rates[r])
-    depth[used] = length + 1
-    if length > 0:
-        rows[used, :length] = rows[src, :length]
-    rows[used, length] = tok
-    origin[used] = 1
-    rank[used] = r
-    p_parent[used] = p
-    return used + 1, _heap_push(heap, size, used, entries)
+    row, kind = row_of(token, before, table, pair_keys, pair_rows)
+    for r in range(k):
+        tok = row[r]
+        if tok < 0:
+            continue
+        s = k
+        if 0 <= before < vocab:
+            for j in range(k):
+                if table[before, j] == tok:
+                    s = j
+                    break
+        neg_p[used] = -(p * rates[kind, r, s])
+        depth[used] = length + 1
+        if length > 0:
+            rows[used, :length] = rows[src, :length]
+        rows[used, length] = tok
+        origin[used] = 1
+        rank[used] = r
+        p_parent[used] = p
+        size = _heap_push(heap, size, used, entries)
+        used += 1
+    return used, size
 
 
 @nb.njit(cache=True)
 def _extend_kernel(
-    cand_tokens, cand_parents, cand_probs, root, table, hit_rates, budget, max_depth
+    cand_tokens, cand_parents, cand_probs, root, before_root, rows_of, rates, budget, max_depth
 ):  # pragma: no cover - compiled
     """(tokens, parents, probabilities) of :func:`extend_best_first`: a heap of entries (a candidate,
-    or a table child offered below a path, :func:`_offer`), popped best first; each taken node offers
-    its row's rank-0 child, each popped table child its parent's next rank."""
-    k = table.shape[1]
+    or a table child offered below a path, :func:`_offer_row`), popped best first; each taken node
+    offers its row's children."""
+    k = rows_of[0].shape[1]
     c = len(cand_tokens)
     cand_depths = node_depths(cand_parents)
     width = max_depth + 1
     for i in range(c):
         width = max(width, cand_depths[i] + 1)
-    cap = c + (budget + 2) * (k + 1) + 1
+    cap = c + (budget + 1) * k + 1
     neg_p = np.empty(cap, np.float64)
     depth = np.empty(cap, np.int64)
     rows = np.full((cap, width), -1, np.int64)
@@ -620,11 +669,11 @@ def _extend_kernel(
     heap = np.empty(cap, np.int64)
     rows[:c] = _path_rows(cand_tokens, cand_parents, cand_depths, width)
     size = 0
-    for i in range(c):  # the candidates, then the root's rank-0 child
+    for i in range(c):  # the candidates, then the root's table children
         neg_p[i] = -cand_probs[i]
         depth[i] = cand_depths[i]
         size = _heap_push(heap, size, i, entries)
-    used, size = _offer(-1, 0, root, 0, 1.0, table, hit_rates, max_depth, c, size, heap, entries)
+    used, size = _offer_row(-1, 0, root, before_root, 1.0, rows_of, rates, max_depth, c, size, heap, entries)
     taken_tok = np.empty(budget, np.int64)
     taken_par = np.empty(budget, np.int64)
     taken_p = np.empty(budget, np.float64)
@@ -633,22 +682,6 @@ def _extend_kernel(
         e = heap[0]
         size = _heap_pop(heap, size, entries)
         d = depth[e]
-        if origin[e] == 1:  # the next rank below the same parent
-            parent_token = rows[e, d - 2] if d > 1 else root
-            used, size = _offer(
-                e,
-                d - 1,
-                parent_token,
-                rank[e] + 1,
-                p_parent[e],
-                table,
-                hit_rates,
-                max_depth,
-                used,
-                size,
-                heap,
-                entries,
-            )
         # the taken node of the parent path (-2 = not taken); the path itself must not be taken yet
         node = -1
         for level in range(d - 1):
@@ -661,41 +694,56 @@ def _extend_kernel(
         taken_par[n] = node
         taken_p[n] = -neg_p[e]
         n += 1
-        used, size = _offer(
-            e, d, rows[e, d - 1], 0, -neg_p[e], table, hit_rates, max_depth, used, size, heap, entries
+        before = rows[e, d - 2] if d > 1 else root
+        used, size = _offer_row(
+            e, d, rows[e, d - 1], before, -neg_p[e], rows_of, rates, max_depth, used, size, heap, entries
         )
     return taken_tok[:n].astype(np.int32), taken_par[:n].astype(np.int32), taken_p[:n]
 
 
 def extend_best_first(
     candidates: DraftTree | Candidates,
-    root: int,
-    table: np.ndarray,
-    hit_rates: np.ndarray,
+    context: np.ndarray,
+    rows: RecycleRows,
+    rates: np.ndarray,
     budget: int,
     max_depth: int,
 ) -> DraftTree:
-    """The ``budget`` most probable nodes among ``candidates`` and their extensions from ``table``.
+    """The ``budget`` most probable nodes among ``candidates`` and their extensions from ``rows``.
 
     ``candidates``: a merged tree (weights = probabilities, non-increasing from parent to child), or
-    :class:`Candidates` from :func:`merge_candidates`. ``table``: int32[V, k], the model's recent top-k
-    next tokens after each token (-1 = unknown); ``hit_rates``: float[k], probability that the rank-r
-    entry is the model's next token. Every taken node (and the root, token ``root``, probability 1)
-    offers its table row as children with probability p(node) * hit_rates[r]; a child equal to a
+    :class:`Candidates` from :func:`merge_candidates`; ``context``: int[L >= 1], the tokens so far
+    (the root, ``context[-1]``, is the last). ``rows``: the model's recent top-k next tokens after
+    tokens and pairs (:class:`RecycleRows`); ``rates``: float[2, k, k + 1], the probability that the
+    rank-r entry of a token's own row (``rates[0]``) or of a pair's row (``rates[1]``) is the model's
+    next token when the row of the token before holds it at rank s (s = k: not at all). Every taken
+    node (and the root, probability 1) offers children from the row of its path's last two tokens
+    (the pair's row where known, else the last token's): the rank-r child of a node of probability p
+    gets p * rates[q, r, s] (the token before the root is ``context[-2]``). A child equal to a
     candidate merges with it (the larger probability wins). Taken best-first, ties by depth, then
     path token ids, then candidates before table children (then lower rank), so parents precede
     children."""
     if isinstance(candidates, DraftTree):
         candidates = Candidates(candidates.tokens, candidates.parents, candidates.weights.astype(np.float64))
-    if budget <= 0:
+    k = rows.table.shape[1]
+    if np.shape(rates) != (2, k, k + 1):
+        raise ValueError(
+            f"rates must have shape (2, {k}, {k + 1}) for rows of {k} tokens, not {np.shape(rates)}"
+        )
+    if budget <= 0 or len(context) == 0:
         return DraftTree.empty()
     tokens, parents, probs = _extend_kernel(
         np.asarray(candidates.tokens, np.int64),
         np.asarray(candidates.parents, np.int64),
         np.asarray(candidates.probs, np.float64),
-        int(root),
-        np.ascontiguousarray(table, np.int32),
-        np.asarray(hit_rates, np.float64),
+        int(context[-1]),
+        int(context[-2]) if len(context) > 1 else -1,
+        (
+            np.ascontiguousarray(rows.table, np.int32),
+            np.ascontiguousarray(rows.pair_keys, np.int64),
+            np.ascontiguousarray(rows.pair_rows, np.int32),
+        ),
+        np.asarray(rates, np.float64),
         int(budget),
         int(max_depth),
     )
@@ -748,12 +796,15 @@ class Extender(Drafter, Protocol):
     """What :class:`MergedDrafter` extends its merged tree with (a
     :class:`~restspec.draft.recycle.RecycleDrafter`)."""
 
-    table: np.ndarray
-    """int32[V, k]: the model's recent top-k next tokens after each token (-1 = unknown)."""
+    @property
+    def rows(self) -> RecycleRows:
+        """The model's recent top-k next tokens after tokens and pairs of tokens."""
 
     @property
-    def hit_rates(self) -> np.ndarray:
-        """float[k]: probability that the rank-r entry of a row is the model's next token."""
+    def rates(self) -> np.ndarray:
+        """float[2, k, k + 1]: probability that the rank-r entry of a token's (0) or a pair's (1) row
+        is the model's next token, given its rank s in the row of the token before (s = k: not in
+        it)."""
 
 
 class MergedDrafter:
@@ -825,12 +876,7 @@ class MergedDrafter:
             # come first), so only the first ``budget`` are offered to the extension
             candidates = merge_candidates(trees, probs, budget, self.config.combine)
             merged = extend_best_first(
-                candidates,
-                int(context[-1]),
-                self.extender.table,
-                self.extender.hit_rates,
-                budget,
-                self.config.extend_depth,
+                candidates, context, self.extender.rows, self.extender.rates, budget, self.config.extend_depth
             )
         if not self.config.correct or len(merged) == 0:
             return replace(merged, sources=tuple(trees))

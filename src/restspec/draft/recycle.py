@@ -5,44 +5,41 @@ the last time the model scored a position holding that token (best first; -1 = n
 verification pass scores every tree node anyway, so :meth:`RecycleDrafter.observe` refreshes the
 rows of all verified inputs (accepted or not) for free.
 
-Drafting expands a tree from the last context token: node children are the table row of its token.
-Which (rank path) nodes to expand is a static *template* chosen best-first by the estimated
-probability that the path is accepted, the product of per-rank hit rates along it:
-``hit[r]`` = how often the table's rank-r candidate turned out to be the model's next token,
-tracked online in ``observe`` (starting from ``INITIAL_HIT_RATES``).
+Drafting expands a tree from the last context token, best first: a node's children are its token's
+table row, each with the probability that the path is accepted, the parent's times a rate learned
+online in ``observe`` (starting from ``INITIAL_HIT_RATES``). The rate of a rank-r candidate is
+learned per rank in the row of the token *before* the node as well (LogitSpec's next-next-token
+observation, Liu et al., 2025: the model's runners-up for one position often hold the token after
+it). Below the root that row is the one verification just computed, whose top token the root is; in
+the recorded MT-Bench references a rank-0 candidate that also stands at rank 1-3 there is right
+about 75-80 % of the time, against about 41 % otherwise. Rows are kept per token and per pair of
+tokens (the token before and the token): a pair seen before drafts from its own row.
 """
 
 from __future__ import annotations
 
-import heapq
 from typing import Any
 
 import numba as nb
 import numpy as np
 
 from restspec.draft.base import Step, check_state_keys, check_state_shape
+from restspec.draft.merge import Candidates, RecycleRows, extend_best_first, pair_slot, row_of
 from restspec.draft.tree import DraftTree
 
 INITIAL_HIT_RATES = (0.35, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)
-"""Prior rank hit rates (rank 0 first), extended by the last value for larger k."""
-PRIOR_STRENGTH = 20.0
-"""Pseudo-observations behind the prior hit rates."""
-TEMPLATE_SLACK = 2
-"""The template holds ``TEMPLATE_SLACK * budget`` paths: some drop out when a table row is unknown."""
-TEMPLATE_REFRESH = 64
-"""Rebuild the template after this many new hit observations."""
+"""Prior rank hit rates (rank 0 first), whatever the rank in the row of the token before, extended by
+the last value for larger k. A prior that doubled them where the row before agrees (what the
+recorded references show) over-spent the adaptive budget while cold: on 8 HumanEval prompts the mix
+lost 2.7 % of predicted speed against Token Recycling's rates, and gained 3.5 % with this one
+(``python -m benchmarks.sources``)."""
+PRIOR_STRENGTH = 8.0
+"""Pseudo-observations behind the prior of each (row kind, rank, rank before) rate."""
 
+PAIR_SLOTS = 1 << 17
+"""Pairs of tokens whose rows are held (a direct-mapped hash table; 4 MiB of rows for k = 8)."""
 
-_STATE_KEYS = {
-    "table",
-    "hits",
-    "trials",
-    "template_parents",
-    "template_ranks",
-    "template_probs",
-    "template_size",
-    "since_refresh",
-}
+_STATE_KEYS = {"table", "pair_keys", "pair_rows", "hits", "trials"}
 
 
 TOP_K_BLOCK = 64
@@ -99,88 +96,89 @@ def top_k_rows(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 @nb.njit(cache=True)
-def _refresh_rows(table, hits, inputs, top):  # pragma: no cover - compiled
-    """Score, then overwrite, the table rows of ``inputs`` with their new top candidates ``top``.
+def _refresh_rows(
+    table, pair_keys, pair_rows, hits, trials, inputs, before, top
+):  # pragma: no cover - compiled
+    """Score, then overwrite, the rows of ``inputs`` with their new top candidates ``top``.
 
-    For each input whose row was known before the step (rows read before any is written, so a token
-    verified twice is scored against its old row both times), ``hits[r]`` counts old rank r holding
-    the new top-1. Returns how many inputs had a known row."""
+    ``before[i]``: the token before input i on its path (-1 = unknown). Each input's old row is the
+    one drafting used (the pair row of (before, input) where held, else the input's own row; read
+    before any row is written, so a token verified twice is scored against its old row both times).
+    Each known candidate of it, rank r, counts a trial in ``trials[q, r, s]`` (q: 1 for a pair row;
+    s: its rank in the old row of the token before, k when not there) and a hit in ``hits[q, r, s]``
+    when it is the new top-1. Then the input's own row and its pair's row become ``top``."""
     n, width = top.shape
-    old = np.empty((n, table.shape[1]), table.dtype)
-    for r in range(n):
-        old[r] = table[inputs[r]]
-    known = 0
-    for r in range(n):
-        if old[r, 0] < 0:
-            continue
-        known += 1
-        for rank in range(old.shape[1]):
-            if old[r, rank] == top[r, 0]:
-                hits[rank] += 1.0
-    for r in range(n):  # in order: a token verified twice keeps its last row
-        table[inputs[r], :width] = top[r]
-    return known
-
-
-def best_first_template(
-    hit: np.ndarray, size: int, max_depth: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ``size`` rank paths of highest probability (product of ``hit`` along the path).
-
-    Returns (parents int32[n], ranks int32[n], probs float64[n]) ordered by falling probability,
-    parents first (a child's probability never exceeds its parent's, since every hit <= 1)."""
-    k = len(hit)
-    parents: list[int] = []
-    ranks: list[int] = []
-    probs: list[float] = []
-    depths: list[int] = []
-    # heap of (-prob, counter, parent, rank, depth); counter makes ties deterministic
-    heap = [(-float(hit[0]), 0, -1, 0, 1)]
-    counter = 1
-    while heap and len(parents) < size:
-        neg, _, parent, rank, depth = heapq.heappop(heap)
-        node = len(parents)
-        parents.append(parent)
-        ranks.append(rank)
-        probs.append(-neg)
-        depths.append(depth)
-        if rank + 1 < k:  # next sibling
-            prob_sibling = (probs[parent] if parent >= 0 else 1.0) * float(hit[rank + 1])
-            heapq.heappush(heap, (-prob_sibling, counter, parent, rank + 1, depth))
-            counter += 1
-        if depth < max_depth:  # first child
-            heapq.heappush(heap, (neg * float(hit[0]), counter, node, 0, depth + 1))
-            counter += 1
-    return np.asarray(parents, np.int32), np.asarray(ranks, np.int32), np.asarray(probs, np.float64)
+    vocab, k = table.shape
+    old = np.empty((n, k), table.dtype)
+    kinds = np.empty(n, np.int64)
+    old_before = np.full((n, k), -1, table.dtype)
+    for i in range(n):
+        row, kinds[i] = row_of(inputs[i], before[i], table, pair_keys, pair_rows)
+        old[i] = row
+        if 0 <= before[i] < vocab:
+            old_before[i] = table[before[i]]
+    for i in range(n):
+        for r in range(k):
+            if old[i, r] < 0:
+                continue
+            s = k
+            for j in range(k):
+                if old_before[i, j] == old[i, r]:
+                    s = j
+                    break
+            trials[kinds[i], r, s] += 1.0
+            if old[i, r] == top[i, 0]:
+                hits[kinds[i], r, s] += 1.0
+    for i in range(n):  # in order: a token verified twice keeps its last row
+        table[inputs[i], :width] = top[i]
+        if 0 <= before[i] < vocab:
+            key = before[i] * vocab + inputs[i]
+            slot = pair_slot(key, len(pair_keys))
+            pair_keys[slot] = key
+            pair_rows[slot] = -1
+            pair_rows[slot, :width] = top[i]
 
 
 class RecycleDrafter:
-    """Drafts from an adjacency table of the model's own top-``k`` next tokens (Token Recycling).
+    """Drafts from the model's own recent top-``k`` next tokens (Token Recycling), after each token
+    and after each pair of tokens seen lately (``pair_slots`` of them at most, a power of two).
 
-    The table and hit rates persist across requests (they describe the model, not the request)."""
+    The rows and rates persist across requests (they describe the model, not the request)."""
 
-    def __init__(self, vocab_size: int, k: int = 8, max_depth: int = 8) -> None:
+    def __init__(self, vocab_size: int, k: int = 8, max_depth: int = 8, pair_slots: int = PAIR_SLOTS) -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size={vocab_size} must be >= 1")
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         if max_depth < 1:
             raise ValueError(f"max_depth={max_depth} must be >= 1")
+        if pair_slots < 1 or pair_slots & (pair_slots - 1):
+            raise ValueError(f"pair_slots={pair_slots} must be a power of two")
         self.vocab_size = vocab_size
         self.k = k
         self.max_depth = max_depth
-        self.table = np.full((vocab_size, k), -1, np.int32)  # (V, k), best first
-        prior = np.asarray(INITIAL_HIT_RATES + (INITIAL_HIT_RATES[-1],) * max(0, k - len(INITIAL_HIT_RATES)))
-        self._prior = prior[:k]
-        self.hits = np.zeros(k, np.float64)  # times the rank-r candidate was the model's next token
-        self.trials = 0.0  # rows checked (with a known table row)
-        self._template: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._template_size = 0
-        self._since_refresh = 0
+        self.rows = RecycleRows(
+            np.full((vocab_size, k), -1, np.int32),
+            np.full(pair_slots, -1, np.int64),
+            np.full((pair_slots, k), -1, np.int32),
+        )
+        padded = INITIAL_HIT_RATES + (INITIAL_HIT_RATES[-1],) * max(0, k - len(INITIAL_HIT_RATES))
+        rank = np.asarray(padded[:k])
+        # [own row or pair's, rank, rank in the row before]
+        self._prior = np.broadcast_to(rank[None, :, None], (2, k, k + 1)).copy()
+        self.hits = np.zeros((2, k, k + 1))  # times the candidate was the model's next token
+        self.trials = np.zeros((2, k, k + 1))  # candidates checked
 
     @property
-    def hit_rates(self) -> np.ndarray:
-        """float64[k]: estimated probability that the rank-r candidate is the model's next token."""
+    def table(self) -> np.ndarray:
+        """int32[V, k]: the model's recent top-k next tokens after each token (-1 = unknown)."""
+        return self.rows.table
+
+    @property
+    def rates(self) -> np.ndarray:
+        """float64[2, k, k + 1]: estimated probability that the rank-r candidate of a token's own row
+        (``[0]``) or of a pair's row (``[1]``) is the model's next token, when the row of the token
+        before holds it at rank s (s = k: not at all)."""
         return (self.hits + PRIOR_STRENGTH * self._prior) / (self.trials + PRIOR_STRENGTH)
 
     def start_request(self, prompt: np.ndarray, request: int = 0) -> None:
@@ -190,100 +188,95 @@ class RecycleDrafter:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        """``table`` int32[V, k], rank ``hits`` float64[k], ``trials``, and the drafting template in
-        use (``template_parents``, ``template_ranks``, ``template_probs``: empty when none is built;
-        ``template_size``, ``since_refresh``), so a loaded drafter proposes the same trees."""
-        parents, ranks, probs = self._template or (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
+        """``table`` int32[V, k], ``pair_keys`` int64[S], ``pair_rows`` int32[S, k] (:class:`RecycleRows`);
+        ``hits`` and ``trials`` float64[2, k, k + 1], behind :attr:`rates`."""
         return {
-            "table": self.table.copy(),
+            "table": self.rows.table.copy(),
+            "pair_keys": self.rows.pair_keys.copy(),
+            "pair_rows": self.rows.pair_rows.copy(),
             "hits": self.hits.copy(),
-            "trials": float(self.trials),
-            "template_parents": parents.copy(),
-            "template_ranks": ranks.copy(),
-            "template_probs": probs.copy(),
-            "template_size": self._template_size if self._template is not None else 0,
-            "since_refresh": self._since_refresh,
+            "trials": self.trials.copy(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_keys(self, state, _STATE_KEYS)
-        table = check_state_shape("table", state["table"], self.table.shape)
-        hits = check_state_shape("hits", state["hits"], self.hits.shape)
-        n = len(np.asarray(state["template_parents"]))
-        parents, ranks, probs = (
-            check_state_shape(f"template_{name}", state[f"template_{name}"], (n,)).astype(dtype)
-            for name, dtype in (("parents", np.int32), ("ranks", np.int32), ("probs", np.float64))
+        checked = {
+            name: check_state_shape(name, state[name], current.shape)
+            for name, current in (
+                ("table", self.rows.table),
+                ("pair_keys", self.rows.pair_keys),
+                ("pair_rows", self.rows.pair_rows),
+                ("hits", self.hits),
+                ("trials", self.trials),
+            )
+        }
+        self.rows = RecycleRows(
+            np.array(checked["table"], np.int32),
+            np.array(checked["pair_keys"], np.int64),
+            np.array(checked["pair_rows"], np.int32),
         )
-        self.table = np.array(table, np.int32)
-        self.hits = np.array(hits, np.float64)
-        self.trials = float(state["trials"])
-        self._template = (parents, ranks, probs) if n else None
-        self._template_size = int(state["template_size"])
-        self._since_refresh = int(state["since_refresh"])
-
-    def _get_template(self, size: int):
-        if self._template is None or self._template_size < size or self._since_refresh >= TEMPLATE_REFRESH:
-            self._template = best_first_template(self.hit_rates, size, self.max_depth)
-            self._template_size = size
-            self._since_refresh = 0
-        return self._template
+        self.hits = np.array(checked["hits"], np.float64)
+        self.trials = np.array(checked["trials"], np.float64)
 
     def propose(self, context: np.ndarray, budget: int) -> DraftTree:
-        if budget <= 0 or len(context) == 0:
-            return DraftTree.empty()
-        root = int(context[-1])
-        if not 0 <= root < self.vocab_size or self.table[root, 0] < 0:
-            return DraftTree.empty()
-        parents, ranks, probs = self._get_template(TEMPLATE_SLACK * budget)
-        n = len(parents)
-        # instantiate: token[i] = table[token[parent i], rank i]; a node under an unknown row is dropped
-        tokens = np.full(n, -1, np.int64)
-        for i in range(n):  # parents precede children; n <= 2 * budget
-            p = parents[i]
-            source = root if p < 0 else tokens[p]
-            if source >= 0:
-                tokens[i] = self.table[source, ranks[i]]
-        keep = np.flatnonzero(tokens >= 0)[:budget]
-        if len(keep) == 0:
-            return DraftTree.empty()
-        position = np.full(n, -1, np.int64)
-        position[keep] = np.arange(len(keep))
-        kept_parents = parents[keep]
-        tree_parents = np.where(kept_parents >= 0, position[np.maximum(kept_parents, 0)], -1)
+        empty = Candidates(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
+        tree = extend_best_first(empty, context, self.rows, self.rates, budget, self.max_depth)
         # match_length 1: the table row of the root, its last token, is what it drafted from
-        return DraftTree(tokens[keep], tree_parents, np.minimum(probs[keep], 1.0), match_length=1)
+        return DraftTree(tree.tokens, tree.parents, tree.weights, match_length=1) if len(tree) else tree
 
     def observe(self, step: Step) -> None:
-        """Refresh the table rows of every verified input from its logits; count rank hits.
+        """Refresh the rows of every verified input from its logits; count rank hits.
 
-        A rank hit is scored for each input whose row was known before: which rank of the old row
-        was the model's new top-1 token (a miss when it was in none)."""
+        ``step.logits`` holds the root's row, then one row per node of ``step.tree``; inputs outside
+        the vocabulary (a replay marks the rows it lacks with -1) are skipped."""
         logits = step.logits
         if logits is None:
             self._learn_pairs(step.context, step.accepted)
             return
         inputs = np.asarray(logits.input_ids, dtype=np.int64)
+        if len(inputs) != len(step.tree) + 1:
+            raise ValueError(
+                f"the step's logits have {len(inputs)} rows, its tree {len(step.tree)} nodes: "
+                "the rows must be the root's, then one per node"
+            )
+        # the token before each input on its path: context[-2] before the root, the parent's token
+        before = np.empty(len(inputs), np.int64)
+        before[0] = step.context[-2] if len(step.context) > 1 else -1
+        before[1:] = inputs[step.tree.parents.astype(np.int64) + 1]
         valid = (inputs >= 0) & (inputs < self.vocab_size)
         rows = logits.logits
         if not valid.all():
-            inputs, rows = inputs[valid], rows[valid]
-        if len(inputs) == 0:
-            return
-        known = _refresh_rows(self.table, self.hits, inputs, top_k_rows(rows, self.k))
-        self.trials += known
-        self._since_refresh += known
+            inputs, before, rows = inputs[valid], before[valid], rows[valid]
+        if len(inputs):
+            top = top_k_rows(rows, self.k)
+            _refresh_rows(*self.rows, self.hits, self.trials, inputs, before, top)
 
     def _learn_pairs(self, context: np.ndarray, accepted: np.ndarray) -> None:
-        """Without logits: move each observed next token to the front of its predecessor's row."""
+        """Without logits: move each observed next token to the front of its predecessor's row and
+        of its predecessor pair's row."""
         if len(context) == 0 or len(accepted) == 0:
             return
-        seq = np.concatenate([np.asarray(context[-1:], np.int64), np.asarray(accepted, np.int64)])
-        for prev, nxt in zip(seq[:-1].tolist(), seq[1:].tolist(), strict=True):  # len(accepted) pairs
-            if not (0 <= prev < self.vocab_size and 0 <= nxt < self.vocab_size):
+        head = len(context[-2:])
+        seq = np.concatenate([np.asarray(context[-2:], np.int64), np.asarray(accepted, np.int64)])
+        ok = (seq >= 0) & (seq < self.vocab_size)
+        table, pair_keys, pair_rows = self.rows
+        for i in range(head - 1, len(seq) - 1):  # len(accepted) tokens, each after seq[i]
+            prev, nxt = int(seq[i]), int(seq[i + 1])
+            if not (ok[i] and ok[i + 1]):
                 continue
-            row = self.table[prev]
-            rest = row[(row != nxt) & (row >= 0)]
-            new = np.full(self.k, -1, np.int32)
-            new[0] = nxt
-            new[1 : 1 + min(len(rest), self.k - 1)] = rest[: self.k - 1]
-            self.table[prev] = new
+            _to_front(table[prev], nxt)
+            if i > 0 and ok[i - 1]:
+                key = int(seq[i - 1]) * self.vocab_size + prev
+                slot = pair_slot(key, len(pair_keys))
+                if pair_keys[slot] != key:
+                    pair_keys[slot] = key
+                    pair_rows[slot] = -1
+                _to_front(pair_rows[slot], nxt)
+
+
+def _to_front(row: np.ndarray, token: int) -> None:
+    """Move ``token`` to the front of ``row`` (int32[k], best first, -1 = unknown), in place."""
+    rest = row[(row != token) & (row >= 0)]
+    row[:] = -1
+    row[0] = token
+    row[1 : 1 + min(len(rest), len(row) - 1)] = rest[: len(row) - 1]
