@@ -156,7 +156,7 @@ class Engine:
         if not paths:
             paths = [ensure_default_datastore(loaded.tokenizer, progress=progress is not False)]
         opened = [Datastore.open(path, loaded.tokenizer) for path in paths]
-        engine = cls(loaded, forward, opened, EmptyDrafter(), FixedBudget(0))
+        engine = cls(loaded, forward, opened, EmptyDrafter(), FixedBudget(0), max_batch=max_batch)
         if fixed is None:
             with report.phase("Measuring forward latency for --budget auto (once per machine and model)"):
                 policy: BudgetPolicy = engine.adaptive_budget(recalibrate=recalibrate)
@@ -269,6 +269,7 @@ class Engine:
             DEFAULT_MAX_BUDGET if max_budget is None else max_budget,
             recalibrate=recalibrate,
             backend=self._forward(backend),
+            max_batch=self.max_batch,
             learn_costs=learn_costs,
         )
 

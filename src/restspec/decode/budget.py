@@ -566,11 +566,16 @@ class AdaptiveBudget:
         *,
         recalibrate: bool = False,
         backend: ForwardBackend | None = None,
+        max_batch: int = 1,
         **kwargs: object,
     ) -> AdaptiveBudget:
         """Calibrated on ``loaded`` (a :class:`restspec.models.LoadedModel`) through ``backend`` (default:
         the model's own forward), as the generator will run; the latency curve is cached per machine +
-        model + dtype + backend + device."""
+        model + dtype + backend + device. It is measured up to the widest forward one request verifies,
+        or with ``max_batch`` requests per forward up to what they verify together (at most the widest
+        of :data:`CALIBRATION_SIZES`; wider forwards follow its last segment): past a dozen inputs a
+        CPU forward turns from bound by reading the weights to bound by arithmetic, and a curve that
+        stopped before the turn would price a batch's wide forwards too low."""
         from restspec.decode.backends import ModelForward
         from restspec.models import dtype_name
 
@@ -583,7 +588,7 @@ class AdaptiveBudget:
             name,
             dtype,
             probe,
-            max_width=max_budget + 1,
+            max_width=min(max_batch * (max_budget + 1), max(max_budget + 1, CALIBRATION_SIZES[-1])),
             recalibrate=recalibrate,
             backend=backend.name,
             device=str(backend.device),

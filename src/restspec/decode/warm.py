@@ -30,10 +30,11 @@ from restspec.draft.base import Drafter, Learner, Step
 if TYPE_CHECKING:
     from restspec.decode.generate import SpeculativeGenerator
 
-WARM_START_VERSION = 4
+WARM_START_VERSION = 5
 """Bump when what is learned or how changes, so cached warm starts are learned again (2: the
 learners' state dicts; 3: the budget policy's state without the machine's step costs; 4: the weight
-correction moved from the budget policy into the drafter)."""
+correction moved from the budget policy into the drafter; 5: token recycling keeps pair rows and
+agreement rates)."""
 WARM_CONVERSATIONS = 32
 """Conversations the model writes for a warm start."""
 QUESTION_TOKENS = 48
