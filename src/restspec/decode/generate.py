@@ -267,31 +267,84 @@ class SpeculativeGenerator:
         )
 
     # ---- the loop thread -----------------------------------------------------------------------
-    def _submit(self, req: _Request) -> None:
+    def _submit(self, req: _Request) -> bool:
+        """Queue ``req``; True when no loop runs: the caller's thread is to drive it (:meth:`_drive`)."""
         with self._lock:
             self._waiting.append(req)
             if self._looping:
-                return
+                return False
             self._looping = True
-        threading.Thread(target=self._loop, name="restspec-generate", daemon=True).start()
+            return True
 
-    def _loop(self) -> None:
-        """Admit waiting requests up to ``max_batch``, step the batch, until no request is left."""
+    def _drive(self, own: _Request) -> Iterator[StreamChunk]:
+        """Run the loop on the caller's thread while its own request ``own`` lasts, yielding its chunks
+        between steps; requests still running then go on on a loop thread.
+
+        Why the caller's thread: GNU OpenMP (torch's CPU threads) keeps a pool of worker threads per
+        thread that ever ran parallel work, and once a process holds more of them than it has cores,
+        every pool spins only briefly before sleeping. The caller's thread (which loaded and
+        calibrated the model) already has a pool, so forwards on a thread of their own ran about 1.6
+        times slower on a 2-core machine."""
         active: list[_Request] = []
+        owner = True  # this thread runs the loop (until it stops or is handed over)
         try:
-            with torch.inference_mode():
-                while True:
-                    with self._lock:
-                        joining = []
-                        while self._waiting and len(active) + len(joining) < self.max_batch:
-                            joining.append(self._waiting.popleft())
-                        if not active and not joining:
-                            self._looping = False
-                            return
-                    for req in joining:
-                        if self._guard(req, self._admit, req):
-                            active.append(req)
-                    active = self._step(active)
+            while not own.done.is_set():
+                try:
+                    with torch.inference_mode():
+                        next_active = self._iteration(active)
+                except BaseException:
+                    owner = False  # the loop stopped and failed every request it held
+                    raise
+                if next_active is None:
+                    owner = False
+                    break
+                active = next_active
+                yield from self._chunks_of(own)
+        finally:
+            own.cancelled = True
+            if owner:
+                self._hand_over(active)
+            own.done.wait()
+        yield from self._chunks_of(own)
+
+    @staticmethod
+    def _chunks_of(req: _Request) -> Iterator[StreamChunk]:
+        """What ``req``'s outbox holds now (an error is raised)."""
+        while not req.outbox.empty():
+            item = req.outbox.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _hand_over(self, active: list[_Request]) -> None:
+        """The driving caller leaves: the ``active`` requests and those waiting go on on a loop thread."""
+        with self._lock:
+            if not active and not self._waiting:
+                self._looping = False
+                return
+        threading.Thread(target=self._loop, args=(active,), name="restspec-generate", daemon=True).start()
+
+    def _loop(self, active: list[_Request]) -> None:
+        """Step ``active`` and admit waiting requests until no request is left (a loop thread)."""
+        with torch.inference_mode():
+            while active is not None:
+                active = self._iteration(active)  # type: ignore[assignment]
+
+    def _iteration(self, active: list[_Request]) -> list[_Request] | None:
+        """Admit waiting requests up to ``max_batch``, step the batch; the requests still active, or
+        None (the loop stops) when no request is left."""
+        try:
+            with self._lock:
+                joining = []
+                while self._waiting and len(active) + len(joining) < self.max_batch:
+                    joining.append(self._waiting.popleft())
+                if not active and not joining:
+                    self._looping = False
+                    return None
+            for req in joining:
+                if self._guard(req, self._admit, req):
+                    active.append(req)
+            return self._step(active)
         except BaseException as error:  # pragma: no cover - a bug in the loop itself: no request hangs
             with self._lock:
                 self._looping = False
@@ -551,7 +604,9 @@ class SpeculativeGenerator:
         config = config or GenerationConfig()
         prompt_ids = self.encode(prompt, chat)
         req = self._start(prompt_ids, config, self.drafter if drafter is None else drafter)
-        self._submit(req)
+        if self._submit(req):
+            yield from self._drive(req)
+            return
         try:
             while True:
                 item = req.outbox.get()
