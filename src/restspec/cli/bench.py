@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -172,7 +172,6 @@ def bench(
     engine = bench_engine(model, datastore, device, dtype_name, drafting, warm_start, recalibrate)
     load_s = time.perf_counter() - t0
     ctx = MethodContext(engine)
-    warm = engine.warm
     if warmup:
         with ConsoleProgress(err).phase("Warming up"):
             warm_up(build_methods(names, ctx), engine.tokenizer)
@@ -183,18 +182,8 @@ def bench(
         f"{dtype_name} on {engine.device} ({engine.backend.name} forward), engine ready in {load_s:.0f} s"
     )
     run_config = {
-        "workload": workload,
-        "limit": limit,
-        "per_category": per_category,
-        "model": engine.name,
-        "dtype": dtype_name,
-        "datastores": [str(ds.path) for ds in engine.datastores],
-        "device": str(engine.device),
-        "backend": engine.backend.name,
-        "items": len(items),
+        **run_settings(engine, ctx, workload, limit, per_category, dtype_name, len(items)),
         "turns": turns,
-        "latency_curve": None if ctx.latency_curve is None else ctx.latency_curve.to_json(),
-        "warm_start": None if warm is None else warm.summary(),
     }
 
     def record_setup(partial: BenchRun) -> None:
@@ -283,6 +272,25 @@ def bench_engine(
         recalibrate=recalibrate,
         progress=ConsoleProgress(stderr_console()),
     )
+
+
+def run_settings(
+    engine: Engine, ctx: Any, workload: str, limit: int | None, per_category: bool, dtype: str, items: int
+) -> dict[str, Any]:
+    """What a benchmark run's JSON records about its setup (``ctx``: its ``MethodContext``)."""
+    return {
+        "workload": workload,
+        "limit": limit,
+        "per_category": per_category,
+        "model": engine.name,
+        "dtype": dtype,
+        "datastores": [str(ds.path) for ds in engine.datastores],
+        "device": str(engine.device),
+        "backend": engine.backend.name,
+        "items": items,
+        "latency_curve": None if ctx.latency_curve is None else ctx.latency_curve.to_json(),
+        "warm_start": None if engine.warm is None else engine.warm.summary(),
+    }
 
 
 @app.command("compare")

@@ -21,6 +21,7 @@ from restspec.cli.bench import (
     WorkloadOption,
     bench_engine,
     check_run_options,
+    run_settings,
 )
 from restspec.cli.common import (
     AUTO_DEVICE,
@@ -154,17 +155,7 @@ def load(
         )
     run.machine = machine
     run.config = {
-        "workload": workload,
-        "limit": limit,
-        "per_category": per_category,
-        "model": engine.name,
-        "dtype": dtype_name,
-        "datastores": [str(ds.path) for ds in engine.datastores],
-        "device": str(engine.device),
-        "backend": engine.backend.name,
-        "items": len(items),
-        "latency_curve": None if ctx.latency_curve is None else ctx.latency_curve.to_json(),
-        "warm_start": None if engine.warm is None else engine.warm.summary(),
+        **run_settings(engine, ctx, workload, limit, per_category, dtype_name, len(items)),
         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     figures = summarize_load(run)
