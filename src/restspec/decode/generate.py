@@ -138,10 +138,6 @@ class _Request:
     cancelled: bool = False  # set by the caller who stopped reading
 
     @property
-    def n_new(self) -> int:
-        return self.length - len(self.prompt)
-
-    @property
     def prefilling(self) -> bool:
         return self.prefilled < len(self.prompt) - 1
 

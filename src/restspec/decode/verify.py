@@ -214,7 +214,8 @@ class Segment:
 def tree_segment(
     backend: ForwardBackend, cache: DynamicCache, root_token: int, tree: DraftTree, past_len: int
 ) -> Segment:
-    """``[root_token] + tree`` on top of ``cache`` (``past_len`` tokens), as :func:`forward_tree` does."""
+    """``[root_token] + tree`` on top of ``cache`` (``past_len`` tokens), the inputs :func:`forward_tree`
+    scores."""
     input_ids, position_ids, mask = tree_inputs(root_token, tree, past_len, backend.layout, backend.device)
     return Segment(cache, input_ids, position_ids, mask, logits=True)
 
@@ -246,8 +247,8 @@ def forward_tree(
     Returns the raw logits (n+1, V) in the model's dtype, on its device; row r scores the token after
     input r on its tree path. The cache grows by n+1 rows: call :func:`compact_cache` after acceptance.
     """
-    input_ids, position_ids, mask = tree_inputs(root_token, tree, past_len, backend.layout, backend.device)
-    return backend(cache, input_ids, position_ids, mask)
+    seg = tree_segment(backend, cache, root_token, tree, past_len)
+    return backend(seg.cache, seg.input_ids, seg.position_ids, seg.mask)
 
 
 @torch.inference_mode()
