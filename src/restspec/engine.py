@@ -98,6 +98,11 @@ class Engine:
         self.max_batch = max_batch
         """Concurrent ``generate`` / ``stream`` calls verified together in one forward (more wait)."""
         self.generator = self.variant(drafter, policy)
+        from restspec.decode.threads import release_openmp_pool
+
+        # the forwards run on the generator's loop thread: the thread that loaded and measured the
+        # model gives back its OpenMP workers, which would otherwise slow every forward there
+        release_openmp_pool()
 
     @classmethod
     def from_pretrained(

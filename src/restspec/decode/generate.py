@@ -28,6 +28,7 @@ from restspec.decode.backends import ForwardBackend, ModelForward
 from restspec.decode.budget import BudgetPolicy, FixedBudget
 from restspec.decode.config import GenerationConfig
 from restspec.decode.text import IncrementalDecoder, StopStringMatcher
+from restspec.decode.threads import release_openmp_pool
 from restspec.decode.verify import (
     ModelLayout,
     compact_cache,
@@ -263,68 +264,29 @@ class SpeculativeGenerator:
         )
 
     # ---- the loop thread -----------------------------------------------------------------------
-    def _submit(self, req: _Request) -> bool:
-        """Queue ``req``; True when no loop runs: the caller's thread is to drive it (:meth:`_drive`)."""
+    def _submit(self, req: _Request) -> None:
+        """Queue ``req``; start the loop thread unless one runs. The caller's thread only waits from
+        now on, so it gives back its OpenMP workers (:mod:`restspec.decode.threads`): the forwards
+        run at full speed on the loop thread only when no other thread holds a pool.
+
+        The loop thread is no daemon: a process that exits first lets the requests under way finish
+        (each within its ``max_new_tokens``), and the thread's OpenMP workers end before the
+        interpreter does (a daemon loop thread that was still ending at exit made the C++ runtime
+        abort: "terminate called without an active exception")."""
+        release_openmp_pool()
         with self._lock:
             self._waiting.append(req)
             if self._looping:
-                return False
-            self._looping = True
-            return True
-
-    def _drive(self, own: _Request) -> Iterator[StreamChunk]:
-        """Run the loop on the caller's thread while its own request ``own`` lasts, yielding its chunks
-        between steps; requests still running then go on on a loop thread.
-
-        Why the caller's thread: GNU OpenMP (torch's CPU threads) keeps a pool of worker threads per
-        thread that ever ran parallel work, and once a process holds more of them than it has cores,
-        every pool spins only briefly before sleeping. The caller's thread (which loaded and
-        calibrated the model) already has a pool, so forwards on a thread of their own ran about 1.6
-        times slower on a 2-core machine."""
-        active: list[_Request] = []
-        owner = True  # this thread runs the loop (until it stops or is handed over)
-        try:
-            while not own.done.is_set():
-                try:
-                    with torch.inference_mode():
-                        next_active = self._iteration(active)
-                except BaseException:
-                    owner = False  # the loop stopped and failed every request it held
-                    raise
-                if next_active is None:
-                    owner = False
-                    break
-                active = next_active
-                yield from self._chunks_of(own)
-        finally:
-            own.cancelled = True
-            if owner:
-                self._hand_over(active)
-            own.done.wait()
-        yield from self._chunks_of(own)
-
-    @staticmethod
-    def _chunks_of(req: _Request) -> Iterator[StreamChunk]:
-        """What ``req``'s outbox holds now (an error is raised)."""
-        while not req.outbox.empty():
-            item = req.outbox.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def _hand_over(self, active: list[_Request]) -> None:
-        """The driving caller leaves: the ``active`` requests and those waiting go on on a loop thread."""
-        with self._lock:
-            if not active and not self._waiting:
-                self._looping = False
                 return
-        threading.Thread(target=self._loop, args=(active,), name="restspec-generate", daemon=True).start()
+            self._looping = True
+        threading.Thread(target=self._loop, name="restspec-generate").start()
 
-    def _loop(self, active: list[_Request]) -> None:
-        """Step ``active`` and admit waiting requests until no request is left (a loop thread)."""
+    def _loop(self) -> None:
+        """Admit waiting requests and step them until no request is left (the loop thread)."""
+        active: list[_Request] | None = []
         with torch.inference_mode():
             while active is not None:
-                active = self._iteration(active)  # type: ignore[assignment]
+                active = self._iteration(active)
 
     def _iteration(self, active: list[_Request]) -> list[_Request] | None:
         """Admit waiting requests up to ``max_batch``, step the batch; the requests still active, or
@@ -600,9 +562,7 @@ class SpeculativeGenerator:
         config = config or GenerationConfig()
         prompt_ids = self.encode(prompt, chat)
         req = self._start(prompt_ids, config, self.drafter if drafter is None else drafter)
-        if self._submit(req):
-            yield from self._drive(req)
-            return
+        self._submit(req)
         try:
             while True:
                 item = req.outbox.get()

@@ -1,0 +1,57 @@
+"""Which thread runs torch's parallel work, and giving back the OpenMP workers of one that is done.
+
+torch's CPU builds for Linux use GNU OpenMP, which keeps a pool of worker threads per thread that
+ever ran parallel work. Once a process holds more such workers than it has cores, *every* pool spins
+only briefly before sleeping (libgomp's "throttled" spin), and each small operation of a forward then
+pays for waking its workers: on a 2-core machine a one-input forward of the embedded model took
+34 ms on the thread that loaded it and 56 ms on a second thread while the first still held its pool.
+
+restspec's forwards run on the generator's loop thread; a thread that is done with torch (the one
+that loaded the model, a caller waiting for its tokens) gives its pool back with
+:func:`release_openmp_pool` (OpenMP 5's ``omp_pause_resource_all``, which frees the calling thread's
+pool; libgomp makes a new one when that thread runs parallel work again). Measured on the same
+machine: 34 ms on the second thread once the first gave its pool back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from pathlib import Path
+
+OMP_PAUSE_SOFT = 1
+"""``omp_pause_soft``: free the threads, keep what the runtime needs to start them again."""
+
+_libgomp: ctypes.CDLL | None = None
+
+
+def _gnu_openmp() -> ctypes.CDLL | None:
+    """The GNU OpenMP runtime this process loaded (torch's), or None (not Linux, not loaded yet, or
+    another OpenMP runtime, whose pools do not throttle each other this way)."""
+    global _libgomp
+    if _libgomp is not None or not sys.platform.startswith("linux"):
+        return _libgomp
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = sorted({line.split()[-1] for line in maps.splitlines() if "/libgomp" in line})
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        if hasattr(lib, "omp_pause_resource_all"):
+            lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+            lib.omp_pause_resource_all.restype = ctypes.c_int
+            _libgomp = lib
+            break
+    return _libgomp
+
+
+def release_openmp_pool() -> bool:
+    """Give back the calling thread's OpenMP worker threads (if it has any); True when GNU OpenMP
+    freed them. Call it on a thread that is done with torch for now: the next parallel operation on
+    it starts a new pool (a few threads, well under a millisecond)."""
+    lib = _gnu_openmp()
+    return lib is not None and lib.omp_pause_resource_all(OMP_PAUSE_SOFT) == 0
