@@ -16,8 +16,8 @@ import pytest
 from restspec.datastore import Datastore
 from restspec.datastore.fingerprint import tokenizer_fingerprint
 from restspec.integrations.vllm import CONFIG_ENV, proposer_stats
-from restspec.integrations.vllm_plugin import FIRST_VERSION, release
 from restspec.models import load_tokenizer
+from restspec_vllm_plugin import FIRST_VERSION, release
 
 vllm = pytest.importorskip(
     "vllm", reason="vLLM is not installed: build its test environment with .ci/vllm-env"

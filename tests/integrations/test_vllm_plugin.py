@@ -5,18 +5,30 @@ runs anywhere; test_vllm_v034.py registers through vLLM 0.34's own plugin loader
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 from types import ModuleType
 
 import pytest
 
-from restspec.integrations.vllm_plugin import register, release
+from restspec_vllm_plugin import register, release
 
 
 def fake_vllm(version: str) -> ModuleType:
     module = ModuleType("vllm")
     module.__version__ = version
     return module
+
+
+def test_loading_the_plugin_imports_neither_restspec_nor_numba():
+    # vLLM loads it in every process before a worker starts; vLLM 0.32's CPU worker fails to start
+    # with llvmlite (numba's) loaded, and every process would pay restspec's imports
+    code = (
+        "import sys, restspec_vllm_plugin; restspec_vllm_plugin.register(); "
+        "print(sorted(m for m in ('restspec', 'numba', 'llvmlite') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_release_reads_major_and_minor():
@@ -27,7 +39,7 @@ def test_release_reads_major_and_minor():
 
 
 def test_register_without_vllm_or_with_an_older_one_registers_nothing(monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="restspec.integrations.vllm_plugin")
+    caplog.set_level(logging.INFO, logger="restspec_vllm_plugin")
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     assert register() is False
     assert "vLLM is not installed" in caplog.text

@@ -22,7 +22,7 @@ import torch
 from restspec.datastore import Datastore
 from restspec.datastore.fingerprint import tokenizer_fingerprint
 from restspec.integrations.vllm import ProposerConfigError
-from restspec.integrations.vllm_plugin import METHOD
+from restspec_vllm_plugin import METHOD
 
 pytest.importorskip("vllm", reason="vLLM is not installed: build its 0.34 environment with .ci/vllm034-env")
 speculator_config = pytest.importorskip(
@@ -53,7 +53,7 @@ def registered(vllm_on_cpu):
     from vllm.plugins import load_general_plugins
 
     plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert plugins.get("restspec") == "restspec.integrations.vllm_plugin:register", (
+    assert plugins.get("restspec") == "restspec_vllm_plugin:register", (
         "restspec's entry point is not installed here: install restspec into this environment "
         "(.ci/vllm034-env does)"
     )

@@ -1,7 +1,7 @@
 """restspec's drafter inside vLLM: the drafting any vLLM interface can call (:class:`BatchDrafting`,
 :class:`ProposerConfig`) and the proposer of vLLM 0.32.x and 0.33.x (``custom_class``). vLLM 0.34+
 calls :class:`~restspec.integrations.vllm_speculator.RestspecSpeculator` instead (``"method":
-"restspec"``, registered by the entry point :mod:`restspec.integrations.vllm_plugin`).
+"restspec"``, registered by the entry point :mod:`restspec_vllm_plugin`).
 
 Use on 0.32/0.33::
 

@@ -8,7 +8,7 @@ Use::
 
 (``speculator_options``: the fields of :class:`~restspec.integrations.vllm.ProposerConfig`; without
 it, the file ``RESTSPEC_VLLM_CONFIG`` names). The ``vllm.general_plugins`` entry point
-(:mod:`restspec.integrations.vllm_plugin`) registers the method in every vLLM process.
+(:mod:`restspec_vllm_plugin`) registers the method in every vLLM process.
 
 vLLM builds ``RestspecSpeculator(vllm_config, device, req_states)`` in each worker and calls
 

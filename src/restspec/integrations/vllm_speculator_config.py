@@ -1,5 +1,5 @@
 """vLLM 0.34+'s config of the speculative method ``"restspec"`` (registered by
-:mod:`restspec.integrations.vllm_plugin`).
+:mod:`restspec_vllm_plugin`).
 
 vLLM reads it in every process that builds a speculative config, so, as vLLM asks of such modules,
 it imports no speculator: vLLM builds :class:`~restspec.integrations.vllm_speculator.RestspecSpeculator`

@@ -1,11 +1,14 @@
 """The ``vllm.general_plugins`` entry point: registers restspec's drafter as vLLM's speculative method
 ``"restspec"`` (vLLM 0.34+, :mod:`restspec.integrations.vllm_speculator`).
 
-vLLM calls :func:`register` in every process it starts, and stops if it raises. On vLLM 0.32/0.33,
-which have no method registry (restspec drafts there as ``custom_class``,
-:mod:`restspec.integrations.vllm`), it only logs why (at INFO, on the logger of this module) and
-imports nothing of vLLM. It imports nothing heavy on 0.34 either: the method's config is registered
-by name, and vLLM imports it only when a speculative config names ``"restspec"``."""
+vLLM calls :func:`register` in every process it starts, before the worker sets up, and stops if it
+raises. So this is a module of its own outside the ``restspec`` package, and imports nothing of
+restspec: importing ``restspec`` imports numba and llvmlite, and on vLLM 0.32's CPU backend a worker
+that has llvmlite loaded when it starts fails (0.32's Triton-kernel override scan trips over
+llvmlite's ``ffi.lib``; fixed in 0.34). On vLLM 0.32/0.33, which have no method registry (restspec
+drafts there as ``custom_class``, :mod:`restspec.integrations.vllm`), it only logs why (at INFO, on
+this module's logger) and imports nothing of vLLM. On 0.34 the method's config is registered by
+name, and vLLM imports it only when a speculative config names ``"restspec"``."""
 
 from __future__ import annotations
 
