@@ -1,6 +1,9 @@
-"""restspec's drafter as a vLLM speculative method (vLLM 0.32.x and 0.33.x, ``custom_class``).
+"""restspec's drafter inside vLLM: the drafting any vLLM interface can call (:class:`BatchDrafting`,
+:class:`ProposerConfig`) and the proposer of vLLM 0.32.x and 0.33.x (``custom_class``). vLLM 0.34+
+calls :class:`~restspec.integrations.vllm_speculator.RestspecSpeculator` instead (``"method":
+"restspec"``, registered by the entry point :mod:`restspec_vllm_plugin`).
 
-Use::
+Use on 0.32/0.33::
 
     LLM(model=..., speculative_config={"method": "custom_class",
         "model": "restspec.integrations.vllm.RestspecProposer", "num_speculative_tokens": 8})
@@ -19,15 +22,16 @@ known request when its first tokens, its length before this step's tokens and it
 them are the request's. A known request that no row continues has finished (or was preempted): its
 output joins the past outputs that every later request drafts from.
 
-Per request and step: the merged tree of restspec's sources (datastores, the request's own context,
-past outputs; see :func:`restspec.draft.default_drafter`, minus token recycling, which needs logits
-that vLLM does not hand out) under per-request calibration, and its most probable path
-(:func:`best_path`). The path's probabilities are calibrated once more by what vLLM accepted of all
-requests' chains (:class:`~restspec.draft.merge.WeightCalibration`), and cut to lengths chosen for
-the whole batch (:func:`~restspec.integrations.step_cost.chain_lengths`) by the cost of vLLM's step,
-learned from the wall time between two ``propose`` calls
-(:class:`~restspec.integrations.step_cost.StepCost`): drafts shrink as the batch grows, down to none,
-and when no draft could pay, the drafting itself is skipped.
+Per request and step (:class:`BatchDrafting`, shared with the 0.34 speculator): the merged tree of
+restspec's sources (datastores, the request's own context, past outputs; see
+:func:`restspec.draft.default_drafter`, minus token recycling, which needs logits that vLLM does not
+hand out) under per-request calibration, and its most probable path (:func:`best_path`). The path's
+probabilities are calibrated once more by what vLLM accepted of all requests' chains
+(:class:`~restspec.draft.merge.WeightCalibration`). Here they are cut to lengths chosen for the whole
+batch (:func:`~restspec.integrations.step_cost.chain_lengths`) by the cost of vLLM's step, learned
+from the wall time between two ``propose`` calls (:class:`~restspec.integrations.step_cost.StepCost`):
+drafts shrink as the batch grows, down to none, and when no draft could pay, the drafting itself is
+skipped.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -110,12 +114,16 @@ class ProposerConfig:
                 data = json.loads(text)
         except ValueError as exc:
             raise ProposerConfigError(f"the proposer config {str(path)!r} does not parse: {exc}") from exc
+        return cls.from_mapping(data, f"the proposer config {str(path)!r}")
+
+    @classmethod
+    def from_mapping(cls, data: Any, origin: str) -> ProposerConfig:
+        """A dict whose keys are this class's fields; ``origin`` names it in errors (a file, or vLLM
+        0.34's ``speculator_options``)."""
         known = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
-            extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
-            raise ProposerConfigError(
-                f"the proposer config {str(path)!r} has unknown keys {extra}; known: {sorted(known)}"
-            )
+        if not isinstance(data, Mapping) or set(data) - known:
+            extra = sorted(set(data) - known) if isinstance(data, Mapping) else type(data).__name__
+            raise ProposerConfigError(f"{origin} has unknown keys {extra}; known: {sorted(known)}")
         return cls(**data)
 
     @classmethod
@@ -144,6 +152,13 @@ def row_key(row: np.ndarray, length: int) -> tuple[bytes, int, int]:
     """What identifies the request in a batch row of ``length`` tokens: its first tokens, the length
     and the last token."""
     return row[: min(ROW_KEY_TOKENS, length)].tobytes(), length, int(row[length - 1])
+
+
+def frozen_tokens(tokens: np.ndarray) -> np.ndarray:
+    """A read-only int32 copy of ``tokens`` (vLLM's own arrays change under a drafter that keeps them)."""
+    copy = np.array(tokens, np.int32)
+    copy.setflags(write=False)
+    return copy
 
 
 def feed_step(
@@ -180,11 +195,9 @@ class SharedSource(StatelessDrafter):
 
 @dataclass
 class Request:
-    """What the proposer holds about one live request (bounded by vLLM's max model length)."""
+    """What the drafting holds about one live request (bounded by vLLM's max model length)."""
 
     drafter: MergedDrafter
-    key: tuple[bytes, int, int]
-    """:func:`row_key` of the request's row as last seen."""
     output: list[np.ndarray] = field(default_factory=list)
     """Tokens vLLM added since the request was first seen (its output, when first seen after prefill)."""
     chain: DraftTree = field(default_factory=DraftTree.empty)
@@ -193,23 +206,138 @@ class Request:
     """The merged tree ``chain`` was cut from (its sources calibrate the drafter)."""
 
 
+@dataclass(frozen=True)
+class PathProposal:
+    """One request's draft for a step before its length is chosen."""
+
+    tree: DraftTree
+    """The merged tree of the request's sources."""
+    tokens: np.ndarray
+    """int32[d]: the tree's most probable path (:func:`best_path`)."""
+    weights: np.ndarray
+    """float64[d]: the tree's probabilities along the path."""
+    accept: np.ndarray
+    """float64[d]: calibrated probability that vLLM accepts the path up to each depth (non-increasing)."""
+
+
 @dataclass
 class ProposerStats:
-    """Counters since the proposer was built."""
+    """Counters since the drafting was built (or, on vLLM 0.34+, since its warm-up)."""
 
     steps: int = 0
     requests_started: int = 0
     requests_finished: int = 0
     steps_not_drafted: int = 0
-    """Steps on which no draft could pay for its verification, so nothing was drafted."""
+    """Steps on which nothing was drafted (0.32/0.33: no draft could pay for its verification; 0.34+:
+    vLLM scheduled no draft tokens)."""
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     propose_seconds: float = 0.0
     """Wall time spent inside ``propose`` (bookkeeping, learning and drafting)."""
     step_cost: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    """The learned cost of vLLM's step: (fixed, per row, per draft token) seconds."""
+    """The learned cost of vLLM's step: (fixed, per row, per draft token) seconds (0.32/0.33)."""
     source_matches: dict[str, int] = field(default_factory=dict)
     """Proposals in which a source ("datastore", "context", "history") found a match."""
+
+
+class BatchDrafting:
+    """restspec's drafting for the requests of vLLM's batch, whichever vLLM interface calls it.
+
+    Shared sources (datastores, context lookup, past outputs), one merged drafter per live request
+    (:meth:`start` / :meth:`finish`), learning from what vLLM verified (:meth:`verified`), and each
+    request's most probable path with calibrated acceptance probabilities (:meth:`propose`), of which
+    the caller keeps a prefix (:meth:`commit`). How long a prefix is the caller's choice: vLLM 0.32
+    verifies exactly the chain it is given, 0.34 a fixed width per step."""
+
+    def __init__(
+        self, config: ProposerConfig, num_speculative_tokens: int, max_model_len: int, model_tokenizer: str
+    ) -> None:
+        self.config = config
+        self.num_speculative_tokens = int(num_speculative_tokens)
+        self.max_model_len = int(max_model_len)
+        self.datastores = self._open_datastores(model_tokenizer)
+        self.reset()
+
+    def _open_datastores(self, model_tokenizer: str) -> list[Datastore]:
+        if not self.config.datastores:
+            return []
+        from restspec.models import load_tokenizer
+
+        tokenizer = load_tokenizer(self.config.tokenizer or model_tokenizer)
+        return [Datastore.open(path, tokenizer=tokenizer) for path in self.config.datastores]
+
+    def reset(self) -> None:
+        """Forget everything learned across requests (past outputs, calibration, counters); the
+        datastores stay open. Requests in flight must be finished first."""
+        self.stats = ProposerStats(source_matches={"datastore": 0, "context": 0, "history": 0})
+        self.history = HistoryDrafter(max_tokens=self.config.history_tokens)
+        self._sources: list[tuple[str, Any]] = [("context", ContextDrafter()), ("history", self.history)]
+        if self.datastores:
+            self._sources.insert(0, ("datastore", DatastoreDrafter(self.datastores)))
+        self.calibration = WeightCalibration()
+        """Path probability -> acceptance, learned from every request's verified chains."""
+
+    def start(self, context: np.ndarray) -> Request:
+        """A request vLLM has just decoded for the first time after ``context`` (int32[T])."""
+        views = [SharedSource(source, self.stats.source_matches, name) for name, source in self._sources]
+        scales = [DEFAULT_SCALES[name] for name, _ in self._sources]
+        # the default merge without its map per depth: a request's drafter would learn it afresh from
+        # one request's chains; the shared calibration here learns it from all of them
+        drafter = MergedDrafter(views, scales=scales, config=replace(DEFAULT_MERGE, correct=False))
+        drafter.start_request(np.array(context, np.int32))
+        self.stats.requests_started += 1
+        return Request(drafter)
+
+    def finish(self, request: Request) -> None:
+        """The request is over (finished, or preempted): its output joins the past outputs."""
+        request.drafter.stop_request()
+        if request.output:
+            self.history.add(np.concatenate(request.output))
+        self.stats.requests_finished += 1
+
+    def verified(
+        self, request: Request, context: np.ndarray, accepted: np.ndarray, verified: int | None = None
+    ) -> int:
+        """vLLM verified the first ``verified`` tokens of the request's pending chain (all of them when
+        None) after ``context`` (read-only int32[T] that nobody changes later, see
+        :func:`frozen_tokens`) and added ``accepted`` (accepted drafts + its own next token). Feeds the
+        request's drafter and the shared calibration; returns the chain tokens verified."""
+        chain = request.chain if verified is None else request.chain.truncate(verified)
+        accepted = np.asarray(accepted, np.int32)
+        hits = min(len(accepted) - 1, len(chain))
+        if len(chain):
+            if hits > 0 and np.array_equal(chain.tokens[:hits], accepted[:hits]):
+                self.stats.accepted_tokens += hits
+            self.calibration.observe(chain.weights, chain.depths, hits)
+        feed_step(request.drafter, context, chain, accepted, request.proposal)
+        request.output.append(accepted)
+        request.chain = DraftTree.empty()
+        request.proposal = None
+        return len(chain)
+
+    def surest(self) -> float:
+        """The calibrated acceptance of a first token the drafter is certain of (weight 1)."""
+        return float(self.calibration(np.ones(1), np.ones(1, np.int64))[0])
+
+    def propose(self, live: Sequence[tuple[Request, np.ndarray]]) -> list[PathProposal]:
+        """Each live request's path after its context (read-only int32[T]), from a merged tree
+        :data:`TREE_BUDGET_PER_TOKEN` times wider than ``num_speculative_tokens``."""
+        budget = self.num_speculative_tokens * TREE_BUDGET_PER_TOKEN
+        proposals = []
+        for request, context in live:
+            tree = request.drafter.propose(context, budget)
+            tokens, weights = best_path(tree)
+            accept = self.calibration(weights, np.arange(1, len(weights) + 1))
+            proposals.append(PathProposal(tree, tokens, weights, np.minimum.accumulate(accept)))
+        return proposals
+
+    def commit(self, request: Request, proposal: PathProposal, size: int) -> np.ndarray:
+        """The request drafts the first ``size`` tokens of its path this step; returns them (int32)."""
+        tokens = proposal.tokens[:size]
+        request.chain = DraftTree.chain(tokens, proposal.weights[:size])
+        request.proposal = proposal.tree
+        self.stats.drafted_tokens += len(tokens)
+        return tokens
 
 
 class RestspecProposer:
@@ -224,37 +352,26 @@ class RestspecProposer:
         self.config = config or ProposerConfig.from_env()
         self.clock = clock
         """Seconds, for the step times the cost is learned from (tests pass a fake one)."""
-        self.num_speculative_tokens = int(vllm_config.speculative_config.num_speculative_tokens)
-        self.max_model_len = int(vllm_config.model_config.max_model_len)
-        self.datastores = self._open_datastores(vllm_config)
-        self.stats = ProposerStats(source_matches={"datastore": 0, "context": 0, "history": 0})
-        self.history = HistoryDrafter(max_tokens=self.config.history_tokens)
-        self._sources: list[tuple[str, Any]] = [("context", ContextDrafter()), ("history", self.history)]
-        if self.datastores:
-            self._sources.insert(0, ("datastore", DatastoreDrafter(self.datastores)))
-        self._requests: dict[tuple[bytes, int, int], list[Request]] = {}
+        self.drafting = BatchDrafting(
+            self.config,
+            vllm_config.speculative_config.num_speculative_tokens,
+            vllm_config.model_config.max_model_len,
+            vllm_config.model_config.tokenizer,
+        )
+        self._requests: dict[tuple[bytes, int, int], list[Request]] = {}  # by row_key, as last seen
         self.step_cost = StepCost(self.config.knee_tokens)
-        self.calibration = WeightCalibration()
-        """Path probability -> acceptance, learned from every request's verified chains."""
         self._returned: float | None = None  # when the last propose returned
 
-    def _open_datastores(self, vllm_config: Any) -> list[Datastore]:
-        if not self.config.datastores:
-            return []
-        from restspec.models import load_tokenizer
+    @property
+    def stats(self) -> ProposerStats:
+        return self.drafting.stats
 
-        tokenizer = load_tokenizer(self.config.tokenizer or vllm_config.model_config.tokenizer)
-        return [Datastore.open(path, tokenizer=tokenizer) for path in self.config.datastores]
+    @property
+    def history(self) -> HistoryDrafter:
+        return self.drafting.history
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """vLLM hands over the target model; restspec drafts without it."""
-
-    def _new_drafter(self) -> MergedDrafter:
-        """A request's drafter: the default merge, without its map per depth (a request's drafter
-        would learn it afresh from one request's chains; chain lengths are priced here)."""
-        views = [SharedSource(source, self.stats.source_matches, name) for name, source in self._sources]
-        scales = [DEFAULT_SCALES[name] for name, _ in self._sources]
-        return MergedDrafter(views, scales=scales, config=replace(DEFAULT_MERGE, correct=False))
 
     def _take(self, key: tuple[bytes, int, int]) -> Request | None:
         waiting = self._requests.get(key)
@@ -264,12 +381,6 @@ class RestspecProposer:
         if not waiting:
             del self._requests[key]
         return request
-
-    def _finish(self, request: Request) -> None:
-        request.drafter.stop_request()
-        if request.output:
-            self.history.add(np.concatenate(request.output))
-        self.stats.requests_finished += 1
 
     def propose(
         self,
@@ -287,7 +398,7 @@ class RestspecProposer:
         self.stats.steps += 1
         live: list[tuple[int, Request, np.ndarray]] = []  # (row, request, context) of rows to draft for
         waiting: list[tuple[int, Request]] = []  # rows not decoded this step: their chain still stands
-        seen: list[Request] = []
+        seen: list[tuple[tuple[bytes, int, int], Request]] = []  # with each request's key as now seen
         decode_only = True  # the step decoded known requests only (no prefill): its time is a cost
         verified = 0  # draft tokens the step verified
         for i, sampled in enumerate(sampled_token_ids):
@@ -296,36 +407,31 @@ class RestspecProposer:
             if before < 1:
                 continue
             row = np.asarray(token_ids_cpu[i])
-            request = self._take(row_key(row, before))
+            key = row_key(row, before)
+            request = self._take(key)
             if request is None or not sampled:
                 decode_only = False
             if request is None and not sampled:
                 continue  # a prefill chunk: nothing decoded yet
             if request is None:
-                request = Request(self._new_drafter(), row_key(row, before))
-                request.drafter.start_request(np.array(row[:before], np.int32))
-                self.stats.requests_started += 1
-            seen.append(request)
+                request = self.drafting.start(row[:before])
             if not sampled:
+                seen.append((key, request))
                 waiting.append((i, request))
                 continue
             accepted = np.asarray(sampled, np.int32)
-            verified += len(request.chain)
-            self._learn(request, np.array(row[:before], np.int32), accepted)
-            request.output.append(accepted)
-            request.key = row_key(row, length)
-            if length < self.max_model_len:
-                context = np.array(row[:length], np.int32)
-                context.setflags(write=False)
-                live.append((i, request, context))
+            verified += self.drafting.verified(request, frozen_tokens(row[:before]), accepted)
+            seen.append((row_key(row, length), request))
+            if length < self.drafting.max_model_len:
+                live.append((i, request, frozen_tokens(row[:length])))
         if self.config.learn_step_cost and decode_only and seen and self._returned is not None:
             self.step_cost.observe(len(seen), verified, start - self._returned)
         for gone in self._requests.values():
             for request in gone:
-                self._finish(request)
+                self.drafting.finish(request)
         self._requests = {}
-        for request in seen:
-            self._requests.setdefault(request.key, []).append(request)
+        for key, request in seen:
+            self._requests.setdefault(key, []).append(request)
         drafts = self._draft(len(sampled_token_ids), live)
         for i, request in waiting:
             drafts[i] = request.chain.tokens.tolist()
@@ -333,19 +439,6 @@ class RestspecProposer:
         self.stats.propose_seconds += self._returned - start
         self.stats.step_cost = tuple(self.step_cost.coefficients.tolist())
         return drafts
-
-    def _learn(self, request: Request, context: np.ndarray, accepted: np.ndarray) -> None:
-        """Feed the verified step to the request's drafter; count the accepted draft tokens."""
-        chain = request.chain
-        hits = min(len(accepted) - 1, len(chain))
-        if len(chain):
-            if hits > 0 and np.array_equal(chain.tokens[:hits], accepted[:hits]):
-                self.stats.accepted_tokens += hits
-            self.calibration.observe(chain.weights, chain.depths, hits)
-        context.setflags(write=False)
-        feed_step(request.drafter, context, chain, accepted, request.proposal)
-        request.chain = DraftTree.empty()
-        request.proposal = None
 
     def _draft(self, rows: int, live: list[tuple[int, Request, np.ndarray]]) -> list[list[int]]:
         """Chains for the ``live`` rows: each request's best path, calibrated, cut to the lengths that
@@ -356,24 +449,17 @@ class RestspecProposer:
         if not live:
             return drafts
         base = self.step_cost.base_tokens(len(live))
-        surest = float(self.calibration(np.ones(1), np.ones(1, np.int64))[0])
-        if surest <= len(live) / base:
+        if self.drafting.surest() <= len(live) / base:
             self.stats.steps_not_drafted += 1
             return drafts
-        k = self.num_speculative_tokens
-        budget = k * TREE_BUDGET_PER_TOKEN
-        proposals = [request.drafter.propose(context, budget) for _, request, context in live]
-        paths = [best_path(tree) for tree in proposals]
-        calibrated = [
-            np.minimum.accumulate(self.calibration(probs, np.arange(1, len(probs) + 1))) for _, probs in paths
+        proposals = self.drafting.propose([(request, context) for _, request, context in live])
+        limits = [
+            min(self.drafting.num_speculative_tokens, self.drafting.max_model_len - len(context))
+            for _, _, context in live
         ]
-        limits = [min(k, self.max_model_len - len(context)) for _, _, context in live]
-        lengths = chain_lengths(calibrated, base, limits)
-        for (i, request, _), tree, (tokens, probs), size in zip(live, proposals, paths, lengths, strict=True):
-            request.chain = DraftTree.chain(tokens[:size], probs[:size])
-            request.proposal = tree
-            drafts[i] = tokens[:size].tolist()
-            self.stats.drafted_tokens += size
+        lengths = chain_lengths([p.accept for p in proposals], base, limits)
+        for (i, request, _), proposal, size in zip(live, proposals, lengths, strict=True):
+            drafts[i] = self.drafting.commit(request, proposal, size).tolist()
         return drafts
 
 
