@@ -117,12 +117,17 @@ class RecordingPolicy:
     def choose(self, tree: DraftTree, past_len: int) -> int:
         return self.choose_batch([tree], 1)[0]
 
-    def choose_batch(self, trees: Sequence[DraftTree], fixed_inputs: int | None = None) -> list[int]:
+    def choose_batch(
+        self, trees: Sequence[DraftTree], fixed_inputs: int | None = None, room: int | None = None
+    ) -> list[int]:
         """One request at a time is recorded (the overhead bench runs requests one by one)."""
-        chosen = self.inner.choose_batch(trees, fixed_inputs)
+        chosen = self.inner.choose_batch(trees, fixed_inputs, room)
         for tree, size in zip(trees, chosen, strict=True):
             self.events.append(("choose", fixed_inputs, np.array(tree.tokens[:size])))
         return chosen
+
+    def step_room(self, fixed_inputs: int) -> int | None:
+        return self.inner.step_room(fixed_inputs)
 
     def observe(self, step: Step) -> None:
         self.events.append(("observe_policy",))  # the step is the drafter's "observe" event before it

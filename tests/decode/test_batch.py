@@ -13,7 +13,7 @@ from conftest import ARCHS, VOCAB, IdTokenizer, OracleDrafter, plain_greedy, tin
 
 from restspec.decode import GenerationConfig, SpeculativeGenerator
 from restspec.decode.backends import backend_by_name
-from restspec.decode.budget import AdaptiveBudget, LatencyCurve
+from restspec.decode.budget import AdaptiveBudget, FixedBudget, LatencyCurve
 from restspec.decode.config import SamplingConfig
 from restspec.draft import ContextDrafter
 from restspec.draft.base import StatelessDrafter
@@ -209,3 +209,18 @@ def test_the_joint_budget_shrinks_speculation_as_the_batch_grows():
     strong = DraftTree.chain(list(range(8)), [0.95] * 8)
     sizes = policy.choose_batch([tree, strong] * 4)
     assert sizes[1] >= sizes[0]
+
+
+def test_a_batch_step_stays_within_the_step_time_the_policy_allows():
+    curve = LatencyCurve((1, 8, 16, 64), (0.010, 0.012, 0.016, 0.050))
+    policy = AdaptiveBudget(curve, max_budget=8, learn_costs=False)
+    # a lone request's longest step: 9 inputs, 12.5 ms; 1.5x that = 18.75 ms: 19 inputs (18.5 ms)
+    assert policy.step_room(1) == 18
+    assert policy.step_room(8) == 11
+    assert policy.step_room(30) == 0
+    sure = DraftTree.chain(list(range(8)), [0.99] * 8)
+    assert sum(policy.choose_batch([sure] * 8)) > 11  # sure nodes pay for themselves ...
+    sizes = policy.choose_batch([sure] * 8, 8, policy.step_room(8))
+    assert sum(sizes) == 11 and max(sizes) - min(sizes) <= 1  # ... but the step's bound comes first
+    assert FixedBudget(3).choose_batch([sure] * 4, 4, 5) == [2, 1, 1, 1]
+    assert FixedBudget(3).step_room(4) is None

@@ -195,8 +195,11 @@ class HalfBudget:
     def choose(self, tree, past_len):
         return 2
 
-    def choose_batch(self, trees, fixed_inputs=None):
+    def choose_batch(self, trees, fixed_inputs=None, room=None):
         return [2] * len(trees)
+
+    def step_room(self, fixed_inputs):
+        return None
 
     def observe(self, step):
         self.steps.append(step)

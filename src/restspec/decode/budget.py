@@ -38,10 +38,16 @@ class BudgetPolicy(Learner, Protocol):
         """How many of ``tree``'s first nodes to verify on top of a cache of ``past_len`` tokens, for
         a request verified alone."""
 
-    def choose_batch(self, trees: Sequence[DraftTree], fixed_inputs: int | None = None) -> list[int]:
+    def choose_batch(
+        self, trees: Sequence[DraftTree], fixed_inputs: int | None = None, room: int | None = None
+    ) -> list[int]:
         """How many of each tree's first nodes to verify when all of them share one forward with
         ``fixed_inputs`` inputs that are verified anyway (every request's root and any prefill rows;
-        default: one root per tree)."""
+        default: one root per tree); ``room``: at most this many nodes in all (None: no bound)."""
+
+    def step_room(self, fixed_inputs: int) -> int | None:
+        """How many inputs (draft nodes, prompt rows) a step whose forward verifies ``fixed_inputs``
+        anyway may add and stay within the step time the policy allows; None: no bound."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,17 @@ class FixedBudget:
     def choose(self, tree: DraftTree, past_len: int) -> int:
         return min(self.size, len(tree))
 
-    def choose_batch(self, trees: Sequence[DraftTree], fixed_inputs: int | None = None) -> list[int]:
-        return [min(self.size, len(tree)) for tree in trees]
+    def choose_batch(
+        self, trees: Sequence[DraftTree], fixed_inputs: int | None = None, room: int | None = None
+    ) -> list[int]:
+        sizes = [min(self.size, len(tree)) for tree in trees]
+        if room is None or sum(sizes) <= room:
+            return sizes
+        owner, _ = joint_order([np.ones(size) for size in sizes])  # round robin, in tree order
+        return np.bincount(owner[: max(room, 0)], minlength=len(trees)).tolist()
+
+    def step_room(self, fixed_inputs: int) -> int | None:
+        return None
 
     def observe(self, step: Step) -> None:
         return None
@@ -128,6 +143,16 @@ such as compiling a kernel on the first call, must not set a width's cost for hu
 STEP_REFIT_STEPS = 16
 """Rebuild the latency table from observed steps every this many steps."""
 TABLE_WIDTH = 64
+"""Widths the latency table covers at first; it grows (along the calibrated curve) as batches of
+several requests verify wider forwards."""
+MAX_TABLE_WIDTH = 4096
+"""Widest forward the latency table extends to when it looks for :meth:`AdaptiveBudget.step_room`."""
+STEP_LATENCY_FACTOR = 1.5
+"""A step shared by several requests takes at most this multiple of the longest step one request
+takes alone (a root and :attr:`AdaptiveBudget.max_budget` nodes, at the latency the policy has
+measured): drafts and prompt chunks beyond it wait for later steps. A request's time between tokens
+under load then stays within twice what it sees alone, with room for the batch's drafting and the
+machine's noise."""
 """Widths the latency table covers at first; it grows (along the calibrated curve) as batches of
 several requests verify wider forwards."""
 
@@ -533,19 +558,34 @@ class AdaptiveBudget:
             return 0
         return best_budget(tree.weights[:limit], self._table, limit, rate=self.rate)
 
-    def choose_batch(self, trees: Sequence[DraftTree], fixed_inputs: int | None = None) -> list[int]:
+    def choose_batch(
+        self, trees: Sequence[DraftTree], fixed_inputs: int | None = None, room: int | None = None
+    ) -> list[int]:
         """Every request's tree size at once: the nodes of all trees ranked by probability
-        (:func:`joint_order`), as many taken as pay for their share of the forward at the achieved
-        rate (:func:`best_extra`). The more requests share the step, the higher that rate and the
-        fewer nodes pay: speculation shrinks as the batch grows, down to none."""
+        (:func:`joint_order`), as many taken (at most ``room``) as pay for their share of the forward
+        at the achieved rate (:func:`best_extra`). The more requests share the step, the higher that
+        rate and the fewer nodes pay: speculation shrinks as the batch grows, down to none."""
         fixed = len(trees) if fixed_inputs is None else int(fixed_inputs)
         limits = [min(self._max_budget, len(tree)) for tree in trees]
-        if sum(limits) == 0:
+        if sum(limits) == 0 or (room is not None and room <= 0):
             return [0] * len(trees)
         owner, probs = joint_order([t.weights[:c] for t, c in zip(trees, limits, strict=True)])
+        if room is not None:
+            owner, probs = owner[:room], probs[:room]
         self._grow(fixed + len(probs))
         k = best_extra(probs, self._table, fixed, self.rate)
         return np.bincount(owner[:k], minlength=len(trees)).tolist()
+
+    def step_room(self, fixed_inputs: int) -> int:
+        """Inputs a step over ``fixed_inputs`` may add and take at most :data:`STEP_LATENCY_FACTOR`
+        times the longest step of a lone request (by the latency table, which follows what steps
+        measured)."""
+        lone = float(self._table[min(self._max_budget + 1, len(self._table) - 1)])
+        limit = STEP_LATENCY_FACTOR * lone
+        while self._table[-1] <= limit and len(self._table) < MAX_TABLE_WIDTH:
+            self._grow(len(self._table))
+        widest = int(np.searchsorted(self._table, limit, side="right")) - 1  # table is non-decreasing
+        return max(widest - int(fixed_inputs), 0)
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing: what the policy learns is what this machine's steps cost and the rate they

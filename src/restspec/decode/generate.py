@@ -370,7 +370,9 @@ class SpeculativeGenerator:
         self, decoding: list[_Request], joining: Sequence[_Request], room: int | None
     ) -> list[_Request]:
         """Draft for ``decoding``, verify their trees and the next prompt chunks of ``joining`` (at
-        most ``room`` rows in all, first come first served; None: whole) in one forward, accept."""
+        most ``room`` rows in all, first come first served; None: whole) in one forward, accept.
+        The policy's :meth:`~restspec.decode.budget.BudgetPolicy.step_room` bounds the rows and nodes
+        a step adds to its roots, so that a batch's steps stay short enough for its requests' streams."""
         t0 = time.perf_counter()
         budget = self.policy.max_budget
         proposals: dict[int, DraftTree] = {}
@@ -381,10 +383,16 @@ class SpeculativeGenerator:
                 proposals.setdefault(req.id, DraftTree.empty())
             draft_s[req.id] = time.perf_counter() - start
         decoding = [req for req in decoding if req.id in proposals]
-        chunks = self._chunks(joining, room)
         t1 = time.perf_counter()
-        fixed = len(decoding) + sum(len(tokens) for _, tokens in chunks)
-        sizes = self.policy.choose_batch([proposals[req.id] for req in decoding], fixed)
+        # the step's time bound: prompt chunks first (a joining prompt always advances), then drafts
+        step_room = self.policy.step_room(len(decoding))
+        if room is not None and step_room is not None:
+            room = max(1, min(room, step_room))
+        chunks = self._chunks(joining, room)
+        rows = sum(len(tokens) for _, tokens in chunks)
+        node_room = None if step_room is None else max(step_room - rows, 0)
+        trees_in = [proposals[req.id] for req in decoding]
+        sizes = self.policy.choose_batch(trees_in, len(decoding) + rows, node_room)
         trees: dict[int, DraftTree] = {}
         for req, size in zip(decoding, sizes, strict=True):
             # tokens this step may still emit: accepted path + 1
