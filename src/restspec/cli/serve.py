@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -385,7 +386,14 @@ def serve(
             timeout_graceful_shutdown=shutdown_grace + SHUTDOWN_MARGIN_S,
         )
         server = _draining_server_class()(uvicorn_config, server_app.state.lifecycle, shutdown_grace)
-        server.run(sockets=[sock])
+        # uvicorn drains on Ctrl-C / SIGTERM, then raises the signal again. Under asyncio's own Ctrl-C
+        # handler that second SIGINT cancelled the app mid-shutdown and logged a traceback; with the
+        # default handler Ctrl-C ends the drained server as SIGTERM does, quietly (status 130 in a shell)
+        previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            server.run(sockets=[sock])
+        finally:
+            signal.signal(signal.SIGINT, previous)
     finally:
         sock.close()
 
