@@ -16,27 +16,28 @@ machine: 34 ms on the second thread once the first gave its pool back.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from pathlib import Path
 
 OMP_PAUSE_SOFT = 1
 """``omp_pause_soft``: free the threads, keep what the runtime needs to start them again."""
 
-_libgomp: ctypes.CDLL | None = None
 
-
+@functools.cache
 def _gnu_openmp() -> ctypes.CDLL | None:
-    """The GNU OpenMP runtime this process loaded (torch's), or None (not Linux, not loaded yet, or
-    another OpenMP runtime, whose pools do not throttle each other this way)."""
-    global _libgomp
-    if _libgomp is not None or not sys.platform.startswith("linux"):
-        return _libgomp
+    """The GNU OpenMP runtime torch loaded, or None (not Linux, or another OpenMP runtime, whose pools
+    do not throttle each other this way). Looked up once: torch is imported first, so the answer
+    cannot change later."""
+    import torch  # noqa: F401 - loads the OpenMP runtime looked for here
+
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    paths = sorted({line.split()[-1] for line in maps.splitlines() if "/libgomp" in line})
-    for path in paths:
+    for path in sorted({line.split()[-1] for line in maps.splitlines() if "/libgomp" in line}):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
@@ -44,9 +45,8 @@ def _gnu_openmp() -> ctypes.CDLL | None:
         if hasattr(lib, "omp_pause_resource_all"):
             lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
             lib.omp_pause_resource_all.restype = ctypes.c_int
-            _libgomp = lib
-            break
-    return _libgomp
+            return lib
+    return None
 
 
 def release_openmp_pool() -> bool:
