@@ -4,13 +4,14 @@ torch's CPU builds for Linux use GNU OpenMP, which keeps a pool of worker thread
 ever ran parallel work. Once a process holds more such workers than it has cores, *every* pool spins
 only briefly before sleeping (libgomp's "throttled" spin), and each small operation of a forward then
 pays for waking its workers: on a 2-core machine a one-input forward of the embedded model took
-34 ms on the thread that loaded it and 56 ms on a second thread while the first still held its pool.
+31 ms on the thread that loaded it and 52 ms on a second thread while the first still held its pool.
 
 restspec's forwards run on the generator's loop thread; a thread that is done with torch (the one
 that loaded the model, a caller waiting for its tokens) gives its pool back with
 :func:`release_openmp_pool` (OpenMP 5's ``omp_pause_resource_all``, which frees the calling thread's
 pool; libgomp makes a new one when that thread runs parallel work again). Measured on the same
-machine: 34 ms on the second thread once the first gave its pool back.
+machine: 30 ms on the second thread once the first gave its pool back
+(``python -m benchmarks.openmp_threads``).
 """
 
 from __future__ import annotations
