@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from machine import quiet_machine, snapshots
 from steps import step
 
 from restspec.decode import budget as budget_module
@@ -25,22 +26,6 @@ from restspec.decode.budget import (
 from restspec.draft.tree import DraftTree
 
 WEIGHTS = [0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1, 0.05]
-
-
-def snapshots(monkeypatch, other_cores: float) -> None:
-    """Fake CPU counters: each snapshot 10 s after the last, this process busy on 2 cores and other
-    processes on ``other_cores``."""
-    clock = iter(range(0, 10_000, 10))
-
-    def snapshot():
-        t = float(next(clock))
-        return CpuSnapshot(t, (2.0 + other_cores) * t, 2.0 * t)
-
-    monkeypatch.setattr(budget_module, "cpu_snapshot", snapshot)
-
-
-def quiet_machine(monkeypatch) -> None:
-    snapshots(monkeypatch, other_cores=0.0)
 
 
 def chain(weights):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ARCHS, VOCAB, IdTokenizer, OracleDrafter, plain_greedy, tiny_model
+from machine import quiet_machine, snapshots
 
 from restspec.decode import GenerationConfig, ModelForward, SpeculativeGenerator, choose_backend
 from restspec.decode import backends as backends_module
@@ -51,6 +52,7 @@ def tiny32(arch: str) -> torch.nn.Module:
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))
+    quiet_machine(monkeypatch)  # choices are cached only when timed on a quiet machine
     return tmp_path
 
 
@@ -322,3 +324,30 @@ def test_choose_backend_splits_where_each_direct_forward_wins_at_some_widths(cac
     assert record.wide_from == 4 and record.timings["direct-split"][1] == pytest.approx(0.040)
     again = choose_backend(model)  # from the cache, with its width
     assert (again.name, again.wide_from) == ("direct-split", 4)
+
+
+@pytest.mark.skipif(not packed_available(), reason="torch built without oneDNN")
+def test_a_choice_timed_on_a_busy_machine_is_used_but_not_cached(cache_dir, monkeypatch):
+    model = tiny32("llama")
+    table = {"model": (10, 20), "direct": (9, 19), "direct-packed": (8, 12)}
+    monkeypatch.setattr(
+        backends_module,
+        "time_backends",
+        lambda backends, *a, **k: {b.name: dict(zip((1, 16), table[b.name], strict=True)) for b in backends},
+    )
+    snapshots(monkeypatch, other_cores=1.0)  # another process kept a core busy while timing
+    lines = []
+    assert choose_backend(model, "cpu", progress=lines.append).name == "direct-packed"
+    assert not choice_path(model).exists()
+    assert "chosen again next time" in lines[-1]
+    quiet_machine(monkeypatch)
+    assert choose_backend(model, "cpu").name == "direct-packed"
+    assert choice_path(model).exists()
+
+
+def test_a_split_backends_latency_is_cached_under_its_split_width():
+    model = tiny32("llama")
+    assert backend_by_name(model, "direct").key == "direct"
+    if packed_available():
+        assert backend_by_name(model, "direct-split", wide_from=4).key == "direct-split@4"
+        assert backend_by_name(model, "direct-split", wide_from=16).key == "direct-split@16"

@@ -45,8 +45,9 @@ from restspec.models import dtype_name
 
 BACKEND_NAMES = ("model", "direct", "direct-packed", "direct-split")
 """Every backend, in the order :func:`choose_backend` considers them."""
-CHOICE_VERSION = 2
-"""Bump when the backends or the measurement change, so cached choices are made again."""
+CHOICE_VERSION = 3
+"""Bump when the backends or the measurement change, so cached choices are made again (3: a choice
+timed while other work competed for the CPU is no longer cached)."""
 TIMING_WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16)
 """Forward widths (root + tree nodes) the candidates are timed at: a plain step and typical trees."""
 TIMING_PAST_LEN = 320
@@ -80,6 +81,8 @@ class ForwardBackend(Protocol):
     """Where the model's weights are: inputs are built there."""
     exact: bool
     """Runs the model's own kernels: its logits must equal the model's forward bitwise."""
+    key: str
+    """What its latency calibration is cached under (the name, and whatever else changes its speed)."""
 
     def prefill(self, cache: Any, token_ids: np.ndarray) -> None:
         """Feed ``token_ids`` (int[L]) into an empty ``cache`` with the model's own causal mask."""
@@ -152,6 +155,11 @@ class ModelForward:
             out.append(logits if seg.logits else None)
         return out
 
+    @property
+    def key(self) -> str:
+        """What a latency calibration of this backend is cached under: its name."""
+        return self.name
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={type(self.model).__name__})"
 
@@ -217,6 +225,11 @@ class SplitBackend(ModelForward):
     def _member(self, width: int) -> DirectBackend:
         narrow, wide = self.members
         return wide if width >= self.wide_from else narrow
+
+    @property
+    def key(self) -> str:
+        """The name and the split width: a latency curve measured with one split does not fit another."""
+        return f"{self.name}@{self.wide_from}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(wide_from={self.wide_from}, model={type(self.model).__name__})"
@@ -458,8 +471,13 @@ def choose_backend(
     no slower than the model's own forward at any timed width (so that neither plain decoding, all one
     input wide, nor wide trees lose to ``model.generate``), the one with the least total of median
     times is kept (:func:`fastest`). A cached choice is probed again before use (cheap), and
-    the choice is made again if it fails or no longer applies. ``progress`` gets a line per phase;
-    ``refresh`` measures again."""
+    the choice is made again if it fails or no longer applies. A choice timed while other work
+    competed for the CPU (:data:`~restspec.decode.budget.BUSY_OTHER_CORES`) is used but not cached:
+    timings on a busy 2-core machine ran 60 times slow and kept the stock kernels up to 16 inputs where
+    the packed ones were 1.5x faster from 4 on (the same machine, quiet). ``progress`` gets a line per
+    phase; ``refresh`` measures again."""
+    from restspec.decode.budget import cpu_snapshot, measured_while_busy
+
     path = choice_path(model, name)
     if not refresh and path.is_file():
         try:
@@ -481,6 +499,7 @@ def choose_backend(
             passing.append(backend)
         else:
             rejected[backend.name] = result.reason
+    start = cpu_snapshot()
     timings = time_backends(passing) if len(passing) > 1 else {}
     split = _split(passing, timings)
     if split is not None:
@@ -489,8 +508,15 @@ def choose_backend(
         passing.append(split)
     best = fastest(passing, timings) if timings else passing[0]
     choice = BackendChoice(best.name, timings, rejected, split.wide_from if split is not None else 2)
+    busy = bool(timings) and measured_while_busy(start)
     if progress is not None:
-        progress(f"forward backend: {best.name}" + (f" ({_summary(timings)})" if timings else ""))
+        progress(
+            f"forward backend: {best.name}"
+            + (f" ({_summary(timings)})" if timings else "")
+            + (": timed while other work ran, chosen again next time" if busy else "")
+        )
+    if busy:
+        return best
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(choice.to_json(), indent=2) + "\n", encoding="utf-8")

@@ -326,7 +326,7 @@ def cores_busy_elsewhere(start: CpuSnapshot, end: CpuSnapshot) -> float | None:
     return max((end.busy - start.busy) - (end.own - start.own), 0.0) / wall
 
 
-def _measured_while_busy(start: CpuSnapshot) -> bool:
+def measured_while_busy(start: CpuSnapshot) -> bool:
     """Whether other work competed for the CPU since ``start`` (:data:`BUSY_OTHER_CORES`, else
     :data:`BUSY_LOAD_PER_CORE`)."""
     elsewhere = cores_busy_elsewhere(start, cpu_snapshot())
@@ -418,7 +418,7 @@ def load_or_calibrate(
     sizes = sorted({s for s in CALIBRATION_SIZES if s < max_width} | {1, max_width})
     start = cpu_snapshot()
     curve = calibrate(measure, sizes)
-    if _measured_while_busy(start):
+    if measured_while_busy(start):
         return curve  # measured on a busy machine: use it now, measure again next time
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -630,7 +630,7 @@ class AdaptiveBudget:
             probe,
             max_width=min(max_batch * (max_budget + 1), max(max_budget + 1, CALIBRATION_SIZES[-1])),
             recalibrate=recalibrate,
-            backend=backend.name,
+            backend=backend.key,
             device=str(backend.device),
         )
         return cls(curve, max_budget, **kwargs)  # type: ignore[arg-type]
