@@ -79,7 +79,9 @@ def greedy_with_candidates(model, prompt: np.ndarray, max_new_tokens: int, eos: 
     import torch
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    from restspec.decode.verify import model_layout
+
+    cache_kwargs = {model_layout(model).cache_argument: DynamicCache()}
     tops: list[np.ndarray] = []
     out: list[int] = []
     ids = torch.as_tensor(prompt, dtype=torch.long)[None]
@@ -88,7 +90,7 @@ def greedy_with_candidates(model, prompt: np.ndarray, max_new_tokens: int, eos: 
         while True:
             n = ids.shape[1]
             position_ids = torch.arange(past, past + n)[None]
-            logits = model(input_ids=ids, cache=cache, position_ids=position_ids, use_cache=True).logits
+            logits = model(input_ids=ids, position_ids=position_ids, use_cache=True, **cache_kwargs).logits
             past += n
             # (1, n, V) -> top-k per position, best first (ties: lower id first, like argmax)
             top = torch.topk(logits[0].float(), top_k, dim=-1, sorted=True).indices.numpy().astype(np.int32)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import ARCHS, SLIDING_WINDOW, VOCAB, tiny_model
+from packaging.version import Version
 
 from restspec.decode import (
     ModelForward,
@@ -117,3 +119,11 @@ def test_layout_of_the_architectures():
     assert model_layout(tiny_model("gpt2")).max_positions == 256
     assert not model_layout(tiny_model("llama")).hybrid
     assert model_layout(tiny_model("gemma2")).hybrid
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_cache_goes_by_the_keyword_of_the_installed_transformers(arch):
+    # 5.24 renamed forward(past_key_values=) to forward(cache=); an unknown keyword would be swallowed
+    # by **kwargs and the forward would run without the cache
+    renamed = Version(transformers.__version__).release >= (5, 24)
+    assert model_layout(tiny_model(arch)).cache_argument == ("cache" if renamed else "past_key_values")

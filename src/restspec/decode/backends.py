@@ -122,13 +122,12 @@ class ModelForward:
         if len(token_ids) == 0:
             return
         input_ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64), device=self.device)[None, :]
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {self.layout.cache_argument: cache}
         if self.layout.logits_to_keep:
             kwargs["logits_to_keep"] = 1  # no logits are needed: the root is scored by the first step
         self.model(
             input_ids=input_ids,
             position_ids=torch.arange(input_ids.shape[1], device=self.device)[None, :],
-            cache=cache,
             use_cache=True,
             **kwargs,
         )
@@ -142,7 +141,11 @@ class ModelForward:
         mask: torch.Tensor | dict[str, torch.Tensor],
     ) -> torch.Tensor:
         out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.layout.cache_argument: cache},
         )
         return out.logits[0]
 

@@ -50,6 +50,9 @@ class ModelLayout:
     """Some layers slide, some do not: the mask is passed as {layer type: mask}."""
     logits_to_keep: bool
     """The forward takes ``logits_to_keep`` (used to skip the LM head on prefill rows)."""
+    cache_argument: str
+    """The forward's keyword for the KV cache: ``cache`` from transformers 5.24 on, ``past_key_values``
+    before (vLLM 0.32 to 0.34 pin transformers below 5.23): ``model(**{cache_argument: cache})``."""
     eos_token_ids: tuple[int, ...]
     """Every end-of-sequence id of the model's generation config."""
 
@@ -89,6 +92,7 @@ def model_layout(model: Any) -> ModelLayout:
         sliding_window=int(window) if window else None,
         hybrid=hybrid,
         logits_to_keep="logits_to_keep" in params,
+        cache_argument="cache" if "cache" in params else "past_key_values",
         eos_token_ids=eos_ids,
     )
 
