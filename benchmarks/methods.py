@@ -5,9 +5,11 @@ as builders for :func:`restspec.bench.main` (the same runner, report and compari
 - ``suffix``: Arctic Inference's SuffixDecoding (:mod:`benchmarks.suffix`; optional extra
   ``restspec[suffix]``), warmed like restspec; ``suffix-adaptive``: the same under restspec's
   adaptive budget.
-- ``restspec-stock``: restspec on the model's own CPU kernels; ``restspec-curve``: the adaptive budget
-  on the calibrated curve alone, not learning step costs from the loop; ``restspec-cap16``: the
-  adaptive budget capped at 16 nodes; ``restspec-fixed4/8/16``: fixed tree sizes.
+- ``restspec-stock``: restspec on the model's own CPU kernels; ``restspec-split16``: on the stock
+  kernels up to 15 inputs and the packed ones from 16 on (``direct-split@16``); ``restspec-curve``:
+  the adaptive budget on the calibrated curve alone, not learning step costs from the loop;
+  ``restspec-cap16``: the adaptive budget capped at 16 nodes; ``restspec-fixed4/8/16``: fixed tree
+  sizes.
 - ``plain-w8`` / ``restspec-w8``: every forward ``PAD_WIDTH + 1`` wide (:class:`PaddedDrafter`), the
   bfloat16 exactness experiment (compare with ``--reference plain-w8``).
 """
@@ -135,6 +137,7 @@ LAB_METHODS: dict[str, MethodBuilder] = {
     "rest": _rest,
     "suffix": _suffix,
     "restspec-stock": _restspec_variant("restspec-stock", backend="model"),  # the model's own forward
+    "restspec-split16": _restspec_variant("restspec-split16", backend="direct-split@16"),
     "restspec-curve": _restspec_variant("restspec-curve", learn_costs=False),
     "restspec-cap16": _restspec_variant("restspec-cap16", max_budget=16),
     "restspec-fixed4": _restspec_fixed(4),

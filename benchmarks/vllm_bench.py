@@ -191,20 +191,21 @@ def main() -> None:
         ["suffix"] if importlib.util.find_spec("arctic_inference") else []
     ) + ["restspec"]
     if "none" not in methods:
-        methods = ["none", *methods]  # the reference outputs
+        methods = ["none", *methods]  # the reference outputs (run in the order given, to alternate)
 
     import vllm
 
     rows = []
     for concurrency in args.concurrency:
-        reference = None
-        for method in methods:
-            row = run(folder, method, concurrency, items, args.max_tokens, restspec_config)
-            reference = row["outputs"] if method == "none" else reference
+        cell = [
+            run(folder, method, concurrency, items, args.max_tokens, restspec_config) for method in methods
+        ]
+        reference = next(row["outputs"] for row in cell if row["method"] == "none")
+        for row in cell:
             row["identical"] = sum(o == r for o, r in zip(row["outputs"], reference, strict=True))
             rows.append(row)
             print(
-                f"c={concurrency:<3} {method:<9} {row['tokens_per_s']:8.1f} tok/s  "
+                f"c={concurrency:<3} {row['method']:<9} {row['tokens_per_s']:8.1f} tok/s  "
                 f"accepted length {row['mean_accepted_length'] or 1:.2f}  "
                 f"identical {row['identical']}/{len(items)}  load {row['load_average']:.1f}  "
                 f"{row['proposer'] or ''}",

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from restspec.errors import DatastoreError, GenerationError
+from restspec.errors import DatastoreError, GenerationError, ModelError
 from restspec.models import DEFAULT_MODEL
 from restspec.progress import Progress, progress_from
 
@@ -130,14 +130,15 @@ class Engine:
         the model's answers to questions it wrote itself taught it (shipped for the embedded model,
         otherwise learned once per model and cached). ``backend``: how verification forwards run;
         'auto' keeps the fastest that passes an exactness probe on this machine (measured once and
-        cached), or one of :data:`~restspec.decode.backends.BACKEND_NAMES`. ``recalibrate`` measures
+        cached), or one of :data:`~restspec.decode.backends.BACKEND_NAMES` (``direct-split@N``: the
+        split at ``N`` inputs). ``recalibrate`` measures
         the backends and the latency curve again. ``progress``: True shows each phase on stderr, False
         nothing, or a :class:`~restspec.progress.Progress`. ``max_batch``: how many concurrent
         ``generate`` / ``stream`` calls (threads, server requests) share each step's forward; the
         budget then prices every request's draft against that forward, so drafts shrink as the batch
         grows (1: one request at a time)."""
         from restspec.datastore import Datastore, ensure_default_datastore
-        from restspec.decode.backends import BACKEND_NAMES
+        from restspec.decode.backends import parse_backend
         from restspec.decode.budget import FixedBudget
         from restspec.draft.base import EmptyDrafter
         from restspec.models import check_model, load_model, resolve_device
@@ -145,8 +146,11 @@ class Engine:
         fixed = parse_budget(budget)
         if max_batch < 1:
             raise GenerationError(f"max_batch={max_batch} must be >= 1 (1 = one request at a time)")
-        if backend != AUTO and backend not in BACKEND_NAMES:
-            raise GenerationError(f"backend={backend!r} must be 'auto' or one of {', '.join(BACKEND_NAMES)}")
+        if backend != AUTO:
+            try:
+                parse_backend(backend)
+            except ModelError as exc:
+                raise GenerationError(str(exc)) from None
         paths = [Path(p) for p in datastores or ()]
         check_datastore_paths(paths)
         check_model(model)
@@ -282,7 +286,11 @@ class Engine:
         """This engine's forward backend, or the one named ``name`` on the same model."""
         from restspec.decode.backends import backend_by_name
 
-        return self.backend if name in (None, self.backend.name) else backend_by_name(self.model, name)
+        return (
+            self.backend
+            if name in (None, self.backend.name, self.backend.key)
+            else backend_by_name(self.model, name)
+        )
 
 
 def _backend(loaded: LoadedModel, name: str, refresh: bool, report: Progress) -> ForwardBackend:

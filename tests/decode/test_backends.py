@@ -222,6 +222,9 @@ def test_backend_mistakes_are_errors_a_user_can_act_on():
         SpeculativeGenerator(model, IdTokenizer(), backend=ModelForward(other))
     with pytest.raises(ModelError, match="'fastest' is unknown"):
         backend_by_name(model, "fastest")
+    for wrong in ("direct-split@1", "direct-split@x", "direct@4"):
+        with pytest.raises(ModelError, match="direct-split@N"):
+            backend_by_name(model, wrong)
     with pytest.raises(ModelError, match="cannot run"):
         backend_by_name(tiny32("gpt2"), "direct")
     with pytest.raises(ModelError, match=r"on cpu but device='cuda'.*load_model"):
@@ -351,3 +354,5 @@ def test_a_split_backends_latency_is_cached_under_its_split_width():
     if packed_available():
         assert backend_by_name(model, "direct-split", wide_from=4).key == "direct-split@4"
         assert backend_by_name(model, "direct-split", wide_from=16).key == "direct-split@16"
+        named = backend_by_name(model, "direct-split@8")  # a key names its backend
+        assert named.key == "direct-split@8" and named.wide_from == 8

@@ -179,7 +179,7 @@ def bench(
     turns = sum(len(i.turns) for i in items)
     err.print(
         f"{len(items)} prompts ({turns} turns) × {len(names)} methods, max {max_new_tokens} new tokens, "
-        f"{dtype_name} on {engine.device} ({engine.backend.name} forward), engine ready in {load_s:.0f} s"
+        f"{dtype_name} on {engine.device} ({engine.backend.key} forward), engine ready in {load_s:.0f} s"
     )
     run_config = {
         **run_settings(engine, ctx, workload, limit, per_category, dtype_name, len(items)),
@@ -286,7 +286,7 @@ def run_settings(
         "dtype": dtype,
         "datastores": [str(ds.path) for ds in engine.datastores],
         "device": str(engine.device),
-        "backend": engine.backend.name,
+        "backend": engine.backend.key,
         "items": items,
         "latency_curve": None if ctx.latency_curve is None else ctx.latency_curve.to_json(),
         "warm_start": None if engine.warm is None else engine.warm.summary(),

@@ -131,7 +131,7 @@ def load(
             warm_up(ctx, CONFIGS)
     err.print(
         f"{len(items)} items × {len(CONFIGS)} configurations × clients {concurrency}, "
-        f"max {max_new_tokens} new tokens, {dtype_name} on {engine.device} ({engine.backend.name} forward), "
+        f"max {max_new_tokens} new tokens, {dtype_name} on {engine.device} ({engine.backend.key} forward), "
         f"engine ready in {load_s:.0f} s"
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -263,12 +263,27 @@ def candidates(model: Any, device: torch.device | str | None = None) -> list[For
     return found
 
 
+def parse_backend(name: str) -> tuple[str, int | None]:
+    """``name`` as (one of :data:`BACKEND_NAMES`, split width or None): ``direct-split@8`` is the split
+    backend turning to the packed kernels at 8 inputs (a backend's :attr:`~ForwardBackend.key`);
+    ``ModelError`` for anything else."""
+    base, at, width = name.partition("@")
+    if base in BACKEND_NAMES and not at:
+        return base, None
+    if base == "direct-split" and width.isdigit() and int(width) >= 2:
+        return base, int(width)
+    raise ModelError(
+        f"backend {name!r} is unknown; use 'auto' or one of {', '.join(BACKEND_NAMES)} "
+        "(direct-split@N: the packed kernels from N >= 2 inputs on)"
+    )
+
+
 def backend_by_name(model: Any, name: str, *, wide_from: int = 2) -> ForwardBackend:
-    """The backend ``name`` (one of :data:`BACKEND_NAMES`) of ``model``; ``ModelError`` if it cannot
-    run this model here. ``wide_from``: where ``direct-split`` turns to the packed kernels
-    (:func:`choose_backend` measures it)."""
-    if name not in BACKEND_NAMES:
-        raise ModelError(f"backend {name!r} is unknown; use one of {', '.join(BACKEND_NAMES)} or 'auto'")
+    """The backend ``name`` (:func:`parse_backend`) of ``model``; ``ModelError`` if it cannot run this
+    model here. ``wide_from``: where ``direct-split`` turns to the packed kernels
+    (:func:`choose_backend` measures it), unless the name says (``direct-split@N``)."""
+    name, width = parse_backend(name)
+    wide_from = wide_from if width is None else width
     own = ModelForward(model)
     if name == "model":
         return own
