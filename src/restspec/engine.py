@@ -131,9 +131,9 @@ class Engine:
         otherwise learned once per model and cached). ``backend``: how verification forwards run;
         'auto' keeps the fastest that passes an exactness probe on this machine (measured once and
         cached), or one of :data:`~restspec.decode.backends.BACKEND_NAMES` (``direct-split@N``: the
-        split at ``N`` inputs). ``recalibrate`` measures
-        the backends and the latency curve again. ``progress``: True shows each phase on stderr, False
-        nothing, or a :class:`~restspec.progress.Progress`. ``max_batch``: how many concurrent
+        split at ``N`` inputs). ``recalibrate`` measures the backends and the latency curve again.
+        ``progress``: True shows each phase on stderr, False nothing, or a
+        :class:`~restspec.progress.Progress`. ``max_batch``: how many concurrent
         ``generate`` / ``stream`` calls (threads, server requests) share each step's forward; the
         budget then prices every request's draft against that forward, so drafts shrink as the batch
         grows (1: one request at a time)."""
