@@ -117,6 +117,15 @@ def test_phases_print_one_line_each_when_not_on_a_terminal(tiny_model_dir: Path,
     assert lines[1].startswith("restspec: Loading model") and " done in " in lines[1]
 
 
+def test_the_step_factor_reaches_the_engines_adaptive_budgets(tiny_model_dir: Path, tiny_datastore_dir: Path):
+    with pytest.raises(GenerationError, match=r"step_factor=0\.5 must be >= 1"):
+        Engine.from_pretrained("no-such-model", step_factor=0.5, progress=False)  # before loading
+    tight = Engine.from_pretrained(
+        tiny_model_dir, datastores=[tiny_datastore_dir], warm_start=False, step_factor=1.1, progress=False
+    )
+    assert tight.policy.step_factor == 1.1 and tight.adaptive_budget().step_factor == 1.1
+
+
 def test_a_missing_datastore_fails_before_the_model_loads(tmp_path: Path):
     with pytest.raises(DatastoreError, match="restspec build"):
         Engine.from_pretrained("no-such-model", datastores=[tmp_path / "missing"], progress=False)

@@ -87,6 +87,7 @@ class Engine:
         policy: BudgetPolicy,
         warm: WarmStart | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        step_factor: float | None = None,
     ) -> None:
         self.loaded = loaded
         self.backend = backend
@@ -97,6 +98,11 @@ class Engine:
         """What the warm start taught the drafter (None when started cold)."""
         self.max_batch = max_batch
         """Concurrent ``generate`` / ``stream`` calls verified together in one forward (more wait)."""
+        from restspec.decode.budget import STEP_LATENCY_FACTOR
+
+        self.step_factor = STEP_LATENCY_FACTOR if step_factor is None else step_factor
+        """A batch's step takes at most this multiple of a lone request's longest step, in the adaptive
+        budgets this engine builds."""
         self.generator = self.variant(drafter, policy)
         from restspec.decode.threads import release_openmp_pool
 
@@ -118,6 +124,7 @@ class Engine:
         recalibrate: bool = False,
         progress: bool | Progress = True,
         max_batch: int = DEFAULT_MAX_BATCH,
+        step_factor: float | None = None,
     ) -> Engine:
         """Load ``model`` ('smollm2' = the embedded SmolLM2-135M-Instruct, a Hugging Face folder or a
         .gguf file; nothing is downloaded) and build the engine around it.
@@ -136,16 +143,23 @@ class Engine:
         :class:`~restspec.progress.Progress`. ``max_batch``: how many concurrent
         ``generate`` / ``stream`` calls (threads, server requests) share each step's forward; the
         budget then prices every request's draft against that forward, so drafts shrink as the batch
-        grows (1: one request at a time)."""
+        grows (1: one request at a time). ``step_factor``: a step shared by several requests takes at
+        most this multiple of a lone request's longest step (>= 1; None: 1.5, the policy's default; lower:
+        less time between tokens under load, less throughput)."""
         from restspec.datastore import Datastore, ensure_default_datastore
         from restspec.decode.backends import parse_backend
-        from restspec.decode.budget import FixedBudget
+        from restspec.decode.budget import FixedBudget, check_step_factor
         from restspec.draft.base import EmptyDrafter
         from restspec.models import check_model, load_model, resolve_device
 
         fixed = parse_budget(budget)
         if max_batch < 1:
             raise GenerationError(f"max_batch={max_batch} must be >= 1 (1 = one request at a time)")
+        if step_factor is not None:
+            try:
+                check_step_factor(step_factor)
+            except ValueError as exc:
+                raise GenerationError(str(exc)) from None
         if backend != AUTO:
             try:
                 parse_backend(backend)
@@ -165,7 +179,15 @@ class Engine:
         if not paths:
             paths = [ensure_default_datastore(loaded.tokenizer, progress=progress is not False)]
         opened = [Datastore.open(path, loaded.tokenizer) for path in paths]
-        engine = cls(loaded, forward, opened, EmptyDrafter(), FixedBudget(0), max_batch=max_batch)
+        engine = cls(
+            loaded,
+            forward,
+            opened,
+            EmptyDrafter(),
+            FixedBudget(0),
+            max_batch=max_batch,
+            step_factor=step_factor,
+        )
         if fixed is None:
             with report.phase("Measuring forward latency for --budget auto (once per machine and model)"):
                 policy: BudgetPolicy = engine.adaptive_budget(recalibrate=recalibrate)
@@ -182,7 +204,9 @@ class Engine:
                     warm = learn_and_cache_warm_start(
                         loaded, engine.plain(), learner, on_conversation=lambda i: done(i + 1)
                     )
-        return cls(loaded, forward, opened, engine.new_drafter(warm, policy), policy, warm, max_batch)
+        return cls(
+            loaded, forward, opened, engine.new_drafter(warm, policy), policy, warm, max_batch, step_factor
+        )
 
     # ---- what it holds ---------------------------------------------------------------------------
     @property
@@ -280,6 +304,7 @@ class Engine:
             backend=self._forward(backend),
             max_batch=self.max_batch,
             learn_costs=learn_costs,
+            step_factor=self.step_factor,
         )
 
     def _forward(self, name: str | None) -> ForwardBackend:

@@ -224,3 +224,14 @@ def test_a_batch_step_stays_within_the_step_time_the_policy_allows():
     assert sum(sizes) == 11 and max(sizes) - min(sizes) <= 1  # ... but the step's bound comes first
     assert FixedBudget(3).choose_batch([sure] * 4, 4, 5) == [2, 1, 1, 1]
     assert FixedBudget(3).step_room(4) is None
+
+
+@pytest.mark.parametrize(("factor", "room"), [(1.0, (8, 1)), (1.1, (10, 3)), (1.5, (18, 11))])
+def test_a_lower_step_factor_bounds_a_batch_step_tighter(factor, room):
+    curve = LatencyCurve((1, 8, 16, 64), (0.010, 0.012, 0.016, 0.050))
+    policy = AdaptiveBudget(curve, max_budget=8, learn_costs=False, step_factor=factor)
+    # a lone request's longest step: 9 inputs, 12.5 ms; 1.0x: 9 inputs, 1.1x (13.75 ms): 11 inputs
+    assert (policy.step_room(1), policy.step_room(8)) == room
+    assert policy.fresh().step_factor == factor
+    with pytest.raises(ValueError, match=r"step_factor=0\.9 must be >= 1"):
+        AdaptiveBudget(curve, step_factor=0.9)

@@ -260,6 +260,7 @@ def bench_engine(
     drafting: bool,
     warm_start: bool,
     recalibrate: bool,
+    step_factor: float | None = None,
 ) -> Engine:
     """The engine a benchmark measures: adaptive budget and warm start when a method drafts, else plain."""
     return Engine.from_pretrained(
@@ -271,6 +272,7 @@ def bench_engine(
         warm_start=warm_start and drafting,
         recalibrate=recalibrate,
         progress=ConsoleProgress(stderr_console()),
+        step_factor=step_factor,
     )
 
 
@@ -287,6 +289,7 @@ def run_settings(
         "datastores": [str(ds.path) for ds in engine.datastores],
         "device": str(engine.device),
         "backend": engine.backend.key,
+        "step_factor": engine.step_factor,
         "items": items,
         "latency_curve": None if ctx.latency_curve is None else ctx.latency_curve.to_json(),
         "warm_start": None if engine.warm is None else engine.warm.summary(),

@@ -189,6 +189,20 @@ MaxBatchOption = Annotated[
     ),
 ]
 
+StepFactorOption = Annotated[
+    float | None,
+    typer.Option(
+        "--step-factor",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+        help=(
+            "A step shared by several requests takes at most this multiple of a lone request's longest "
+            "step (>= 1; default 1.5). Lower: less time between tokens under load, less throughput "
+            "(docs/serving-load.md)."
+        ),
+    ),
+]
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -218,6 +232,8 @@ class EngineOptions:
     """Start the drafter warm (:mod:`restspec.decode.warm`, learned once per model)."""
     max_batch: int = DEFAULT_MAX_BATCH
     """Concurrent requests verified together in one forward."""
+    step_factor: float | None = None
+    """A batch's step takes at most this multiple of a lone request's longest step (None: the default)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datastores", tuple(Path(p) for p in self.datastores))
@@ -232,6 +248,7 @@ class EngineOptions:
             raise GenerationError(f"--top-k={self.top_k} must be >= 0 (0 keeps every token)")
         if self.max_batch < 1:
             raise GenerationError(f"--max-batch={self.max_batch} must be >= 1 (1 = one request at a time)")
+        check_step_factor_flag(self.step_factor)
         parse_budget(self.budget)
 
     @property
@@ -274,8 +291,18 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
         budget=options.budget,
         warm_start=options.warm_start,
         max_batch=options.max_batch,
+        step_factor=options.step_factor,
         progress=ConsoleProgress(stderr_console()) if progress else False,
     )
+
+
+def check_step_factor_flag(factor: float | None) -> None:
+    """``--step-factor`` is left out or a number >= 1; else a user error naming the flag."""
+    if factor is not None and not factor >= 1.0:  # also rejects NaN
+        raise GenerationError(
+            f"--step-factor={factor} must be >= 1 (a batch's step may take that multiple of a lone "
+            "request's longest step; default 1.5)"
+        )
 
 
 def stderr_console() -> Console:

@@ -31,6 +31,8 @@ from restspec.cli.common import (
     Dtype,
     DtypeOption,
     ModelOption,
+    StepFactorOption,
+    check_step_factor_flag,
     cli_errors,
     stderr_console,
 )
@@ -95,6 +97,7 @@ def load(
         ),
     ] = True,
     warm_start: WarmStartOption = True,
+    step_factor: StepFactorOption = None,
 ) -> None:
     """Load benchmark: concurrent clients against one engine, for restspec one request at a time
     (serial), batched decoding without drafts (batched-plain) and batched restspec (batched). Reports
@@ -117,13 +120,14 @@ def load(
     from restspec.bench.workloads import load_workload, select
 
     check_run_options(max_new_tokens, threads)
+    check_step_factor_flag(step_factor)
     concurrencies = parse_concurrencies(concurrency)
     items = select(load_workload(workload), limit, per_category=per_category)
     err = stderr_console()
     dtype_name = Dtype(dtype).value
     machine = machine_info()
     t0 = time.perf_counter()
-    engine = bench_engine(model, datastore, device, dtype_name, True, warm_start, recalibrate)
+    engine = bench_engine(model, datastore, device, dtype_name, True, warm_start, recalibrate, step_factor)
     load_s = time.perf_counter() - t0
     ctx = MethodContext(engine)
     if warmup:

@@ -25,6 +25,7 @@ from restspec.cli.common import (
     MaxNewTokensOption,
     ModelOption,
     SeedOption,
+    StepFactorOption,
     TemperatureOption,
     TopKOption,
     TopPOption,
@@ -300,6 +301,7 @@ def serve(
     budget: BudgetOption = AUTO_BUDGET,
     warm_start: WarmStartOption = True,
     max_batch: MaxBatchOption = DEFAULT_MAX_BATCH,
+    step_factor: StepFactorOption = None,
     dtype: DtypeOption = Dtype.float32,
     device: DeviceOption = AUTO_DEVICE,
 ) -> None:
@@ -345,6 +347,7 @@ def serve(
         budget=budget,
         warm_start=warm_start,
         max_batch=max_batch,
+        step_factor=step_factor,
         dtype=dtype.value,
         device=device,
     )

@@ -152,9 +152,17 @@ STEP_LATENCY_FACTOR = 1.5
 takes alone (a root and :attr:`AdaptiveBudget.max_budget` nodes, at the latency the policy has
 measured): drafts and prompt chunks beyond it wait for later steps. A request's time between tokens
 under load then stays within twice what it sees alone, with room for the batch's drafting and the
-machine's noise."""
-"""Widths the latency table covers at first; it grows (along the calibrated curve) as batches of
-several requests verify wider forwards."""
+machine's noise. A lower factor (``restspec serve --step-factor``) trades throughput for latency:
+docs/serving-load.md."""
+
+
+def check_step_factor(factor: float) -> None:
+    """``ValueError`` unless ``factor`` (:data:`STEP_LATENCY_FACTOR`'s kind) is a number >= 1."""
+    if not factor >= 1.0:  # also rejects NaN
+        raise ValueError(
+            f"step_factor={factor} must be >= 1 (a batch's step may take that multiple of a lone "
+            f"request's longest step; default {STEP_LATENCY_FACTOR})"
+        )
 
 
 @dataclass(frozen=True)
@@ -476,12 +484,17 @@ class AdaptiveBudget:
         max_budget: int = DEFAULT_MAX_BUDGET,
         *,
         learn_costs: bool = True,
+        step_factor: float = STEP_LATENCY_FACTOR,
     ):
         if max_budget < 0:
             raise ValueError(f"max_budget={max_budget} must be >= 0")
+        check_step_factor(step_factor)
         self.latency = LatencyCurve.reference() if latency is None else latency
         self._max_budget = int(max_budget)
         self.learn_costs = learn_costs
+        self.step_factor = float(step_factor)
+        """A step shared by several requests takes at most this multiple of a lone request's longest
+        step (:meth:`step_room`)."""
         self._curve_table = self.latency.table(max(self._max_budget + 1, TABLE_WIDTH))
         self._table = self._curve_table.copy()  # the curve, then what steps measured
         self._step_s = np.zeros_like(self._table)  # decayed seconds and counts of steps by width
@@ -501,7 +514,9 @@ class AdaptiveBudget:
 
     def fresh(self) -> AdaptiveBudget:
         """A new policy on the same latency curve, with no history."""
-        return AdaptiveBudget(self.latency, self._max_budget, learn_costs=self.learn_costs)
+        return AdaptiveBudget(
+            self.latency, self._max_budget, learn_costs=self.learn_costs, step_factor=self.step_factor
+        )
 
     def observe(self, step: Step) -> None:
         """Learn the achieved rate from the step's outcome, and its cost.
@@ -577,11 +592,10 @@ class AdaptiveBudget:
         return np.bincount(owner[:k], minlength=len(trees)).tolist()
 
     def step_room(self, fixed_inputs: int) -> int:
-        """Inputs a step over ``fixed_inputs`` may add and take at most :data:`STEP_LATENCY_FACTOR`
-        times the longest step of a lone request (by the latency table, which follows what steps
-        measured)."""
+        """Inputs a step over ``fixed_inputs`` may add and take at most :attr:`step_factor` times the
+        longest step of a lone request (by the latency table, which follows what steps measured)."""
         lone = float(self._table[min(self._max_budget + 1, len(self._table) - 1)])
-        limit = STEP_LATENCY_FACTOR * lone
+        limit = self.step_factor * lone
         while self._table[-1] <= limit and len(self._table) < MAX_TABLE_WIDTH:
             self._grow(len(self._table))
         widest = int(np.searchsorted(self._table, limit, side="right")) - 1  # table is non-decreasing
