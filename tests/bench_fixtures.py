@@ -77,15 +77,15 @@ def tiny_model_folder(tiny_model, tiny_tokenizer, tmp_path_factory):
 
 @pytest.fixture
 def tiny_engine(tiny_model_folder, datastore, monkeypatch, tmp_path):
-    """``tiny_engine(warm_start)``: a :class:`restspec.Engine` over the tiny model and datastore (its
-    caches in a private folder)."""
+    """``tiny_engine(warm_start, **options)``: a :class:`restspec.Engine` over the tiny model and
+    datastore (its caches in a private folder), ``options`` passed to ``Engine.from_pretrained``."""
     from restspec.engine import Engine
 
     monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path / "cache"))
 
-    def build(warm_start: bool) -> Engine:
+    def build(warm_start: bool, **options) -> Engine:
         return Engine.from_pretrained(
-            tiny_model_folder, datastores=[datastore], warm_start=warm_start, progress=False
+            tiny_model_folder, datastores=[datastore], warm_start=warm_start, progress=False, **options
         )
 
     return build

@@ -18,6 +18,7 @@ from restspec.bench.load import (
     LoadCell,
     LoadRequest,
     LoadRun,
+    build_generator,
     check_outputs,
     parse_concurrencies,
     run_load,
@@ -117,6 +118,12 @@ def test_parse_concurrencies():
     for bad in ("", "0", "2,x"):
         with pytest.raises(RestspecError, match="--concurrency"):
             parse_concurrencies(bad)
+
+
+def test_every_batched_configuration_gets_the_engines_step_factor(tiny_engine):
+    ctx = MethodContext(tiny_engine(False, step_factor=1.1))
+    assert ctx.adaptive_budget().step_factor == 1.1
+    assert build_generator(BATCHED, ctx, 3).policy.step_factor == 1.1
 
 
 def test_load_run_on_the_tiny_engine(tiny_engine):

@@ -220,7 +220,7 @@ class MethodContext:
             return self.engine.adaptive_budget()
         from restspec.decode.budget import AdaptiveBudget
 
-        return AdaptiveBudget(curve, self.engine.policy.max_budget)
+        return AdaptiveBudget(curve, self.engine.policy.max_budget, step_factor=self.engine.step_factor)
 
     def default_generator(self, policy: Any, *, max_batch: int | None = None) -> Any:
         """The engine's default drafter, fresh and warmed, under ``policy`` (warmed too), up to
