@@ -297,12 +297,16 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
 
 
 def check_step_factor_flag(factor: float | None) -> None:
-    """``--step-factor`` is left out or a number >= 1; else a user error naming the flag."""
-    if factor is not None and not factor >= 1.0:  # also rejects NaN
-        raise GenerationError(
-            f"--step-factor={factor} must be >= 1 (a batch's step may take that multiple of a lone "
-            "request's longest step; default 1.5)"
-        )
+    """``--step-factor`` is left out or what :func:`restspec.decode.budget.check_step_factor` accepts;
+    else a user error naming the flag."""
+    if factor is None:
+        return
+    from restspec.decode.budget import check_step_factor
+
+    try:
+        check_step_factor(factor)
+    except ValueError as error:
+        raise GenerationError("--" + str(error).replace("step_factor", "step-factor", 1)) from None
 
 
 def stderr_console() -> Console:
