@@ -215,12 +215,10 @@ class MethodContext:
         engine's own when it is adaptive: on a busy machine a new measurement is not cached, so each
         ``engine.adaptive_budget()`` would measure again, and every method would price its forwards
         on another curve)."""
-        curve = self.latency_curve
-        if curve is None:
-            return self.engine.adaptive_budget()
         from restspec.decode.budget import AdaptiveBudget
 
-        return AdaptiveBudget(curve, self.engine.policy.max_budget, step_factor=self.engine.step_factor)
+        policy = self.engine.policy
+        return policy.fresh() if isinstance(policy, AdaptiveBudget) else self.engine.adaptive_budget()
 
     def default_generator(self, policy: Any, *, max_batch: int | None = None) -> Any:
         """The engine's default drafter, fresh and warmed, under ``policy`` (warmed too), up to
