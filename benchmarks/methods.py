@@ -5,6 +5,8 @@ as builders for :func:`restspec.bench.main` (the same runner, report and compari
 - ``suffix``: Arctic Inference's SuffixDecoding (:mod:`benchmarks.suffix`; optional extra
   ``restspec[suffix]``), warmed like restspec; ``suffix-adaptive``: the same under restspec's
   adaptive budget.
+- ``recycle``: Token Recycling as published (:mod:`benchmarks.recycling`: its 80-node static tree
+  every step, the adjacency matrix fresh at the start of the run, no warm start).
 - ``restspec-stock``: restspec on the model's own CPU kernels; ``restspec-split16``: on the stock
   kernels up to 15 inputs and the packed ones from 16 on (``direct-split@16``); ``restspec-curve``:
   the adaptive budget on the calibrated curve alone, not learning step costs from the loop;
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.recycling import TokenRecyclingDrafter
 from restspec.bench.methods import (
     BenchMethod,
     LoopMethod,
@@ -29,6 +32,7 @@ from restspec.bench.methods import (
 from restspec.decode.budget import FixedBudget
 from restspec.draft import DatastoreDrafter
 from restspec.draft.base import EmptyDrafter
+from restspec.engine import model_vocab_size
 
 REST_MAX_SPAN = 16
 """REST as published: longest suffix tried against the datastore."""
@@ -89,6 +93,11 @@ def _rest(ctx: MethodContext) -> BenchMethod:
     return LoopMethod("rest", ctx.engine.variant(drafter, FixedBudget(REST_BUDGET)))
 
 
+def _recycle(ctx: MethodContext) -> BenchMethod:
+    drafter = TokenRecyclingDrafter(model_vocab_size(ctx.model))
+    return LoopMethod("recycle", ctx.engine.variant(drafter, FixedBudget(len(drafter.template))))
+
+
 def _restspec_variant(
     name: str, backend: str | None = None, learn_costs: bool = True, max_budget: int | None = None
 ) -> MethodBuilder:
@@ -136,6 +145,7 @@ def _suffix_adaptive(ctx: MethodContext) -> BenchMethod:
 LAB_METHODS: dict[str, MethodBuilder] = {
     "rest": _rest,
     "suffix": _suffix,
+    "recycle": _recycle,
     "restspec-stock": _restspec_variant("restspec-stock", backend="model"),  # the model's own forward
     "restspec-split16": _restspec_variant("restspec-split16", backend="direct-split@16"),
     "restspec-curve": _restspec_variant("restspec-curve", learn_costs=False),

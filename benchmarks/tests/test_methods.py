@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from benchmarks.bench import main
 from benchmarks.methods import LAB_METHODS
 from restspec.bench.methods import MethodContext, build_methods, extra_methods
 
 
-def test_lab_methods_run_through_the_bench_runner(tiny_model, tiny_tokenizer, datastore, tmp_path):
-    model_dir = tmp_path / "model"
-    tiny_model.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("hello world, hello\n")
-    out = tmp_path / "bench.json"
-    args = ["--workload", str(prompts), "--model", str(model_dir), "--datastore", str(datastore)]
-    args += ["--methods", "plain,rest,restspec-fixed4,plain-w8", "--max-new-tokens", "6", "--json", str(out)]
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--no-warmup", "--cold-start"])
-    assert exit_info.value.code == 0
-    methods = json.loads(out.read_text())["methods"]
+def test_lab_methods_run_through_the_bench_runner(lab_bench):
+    methods = lab_bench("plain,rest,restspec-fixed4,plain-w8", ["hello world, hello"], 6)
     assert [m["method"] for m in methods] == ["plain", "rest", "restspec-fixed4", "plain-w8"]
     assert all(m["exact"] == 1.0 for m in methods)  # float32 greedy: every method reproduces plain
 
