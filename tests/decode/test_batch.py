@@ -100,6 +100,35 @@ def test_concurrent_greedy_requests_each_get_their_own_greedy_output(arch, backe
     assert sum(len(r.steps) for r in results) > len(widths.calls)  # fewer forwards than steps
 
 
+class TightRoom(FixedBudget):
+    """Up to ``size`` nodes per tree, but a step may add only 2 inputs (nodes, prompt rows) to its roots."""
+
+    def step_room(self, fixed_inputs: int) -> int:
+        return 2
+
+
+def test_the_step_bound_shortens_drafts_never_the_prompt_chunks():
+    model, gen = batched("llama", "direct", max_batch=2, budget=TightRoom(4))
+    widths = Widths(gen.backend)
+    expected = [plain_greedy(model, p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]
+    calls = [
+        lambda p=p, n=n, e=e: gen.generate(
+            p, GenerationConfig(max_new_tokens=n), drafter=OracleDrafter(p + e, "mixed", VOCAB)
+        )
+        for p, n, e in zip(PROMPTS, NEW_TOKENS, expected, strict=True)
+    ]
+    for result, want in zip(concurrently(calls), expected, strict=True):
+        assert result.output_ids.tolist() == want
+    mixed = [call for call in widths.calls if {logits for _, logits in call} == {True, False}]
+    rows = [sum(w for w, logits in call if not logits) for call in mixed]
+    nodes = [sum(w - 1 for w, logits in call if logits) for call in mixed]
+    # joining prompts advance by whole chunks (8 rows), as without drafts; drafts get what is left
+    assert 8 in rows
+    assert all(n <= max(2 - r, 0) for n, r in zip(nodes, rows, strict=True))
+    alone = [call for call in widths.calls if all(logits for _, logits in call)]
+    assert max(sum(w - 1 for w, _ in call) for call in alone) == 2  # no prompt: the room is the drafts'
+
+
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in ("gpt2",)])
 def test_batched_parity_across_architectures(arch):
     model, gen = batched(arch, "model", max_batch=3, budget=4)

@@ -371,8 +371,11 @@ class SpeculativeGenerator:
     ) -> list[_Request]:
         """Draft for ``decoding``, verify their trees and the next prompt chunks of ``joining`` (at
         most ``room`` rows in all, first come first served; None: whole) in one forward, accept.
-        The policy's :meth:`~restspec.decode.budget.BudgetPolicy.step_room` bounds the rows and nodes
-        a step adds to its roots, so that a batch's steps stay short enough for its requests' streams."""
+        The policy's :meth:`~restspec.decode.budget.BudgetPolicy.step_room` bounds the nodes a step
+        adds to its roots and prompt rows, so that a batch's steps stay short enough for its requests'
+        streams. It does not shorten the prompt chunks: those are the ones a batch without drafts
+        runs, so drafts never slow the prompts of joining requests (bounding the chunks too starved a
+        batch of 16 of prompts: 0.95x the tokens/s of batching without drafts, HumanEval, 2026-12-06)."""
         t0 = time.perf_counter()
         budget = self.policy.max_budget
         proposals: dict[int, DraftTree] = {}
@@ -384,10 +387,8 @@ class SpeculativeGenerator:
             draft_s[req.id] = time.perf_counter() - start
         decoding = [req for req in decoding if req.id in proposals]
         t1 = time.perf_counter()
-        # the step's time bound: prompt chunks first (a joining prompt always advances), then drafts
+        # the step's time bound: prompt chunks first, as without drafts, then drafts in what is left
         step_room = self.policy.step_room(len(decoding))
-        if room is not None and step_room is not None:
-            room = max(1, min(room, step_room))
         chunks = self._chunks(joining, room)
         rows = sum(len(tokens) for _, tokens in chunks)
         node_room = None if step_room is None else max(step_room - rows, 0)
