@@ -76,22 +76,29 @@ def batched(arch: str, backend: str, max_batch: int = 4, budget=6, prefill_chunk
     return model, gen
 
 
+def oracle_requests(model, gen, prompts=PROMPTS, news=NEW_TOKENS, shape="mixed") -> list:
+    """The prompts generated concurrently through ``gen``, each with an oracle drafter of the given
+    tree shape; every output is checked against the prompt decoded alone (greedy). The results."""
+    expected = [plain_greedy(model, p, n) for p, n in zip(prompts, news, strict=True)]
+    calls = [
+        lambda p=p, n=n, e=e: gen.generate(
+            p, GenerationConfig(max_new_tokens=n), drafter=OracleDrafter(p + e, shape, VOCAB)
+        )
+        for p, n, e in zip(prompts, news, expected, strict=True)
+    ]
+    results = concurrently(calls)
+    for result, want in zip(results, expected, strict=True):
+        assert result.output_ids.tolist() == want
+    return results
+
+
 @pytest.mark.parametrize(
     ("arch", "backend"), [("llama", "direct"), ("llama", "model"), ("qwen2-hybrid", "model")]
 )
 def test_concurrent_greedy_requests_each_get_their_own_greedy_output(arch, backend):
     model, gen = batched(arch, backend)
     widths = Widths(gen.backend)
-    expected = [plain_greedy(model, p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]
-    calls = [
-        lambda p=p, n=n, e=e: gen.generate(
-            p, GenerationConfig(max_new_tokens=n), drafter=OracleDrafter(p + e, "mixed", VOCAB)
-        )
-        for p, n, e in zip(PROMPTS, NEW_TOKENS, expected, strict=True)
-    ]
-    results = concurrently(calls)
-    for result, want in zip(results, expected, strict=True):
-        assert result.output_ids.tolist() == want
+    results = oracle_requests(model, gen)
     assert widths.most_requests > 1  # requests did share forwards
     assert widths.most_requests <= 4  # and never more than max_batch of them
     # joining prompts were prefilled in chunks of at most prefill_chunk rows while others decoded
@@ -110,15 +117,7 @@ class TightRoom(FixedBudget):
 def test_the_step_bound_shortens_drafts_never_the_prompt_chunks():
     model, gen = batched("llama", "direct", max_batch=2, budget=TightRoom(4))
     widths = Widths(gen.backend)
-    expected = [plain_greedy(model, p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]
-    calls = [
-        lambda p=p, n=n, e=e: gen.generate(
-            p, GenerationConfig(max_new_tokens=n), drafter=OracleDrafter(p + e, "mixed", VOCAB)
-        )
-        for p, n, e in zip(PROMPTS, NEW_TOKENS, expected, strict=True)
-    ]
-    for result, want in zip(concurrently(calls), expected, strict=True):
-        assert result.output_ids.tolist() == want
+    oracle_requests(model, gen)
     mixed = [call for call in widths.calls if {logits for _, logits in call} == {True, False}]
     rows = [sum(w for w, logits in call if not logits) for call in mixed]
     nodes = [sum(w - 1 for w, logits in call if logits) for call in mixed]
@@ -132,16 +131,7 @@ def test_the_step_bound_shortens_drafts_never_the_prompt_chunks():
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in ("gpt2",)])
 def test_batched_parity_across_architectures(arch):
     model, gen = batched(arch, "model", max_batch=3, budget=4)
-    prompts, news = PROMPTS[:3], NEW_TOKENS[:3]
-    expected = [plain_greedy(model, p, n) for p, n in zip(prompts, news, strict=True)]
-    calls = [
-        lambda p=p, n=n, e=e: gen.generate(
-            p, GenerationConfig(max_new_tokens=n), drafter=OracleDrafter(p + e, "fan", VOCAB)
-        )
-        for p, n, e in zip(prompts, news, expected, strict=True)
-    ]
-    for result, want in zip(concurrently(calls), expected, strict=True):
-        assert result.output_ids.tolist() == want
+    oracle_requests(model, gen, PROMPTS[:3], NEW_TOKENS[:3], shape="fan")
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch():
