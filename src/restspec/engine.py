@@ -101,8 +101,8 @@ class Engine:
         from restspec.decode.budget import STEP_LATENCY_FACTOR
 
         self.step_factor = STEP_LATENCY_FACTOR if step_factor is None else step_factor
-        """A batch's step takes at most this multiple of a lone request's longest step, in the adaptive
-        budgets this engine builds."""
+        """A batch's step verifies drafts only up to this multiple of a lone request's longest step, in
+        the adaptive budgets this engine builds."""
         self.generator = self.variant(drafter, policy)
         from restspec.decode.threads import release_openmp_pool
 
@@ -143,9 +143,9 @@ class Engine:
         :class:`~restspec.progress.Progress`. ``max_batch``: how many concurrent
         ``generate`` / ``stream`` calls (threads, server requests) share each step's forward; the
         budget then prices every request's draft against that forward, so drafts shrink as the batch
-        grows (1: one request at a time). ``step_factor``: a step shared by several requests takes at
-        most this multiple of a lone request's longest step (>= 1; None: 1.5, the policy's default; lower:
-        less time between tokens under load, less throughput)."""
+        grows (1: one request at a time). ``step_factor``: a step shared by several requests verifies
+        drafts only up to this multiple of a lone request's longest step (>= 1; None: 1.5, the policy's
+        default; lower: less time between tokens under load, less throughput)."""
         from restspec.datastore import Datastore, ensure_default_datastore
         from restspec.decode.backends import parse_backend
         from restspec.decode.budget import FixedBudget, check_step_factor

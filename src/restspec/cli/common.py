@@ -196,9 +196,9 @@ StepFactorOption = Annotated[
         rich_help_panel=MODEL_PANEL,
         show_default=False,
         help=(
-            "A step shared by several requests takes at most this multiple of a lone request's longest "
-            "step (>= 1; default 1.5). Lower: less time between tokens under load, less throughput "
-            "(docs/serving-load.md)."
+            "A step shared by several requests verifies drafts only up to this multiple of a lone "
+            "request's longest step (>= 1; default 1.5). Lower: less time between tokens under load, "
+            "less throughput (docs/serving-load.md)."
         ),
     ),
 ]
@@ -233,7 +233,8 @@ class EngineOptions:
     max_batch: int = DEFAULT_MAX_BATCH
     """Concurrent requests verified together in one forward."""
     step_factor: float | None = None
-    """A batch's step takes at most this multiple of a lone request's longest step (None: the default)."""
+    """A batch's step verifies drafts only up to this multiple of a lone request's longest step (None: the
+    default)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datastores", tuple(Path(p) for p in self.datastores))

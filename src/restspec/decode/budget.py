@@ -148,12 +148,13 @@ several requests verify wider forwards."""
 MAX_TABLE_WIDTH = 4096
 """Widest forward the latency table extends to when it looks for :meth:`AdaptiveBudget.step_room`."""
 STEP_LATENCY_FACTOR = 1.5
-"""A step shared by several requests takes at most this multiple of the longest step one request
-takes alone (a root and :attr:`AdaptiveBudget.max_budget` nodes, at the latency the policy has
-measured): drafts and prompt chunks beyond it wait for later steps. A request's time between tokens
-under load then stays within twice what it sees alone, with room for the batch's drafting and the
-machine's noise. A lower factor (``restspec serve --step-factor``) trades throughput for latency:
-docs/serving-load.md."""
+"""A step shared by several requests verifies drafts only up to this multiple of the longest step one
+request takes alone (a root and :attr:`AdaptiveBudget.max_budget` nodes, at the latency the policy has
+measured): drafts beyond it wait for later steps (the prompt chunks that batching without drafts
+would run are never held back, see :class:`~restspec.decode.SpeculativeGenerator`). A request's
+time between tokens under load then stays within twice what it sees alone, with room for the batch's
+drafting and the machine's noise. A lower factor (``restspec serve --step-factor``) trades
+throughput for latency: docs/serving-load.md."""
 
 
 def check_step_factor(factor: float) -> None:
@@ -493,8 +494,8 @@ class AdaptiveBudget:
         self._max_budget = int(max_budget)
         self.learn_costs = learn_costs
         self.step_factor = float(step_factor)
-        """A step shared by several requests takes at most this multiple of a lone request's longest
-        step (:meth:`step_room`)."""
+        """A step shared by several requests verifies drafts only up to this multiple of a lone
+        request's longest step (:meth:`step_room`)."""
         self._curve_table = self.latency.table(max(self._max_budget + 1, TABLE_WIDTH))
         self._table = self._curve_table.copy()  # the curve, then what steps measured
         self._step_s = np.zeros_like(self._table)  # decayed seconds and counts of steps by width
