@@ -11,7 +11,8 @@ as builders for :func:`restspec.bench.main` (the same runner, report and compari
   kernels up to 15 inputs and the packed ones from 16 on (``direct-split@16``); ``restspec-curve``:
   the adaptive budget on the calibrated curve alone, not learning step costs from the loop;
   ``restspec-cap16``: the adaptive budget capped at 16 nodes; ``restspec-fixed4/8/16``: fixed tree
-  sizes.
+  sizes; ``restspec-nohistory``: the default mix whose history source (past outputs) proposes
+  nothing, everything else warmed as in ``restspec`` (that source's marginal gain, timed).
 - ``plain-w8`` / ``restspec-w8``: every forward ``PAD_WIDTH + 1`` wide (:class:`PaddedDrafter`), the
   bfloat16 exactness experiment (compare with ``--reference plain-w8``).
 """
@@ -30,7 +31,7 @@ from restspec.bench.methods import (
     MethodContext,
 )
 from restspec.decode.budget import FixedBudget
-from restspec.draft import DatastoreDrafter
+from restspec.draft import DatastoreDrafter, DraftTree, HistoryDrafter
 from restspec.draft.base import EmptyDrafter
 from restspec.engine import model_vocab_size
 
@@ -86,6 +87,21 @@ class PaddedDrafter:
             np.concatenate([tree.parents, np.full(missing, -1)]).astype(np.int32),
             np.concatenate([tree.weights, np.zeros(missing)]).astype(np.float32),
         )
+
+
+class SilentHistory(HistoryDrafter):
+    """A history source that never proposes: taken out of a mix after its warm start loaded, the mix's
+    other sources and learned rates stay as they are."""
+
+    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+        return DraftTree.empty()
+
+
+def _restspec_no_history(ctx: MethodContext) -> BenchMethod:
+    policy = ctx.adaptive_budget()
+    drafter = ctx.engine.new_drafter(policy=policy)
+    drafter.drafters = [SilentHistory() if isinstance(d, HistoryDrafter) else d for d in drafter.drafters]
+    return LoopMethod("restspec-nohistory", ctx.engine.variant(drafter, policy))
 
 
 def _rest(ctx: MethodContext) -> BenchMethod:
@@ -150,6 +166,7 @@ LAB_METHODS: dict[str, MethodBuilder] = {
     "restspec-split16": _restspec_variant("restspec-split16", backend="direct-split@16"),
     "restspec-curve": _restspec_variant("restspec-curve", learn_costs=False),
     "restspec-cap16": _restspec_variant("restspec-cap16", max_budget=16),
+    "restspec-nohistory": _restspec_no_history,
     "restspec-fixed4": _restspec_fixed(4),
     "restspec-fixed8": _restspec_fixed(8),
     "restspec-fixed16": _restspec_fixed(16),

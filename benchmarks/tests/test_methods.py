@@ -28,3 +28,33 @@ def test_suffix_decoding_gets_the_same_warm_start(tiny_engine):
     tree = drafter.propose(output[:half], 8)  # a past output's start: its global tree knows the rest
     drafter.stop_request()
     assert int(output[half]) in tree.tokens[tree.parents < 0].tolist()
+
+
+def assert_states_equal(a: object, b: object) -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            assert_states_equal(a[key], b[key])
+    else:
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.usefixtures("quick_warm_start")
+def test_restspec_without_history_keeps_every_other_source_warmed(tiny_engine):
+    ctx = MethodContext(tiny_engine(warm_start=True))
+    with extra_methods(LAB_METHODS):
+        default, silent = build_methods(["restspec", "restspec-nohistory"], ctx)
+    output = max(ctx.engine.warm.outputs, key=len)
+    half = len(output) // 2
+    trees = {}
+    for method in (default, silent):
+        merged = method.generator.drafter
+        assert [type(d).__name__ for d in merged.drafters][-1] in ("HistoryDrafter", "SilentHistory")
+        history = merged.drafters[-1]
+        history.add(output)  # a past output: the history source knows what follows its first half
+        trees[method.name] = history.propose(output[:half], 8)
+    learned = [m.generator.drafter.state_dict() for m in (default, silent)]
+    for key in ("calibration", "correction", "extender"):  # warmed alike
+        assert_states_equal(learned[0][key], learned[1][key])
+    assert int(output[half]) in trees["restspec"].tokens[trees["restspec"].parents < 0].tolist()
+    assert len(trees["restspec-nohistory"].tokens) == 0

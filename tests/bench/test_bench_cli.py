@@ -70,6 +70,24 @@ def test_bench_user_errors_exit_2(model_dir, tmp_path):
     result = runner.invoke(app, ["bench", "--methods", "plain,warp"])
     assert result.exit_code == 2
     assert "unknown method 'warp'" in result.output
+    result = runner.invoke(app, ["bench", "--samples", "3"])
+    assert result.exit_code == 2
+    assert "--samples=3 needs --temperature > 0" in result.output
+
+
+def test_bench_samples_every_prompt_again_at_a_temperature(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two three\nfour five six\n")
+    out = tmp_path / "bench.json"
+    args = ["bench", "--workload", str(prompts), "--model", str(model_dir), "--methods", "plain,restspec"]
+    args += ["-n", "5", "--temperature", "0.9", "--samples", "2", "--json", str(out), "--no-warmup"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["config"]["samples"] == 2
+    assert data["config"]["temperature"] == 0.9
+    ids = [t["item_id"] for t in data["turns"] if t["method"] == "restspec"]
+    assert ids == ["line1#0", "line1#1", "line2#0", "line2#1"]
 
 
 def test_compare_pools_runs_and_writes_markdown(tmp_path):

@@ -14,6 +14,7 @@ from restspec.bench.workloads import (
     load_humaneval,
     load_prompt_file,
     load_workload,
+    repeated,
     select,
 )
 from restspec.errors import RestspecError
@@ -102,6 +103,17 @@ def test_missing_file_names_the_choices(tmp_path):
         load_workload(tmp_path / "nope.jsonl")
     with pytest.raises(WorkloadError, match="is a directory"):
         load_workload(tmp_path)
+
+
+def test_repeated_asks_every_prompt_in_a_row_under_its_own_id():
+    items = select(load_workload(MT_BENCH), 2)
+    again = repeated(items, 3)
+    assert [i.item_id for i in again] == ["81#0", "81#1", "81#2", "82#0", "82#1", "82#2"]
+    assert [i.turns for i in again] == [items[0].turns] * 3 + [items[1].turns] * 3
+    assert {i.category for i in again[:3]} == {items[0].category}
+    assert repeated(items, 1) == items
+    with pytest.raises(WorkloadError, match="--samples=0 must be >= 1"):
+        repeated(items, 0)
 
 
 def test_select_limits():

@@ -11,7 +11,7 @@ import gzip
 import importlib.util
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from restspec.errors import RestspecError
@@ -175,3 +175,14 @@ def select(items: Iterable[BenchItem], limit: int | None, *, per_category: bool 
             taken[item.category] = taken.get(item.category, 0) + 1
             out.append(item)
     return out
+
+
+def repeated(items: Iterable[BenchItem], samples: int) -> list[BenchItem]:
+    """Every item ``samples`` times in a row, as ``<id>#<sample>`` (``samples`` answers to one prompt,
+    as pass@k and self-consistency runs ask for); ``samples=1``: the items as they are."""
+    if samples < 1:
+        raise WorkloadError(f"--samples={samples} must be >= 1")
+    items = list(items)
+    if samples == 1:
+        return items
+    return [replace(item, item_id=f"{item.item_id}#{s}") for item in items for s in range(samples)]

@@ -89,6 +89,14 @@ def bench(
     per_category: PerCategoryOption = False,
     max_new_tokens: MaxNewTokensOption = DEFAULT_BENCH_TOKENS,
     temperature: TemperatureOption = 0.0,
+    samples: Annotated[
+        int,
+        typer.Option(
+            "--samples",
+            help="Answer every prompt this many times in a row, as pass@k and self-consistency runs "
+            "do (needs --temperature > 0; each method learns from its own earlier answers).",
+        ),
+    ] = 1,
     datastore: DatastoreOption = None,
     model: ModelOption = EMBEDDED_MODEL,
     dtype: DtypeOption = Dtype.float32,
@@ -154,7 +162,7 @@ def bench(
         write_plot,
     )
     from restspec.bench.runner import BenchRun, machine_info, run_bench, warm_up
-    from restspec.bench.workloads import load_workload, select
+    from restspec.bench.workloads import load_workload, repeated, select
     from restspec.errors import GenerationError
 
     check_run_options(max_new_tokens, threads)
@@ -163,7 +171,11 @@ def bench(
     names = parse_methods(methods)
     if reference not in names and reference != "plain":  # without plain there is just no exact figure
         raise GenerationError(f"--reference={reference!r} must be one of --methods ({', '.join(names)})")
-    items = select(load_workload(workload, chat=chat), limit, per_category=per_category)
+    if samples > 1 and temperature == 0.0:
+        raise GenerationError(
+            f"--samples={samples} needs --temperature > 0: greedy answers to one prompt are all the same"
+        )
+    items = repeated(select(load_workload(workload, chat=chat), limit, per_category=per_category), samples)
     err = stderr_console()
     dtype_name = Dtype(dtype).value
     machine = machine_info()
@@ -184,6 +196,7 @@ def bench(
     run_config = {
         **run_settings(engine, ctx, workload, limit, per_category, dtype_name, len(items)),
         "turns": turns,
+        "samples": samples,
     }
 
     def record_setup(partial: BenchRun) -> None:
