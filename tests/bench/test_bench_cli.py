@@ -79,15 +79,18 @@ def test_bench_samples_every_prompt_again_at_a_temperature(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one two three\nfour five six\n")
     out = tmp_path / "bench.json"
-    args = ["bench", "--workload", str(prompts), "--model", str(model_dir), "--methods", "plain,restspec"]
-    args += ["-n", "5", "--temperature", "0.9", "--samples", "2", "--json", str(out), "--no-warmup"]
-    result = CliRunner().invoke(app, args)
+    args = ["bench", "--workload", str(prompts), "--model", str(model_dir), "--reference", "restspec"]
+    args += ["--methods", "plain,restspec,restspec-plain", "-n", "8", "--temperature", "5", "--samples", "2"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out), "--no-warmup"])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["config"]["samples"] == 2
-    assert data["config"]["temperature"] == 0.9
-    ids = [t["item_id"] for t in data["turns"] if t["method"] == "restspec"]
-    assert ids == ["line1#0", "line1#1", "line2#0", "line2#1"]
+    assert data["config"]["temperature"] == 5
+    turns = {(t["item_id"], t["method"]): t for t in data["turns"]}
+    assert [i for i, m in turns if m == "restspec"] == ["line1#0", "line1#1", "line2#0", "line2#1"]
+    # one seed per turn for every method: restspec's loop samples the same tokens with drafts or without
+    assert {m["method"]: m["exact"] for m in data["methods"]}["restspec-plain"] == 1.0
+    assert all(turns[i, "restspec-plain"]["identical"] for i in ("line1#0", "line1#1", "line2#0", "line2#1"))
 
 
 def test_compare_pools_runs_and_writes_markdown(tmp_path):

@@ -63,8 +63,11 @@ class TurnOutput:
 class BenchMethod(Protocol):
     name: str
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float) -> TurnOutput:
-        """Generate for ``prompt_ids`` (the same ids every method gets)."""
+    def generate(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, seed: int | None = None
+    ) -> TurnOutput:
+        """Generate for ``prompt_ids`` (the same ids every method gets); at a temperature, sample
+        with ``seed`` (None: unseeded)."""
 
 
 class _ForwardTimer:
@@ -119,7 +122,9 @@ class HFGenerateMethod:
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float) -> TurnOutput:
+    def generate(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, seed: int | None = None
+    ) -> TurnOutput:
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
         kwargs: dict[str, Any] = {
@@ -130,6 +135,8 @@ class HFGenerateMethod:
         }
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+            if seed is not None:
+                torch.manual_seed(seed)  # transformers samples from torch's global generator
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.prompt_lookup_num_tokens:
@@ -153,12 +160,13 @@ class LoopMethod:
         self.name = name
         self.generator = generator
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float) -> TurnOutput:
+    def generate(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, seed: int | None = None
+    ) -> TurnOutput:
         from restspec.decode import GenerationConfig, SamplingConfig
 
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature)
-        )
+        sampling = SamplingConfig(temperature=temperature, seed=seed if temperature > 0 else None)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling)
         ids = [int(i) for i in prompt_ids]
         t0 = time.perf_counter()
         result = self.generator.generate(ids, config)

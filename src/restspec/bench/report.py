@@ -22,6 +22,9 @@ from restspec.bench.runner import BenchRun, TurnRecord
 from restspec.errors import RestspecError
 
 BASELINE = "plain"
+TRANSFORMERS_SAMPLERS = ("plain", "pld")
+"""Methods that sample as transformers' ``generate`` does: at a temperature their tokens are not
+restspec's for the same seed, so nothing is compared against them as a reference."""
 TIME_PARTS = ("draft", "forward", "accept", "other")
 OURS = "restspec"
 """The method the paired comparison (:func:`compare`) sets against every other method of a run."""
@@ -171,7 +174,9 @@ def _by_width(records: Sequence[TurnRecord]) -> list[WidthRow]:
 
 def summarize(run: BenchRun) -> list[MethodSummary]:
     """Per method (in run order): overall figures and figures per category (in workload order)."""
-    exact_known = run.reference in run.methods and run.temperature == 0.0
+    exact_known = run.reference in run.methods and (
+        run.temperature == 0.0 or run.reference not in TRANSFORMERS_SAMPLERS
+    )
     by_method: dict[str, list[TurnRecord]] = {m: [] for m in run.methods}
     for r in run.records:
         by_method[r.method].append(r)

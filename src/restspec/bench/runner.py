@@ -23,6 +23,8 @@ from restspec.bench.workloads import BenchItem
 from restspec.decode.budget import cpu_model_name
 from restspec.errors import RestspecError
 
+SEED_STRIDE = 1000
+"""Seeds of one item's turns: ``SEED_STRIDE * item + turn``."""
 WARMUP_PROMPT = "def fibonacci(n):\n    "
 """Warm-up prompt (not from any workload): its output is discarded and no drafter sees it."""
 WARMUP_TOKENS = 8
@@ -74,6 +76,7 @@ class BenchRun:
         return {
             "methods": self.methods,
             "temperature": self.temperature,
+            "seeds": f"{SEED_STRIDE} x item + turn" if self.temperature > 0 else None,
             "max_new_tokens": self.max_new_tokens,
             "reference": self.reference,
             **self.config,
@@ -146,6 +149,11 @@ def balanced_orders(n: int) -> list[list[int]]:
     return rows
 
 
+def turn_seed(item: int, turn: int) -> int:
+    """The sampling seed of turn ``turn`` of the ``item``-th item of a run, the same for every method."""
+    return SEED_STRIDE * item + turn
+
+
 def run_bench(
     items: Sequence[BenchItem],
     methods: Sequence[BenchMethod],
@@ -161,6 +169,8 @@ def run_bench(
     """Run every method on every item, interleaved per item; returns every turn's record.
 
     ``balanced``: vary the method order by item (:func:`balanced_orders`), else always as given.
+    At a temperature every method samples each turn with the same seed (:func:`turn_seed`): restspec's
+    loops then give the same tokens whatever they draft, so their speeds compare on the same text.
     ``progress(description)`` is called after each (item, method) pair. ``identical`` compares every
     turn's output ids with the ``reference`` method's (plain greedy by default). ``on_item(run)`` is
     called after every item with the records so far (to save partial results of a long run).
@@ -183,7 +193,8 @@ def run_bench(
             for text in item.turns:
                 messages.append({"role": "user", "content": text})
                 ids = prompt_ids(tokenizer, item, messages)
-                out = method.generate(ids, max_new_tokens, temperature)
+                seed = turn_seed(index, len(turns)) if temperature > 0 else None
+                out = method.generate(ids, max_new_tokens, temperature, seed)
                 turns.append((len(ids), out))
                 messages.append({"role": "assistant", "content": answer_text(tokenizer, out.output_ids)})
             outputs[method.name] = turns

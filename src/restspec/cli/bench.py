@@ -112,7 +112,10 @@ def bench(
     reference: Annotated[
         str,
         typer.Option(
-            "--reference", help="Method whose outputs 'exact' compares against (must be in --methods)."
+            "--reference",
+            help="Method whose outputs 'exact' compares against (must be in --methods). At a "
+            "temperature every method samples each turn with the same seed; restspec's methods then "
+            "give the same tokens (--reference restspec checks it), transformers' (plain, pld) others.",
         ),
     ] = "plain",
     chat: Annotated[
