@@ -179,7 +179,8 @@ def select(items: Iterable[BenchItem], limit: int | None, *, per_category: bool 
 
 def repeated(items: Iterable[BenchItem], samples: int) -> list[BenchItem]:
     """Every item ``samples`` times in a row, as ``<id>#<sample>`` (``samples`` answers to one prompt,
-    as pass@k and self-consistency runs ask for); ``samples=1``: the items as they are."""
+    as pass@k and self-consistency runs ask for, or one request repeated); ``samples=1``: the items
+    as they are."""
     if samples < 1:
         raise WorkloadError(f"--samples={samples} must be >= 1")
     items = list(items)

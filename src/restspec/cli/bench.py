@@ -93,8 +93,9 @@ def bench(
         int,
         typer.Option(
             "--samples",
-            help="Answer every prompt this many times in a row, as pass@k and self-consistency runs "
-            "do (needs --temperature > 0; each method learns from its own earlier answers).",
+            help="Answer every prompt this many times in a row: samples at a temperature, as pass@k "
+            "and self-consistency runs ask for; at temperature 0 the same request again, as repeated "
+            "traffic. Each method learns from its own earlier answers.",
         ),
     ] = 1,
     datastore: DatastoreOption = None,
@@ -174,10 +175,6 @@ def bench(
     names = parse_methods(methods)
     if reference not in names and reference != "plain":  # without plain there is just no exact figure
         raise GenerationError(f"--reference={reference!r} must be one of --methods ({', '.join(names)})")
-    if samples > 1 and temperature == 0.0:
-        raise GenerationError(
-            f"--samples={samples} needs --temperature > 0: greedy answers to one prompt are all the same"
-        )
     items = repeated(select(load_workload(workload, chat=chat), limit, per_category=per_category), samples)
     err = stderr_console()
     dtype_name = Dtype(dtype).value
