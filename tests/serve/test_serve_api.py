@@ -132,6 +132,27 @@ def test_seeded_sampling_is_repeatable_and_follows_the_generator(client, generat
     assert greedy["choices"][0]["text"] != first, "sampling at temperature 1.3 should leave the greedy path"
 
 
+def test_n_choices_are_the_answers_of_seeds_seed_plus_0_to_n_minus_1(client, generator):
+    sampling = {"temperature": 1.3, "top_k": 50, "seed": 77}
+    body = {"prompt": CODE_PROMPT, "max_tokens": 8, "n": 3, "restspec_stats": True, **sampling}
+    answer = client.post("/v1/completions", json=body).json()
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    texts = [c["text"] for c in answer["choices"]]
+    for index, text in enumerate(texts):
+        seeded = SamplingConfig(**{**sampling, "seed": 77 + index})
+        assert text == direct(generator, CODE_PROMPT, 8, sampling=seeded).text
+    assert len(set(texts)) > 1, "three samples at temperature 1.3 should not all agree"
+    usage, per_choice = answer["usage"], answer["restspec"]  # the prompt once, every choice's tokens
+    assert usage["completion_tokens"] == sum(s["steps"] + s["accepted_draft_tokens"] for s in per_choice)
+    single = client.post("/v1/completions", json={**body, "n": 1}).json()
+    assert usage["prompt_tokens"] == single["usage"]["prompt_tokens"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert isinstance(single["restspec"], dict)
+    chat = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4, "n": 2}).json()
+    assert [c["index"] for c in chat["choices"]] == [0, 1]
+    assert chat["choices"][0]["message"] == chat["choices"][1]["message"]  # greedy: one answer, twice
+
+
 def test_the_restspec_extension_reports_speculation_only_when_asked(client):
     # The tiny model loops under greedy decoding, so the lookup drafter's drafts get accepted.
     body = {"prompt": CODE_PROMPT, "max_tokens": 60}

@@ -93,6 +93,41 @@ def test_concurrent_requests_share_forwards_and_each_gets_its_answer_alone(tiny_
         assert max(r.started_at for r in records) < min(r.finished_at for r in records)
 
 
+def test_n_choices_share_forwards_each_the_answer_of_its_seed(tiny_model):
+    seeded = {"temperature": 1.3, "top_k": 50}
+    with batched_server(tiny_model, LookupDrafter(), delay_s=STEP_DELAY_S) as (url, app, gated, log):
+        alone = [text_of(complete(url, PROMPTS[2], 12, seed=5 + i, **seeded)) for i in range(MAX_BATCH)]
+        log.batch_sizes.clear()
+        gated.gate(MAX_BATCH)
+        answer = complete(url, PROMPTS[2], 12, n=MAX_BATCH, seed=5, **seeded)
+        assert [choice["text"] for choice in answer["choices"]] == alone
+        assert max(log.batch_sizes) == MAX_BATCH  # the choices were verified in one forward
+        records = list(app.state.worker.recent)[-MAX_BATCH:]
+        assert sorted(r.job_id.rsplit("-", 1)[1] for r in records) == ["0", "1", "2"]
+        assert all(r.completed for r in records)
+
+
+def test_choices_that_do_not_all_fit_the_queue_are_a_503_and_none_runs(tiny_model):
+    from restspec.decode import SpeculativeGenerator
+
+    model, tokenizer = tiny_model
+    real = SpeculativeGenerator(model, tokenizer, drafter=LookupDrafter(), budget=2, max_batch=MAX_BATCH)
+    wedged = WedgedGenerator(real)  # every running request holds after its first chunk
+    app = make_app(wedged, limits=ServerLimits(max_queued=2))
+    worker = app.state.worker
+    with running_server(app) as url, ThreadPoolExecutor(MAX_BATCH + 1) as pool:
+        held = [pool.submit(complete, url, p, 4) for p in [*PROMPTS, PROMPTS[0]]]
+        wait_for(lambda: worker.running == MAX_BATCH and worker.queued == 1)
+        body = {"prompt": "hi", "max_tokens": 4, "n": 2}  # room for one of its two choices
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "queue_full"
+        wedged.release()
+        assert all(future.result(REQUEST_TIMEOUT_S)["choices"] for future in held)
+        wait_for(lambda: not worker.busy and worker.queued == 0)
+    refused = [r for r in worker.recent if r.job_id.endswith("-0")]
+    assert len(refused) == 1 and refused[0].cancelled and refused[0].tokens == 0
+
+
 QUESTION = {"prompt": PROMPTS[2], "max_tokens": 40, "restspec_stats": True}
 
 

@@ -90,19 +90,21 @@ def test_closing_a_stream_after_the_first_chunk_stops_generation(slow_server, pa
     assert_next_request_succeeds(base_url)
 
 
-def test_a_non_streaming_client_that_gives_up_stops_generation(slow_server):
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_non_streaming_client_that_gives_up_stops_generation(slow_server, n):
+    """With n=2 on this one-at-a-time server the second choice waits in the queue: it never runs."""
     base_url, worker, drafter = slow_server
     jobs_before = finished_jobs(worker)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             f"{base_url}/v1/completions",
-            json={"prompt": PROMPT, "max_tokens": LONG_MAX_TOKENS},
+            json={"prompt": PROMPT, "max_tokens": LONG_MAX_TOKENS, "n": n},
             timeout=httpx.Timeout(REQUEST_TIMEOUT_S, read=10 * STEP_DELAY_S),
         )
-    wait_until_idle(worker, jobs_before)
-    record = worker.recent[-1]
-    assert record.cancelled
-    assert record.tokens < LONG_MAX_TOKENS // 2
+    wait_until_idle(worker, jobs_before + n - 1)
+    records = list(worker.recent)[-n:]
+    assert all(record.cancelled for record in records)
+    assert all(record.tokens < LONG_MAX_TOKENS // 2 for record in records)
     assert not drafter.active
     assert_next_request_succeeds(base_url)
 

@@ -65,7 +65,8 @@ BAD_CHAT_BODIES = [
     ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", ["at most 4"]),
     ({"messages": USER, "stop": ""}, "stop", ["empty"]),
     ({"messages": USER, "stop": 3}, "stop", []),
-    ({"messages": USER, "n": 2}, "n", ["n=2", "n=1"]),
+    ({"messages": USER, "n": 2, "stream": True}, "n", ["n=2", "stream=false"]),
+    ({"messages": USER, "n": 17}, "n", ["less than or equal to 16"]),
     ({"messages": USER, "seed": -1}, "seed", ["greater than or equal to 0"]),
     ({"messages": USER, "seed": "abc"}, "seed", []),
     ({"messages": USER, "seed": 2**64}, "seed", ["less than or equal to"]),
@@ -92,7 +93,7 @@ BAD_COMPLETION_BODIES = [
     ({"prompt": "hi", "best_of": 3}, "best_of", ["best_of=3"]),
     ({"prompt": "hi", "logprobs": 2}, "logprobs", ["not supported"]),
     ({"prompt": "hi", "suffix": "end"}, "suffix", ["not supported"]),
-    ({"prompt": "hi", "n": 0}, "n", ["n=0"]),
+    ({"prompt": "hi", "n": 0}, "n", ["greater than or equal to 1"]),
     ({"prompt": "hi", "echo": "true"}, "echo", []),
 ]
 

@@ -57,11 +57,11 @@ def test_the_openai_client_completes_text(openai_client):
 def test_the_openai_client_raises_bad_request_with_the_message(openai_client):
     with pytest.raises(openai.BadRequestError) as caught:
         openai_client.chat.completions.create(
-            model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], n=2
+            model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], n=2, stream=True
         )
     assert caught.value.status_code == 400
     assert caught.value.param == "n"
-    assert "n=1" in caught.value.message
+    assert "stream=false" in caught.value.message
     with pytest.raises(openai.BadRequestError) as caught:
         openai_client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.code == "model_not_found"

@@ -41,7 +41,7 @@ from restspec.serve.errors import SERVER_ERROR, APIError, install_error_handlers
 from restspec.serve.metrics import ServerMetrics
 from restspec.serve.middleware import BearerAuth, BodyLimit
 from restspec.serve.persist import HistoryFileError, HistoryStore, load_states
-from restspec.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from restspec.serve.schemas import MAX_SEED, ChatCompletionRequest, CompletionRequest, SamplingRequest
 from restspec.serve.tenancy import TenantDrafters, tenant_of
 from restspec.serve.worker import GenerationWorker, Generator, Job, QueueFull, StopReason, result_of
 
@@ -300,9 +300,9 @@ class _Chat:
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def choice(self, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
         return {
-            "index": 0,
+            "index": index,
             "message": {"role": "assistant", "content": text},
             "logprobs": None,
             "finish_reason": finish_reason,
@@ -337,8 +337,8 @@ class _Completion:
         """The prompt's text for ``echo``; computed after the prompt was accepted (ids are valid)."""
         return self._echo() if self._echo is not None else ""
 
-    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": self.echo + text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
+        return {"index": index, "text": self.echo + text, "logprobs": None, "finish_reason": finish_reason}
 
     def opening_chunk_choice(self) -> dict[str, Any] | None:
         return self.delta_choice(self.echo, None) if self.echo else None
@@ -347,9 +347,10 @@ class _Completion:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
-    prompt_tokens = len(result.prompt_ids)
-    completion_tokens = len(result.output_ids)
+def usage(results: Sequence[GenerationResult]) -> dict[str, int]:
+    """Tokens of one request: its prompt once, the completions of all its choices."""
+    prompt_tokens = len(results[0].prompt_ids)
+    completion_tokens = sum(len(result.output_ids) for result in results)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -447,66 +448,86 @@ class _Server:
         )
         tenant = tenant_of(getattr(request.state, "api_key", None), body.user)
         request_id = kind.id_prefix + uuid.uuid4().hex
-        try:
-            job = self.worker.submit(prompt_ids, gen_config, tenant=tenant, job_id=request_id)
-        except QueueFull:
-            retry_after = min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.worker.expected_wait_s())))
-            raise APIError(
-                f"the server is busy: {self.worker.queued} requests are waiting (--max-queued); "
-                f"retry in about {retry_after} s",
-                status=503,
-                type=SERVER_ERROR,
-                code="queue_full",
-                headers={"Retry-After": str(retry_after)},
-            ) from None
+        jobs = self.submit(prompt_ids, gen_config, tenant, request_id, body.choices())
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         timeout = self.config.limits.request_timeout_s
-        watch = _Watch(request, job, None if timeout is None else arrived + timeout)
+        deadline = None if timeout is None else arrived + timeout
+        watches = [_Watch(request, job, deadline) for job in jobs]
         created = int(time.time())
+        stats = body.restspec_stats
+        streaming = False
         try:
-            first = await watch.next_chunk()  # the first chunk comes after the prefill
-            if first is None:
-                raise _Ended(watch.stopped())
+            if body.stream:  # one job (the schema allows no more)
+                first = await watches[0].next_chunk()  # the first chunk comes after the prefill
+                if first is None:
+                    raise _Ended(watches[0].stopped())
+                streaming = True
+            else:
+                results = await _all_results(watches)
         except _Ended as ended:
-            job.stop(ended.reason)
             if ended.reason is StopReason.client:  # nobody reads this
                 self.metrics.request(endpoint, "cancelled")
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             raise self.ended_error(ended.reason) from None
         except RestspecError as error:
-            job.stop(StopReason.client)
             raise APIError(str(error), code="invalid_request") from error
+        finally:
+            if not streaming:  # the stream's own events stop its job when they end
+                for job in jobs:
+                    job.stop(StopReason.client)  # a no-op once it ended
 
-        stats = body.restspec_stats
         if body.stream:
             envelope = {"id": request_id, "object": kind.chunk_object, "created": created}
             envelope["model"] = self.config.model_id
             events = self.stream_events(
-                watch, first, envelope, kind, endpoint, include_usage=body.include_usage(), stats=stats
+                watches[0], first, envelope, kind, endpoint, include_usage=body.include_usage(), stats=stats
             )
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
-        try:
-            result = await watch.drain(first)
-        except _Ended as ended:
-            if ended.reason is StopReason.client:
-                self.metrics.request(endpoint, "cancelled")
-                return Response(status_code=CLIENT_CLOSED_REQUEST)
-            raise self.ended_error(ended.reason) from None
-        finally:
-            job.stop(StopReason.client)  # a no-op once it ended
         self.metrics.request(endpoint, "completed")
         answer = {
             "id": request_id,
             "object": kind.object,
             "created": created,
             "model": self.config.model_id,
-            "choices": [kind.choice(result.text, FINISH_REASONS[result.finish_reason])],
-            "usage": usage(result),
+            "choices": [
+                kind.choice(result.text, FINISH_REASONS[result.finish_reason], index)
+                for index, result in enumerate(results)
+            ],
+            "usage": usage(results),
         }
         if stats:
-            answer["restspec"] = speculative_stats(result)
+            figures = [speculative_stats(result) for result in results]
+            answer["restspec"] = figures[0] if len(figures) == 1 else figures
         return JSONResponse(answer)
+
+    def submit(
+        self, prompt_ids: np.ndarray, config: GenerationConfig, tenant: str, request_id: str, n: int
+    ) -> list[Job]:
+        """Queue ``n`` jobs for one request (with a seed, job i samples with seed + i); a full queue
+        stops those already queued and is a 503."""
+        jobs: list[Job] = []
+        seed = config.sampling.seed
+        for index in range(n):
+            if index and seed is not None:
+                sampling = replace(config.sampling, seed=(seed + index) % (MAX_SEED + 1))
+                config = replace(config, sampling=sampling)
+            job_id = request_id if n == 1 else f"{request_id}-{index}"
+            try:
+                jobs.append(self.worker.submit(prompt_ids, config, tenant=tenant, job_id=job_id))
+            except QueueFull:
+                for job in jobs:
+                    job.stop(StopReason.client)
+                retry_after = min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.worker.expected_wait_s())))
+                raise APIError(
+                    f"the server is busy: {self.worker.queued} requests are waiting (--max-queued); "
+                    f"retry in about {retry_after} s",
+                    status=503,
+                    type=SERVER_ERROR,
+                    code="queue_full",
+                    headers={"Retry-After": str(retry_after)},
+                ) from None
+        return jobs
 
     def generation_config(self, body: SamplingRequest) -> GenerationConfig:
         """The request's fields over the server's defaults; invalid combinations and values past the
@@ -630,7 +651,7 @@ class _Server:
             extra = {"restspec": speculative_stats(result)} if stats else {}
             yield event(kind.delta_choice("", FINISH_REASONS[result.finish_reason]), **extra)
             if include_usage:
-                yield event(None, usage=usage(result))
+                yield event(None, usage=usage([result]))
             outcome = "completed"
         except _Ended as ended:
             if ended.reason is StopReason.client:
@@ -686,6 +707,13 @@ class _Watch:
             if not pending.done():
                 pending.cancel()
 
+    async def result(self) -> GenerationResult:
+        """Read the job from its first chunk to its result (raises :class:`_Ended` if it stops first)."""
+        first = await self.next_chunk()
+        if first is None:
+            raise _Ended(self.stopped())
+        return await self.drain(first)
+
     async def drain(self, first: StreamChunk) -> GenerationResult:
         """Read the job to its result (raises :class:`_Ended` if it stops first)."""
         chunk: StreamChunk | None = first
@@ -706,6 +734,20 @@ class _Watch:
         with contextlib.suppress(_Ended):
             while await self.next_chunk() is not None:
                 pass
+
+
+async def _all_results(watches: Sequence[_Watch]) -> list[GenerationResult]:
+    """Every job's result, read side by side; the first to stop without one raises, and the others'
+    reading is cancelled (the caller stops their jobs)."""
+    tasks = [asyncio.ensure_future(watch.result()) for watch in watches]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved, so a second failure is not logged as never retrieved
 
 
 def _is_template_error(error: BaseException) -> bool:

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible endpoints, validated by pydantic.
 
 Types are strict (``"0.7"`` is not a temperature, ``1`` is not ``true``), and fields restspec cannot
-honour are accepted only at their neutral value: ``n=2``, ``logprobs=true`` or ``min_p=0.1`` is a 400
+honour are accepted only at their neutral value: ``best_of=2``, ``logprobs=true`` or ``min_p=0.1`` is a 400
 that says so rather than a silently different answer. Fields other servers take that would change the
 answer (:data:`ANSWER_CHANGING`) are known by name; any other unknown field is ignored (clients send
 bookkeeping fields such as ``metadata`` or ``store``). Every failure here becomes a 400 in OpenAI's
@@ -24,6 +24,8 @@ MAX_TEMPERATURE = 2.0
 """OpenAI's upper bound for ``temperature``."""
 
 MAX_SEED = 2**64 - 1
+MAX_CHOICES = 16
+"""Most completions (``n``) one request may ask for."""
 """The largest seed torch's random generator takes."""
 
 
@@ -125,7 +127,9 @@ class SamplingRequest(_Strict):
     """restspec extension: keep only the k most likely tokens when sampling (0 = all)."""
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: str | list[str] | None = None
-    n: int | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    """Completions of the same prompt (each its own request in the batch; with ``seed``, choice i is
+    sampled with ``seed + i``)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
@@ -156,9 +160,9 @@ class SamplingRequest(_Strict):
                     value,
                     f"{name} is not supported and would change the answer; leave it out",
                 )
-        if self.n is not None and self.n != 1:
+        if self.stream and self.choices() > 1:
             raise UnsupportedValue(
-                "n", self.n, "restspec returns one completion per request; send n=1 or leave it out"
+                "n", self.n, "restspec streams one completion per request; send n=1 or stream=false"
             )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -183,6 +187,10 @@ class SamplingRequest(_Strict):
     def max_tokens_param(self) -> str:
         """The field :meth:`requested_max_tokens` came from."""
         return "max_tokens"
+
+    def choices(self) -> int:
+        """How many completions to return (``n``, 1 when left out)."""
+        return 1 if self.n is None else self.n
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
