@@ -54,6 +54,17 @@ def test_the_openai_client_completes_text(openai_client):
     assert "".join(c.choices[0].text for c in streamed) == answer.choices[0].text
 
 
+def test_the_openai_client_reads_n_choices(openai_client):
+    answer = openai_client.completions.create(
+        model=MODEL_ID, prompt="import os\n", max_tokens=MAX_TOKENS, n=3, temperature=1.5, seed=11
+    )
+    assert [choice.index for choice in answer.choices] == [0, 1, 2]
+    again = openai_client.completions.create(
+        model=MODEL_ID, prompt="import os\n", max_tokens=MAX_TOKENS, temperature=1.5, seed=12
+    )
+    assert answer.choices[1].text == again.choices[0].text  # choice 1 is seed + 1's answer
+
+
 def test_the_openai_client_raises_bad_request_with_the_message(openai_client):
     with pytest.raises(openai.BadRequestError) as caught:
         openai_client.chat.completions.create(
