@@ -1,7 +1,8 @@
 """Concurrent requests share the batched loop (``--max-batch``), on a real server on 127.0.0.1: they are
 verified in the same forwards, each answer is the one its request gets alone, two tenants in one batch
-keep their histories apart, a client that leaves takes only its own request out of the batch, and a full
-queue is still answered 503 while ``max_batch`` requests run.
+keep their histories apart, a client that leaves takes only its own request out of the batch, a full
+queue is still answered 503 while ``max_batch`` requests run, and a request's ``n`` choices run in one
+batch or, when the queue cannot take them all, not at all.
 
 Requests overlap by construction, not by timing: a gated generator holds each stream until all of the
 batch's streams have begun (a worker that ran fewer jobs at once would never let them all begin)."""
@@ -107,17 +108,25 @@ def test_n_choices_share_forwards_each_the_answer_of_its_seed(tiny_model):
         assert all(r.completed for r in records)
 
 
-def test_choices_that_do_not_all_fit_the_queue_are_a_503_and_none_runs(tiny_model):
+@contextmanager
+def full_batch(tiny_model, max_queued: int) -> Iterator:
+    """A real server with MAX_BATCH requests running, each held after its first chunk, and one more
+    queued; yields (base URL, worker, the held generator, the four requests' futures)."""
     from restspec.decode import SpeculativeGenerator
 
     model, tokenizer = tiny_model
     real = SpeculativeGenerator(model, tokenizer, drafter=LookupDrafter(), budget=2, max_batch=MAX_BATCH)
     wedged = WedgedGenerator(real)  # every running request holds after its first chunk
-    app = make_app(wedged, limits=ServerLimits(max_queued=2))
+    app = make_app(wedged, limits=ServerLimits(max_queued=max_queued))
     worker = app.state.worker
     with running_server(app) as url, ThreadPoolExecutor(MAX_BATCH + 1) as pool:
         held = [pool.submit(complete, url, p, 4) for p in [*PROMPTS, PROMPTS[0]]]
         wait_for(lambda: worker.running == MAX_BATCH and worker.queued == 1)
+        yield url, worker, wedged, held
+
+
+def test_choices_that_do_not_all_fit_the_queue_are_a_503_and_none_runs(tiny_model):
+    with full_batch(tiny_model, max_queued=2) as (url, worker, wedged, held):
         body = {"prompt": "hi", "max_tokens": 4, "n": 2}  # room for one of its two choices
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
         assert response.status_code == 503 and response.json()["error"]["code"] == "queue_full"
@@ -204,16 +213,7 @@ def test_a_client_leaving_takes_only_its_request_out_of_the_batch(tiny_model):
 
 
 def test_a_full_queue_is_answered_503_while_max_batch_requests_run(tiny_model):
-    from restspec.decode import SpeculativeGenerator
-
-    model, tokenizer = tiny_model
-    real = SpeculativeGenerator(model, tokenizer, drafter=LookupDrafter(), budget=2, max_batch=MAX_BATCH)
-    wedged = WedgedGenerator(real)  # every running request holds after its first chunk
-    app = make_app(wedged, limits=ServerLimits(max_queued=1))
-    worker = app.state.worker
-    with running_server(app) as url, ThreadPoolExecutor(MAX_BATCH + 1) as pool:
-        held = [pool.submit(complete, url, p, 4) for p in [*PROMPTS, PROMPTS[0]]]
-        wait_for(lambda: worker.running == MAX_BATCH and worker.queued == 1)
+    with full_batch(tiny_model, max_queued=1) as (url, worker, wedged, held):
         response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=REQUEST_TIMEOUT_S)
         assert response.status_code == 503 and response.json()["error"]["code"] == "queue_full"
         assert int(response.headers["Retry-After"]) >= 1
