@@ -458,9 +458,7 @@ class _Server:
         streaming = False
         try:
             if body.stream:  # one job (the schema allows no more)
-                first = await watches[0].next_chunk()  # the first chunk comes after the prefill
-                if first is None:
-                    raise _Ended(watches[0].stopped())
+                first = await watches[0].first()
                 streaming = True
             else:
                 results = await _all_results(watches)
@@ -707,12 +705,17 @@ class _Watch:
             if not pending.done():
                 pending.cancel()
 
+    async def first(self) -> StreamChunk:
+        """The job's first chunk, which comes after the prefill (raises :class:`_Ended` if it stops
+        first)."""
+        chunk = await self.next_chunk()
+        if chunk is None:
+            raise _Ended(self.stopped())
+        return chunk
+
     async def result(self) -> GenerationResult:
         """Read the job from its first chunk to its result (raises :class:`_Ended` if it stops first)."""
-        first = await self.next_chunk()
-        if first is None:
-            raise _Ended(self.stopped())
-        return await self.drain(first)
+        return await self.drain(await self.first())
 
     async def drain(self, first: StreamChunk) -> GenerationResult:
         """Read the job to its result (raises :class:`_Ended` if it stops first)."""
