@@ -24,9 +24,9 @@ MAX_TEMPERATURE = 2.0
 """OpenAI's upper bound for ``temperature``."""
 
 MAX_SEED = 2**64 - 1
+"""The largest seed torch's random generator takes."""
 MAX_CHOICES = 16
 """Most completions (``n``) one request may ask for."""
-"""The largest seed torch's random generator takes."""
 
 
 ANSWER_CHANGING: dict[str, tuple[Any, ...]] = {
