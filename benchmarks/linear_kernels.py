@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from benchmarks.latency import timed
 from restspec.bench.runner import machine_info
 
 LAYERS = 30
@@ -85,14 +85,8 @@ def numba_linear(x, w, out):
             m += 1
 
 
-def median_ms(run: Callable[[], None], repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    return statistics.median(timed(run, repeats, warmup=1)) * 1000
 
 
 def main() -> None:
