@@ -45,9 +45,10 @@ from restspec.models import dtype_name
 
 BACKEND_NAMES = ("model", "direct", "direct-packed", "direct-split")
 """Every backend, in the order :func:`choose_backend` considers them."""
-CHOICE_VERSION = 3
+CHOICE_VERSION = 4
 """Bump when the backends or the measurement change, so cached choices are made again (3: a choice
-timed while other work competed for the CPU is no longer cached)."""
+timed while other work competed for the CPU is no longer cached; 4: the direct forward without module
+calls)."""
 TIMING_WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16)
 """Forward widths (root + tree nodes) the candidates are timed at: a plain step and typical trees."""
 TIMING_PAST_LEN = 320

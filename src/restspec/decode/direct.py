@@ -8,7 +8,10 @@ output-capturing decorators, attention-interface dispatch and cache bookkeeping,
 ``MistralModel`` in one loop over the layers' weights, reading the model and never writing it:
 
 - q/k/v (and gate/up) are computed by one call, used as views of its output: the packed group matmul
-  of :mod:`restspec.decode.kernels` when given packed weights, else the modules' own outputs joined;
+  of :mod:`restspec.decode.kernels` when given packed weights, else ``F.linear`` on each module's
+  weights, joined (the linears' arithmetic without ``nn.Module.__call__``: worth 2-3 ms a forward of
+  210 linears on a small CPU);
+- the norms' weights are read once, and their float32 casts (no-ops) skipped;
 - the rotary embedding is applied to q and k in one pass over their joint view;
 - attention is the same ``F.scaled_dot_product_attention`` call on the same cache layers, over the
   key/value heads directly (``enable_gqa``) instead of copies repeated per query head.
@@ -22,7 +25,8 @@ embeddings, fails the probe and keeps its own forward).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -34,57 +38,62 @@ if TYPE_CHECKING:
     from restspec.decode.verify import Segment
 
 
-def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm.forward``, operation for operation."""
+Linear = Callable[[torch.Tensor], torch.Tensor]
+"""One or more linears that read the same input, as one function: their outputs side by side."""
+
+
+def _linear(packed: PackedWeights | None, *modules: torch.nn.Linear) -> Linear:
+    """``modules`` (linears reading the same input) as one function of the input: their packed group's
+    one matmul where they are one group, each member's packed matmul where they are packed apart, else
+    ``F.linear`` on their own weights (the arithmetic of calling them, without the module machinery)."""
+    if packed is not None:
+        group = packed.group_of(list(modules))
+        if group is not None:
+            return group.matmul
+        singles = [packed.group_of([m]) for m in modules]
+        if all(g is not None for g in singles):
+            matmuls = [g.matmul for g in singles]  # type: ignore[union-attr]
+            return lambda x: torch.cat([f(x) for f in matmuls], dim=-1)
+    stock = [partial(F.linear, weight=m.weight, bias=m.bias) for m in modules]
+    if len(stock) == 1:
+        return stock[0]
+    return lambda x: torch.cat([f(x) for f in stock], dim=-1)
+
+
+def _rms_norm(weight: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``, operation for operation (its casts are no-ops on float32)."""
+    if x.dtype == torch.float32:
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     dtype = x.dtype
     x = x.to(torch.float32)
-    variance = x.pow(2).mean(-1, keepdim=True)
-    x = x * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class _Fused:
-    """Linears that read the same input, as one output whose last dimension is theirs side by side: for
-    float32 inputs their packed group's one matmul where they are one group, each member's own packed
-    matmul where they are packed apart; the modules' own outputs otherwise."""
-
-    def __init__(self, packed: PackedWeights | None, *modules: torch.nn.Linear) -> None:
-        self.modules = modules
-        self.group = packed.group_of(list(modules)) if packed is not None else None
-        self.singles = [packed.group_of([m]) if packed is not None else None for m in modules]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            if self.group is not None:
-                return self.group.matmul(x)
-            if all(g is not None for g in self.singles):
-                return torch.cat([g.matmul(x) for g in self.singles], dim=-1)  # type: ignore[union-attr]
-        if len(self.modules) == 1:
-            return self.modules[0](x)
-        return torch.cat([m(x) for m in self.modules], dim=-1)
+def _norm(module: Any) -> tuple[torch.Tensor, float]:
+    """An RMS norm's weight and epsilon (``variance_epsilon`` in Llama's norm, ``eps`` in others), read
+    once."""
+    eps = getattr(module, "variance_epsilon", None)
+    return module.weight, float(module.eps if eps is None else eps)
 
 
 class _Block(NamedTuple):
     """One decoder layer's parts and sizes, read once."""
 
-    in_norm: Any
-    qkv: _Fused
-    q_size: int
+    in_norm: tuple[torch.Tensor, float]
+    qkv: Linear
+    q_heads: int
     k_size: int
     head_dim: int
     scaling: float
-    gqa: bool
-    o_proj: _Fused
-    mlp_norm: Any
-    gate_up: _Fused
+    gqa: dict[str, bool]
+    """``enable_gqa`` for the attention call where key/value heads are fewer than query heads."""
+    o_proj: Linear
+    mlp_norm: tuple[torch.Tensor, float]
+    gate_up: Linear
     gate_size: int
     act: Any
-    down: _Fused
+    down: Linear
 
 
 _Span = tuple[int, int, Any, torch.Tensor]
@@ -96,32 +105,33 @@ class DirectForward:
     + gated MLP blocks, rotary positions, tied or untied LM head), run layer by layer.
 
     ``packed``: the model's packed weights, whose group matmuls then serve every linear they hold.
-    Raises ``AttributeError`` for a model without those parts."""
+    The weight and norm tensors are read once, here (changes in place are seen, replaced parameters
+    are not: build it again). Raises ``AttributeError`` for a model without those parts."""
 
     def __init__(self, model: Any, packed: PackedWeights | None = None) -> None:
         decoder = model.model
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
-        self.norm = decoder.norm
-        self.lm_head = _Fused(packed, model.lm_head)
+        self.norm = _norm(decoder.norm)
+        self.lm_head = _linear(packed, model.lm_head)
         self.layers = []
         for layer in decoder.layers[: model.config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 _Block(
-                    in_norm=layer.input_layernorm,
-                    qkv=_Fused(packed, attn.q_proj, attn.k_proj, attn.v_proj),
-                    q_size=attn.q_proj.out_features,
+                    in_norm=_norm(layer.input_layernorm),
+                    qkv=_linear(packed, attn.q_proj, attn.k_proj, attn.v_proj),
+                    q_heads=attn.q_proj.out_features // attn.head_dim,
                     k_size=attn.k_proj.out_features,
                     head_dim=attn.head_dim,
                     scaling=attn.scaling,
-                    gqa=attn.num_key_value_groups > 1,
-                    o_proj=_Fused(packed, attn.o_proj),
-                    mlp_norm=layer.post_attention_layernorm,
-                    gate_up=_Fused(packed, mlp.gate_proj, mlp.up_proj),
+                    gqa={"enable_gqa": True} if attn.num_key_value_groups > 1 else {},
+                    o_proj=_linear(packed, attn.o_proj),
+                    mlp_norm=_norm(layer.post_attention_layernorm),
+                    gate_up=_linear(packed, mlp.gate_proj, mlp.up_proj),
                     gate_size=mlp.gate_proj.out_features,
                     act=mlp.act_fn,
-                    down=_Fused(packed, mlp.down_proj),
+                    down=_linear(packed, mlp.down_proj),
                 )
             )
 
@@ -131,9 +141,8 @@ class DirectForward:
     ) -> torch.Tensor:
         """Logits (n, V) of ``input_ids`` (1, n) at ``position_ids`` (1, n) on top of ``cache``, with
         the additive ``mask`` (1, 1, n, past + n)."""
-        n = input_ids.shape[1]
-        x = self._layers(input_ids, position_ids, [(0, n, cache, mask)])
-        return self.lm_head(_rms_norm(self.norm, x))[0]
+        x = self._layers(input_ids, position_ids, [(0, input_ids.shape[1], cache, mask)])
+        return self.lm_head(_rms_norm(*self.norm, x))[0]
 
     @torch.inference_mode()
     def batch(self, segments: Sequence[Segment]) -> list[torch.Tensor | None]:
@@ -153,7 +162,7 @@ class DirectForward:
         if not wanted:
             return [None] * len(segments)
         rows = x if len(wanted) == len(spans) else torch.cat([x[a:b] for a, b in wanted])
-        logits = self.lm_head(_rms_norm(self.norm, rows[None]))[0]
+        logits = self.lm_head(_rms_norm(*self.norm, rows[None]))[0]
         out: list[torch.Tensor | None] = []
         at = 0
         for seg in segments:
@@ -168,15 +177,23 @@ class DirectForward:
         n = input_ids.shape[1]
         cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        one = len(spans) == 1
         for index, b in enumerate(self.layers):
-            out = b.qkv(_rms_norm(b.in_norm, x))  # (1, n, q + k + v)
-            qk = out[..., : b.q_size + b.k_size].view(1, n, -1, b.head_dim).transpose(1, 2)
-            qk = (qk * cos) + (_rotate_half(qk) * sin)
-            values = out[..., b.q_size + b.k_size :].view(1, n, -1, b.head_dim).transpose(1, 2)
-            parts = [self._attend(b, index, qk[:, :, s:e], values[:, :, s:e], c, m) for s, e, c, m in spans]
-            attn = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            out = b.qkv(_rms_norm(*b.in_norm, x))  # (1, n, q + k + v)
+            q_size = b.q_heads * b.head_dim
+            qk = out[..., : q_size + b.k_size].view(1, n, -1, b.head_dim).transpose(1, 2)
+            half = b.head_dim // 2
+            qk = (qk * cos) + (torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin)  # rotate_half
+            values = out[..., q_size + b.k_size :].view(1, n, -1, b.head_dim).transpose(1, 2)
+            if one:
+                attn = self._attend(b, index, qk, values, *spans[0][2:])
+            else:
+                attn = torch.cat(
+                    [self._attend(b, index, qk[:, :, s:e], values[:, :, s:e], c, m) for s, e, c, m in spans],
+                    dim=1,
+                )
             x = x + b.o_proj(attn)
-            out = b.gate_up(_rms_norm(b.mlp_norm, x))  # (1, n, gate + up)
+            out = b.gate_up(_rms_norm(*b.mlp_norm, x))  # (1, n, gate + up)
             x = x + b.down(b.act(out[..., : b.gate_size]) * out[..., b.gate_size :])
         return x
 
@@ -185,17 +202,9 @@ class DirectForward:
         b: _Block, index: int, qk: torch.Tensor, values: torch.Tensor, cache: Any, mask: torch.Tensor
     ) -> torch.Tensor:
         """One request's attention in layer ``index``: (1, n, heads * head_dim)."""
-        q_heads = b.q_size // b.head_dim
         n = qk.shape[2]
-        keys, values = cache.update(qk[:, q_heads:], values, index)
+        keys, values = cache.update(qk[:, b.q_heads :], values, index)
         attn = F.scaled_dot_product_attention(
-            qk[:, :q_heads],
-            keys,
-            values,
-            attn_mask=mask,
-            dropout_p=0.0,
-            scale=b.scaling,
-            is_causal=False,
-            **({"enable_gqa": True} if b.gqa else {}),
+            qk[:, : b.q_heads], keys, values, attn_mask=mask, scale=b.scaling, **b.gqa
         )
-        return attn.transpose(1, 2).contiguous().reshape(1, n, -1).contiguous()
+        return attn.transpose(1, 2).reshape(1, n, -1)
