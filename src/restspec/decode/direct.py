@@ -46,18 +46,17 @@ def _linear(packed: PackedWeights | None, *modules: torch.nn.Linear) -> Linear:
     """``modules`` (linears reading the same input) as one function of the input: their packed group's
     one matmul where they are one group, each member's packed matmul where they are packed apart, else
     ``F.linear`` on their own weights (the arithmetic of calling them, without the module machinery)."""
-    if packed is not None:
-        group = packed.group_of(list(modules))
-        if group is not None:
-            return group.matmul
-        singles = [packed.group_of([m]) for m in modules]
-        if all(g is not None for g in singles):
-            matmuls = [g.matmul for g in singles]  # type: ignore[union-attr]
-            return lambda x: torch.cat([f(x) for f in matmuls], dim=-1)
-    stock = [partial(F.linear, weight=m.weight, bias=m.bias) for m in modules]
-    if len(stock) == 1:
-        return stock[0]
-    return lambda x: torch.cat([f(x) for f in stock], dim=-1)
+    group = packed.group_of(list(modules)) if packed is not None else None
+    if group is not None:
+        return group.matmul
+    singles = [packed.group_of([m]) for m in modules] if packed is not None else [None]
+    if all(g is not None for g in singles):
+        parts: list[Linear] = [g.matmul for g in singles]  # type: ignore[union-attr]
+    else:
+        parts = [partial(F.linear, weight=m.weight, bias=m.bias) for m in modules]
+    if len(parts) == 1:
+        return parts[0]
+    return lambda x: torch.cat([f(x) for f in parts], dim=-1)
 
 
 def _rms_norm(weight: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Tensor:
