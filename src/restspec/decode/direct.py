@@ -69,6 +69,11 @@ def _rms_norm(weight: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Tensor
     return weight * x.to(dtype)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 def _norm(module: Any) -> tuple[torch.Tensor, float]:
     """An RMS norm's weight and epsilon (``variance_epsilon`` in Llama's norm, ``eps`` in others), read
     once."""
@@ -81,6 +86,7 @@ class _Block(NamedTuple):
 
     in_norm: tuple[torch.Tensor, float]
     qkv: Linear
+    q_size: int
     q_heads: int
     k_size: int
     head_dim: int
@@ -120,6 +126,7 @@ class DirectForward:
                 _Block(
                     in_norm=_norm(layer.input_layernorm),
                     qkv=_linear(packed, attn.q_proj, attn.k_proj, attn.v_proj),
+                    q_size=attn.q_proj.out_features,
                     q_heads=attn.q_proj.out_features // attn.head_dim,
                     k_size=attn.k_proj.out_features,
                     head_dim=attn.head_dim,
@@ -176,21 +183,13 @@ class DirectForward:
         n = input_ids.shape[1]
         cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        one = len(spans) == 1
         for index, b in enumerate(self.layers):
             out = b.qkv(_rms_norm(*b.in_norm, x))  # (1, n, q + k + v)
-            q_size = b.q_heads * b.head_dim
-            qk = out[..., : q_size + b.k_size].view(1, n, -1, b.head_dim).transpose(1, 2)
-            half = b.head_dim // 2
-            qk = (qk * cos) + (torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin)  # rotate_half
-            values = out[..., q_size + b.k_size :].view(1, n, -1, b.head_dim).transpose(1, 2)
-            if one:
-                attn = self._attend(b, index, qk, values, *spans[0][2:])
-            else:
-                attn = torch.cat(
-                    [self._attend(b, index, qk[:, :, s:e], values[:, :, s:e], c, m) for s, e, c, m in spans],
-                    dim=1,
-                )
+            qk = out[..., : b.q_size + b.k_size].view(1, n, -1, b.head_dim).transpose(1, 2)
+            qk = (qk * cos) + (_rotate_half(qk) * sin)
+            values = out[..., b.q_size + b.k_size :].view(1, n, -1, b.head_dim).transpose(1, 2)
+            parts = [self._attend(b, index, qk[:, :, s:e], values[:, :, s:e], c, m) for s, e, c, m in spans]
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             x = x + b.o_proj(attn)
             out = b.gate_up(_rms_norm(*b.mlp_norm, x))  # (1, n, gate + up)
             x = x + b.down(b.act(out[..., : b.gate_size]) * out[..., b.gate_size :])
