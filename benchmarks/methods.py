@@ -12,7 +12,9 @@ as builders for :func:`restspec.bench.main` (the same runner, report and compari
   the adaptive budget on the calibrated curve alone, not learning step costs from the loop;
   ``restspec-cap16``: the adaptive budget capped at 16 nodes; ``restspec-fixed4/8/16``: fixed tree
   sizes; ``restspec-nohistory``: the default mix whose history source (past outputs) proposes
-  nothing, everything else warmed as in ``restspec`` (that source's marginal gain, timed).
+  nothing, everything else warmed as in ``restspec`` (that source's marginal gain, timed);
+  ``restspec-noprefix``: ``restspec`` keeping no finished request's cache (every prompt prefilled
+  whole, as transformers' ``generate`` does: prefix reuse's gain on multi-turn chat, timed).
 - ``plain-w8`` / ``restspec-w8``: every forward ``PAD_WIDTH + 1`` wide (:class:`PaddedDrafter`), the
   bfloat16 exactness experiment (compare with ``--reference plain-w8``).
 """
@@ -104,6 +106,12 @@ def _restspec_no_history(ctx: MethodContext) -> BenchMethod:
     return LoopMethod("restspec-nohistory", ctx.engine.variant(drafter, policy))
 
 
+def _restspec_no_prefix(ctx: MethodContext) -> BenchMethod:
+    generator = ctx.default_generator(ctx.adaptive_budget())
+    generator.prefixes.max_bytes = 0
+    return LoopMethod("restspec-noprefix", generator)
+
+
 def _rest(ctx: MethodContext) -> BenchMethod:
     drafter = DatastoreDrafter(ctx.engine.datastores[0], max_len=REST_MAX_SPAN, min_len=REST_MIN_SPAN)
     return LoopMethod("rest", ctx.engine.variant(drafter, FixedBudget(REST_BUDGET)))
@@ -167,6 +175,7 @@ LAB_METHODS: dict[str, MethodBuilder] = {
     "restspec-curve": _restspec_variant("restspec-curve", learn_costs=False),
     "restspec-cap16": _restspec_variant("restspec-cap16", max_budget=16),
     "restspec-nohistory": _restspec_no_history,
+    "restspec-noprefix": _restspec_no_prefix,
     "restspec-fixed4": _restspec_fixed(4),
     "restspec-fixed8": _restspec_fixed(8),
     "restspec-fixed16": _restspec_fixed(16),

@@ -58,3 +58,15 @@ def test_restspec_without_history_keeps_every_other_source_warmed(tiny_engine):
         assert_states_equal(learned[0][key], learned[1][key])
     assert int(output[half]) in trees["restspec"].tokens[trees["restspec"].parents < 0].tolist()
     assert len(trees["restspec-nohistory"].tokens) == 0
+
+
+def test_restspec_without_prefix_reuse_prefills_every_prompt_whole(tiny_engine):
+    ctx = MethodContext(tiny_engine(warm_start=False))
+    with extra_methods(LAB_METHODS):
+        default, whole = build_methods(["restspec", "restspec-noprefix"], ctx)
+    prompt = ctx.tokenizer("hello world, hello world")["input_ids"]
+    for method, reused in ((default, len(prompt) - 1), (whole, 0)):
+        first = method.generate(prompt, 4, 0.0)
+        again = method.generate(prompt, 4, 0.0)
+        assert (first.cached_tokens, again.cached_tokens) == (0, reused)
+        assert again.output_ids.tolist() == first.output_ids.tolist()

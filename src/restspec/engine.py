@@ -88,7 +88,10 @@ class Engine:
         warm: WarmStart | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         step_factor: float | None = None,
+        prefix_cache_mb: float | None = None,
     ) -> None:
+        from restspec.decode.prefix import DEFAULT_PREFIX_CACHE_MB
+
         self.loaded = loaded
         self.backend = backend
         self.datastores = list(datastores)
@@ -103,6 +106,8 @@ class Engine:
         self.step_factor = STEP_LATENCY_FACTOR if step_factor is None else step_factor
         """A batch's step verifies drafts only up to this multiple of a lone request's longest step, in
         the adaptive budgets this engine builds."""
+        self.prefix_cache_mb = DEFAULT_PREFIX_CACHE_MB if prefix_cache_mb is None else prefix_cache_mb
+        """Megabytes of finished requests' caches each generator keeps for prompts that extend them."""
         self.generator = self.variant(drafter, policy)
         from restspec.decode.threads import release_openmp_pool
 
@@ -125,6 +130,7 @@ class Engine:
         progress: bool | Progress = True,
         max_batch: int = DEFAULT_MAX_BATCH,
         step_factor: float | None = None,
+        prefix_cache_mb: float | None = None,
     ) -> Engine:
         """Load ``model`` ('smollm2' = the embedded SmolLM2-135M-Instruct, a Hugging Face folder or a
         .gguf file; nothing is downloaded) and build the engine around it.
@@ -145,7 +151,10 @@ class Engine:
         budget then prices every request's draft against that forward, so drafts shrink as the batch
         grows (1: one request at a time). ``step_factor``: a step shared by several requests verifies
         drafts only up to this multiple of a lone request's longest step (>= 1; None: 1.5, the policy's
-        default; lower: less time between tokens under load, less throughput)."""
+        default; lower: less time between tokens under load, less throughput). ``prefix_cache_mb``:
+        megabytes of finished requests' KV caches kept, so that a prompt starting with an earlier
+        request's prompt and output (a chat's next turn) prefills only what is new (None: 256; 0: off;
+        :mod:`restspec.decode.prefix`)."""
         from restspec.datastore import Datastore, ensure_default_datastore
         from restspec.decode.backends import parse_backend
         from restspec.decode.budget import FixedBudget, check_step_factor
@@ -155,6 +164,8 @@ class Engine:
         fixed = parse_budget(budget)
         if max_batch < 1:
             raise GenerationError(f"max_batch={max_batch} must be >= 1 (1 = one request at a time)")
+        if prefix_cache_mb is not None and not prefix_cache_mb >= 0:
+            raise GenerationError(f"prefix_cache_mb={prefix_cache_mb} must be >= 0 (0 = no prefix reuse)")
         if step_factor is not None:
             try:
                 check_step_factor(step_factor)
@@ -175,7 +186,15 @@ class Engine:
             loaded = load_model(model, dtype=dtype, device=device)
         forward = _backend(loaded, backend, recalibrate, report)
         if fixed == 0:  # plain decoding: nothing to draft from
-            return cls(loaded, forward, [], EmptyDrafter(), FixedBudget(0), max_batch=max_batch)
+            return cls(
+                loaded,
+                forward,
+                [],
+                EmptyDrafter(),
+                FixedBudget(0),
+                max_batch=max_batch,
+                prefix_cache_mb=prefix_cache_mb,
+            )
         if not paths:
             paths = [ensure_default_datastore(loaded.tokenizer, progress=progress is not False)]
         opened = [Datastore.open(path, loaded.tokenizer) for path in paths]
@@ -187,6 +206,7 @@ class Engine:
             FixedBudget(0),
             max_batch=max_batch,
             step_factor=step_factor,
+            prefix_cache_mb=prefix_cache_mb,
         )
         if fixed is None:
             with report.phase("Measuring forward latency for --budget auto (once per machine and model)"):
@@ -205,7 +225,15 @@ class Engine:
                         loaded, engine.plain(), learner, on_conversation=lambda i: done(i + 1)
                     )
         return cls(
-            loaded, forward, opened, engine.new_drafter(warm, policy), policy, warm, max_batch, step_factor
+            loaded,
+            forward,
+            opened,
+            engine.new_drafter(warm, policy),
+            policy,
+            warm,
+            max_batch,
+            step_factor,
+            prefix_cache_mb,
         )
 
     # ---- what it holds ---------------------------------------------------------------------------
@@ -270,6 +298,7 @@ class Engine:
             budget=budget,
             backend=self._forward(backend),
             max_batch=self.max_batch if max_batch is None else max_batch,
+            prefix_cache_mb=self.prefix_cache_mb,
         )
 
     def new_drafter(self, warm: WarmStart | None = None, policy: BudgetPolicy | None = None) -> Drafter:

@@ -59,6 +59,8 @@ def test_defaults_are_greedy_with_auto_budget_on_the_embedded_model():
         ("max_batch", 0, "--max-batch=0"),
         ("step_factor", 0.5, "--step-factor=0.5"),
         ("step_factor", math.nan, "--step-factor=nan"),
+        ("prefix_cache_mb", -1.0, "--prefix-cache-mb=-1.0"),
+        ("prefix_cache_mb", math.nan, "--prefix-cache-mb=nan"),
     ],
 )
 def test_invalid_values_name_the_flag_and_the_value(field, value, flag):

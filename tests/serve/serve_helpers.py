@@ -152,8 +152,8 @@ class GeneratorWrapper:
         self.tokenizer = real.tokenizer
         self.encode = real.encode
 
-    def stream(self, prompt, config, *, chat=False, drafter=None):
-        return self.real.stream(prompt, config, chat=chat, drafter=drafter)
+    def stream(self, prompt, config, *, chat=False, drafter=None, prefix_scope=None):
+        return self.real.stream(prompt, config, chat=chat, drafter=drafter, prefix_scope=prefix_scope)
 
 
 class WedgedGenerator(GeneratorWrapper):
@@ -164,8 +164,8 @@ class WedgedGenerator(GeneratorWrapper):
         super().__init__(real)
         self.released = threading.Event()
 
-    def stream(self, prompt, config, *, chat=False, drafter=None):
-        chunks = super().stream(prompt, config, chat=chat, drafter=drafter)
+    def stream(self, prompt, config, *, chat=False, drafter=None, prefix_scope=None):
+        chunks = super().stream(prompt, config, chat=chat, drafter=drafter, prefix_scope=prefix_scope)
         try:
             yield next(chunks)
             self.released.wait()
@@ -193,10 +193,10 @@ class GatedGenerator(GeneratorWrapper):
     def gate(self, parties: int) -> None:
         self.barrier = threading.Barrier(parties, timeout=GATE_TIMEOUT_S)
 
-    def stream(self, prompt, config, *, chat=False, drafter=None):
+    def stream(self, prompt, config, *, chat=False, drafter=None, prefix_scope=None):
         if self.barrier is not None:
             self.barrier.wait()
-        yield from super().stream(prompt, config, chat=chat, drafter=drafter)
+        yield from super().stream(prompt, config, chat=chat, drafter=drafter, prefix_scope=prefix_scope)
 
 
 @dataclass(frozen=True)

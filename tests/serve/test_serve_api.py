@@ -50,6 +50,7 @@ def test_chat_completion_has_openai_shape_and_the_generators_text(client, genera
         "prompt_tokens": len(expected.prompt_ids),
         "completion_tokens": len(expected.output_ids),
         "total_tokens": len(expected.prompt_ids) + len(expected.output_ids),
+        "prompt_tokens_details": {"cached_tokens": 0},  # the first request of the server
     }
 
 
@@ -179,6 +180,10 @@ def test_message_content_may_be_a_list_of_text_parts(client):
         json={"messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 6},
     ).json()
     assert as_parts["choices"] == as_text["choices"]
+    # the same prompt tokens: the second request found all of them but the last cached
+    details = as_text["usage"].pop("prompt_tokens_details")
+    assert details == {"cached_tokens": as_text["usage"]["prompt_tokens"] - 1}
+    as_parts["usage"].pop("prompt_tokens_details")
     assert as_parts["usage"] == as_text["usage"]
 
 

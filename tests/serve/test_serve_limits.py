@@ -272,18 +272,21 @@ def test_metrics_count_requests_tokens_and_steps_in_prometheus_format(generator)
     with client_of(make_app(generator)) as client:
         answer = client.post(COMPLETIONS, json={"prompt": "import os\n", "max_tokens": 12}).json()
         client.post(COMPLETIONS, json={"prompt": "hi", "temperature": 9})
+        again = client.post(COMPLETIONS, json={"prompt": "import os\n", "max_tokens": 2}).json()
         response = client.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
     tokens = answer["usage"]["completion_tokens"]
-    assert 'restspec_requests_total{endpoint="completions",outcome="completed"} 1.0' in text
+    assert 'restspec_requests_total{endpoint="completions",outcome="completed"} 2.0' in text
     assert 'restspec_requests_total{endpoint="completions",outcome="invalid"} 1.0' in text
-    assert f"restspec_generated_tokens_total {float(tokens)}" in text
-    assert f"restspec_prompt_tokens_total {float(answer['usage']['prompt_tokens'])}" in text
+    prompt_tokens = answer["usage"]["prompt_tokens"]
+    assert f"restspec_generated_tokens_total {float(tokens + again['usage']['completion_tokens'])}" in text
+    assert f"restspec_prompt_tokens_total {float(2 * prompt_tokens)}" in text
+    assert f"restspec_cached_prompt_tokens_total {float(prompt_tokens - 1)}" in text  # the repeat's
     assert "restspec_queue_depth 0.0" in text
     assert "restspec_tokens_per_step_bucket" in text
     assert "restspec_step_seconds_count" in text
-    assert "restspec_first_chunk_seconds_count 1.0" in text
+    assert "restspec_first_chunk_seconds_count 2.0" in text
 
 
 # ---- shutdown -------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ number of steps (what the answer's time follows) tell a client what another was 
 The attack: tenant A is given an answer; tenant B sends the same question and reads, from the accepted
 draft tokens or the speed, whether the drafter already knew the answer (membership inference, the class of
 vLLM's prefix-cache CVE-2025-46570). The drafter here drafts from past outputs only, so what it accepts is
-exactly the signal; with --shared-history (the negative control) the attack works."""
+exactly the signal; with --shared-history (the negative control) the attack works. Kept prefixes
+(prefix reuse) are a tenant's own in every mode: B's prompt is never prefilled from A's cache."""
 
 from __future__ import annotations
 
@@ -54,12 +55,15 @@ def test_another_tenants_answer_does_not_draft_for_you(server):
     again = ask(server, KEY_A, **STATS)
     assert again["restspec"]["accepted_draft_tokens"] > 0, "A's own history drafts for A"
     assert again["choices"] == answer["choices"]
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == again["usage"]["prompt_tokens"] - 1, "A's own earlier cache serves A"
 
     probe = ask(server, KEY_B, **STATS)
     assert probe["choices"] == answer["choices"]  # the same greedy answer...
     figures = probe["restspec"]
     assert figures["accepted_draft_tokens"] == cold["accepted_draft_tokens"] == 0  # ...learned nothing
     assert figures["steps"] == cold["steps"] == probe["usage"]["completion_tokens"]  # nor from its speed
+    assert probe["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # nor from A's cached prefill
 
     # within one key, the `user` field separates tenants too
     assert ask(server, KEY_A, user="someone-else", **STATS)["restspec"]["accepted_draft_tokens"] == 0

@@ -54,6 +54,8 @@ class TurnOutput:
     finish_reason: str = ""
     steps: tuple[StepStats, ...] = ()
     """Every verification step, for methods that run restspec's loop (empty for transformers')."""
+    cached_tokens: int = 0
+    """Prompt tokens not prefilled: an earlier request's cache had them (restspec's prefix reuse)."""
 
     @property
     def other_s(self) -> float:
@@ -178,7 +180,15 @@ class LoopMethod:
         output = np.asarray(result.output_ids, dtype=np.int32)
         # the prefill emits no token here (it feeds all but the last prompt token): steps = forwards that emit
         return TurnOutput(
-            output, elapsed, len(steps), draft_s, forward_s, accept_s, result.finish_reason, tuple(steps)
+            output,
+            elapsed,
+            len(steps),
+            draft_s,
+            forward_s,
+            accept_s,
+            result.finish_reason,
+            tuple(steps),
+            result.cached_tokens,
         )
 
 

@@ -51,6 +51,7 @@ class TurnRecord:
             "turn": self.turn,
             "method": self.method,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": o.cached_tokens,
             "new_tokens": len(o.output_ids),
             "seconds": round(o.elapsed_s, 4),
             "forwards": o.forwards,

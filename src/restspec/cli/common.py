@@ -189,6 +189,20 @@ MaxBatchOption = Annotated[
     ),
 ]
 
+PrefixCacheOption = Annotated[
+    float | None,
+    typer.Option(
+        "--prefix-cache-mb",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+        help=(
+            "Megabytes of finished requests' KV caches kept, so that a prompt starting with an earlier "
+            "request's prompt and answer (a chat's next turn) prefills only what is new; a tenant's "
+            "requests reuse only its own (default 256; 0 = off)."
+        ),
+    ),
+]
+
 StepFactorOption = Annotated[
     float | None,
     typer.Option(
@@ -235,6 +249,9 @@ class EngineOptions:
     step_factor: float | None = None
     """A batch's step verifies drafts only up to this multiple of a lone request's longest step (None: the
     default)."""
+    prefix_cache_mb: float | None = None
+    """Megabytes of finished requests' caches kept for prompts that extend them (None: the engine's
+    default; 0: off)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datastores", tuple(Path(p) for p in self.datastores))
@@ -250,6 +267,8 @@ class EngineOptions:
         if self.max_batch < 1:
             raise GenerationError(f"--max-batch={self.max_batch} must be >= 1 (1 = one request at a time)")
         check_step_factor_flag(self.step_factor)
+        if self.prefix_cache_mb is not None and not self.prefix_cache_mb >= 0:
+            raise GenerationError(f"--prefix-cache-mb={self.prefix_cache_mb} must be >= 0 (0 = off)")
         parse_budget(self.budget)
 
     @property
@@ -293,6 +312,7 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
         warm_start=options.warm_start,
         max_batch=options.max_batch,
         step_factor=options.step_factor,
+        prefix_cache_mb=options.prefix_cache_mb,
         progress=ConsoleProgress(stderr_console()) if progress else False,
     )
 

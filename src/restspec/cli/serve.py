@@ -24,6 +24,7 @@ from restspec.cli.common import (
     MaxBatchOption,
     MaxNewTokensOption,
     ModelOption,
+    PrefixCacheOption,
     SeedOption,
     StepFactorOption,
     TemperatureOption,
@@ -302,6 +303,7 @@ def serve(
     warm_start: WarmStartOption = True,
     max_batch: MaxBatchOption = DEFAULT_MAX_BATCH,
     step_factor: StepFactorOption = None,
+    prefix_cache_mb: PrefixCacheOption = None,
     dtype: DtypeOption = Dtype.float32,
     device: DeviceOption = AUTO_DEVICE,
 ) -> None:
@@ -348,6 +350,7 @@ def serve(
         warm_start=warm_start,
         max_batch=max_batch,
         step_factor=step_factor,
+        prefix_cache_mb=prefix_cache_mb,
         dtype=dtype.value,
         device=device,
     )

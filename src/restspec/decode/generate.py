@@ -16,7 +16,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from restspec.decode.accept import Acceptance, accept
 from restspec.decode.backends import ForwardBackend, ModelForward
 from restspec.decode.budget import BudgetPolicy, FixedBudget
 from restspec.decode.config import GenerationConfig
+from restspec.decode.prefix import DEFAULT_PREFIX_CACHE_MB, PrefixCache
 from restspec.decode.text import IncrementalDecoder, StopStringMatcher
 from restspec.decode.threads import release_openmp_pool
 from restspec.decode.verify import (
@@ -87,6 +88,8 @@ class GenerationResult:
     included."""
     queued_s: float = 0.0
     """Seconds the request waited for a place in the batch (``max_batch`` others were running)."""
+    cached_tokens: int = 0
+    """Prompt tokens not prefilled: their cache rows were an earlier request's (prefix reuse)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -127,11 +130,13 @@ class _Request:
     decoder: IncrementalDecoder
     stops: StopStringMatcher
     submitted: float  # perf_counter when the caller handed it over
+    scope: Hashable  # whose earlier requests' caches it may start from
     text: str = ""  # all decoded text so far
     sent: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None
     steps: list[StepStats] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens in the cache (the prompt but its last token, when done)
+    cached: int = 0  # of those, taken from an earlier request's cache
     admitted: float = 0.0  # perf_counter when it joined the batch
     prefill_s: float = 0.0  # seconds from joining until the prompt was in the cache
     outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # chunks / an error, to the caller
@@ -169,7 +174,9 @@ class SpeculativeGenerator:
     loop thread and, up to ``max_batch`` at a time, share each step's forward (continuous batching;
     a request joins or leaves between steps, the others wait in order). With ``max_batch=1`` they run
     one after the other. A request may bring its own ``drafter`` (e.g. one tenant's); the budget
-    policy is shared, as is the forward it prices."""
+    policy is shared, as is the forward it prices. Finished requests' caches are kept (up to
+    ``prefix_cache_mb`` megabytes, 0: none) so that a later prompt of the same ``prefix_scope`` that
+    starts with an earlier request's tokens prefills only the rest (:mod:`restspec.decode.prefix`)."""
 
     def __init__(
         self,
@@ -181,6 +188,7 @@ class SpeculativeGenerator:
         backend: ForwardBackend | None = None,
         max_batch: int = 1,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ) -> None:
         if backend is not None and backend.model is not model:
             raise GenerationError(
@@ -191,6 +199,8 @@ class SpeculativeGenerator:
             raise GenerationError(f"max_batch={max_batch} must be >= 1 (1 = one request at a time)")
         if prefill_chunk < 1:
             raise GenerationError(f"prefill_chunk={prefill_chunk} must be >= 1")
+        if not prefix_cache_mb >= 0:
+            raise GenerationError(f"prefix_cache_mb={prefix_cache_mb} must be >= 0 (0 = no prefix reuse)")
         self.model = model
         # runs the verification forwards: the model's own forward unless a faster backend was chosen
         self.backend: ForwardBackend = backend if backend is not None else ModelForward(model)
@@ -199,6 +209,8 @@ class SpeculativeGenerator:
         self.policy: BudgetPolicy = FixedBudget(budget) if isinstance(budget, int) else budget
         self.max_batch = int(max_batch)
         self.prefill_chunk = int(prefill_chunk)
+        self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20))
+        """Finished requests' caches (touched by the loop thread only)."""
         self.layout: ModelLayout = self.backend.layout
         eos = set(self.layout.eos_token_ids)
         if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
@@ -231,7 +243,9 @@ class SpeculativeGenerator:
             raise GenerationError(f"prompt token ids must lie in [0, {vocab}), got {arr.min()}..{arr.max()}")
         return arr.astype(np.int32)
 
-    def _start(self, prompt_ids: np.ndarray, config: GenerationConfig, drafter: Drafter) -> _Request:
+    def _start(
+        self, prompt_ids: np.ndarray, config: GenerationConfig, drafter: Drafter, scope: Hashable
+    ) -> _Request:
         max_pos = self.layout.max_positions
         if max_pos is not None and len(prompt_ids) >= max_pos:
             raise GenerationError(
@@ -261,6 +275,7 @@ class SpeculativeGenerator:
             decoder=IncrementalDecoder(self.tokenizer, prompt_ids.tolist()),
             stops=StopStringMatcher(config.stop_strings),
             submitted=time.perf_counter(),
+            scope=scope,
         )
 
     # ---- the loop thread -----------------------------------------------------------------------
@@ -315,6 +330,11 @@ class SpeculativeGenerator:
     def _admit(self, req: _Request) -> None:
         req.admitted = time.perf_counter()
         req.drafter.start_request(req.prompt, req.id)
+        reused = self.prefixes.take(req.scope, req.prompt)
+        if reused is not None:
+            req.cache, req.prefilled = reused
+            req.cached = req.prefilled
+            req.prefill_s = time.perf_counter() - req.admitted
 
     def _guard(self, req: _Request, call: Callable[..., Any], *args: Any) -> bool:
         """``call(*args)`` for ``req``; on an error the request fails with it (the others go on)."""
@@ -333,8 +353,13 @@ class SpeculativeGenerator:
         req.done.set()
 
     def _finish(self, req: _Request) -> None:
-        """Let go of a request that ended or whose caller stopped reading."""
+        """Let go of a request that ended or whose caller stopped reading; keep its cache rows."""
         try:
+            # the cache holds the rows of context[:length - 1], or of context[:length] and a rejected
+            # token more when the output ended inside an accepted path
+            if not req.prefilling:
+                kept = min(req.cache.get_seq_length(), req.length)
+                self.prefixes.store(req.scope, req.context[:kept], req.cache)
             req.drafter.stop_request(req.id)
         finally:
             req.done.set()
@@ -523,6 +548,7 @@ class SpeculativeGenerator:
             prefill_s=req.prefill_s,
             elapsed_s=time.perf_counter() - req.submitted,
             queued_s=req.admitted - req.submitted,
+            cached_tokens=req.cached,
         )
         self._finish(req)
         req.outbox.put(StreamChunk(emitted, text, result_))
@@ -564,13 +590,16 @@ class SpeculativeGenerator:
         *,
         chat: bool = False,
         drafter: Drafter | None = None,
+        prefix_scope: Hashable = None,
     ) -> Iterator[StreamChunk]:
         """Generate step by step; every chunk carries new token ids and text, the last the result.
-        ``drafter``: this request's own (default: the generator's). Closing the iterator early stops
-        the request (the drafter's request is over when ``close`` returns)."""
+        ``drafter``: this request's own (default: the generator's). ``prefix_scope``: whose finished
+        requests' caches this one may start from (e.g. a tenant; requests of other scopes never share
+        rows). Closing the iterator early stops the request (the drafter's request is over when
+        ``close`` returns)."""
         config = config or GenerationConfig()
         prompt_ids = self.encode(prompt, chat)
-        req = self._start(prompt_ids, config, self.drafter if drafter is None else drafter)
+        req = self._start(prompt_ids, config, self.drafter if drafter is None else drafter, prefix_scope)
         self._submit(req)
         try:
             while True:
@@ -596,9 +625,10 @@ class SpeculativeGenerator:
         *,
         chat: bool = False,
         drafter: Drafter | None = None,
+        prefix_scope: Hashable = None,
     ) -> GenerationResult:
         """Generate to the end; see :meth:`stream`."""
-        for chunk in self.stream(prompt, config, chat=chat, drafter=drafter):
+        for chunk in self.stream(prompt, config, chat=chat, drafter=drafter, prefix_scope=prefix_scope):
             if chunk.result is not None:
                 return chunk.result
         raise AssertionError("stream ended without a result")  # pragma: no cover

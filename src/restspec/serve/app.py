@@ -347,14 +347,16 @@ class _Completion:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def usage(results: Sequence[GenerationResult]) -> dict[str, int]:
-    """Tokens of one request: its prompt once, the completions of all its choices."""
+def usage(results: Sequence[GenerationResult]) -> dict[str, Any]:
+    """Tokens of one request: its prompt once (and how many of them an earlier request's cache held,
+    as OpenAI reports ``cached_tokens``), the completions of all its choices."""
     prompt_tokens = len(results[0].prompt_ids)
     completion_tokens = sum(len(result.output_ids) for result in results)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens},
     }
 
 

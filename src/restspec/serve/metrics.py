@@ -39,6 +39,11 @@ class ServerMetrics:
         self.prompt_tokens = Counter(
             "restspec_prompt_tokens", "Prompt tokens of admitted requests", registry=self.registry
         )
+        self.cached_prompt_tokens = Counter(
+            "restspec_cached_prompt_tokens",
+            "Prompt tokens not prefilled: an earlier request of the tenant had them in its cache",
+            registry=self.registry,
+        )
         self.generated_tokens = Counter(
             "restspec_generated_tokens", "Tokens generated (all requests)", registry=self.registry
         )

@@ -52,7 +52,13 @@ class Generator(Protocol):
     def encode(self, prompt: Any, chat: bool = False) -> np.ndarray: ...
 
     def stream(
-        self, prompt: Any, config: GenerationConfig | None = None, *, chat: bool = False, drafter: Any = None
+        self,
+        prompt: Any,
+        config: GenerationConfig | None = None,
+        *,
+        chat: bool = False,
+        drafter: Any = None,
+        prefix_scope: Any = None,
     ) -> Any: ...
 
 
@@ -295,7 +301,10 @@ class GenerationWorker:
         before the tenant's drafter is let go."""
         record = job.record
         with self.drafters.drafting(job.tenant) as drafter:
-            chunks = self.generator.stream(job.prompt_ids, job.config, drafter=drafter)
+            # a tenant's requests start from its own earlier requests' caches only
+            chunks = self.generator.stream(
+                job.prompt_ids, job.config, drafter=drafter, prefix_scope=job.tenant
+            )
             try:
                 for chunk in chunks:
                     now = time.monotonic()
@@ -303,8 +312,10 @@ class GenerationWorker:
                     job.progress_at = now
                     record.chunks += 1
                     record.tokens += len(chunk.token_ids)
-                    record.completed = result_of(chunk) is not None
-                    if record.completed:
+                    result = result_of(chunk)
+                    record.completed = result is not None
+                    if result is not None:
+                        self.metrics.cached_prompt_tokens.inc(result.cached_tokens)
                         return chunk
                     job.put(chunk)
                     if job.stop_reason is not None:
