@@ -157,9 +157,9 @@ def chat_requests(monkeypatch) -> list:
     seen: list = []
     original = SpeculativeGenerator.stream
 
-    def recording_stream(self, prompt, config, *, chat=False, drafter=None):
+    def recording_stream(self, prompt, config, *, chat=False, **options):
         seen.append((list(prompt), chat))
-        return original(self, prompt, config, chat=chat, drafter=drafter)
+        return original(self, prompt, config, chat=chat, **options)
 
     monkeypatch.setattr(SpeculativeGenerator, "stream", recording_stream)
     return seen

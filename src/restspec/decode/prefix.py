@@ -79,10 +79,11 @@ class PrefixCache:
             return
         if any(layer.keys.shape[-2] < n for layer in layers):
             raise ValueError(f"the cache holds fewer rows than the {n} tokens to keep")
-        rows = tuple((layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone()) for layer in layers)
-        nbytes = sum(k.nbytes + v.nbytes for k, v in rows)
+        views = [(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in layers]
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in views)
         if nbytes > self.max_bytes:
             return
+        rows = tuple((k.clone(), v.clone()) for k, v in views)
         tokens = np.array(tokens, dtype=np.int32)
         for key, entry in list(self._entries.items()):
             if entry.scope == scope and common_prefix(entry.tokens, tokens) == len(entry.tokens):
