@@ -79,6 +79,30 @@ def test_stream_ends_with_the_result_and_its_pieces_add_up(engine: Engine):
     np.testing.assert_array_equal(np.concatenate([c.token_ids for c in chunks]), result.output_ids)
 
 
+def test_a_chats_next_turn_reuses_the_previous_one_within_its_scope(engine: Engine):
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    first = engine.generate(messages, max_new_tokens=12, prefix_scope="alice")
+    turn = [*messages, {"role": "assistant", "content": first.text}, {"role": "user", "content": "and sub?"}]
+    second = engine.generate(turn, max_new_tokens=12, prefix_scope="alice")
+    other = engine.generate(turn, max_new_tokens=12, prefix_scope="bob")
+    assert second.cached_tokens > len(first.prompt_ids)  # the first prompt and (most of) its answer
+    assert other.cached_tokens < len(first.prompt_ids)  # at most what bob's own earlier requests share
+    np.testing.assert_array_equal(second.output_ids, other.output_ids)
+
+
+def test_the_prefix_cache_bound_reaches_the_engines_generators(
+    tiny_model_dir: Path, tiny_datastore_dir: Path
+):
+    with pytest.raises(GenerationError, match=r"prefix_cache_mb=-1 must be >= 0"):
+        Engine.from_pretrained("no-such-model", prefix_cache_mb=-1, progress=False)  # before loading
+    off = Engine.from_pretrained(
+        tiny_model_dir, datastores=[tiny_datastore_dir], warm_start=False, prefix_cache_mb=0, progress=False
+    )
+    assert off.generator.prefixes.max_bytes == off.plain().prefixes.max_bytes == 0
+    assert off.generate("def f(x):", max_new_tokens=4).cached_tokens == 0
+    assert off.generate("def f(x):", max_new_tokens=4).cached_tokens == 0
+
+
 def test_a_variant_shares_the_model(engine: Engine):
     from restspec.decode.budget import FixedBudget
     from restspec.draft import ContextDrafter

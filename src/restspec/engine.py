@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -257,18 +257,35 @@ class Engine:
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(
-        self, prompt: Prompt, config: GenerationConfig | None = None, *, chat: bool = False, **settings: Any
+        self,
+        prompt: Prompt,
+        config: GenerationConfig | None = None,
+        *,
+        chat: bool = False,
+        prefix_scope: Hashable = None,
+        **settings: Any,
     ) -> GenerationResult:
         """Generate to the end (see :meth:`stream`)."""
-        return self.generator.generate(prompt, generation_config(config, settings), chat=chat)
+        config = generation_config(config, settings)
+        return self.generator.generate(prompt, config, chat=chat, prefix_scope=prefix_scope)
 
     def stream(
-        self, prompt: Prompt, config: GenerationConfig | None = None, *, chat: bool = False, **settings: Any
+        self,
+        prompt: Prompt,
+        config: GenerationConfig | None = None,
+        *,
+        chat: bool = False,
+        prefix_scope: Hashable = None,
+        **settings: Any,
     ) -> Iterator[StreamChunk]:
         """Generate step by step: every chunk carries new token ids and text, the last one the result.
         ``chat`` applies the model's chat template to a text prompt (messages always get it). Safe to
-        call from several threads: up to :attr:`max_batch` requests share each step's forward."""
-        return self.generator.stream(prompt, generation_config(config, settings), chat=chat)
+        call from several threads: up to :attr:`max_batch` requests share each step's forward. A prompt
+        that starts with an earlier request's prompt and output (a chat's next turn) is prefilled
+        only past them, from that request's kept cache, if both have the same ``prefix_scope``
+        (e.g. a user id: requests of other scopes never share cached rows)."""
+        config = generation_config(config, settings)
+        return self.generator.stream(prompt, config, chat=chat, prefix_scope=prefix_scope)
 
     # ---- more of the same pieces -------------------------------------------------------------------
     def plain(self, *, max_batch: int | None = None) -> SpeculativeGenerator:
