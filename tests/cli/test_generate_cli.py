@@ -173,6 +173,7 @@ def test_chat_answers_each_piped_line_with_history_and_statistics(tiny_args, cha
     stats = [line for line in result.stderr.splitlines() if "tokens/s" in line]
     assert len(stats) == 2  # two messages (the empty line is skipped), two answers
     assert all("accepted tokens/step" in line for line in stats)
+    assert "reused" not in stats[0] and "prompt tokens reused" in stats[1]  # the second turn's prefix
     assert "you>" not in result.stdout  # no prompt marker when stdin is not a terminal
 
     (first, first_chat), (second, second_chat) = chat_requests

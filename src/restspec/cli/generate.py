@@ -312,10 +312,12 @@ def _stream_to(
 
 
 def stats_line(result: GenerationResult) -> str:
-    """``64 tokens in 2.1 s · 30.5 tokens/s · 2.31 accepted tokens/step · finish: length``."""
+    """``64 tokens in 2.1 s · 30.5 tokens/s · 2.31 accepted tokens/step · finish: length`` (and
+    ``· 212 prompt tokens reused`` when an earlier request's kept cache held some)."""
+    reused = f" · {result.cached_tokens} prompt tokens reused" if result.cached_tokens else ""
     return (
         f"{len(result.output_ids)} tokens in {result.elapsed_s:.1f} s · {result.tokens_per_s:.1f} tokens/s · "
-        f"{result.mean_accepted:.2f} accepted tokens/step · finish: {result.finish_reason}"
+        f"{result.mean_accepted:.2f} accepted tokens/step · finish: {result.finish_reason}{reused}"
     )
 
 
@@ -330,6 +332,7 @@ def result_json(result: GenerationResult, model_name: str) -> dict:
         "finish_reason": result.finish_reason,
         "stats": {
             "prompt_tokens": len(result.prompt_ids),
+            "cached_tokens": result.cached_tokens,
             "new_tokens": len(result.output_ids),
             "steps": len(steps),
             "tokens_per_s": result.tokens_per_s,
