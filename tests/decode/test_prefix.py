@@ -106,6 +106,18 @@ class SlowBudget(FixedBudget):
         time.sleep(0.005)
 
 
+def test_a_copy_that_cannot_be_allocated_is_not_kept(monkeypatch):
+    kept = PrefixCache(1 << 20)
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    cache = cache_of(3)
+    monkeypatch.setattr(torch.Tensor, "clone", out_of_memory)
+    kept.store("a", ids(1, 2, 3), cache)
+    assert len(kept) == 0 and kept.nbytes == 0
+
+
 def _generator(model, prefix_cache_mb: float = 16) -> SpeculativeGenerator:
     return SpeculativeGenerator(
         model, IdTokenizer(), ContextDrafter(), budget=6, prefix_cache_mb=prefix_cache_mb

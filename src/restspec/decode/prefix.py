@@ -83,7 +83,10 @@ class PrefixCache:
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in views)
         if nbytes > self.max_bytes:
             return
-        rows = tuple((k.clone(), v.clone()) for k, v in views)
+        try:
+            rows = tuple((k.clone(), v.clone()) for k, v in views)
+        except (MemoryError, RuntimeError):  # out of memory (torch's allocators raise RuntimeError)
+            return  # keeping a copy is an optimisation: the finished request is not failed for it
         tokens = np.array(tokens, dtype=np.int32)
         for key, entry in list(self._entries.items()):
             if entry.scope == scope and common_prefix(entry.tokens, tokens) == len(entry.tokens):
