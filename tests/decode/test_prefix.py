@@ -59,7 +59,6 @@ def test_take_copies_the_longest_match_and_leaves_the_root_out():
     # the copy is the caller's: growing it leaves the kept rows alone
     reused.update(torch.zeros(1, HEADS, 2, DIM, dtype=torch.float64), torch.zeros(1, HEADS, 2, DIM), 0)
     assert kept.take("a", ids(1, 2, 3, 4, 5, 6, 7))[0].layers[0].keys.equal(cache.layers[0].keys)
-    assert kept.hits == 3 and kept.reused_tokens == 4 + 2 + 6
 
 
 def test_nothing_is_shared_across_scopes_or_reused_without_a_match():
@@ -68,7 +67,6 @@ def test_nothing_is_shared_across_scopes_or_reused_without_a_match():
     assert kept.take("b", ids(1, 2, 3, 4)) is None
     assert kept.take("a", ids(5, 2, 3)) is None
     assert kept.take("a", ids(1)) is None  # one token: it is the root, nothing to prefill
-    assert kept.hits == 0
 
 
 def test_a_longer_conversation_replaces_the_turn_it_extends():

@@ -62,10 +62,6 @@ class PrefixCache:
         self._ids = 0
         self.nbytes = 0
         """Bytes held now."""
-        self.hits = 0
-        """Requests that started from a kept prefix."""
-        self.reused_tokens = 0
-        """Prompt tokens those requests did not prefill."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -114,8 +110,6 @@ class PrefixCache:
         cache = new_cache()
         for index, (keys, values) in enumerate(self._entries[best].layers):
             cache.update(keys[:, :, :n], values[:, :, :n], index)
-        self.hits += 1
-        self.reused_tokens += n
         return cache, n
 
     def _drop(self, key: int) -> None:
