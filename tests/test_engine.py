@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from machine import quiet_machine
 from rich.console import Console
 
 from restspec.engine import Engine, check_datastore_paths, generation_config, parse_budget
@@ -112,18 +113,30 @@ def test_a_variant_shares_the_model(engine: Engine):
     assert variant.policy == FixedBudget(3)
 
 
-def test_default_datastore_auto_budget_and_warm_start(tiny_model_dir: Path, tiny_datastore_dir: Path):
+def test_default_datastore_auto_budget_and_warm_start(
+    tiny_model_dir: Path, tiny_datastore_dir: Path, monkeypatch
+):
     """'auto' calibrates on the model (cached), the warm start is learned once, then read from the cache."""
     from restspec.decode.budget import AdaptiveBudget
 
-    first = Engine.from_pretrained(tiny_model_dir, datastores=[tiny_datastore_dir], progress=False)
+    quiet_machine(monkeypatch)  # else a calibration timed while other work ran would not be cached
+    first = Engine.from_pretrained(tiny_model_dir, datastores=[tiny_datastore_dir], recalibrate=True)
     assert isinstance(first.policy, AdaptiveBudget)
-    again = Engine.from_pretrained(tiny_model_dir, datastores=[tiny_datastore_dir], progress=False)
+    out = console()
+    again = Engine.from_pretrained(
+        tiny_model_dir, datastores=[tiny_datastore_dir], progress=ConsoleProgress(out)
+    )
+    assert first.policy.latency == again.policy.latency  # read from the cache, and its line says so
+    assert "restspec: Loading the forward latency curve measured on this machine: done" in out.file.getvalue()
     prompt = "class Stack:"
     np.testing.assert_array_equal(
         first.generate(prompt, max_new_tokens=24).output_ids,
         again.generate(prompt, max_new_tokens=24).output_ids,
     )
+
+
+def console() -> Console:
+    return Console(file=io.StringIO(), force_terminal=False, width=200)
 
 
 def test_phases_print_one_line_each_when_not_on_a_terminal(tiny_model_dir: Path, tiny_datastore_dir: Path):

@@ -209,7 +209,7 @@ class Engine:
             prefix_cache_mb=prefix_cache_mb,
         )
         if fixed is None:
-            with report.phase("Measuring forward latency for --budget auto (once per machine and model)"):
+            with report.phase(_latency_phase(loaded, forward, recalibrate)):
                 policy: BudgetPolicy = engine.adaptive_budget(recalibrate=recalibrate)
         else:
             policy = FixedBudget(fixed)
@@ -362,6 +362,19 @@ class Engine:
             if name in (None, self.backend.name, self.backend.key)
             else backend_by_name(self.model, name)
         )
+
+
+def _latency_phase(loaded: LoadedModel, forward: ForwardBackend, recalibrate: bool) -> str:
+    """The progress line of the adaptive budget's latency curve: loaded, or measured (once)."""
+    from restspec.decode.budget import calibration_path
+    from restspec.models import dtype_name
+
+    path = calibration_path(
+        loaded.name, dtype_name(loaded.model), backend=forward.key, device=str(forward.device)
+    )
+    if not recalibrate and path.is_file():
+        return "Loading the forward latency curve measured on this machine"
+    return "Measuring forward latency for --budget auto (once per machine and model)"
 
 
 def _backend(loaded: LoadedModel, name: str, refresh: bool, report: Progress) -> ForwardBackend:

@@ -639,11 +639,17 @@ class AdaptiveBudget:
         backend = backend or ModelForward(model)
         dtype = dtype_name(model)
         name = str(getattr(loaded, "name", type(model).__name__))
-        probe = ForwardLatencyProbe(backend, past_len=CALIBRATION_PAST_LEN)
+        probes: list[ForwardLatencyProbe] = []
+
+        def measure(width: int) -> float:  # the probe's prefill only when the curve is measured
+            if not probes:
+                probes.append(ForwardLatencyProbe(backend, past_len=CALIBRATION_PAST_LEN))
+            return probes[0](width)
+
         curve = load_or_calibrate(
             name,
             dtype,
-            probe,
+            measure,
             max_width=min(max_batch * (max_budget + 1), max(max_budget + 1, CALIBRATION_SIZES[-1])),
             recalibrate=recalibrate,
             backend=backend.key,
