@@ -44,6 +44,7 @@ from restspec.errors import GenerationError, RestspecError
 from restspec.progress import ConsoleProgress
 
 if TYPE_CHECKING:
+    from restspec.bench.methods import TurnOutput
     from restspec.decode import GenerationConfig, GenerationResult, SpeculativeGenerator
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -103,7 +104,8 @@ def demo(
         bool, typer.Option("--show-text", help="Also print what restspec generated for each prompt.")
     ] = False,
 ) -> None:
-    """Plain decoding vs restspec, side by side, on a few built-in prompts (code completion and chat).
+    """transformers' generate vs restspec, side by side, on a few built-in prompts (code completion
+    and chat).
 
     Greedy decoding on both sides, so the outputs must be identical: restspec only makes them sooner.
     The first run builds the default datastore (the Python standard library's sources and docs).
@@ -118,12 +120,13 @@ def demo(
         device=device,
     )
     engine = load_engine(options)
+    from restspec.bench.methods import HFGenerateMethod
     from restspec.decode import GenerationConfig
 
     err = stderr_console()
     progress = ConsoleProgress(err)
     config = options.generation()
-    plain = engine.plain()
+    baseline = HFGenerateMethod("generate", engine.model, engine.tokenizer)
     err.print(
         f"[dim]model {engine.name} · {len(engine.datastores)} datastore(s), "
         f"{sum(ds.num_tokens for ds in engine.datastores):,} tokens · budget {options.budget} · "
@@ -131,13 +134,18 @@ def demo(
         soft_wrap=True,
     )
     warmup = GenerationConfig(max_new_tokens=WARMUP_TOKENS, sampling=options.sampling())
-    plain.generate(WARMUP_PROMPT, warmup)
+    baseline.generate(engine.generator.encode(WARMUP_PROMPT, False), WARMUP_TOKENS, 0.0)
     engine.generator.generate(WARMUP_PROMPT, warmup)
 
-    rows: list[tuple[DemoPrompt, GenerationResult, GenerationResult]] = []
+    rows: list[tuple[DemoPrompt, TurnOutput, GenerationResult]] = []
     for i, prompt in enumerate(DEMO_PROMPTS, start=1):
-        with progress.phase(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): plain decoding"):
-            base = plain.generate(prompt.text, config, chat=prompt.chat)
+        with progress.phase(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): transformers' generate"):
+            prompt_ids = engine.generator.encode(prompt.text, prompt.chat)
+            new_tokens = config.max_new_tokens
+            context = engine.generator.layout.max_positions  # restspec stops at the model's context
+            if context is not None:
+                new_tokens = min(new_tokens, context - len(prompt_ids))
+            base = baseline.generate(prompt_ids, new_tokens, 0.0)
         with progress.phase(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): restspec"):
             fast = engine.generator.generate(prompt.text, config, chat=prompt.chat)
         rows.append((prompt, base, fast))
@@ -146,8 +154,8 @@ def demo(
     out.print(_demo_table(rows))
     identical = sum(_same_output(base, fast) for _, base, fast in rows)
     out.print(
-        f"{identical}/{len(rows)} outputs identical to plain greedy decoding. Tokens/s include prefill; "
-        "timings on a busy machine are noisy."
+        f"{identical}/{len(rows)} outputs identical to transformers' greedy generate. Tokens/s include "
+        "prefill; timings on a busy machine are noisy."
     )
     if show_text:
         for prompt, _, fast in rows:
@@ -155,11 +163,16 @@ def demo(
             out.print(fast.text, markup=False, highlight=False)
 
 
-def _demo_table(rows: Sequence[tuple[DemoPrompt, GenerationResult, GenerationResult]]) -> Table:
-    table = Table(title="plain greedy decoding vs restspec", box=box.SIMPLE_HEAD, pad_edge=False)
+def _demo_table(rows: Sequence[tuple[DemoPrompt, TurnOutput, GenerationResult]]) -> Table:
+    table = Table(
+        title="transformers' greedy generate vs restspec",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     table.add_column("prompt", no_wrap=True)
     table.add_column("tokens", justify="right")
-    table.add_column("plain\ntok/s", justify="right")
+    table.add_column("generate\ntok/s", justify="right")
     table.add_column("restspec\ntok/s", justify="right")
     table.add_column("speedup", justify="right")
     table.add_column("accepted\nper step", justify="right")
@@ -168,7 +181,7 @@ def _demo_table(rows: Sequence[tuple[DemoPrompt, GenerationResult, GenerationRes
         table.add_row(
             prompt.label,
             str(len(fast.output_ids)),
-            f"{base.tokens_per_s:.1f}",
+            f"{len(base.output_ids) / base.elapsed_s:.1f}" if base.elapsed_s else "-",
             f"{fast.tokens_per_s:.1f}",
             _speedup(base.elapsed_s, len(base.output_ids), fast.elapsed_s, len(fast.output_ids)),
             f"{fast.mean_accepted:.2f}",
@@ -195,13 +208,13 @@ def _demo_table(rows: Sequence[tuple[DemoPrompt, GenerationResult, GenerationRes
 
 
 def _speedup(base_s: float, base_tokens: int, fast_s: float, fast_tokens: int) -> str:
-    """Ratio of tokens/s (restspec over plain), as 'x.xx×'."""
+    """Ratio of tokens/s (restspec over transformers' generate), as 'x.xx×'."""
     if not (base_s and fast_s and base_tokens):
         return "-"
     return f"{(fast_tokens / fast_s) / (base_tokens / base_s):.2f}×"
 
 
-def _same_output(a: GenerationResult, b: GenerationResult) -> bool:
+def _same_output(a: TurnOutput, b: GenerationResult) -> bool:
     return np.array_equal(np.asarray(a.output_ids), np.asarray(b.output_ids))
 
 
