@@ -120,7 +120,9 @@ def test_default_datastore_auto_budget_and_warm_start(
     from restspec.decode.budget import AdaptiveBudget
 
     quiet_machine(monkeypatch)  # else a calibration timed while other work ran would not be cached
-    first = Engine.from_pretrained(tiny_model_dir, datastores=[tiny_datastore_dir], recalibrate=True)
+    first = Engine.from_pretrained(
+        tiny_model_dir, datastores=[tiny_datastore_dir], recalibrate=True, progress=False
+    )
     assert isinstance(first.policy, AdaptiveBudget)
     out = console()
     again = Engine.from_pretrained(
@@ -140,16 +142,15 @@ def console() -> Console:
 
 
 def test_phases_print_one_line_each_when_not_on_a_terminal(tiny_model_dir: Path, tiny_datastore_dir: Path):
-    out = io.StringIO()
-    console = Console(file=out, force_terminal=False, width=200)
+    out = console()
     Engine.from_pretrained(
         tiny_model_dir,
         datastores=[tiny_datastore_dir],
         budget=2,
         warm_start=False,
-        progress=ConsoleProgress(console),
+        progress=ConsoleProgress(out),
     )
-    lines = out.getvalue().splitlines()
+    lines = out.file.getvalue().splitlines()
     assert lines[0].startswith("restspec: Loading model") and lines[0].endswith("…")
     assert lines[1].startswith("restspec: Loading model") and " done in " in lines[1]
 

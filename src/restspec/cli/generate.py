@@ -141,11 +141,8 @@ def demo(
     for i, prompt in enumerate(DEMO_PROMPTS, start=1):
         with progress.phase(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): transformers' generate"):
             prompt_ids = engine.generator.encode(prompt.text, prompt.chat)
-            new_tokens = config.max_new_tokens
-            context = engine.generator.layout.max_positions  # restspec stops at the model's context
-            if context is not None:
-                new_tokens = min(new_tokens, context - len(prompt_ids))
-            base = baseline.generate(prompt_ids, new_tokens, 0.0)
+            limit = engine.generator.new_token_limit(len(prompt_ids), config.max_new_tokens)
+            base = baseline.generate(prompt_ids, limit, 0.0)  # both stop at the model's context
         with progress.phase(f"prompt {i}/{len(DEMO_PROMPTS)} ({prompt.label}): restspec"):
             fast = engine.generator.generate(prompt.text, config, chat=prompt.chat)
         rows.append((prompt, base, fast))

@@ -10,6 +10,7 @@ verified tree, the accepted path, what the step cost, how many requests shared i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -639,17 +640,12 @@ class AdaptiveBudget:
         backend = backend or ModelForward(model)
         dtype = dtype_name(model)
         name = str(getattr(loaded, "name", type(model).__name__))
-        probes: list[ForwardLatencyProbe] = []
-
-        def measure(width: int) -> float:  # the probe's prefill only when the curve is measured
-            if not probes:
-                probes.append(ForwardLatencyProbe(backend, past_len=CALIBRATION_PAST_LEN))
-            return probes[0](width)
-
+        # built (its prefill run) only if the curve is measured, not when it is read from the cache
+        probe = functools.cache(lambda: ForwardLatencyProbe(backend, past_len=CALIBRATION_PAST_LEN))
         curve = load_or_calibrate(
             name,
             dtype,
-            measure,
+            lambda width: probe()(width),
             max_width=min(max_batch * (max_budget + 1), max(max_budget + 1, CALIBRATION_SIZES[-1])),
             recalibrate=recalibrate,
             backend=backend.key,

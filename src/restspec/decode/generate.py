@@ -243,6 +243,12 @@ class SpeculativeGenerator:
             raise GenerationError(f"prompt token ids must lie in [0, {vocab}), got {arr.min()}..{arr.max()}")
         return arr.astype(np.int32)
 
+    def new_token_limit(self, prompt_len: int, max_new_tokens: int) -> int:
+        """How many tokens a request of ``prompt_len`` prompt tokens may generate: ``max_new_tokens``,
+        and no further than the model's context."""
+        max_pos = self.layout.max_positions
+        return max_new_tokens if max_pos is None else min(max_new_tokens, max_pos - prompt_len)
+
     def _start(
         self, prompt_ids: np.ndarray, config: GenerationConfig, drafter: Drafter, scope: Hashable
     ) -> _Request:
@@ -252,9 +258,7 @@ class SpeculativeGenerator:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context is {max_pos} tokens; "
                 f"shorten the prompt to at most {max_pos - 1} tokens"
             )
-        max_total = len(prompt_ids) + config.max_new_tokens
-        if max_pos is not None:
-            max_total = min(max_total, max_pos)
+        max_total = len(prompt_ids) + self.new_token_limit(len(prompt_ids), config.max_new_tokens)
         context = np.zeros(max_total, dtype=np.int32)
         context[: len(prompt_ids)] = prompt_ids
         seed = config.sampling.seed
