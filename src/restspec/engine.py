@@ -158,14 +158,15 @@ class Engine:
         from restspec.datastore import Datastore, ensure_default_datastore
         from restspec.decode.backends import parse_backend
         from restspec.decode.budget import FixedBudget, check_step_factor
+        from restspec.decode.prefix import check_prefix_cache_mb
         from restspec.draft.base import EmptyDrafter
         from restspec.models import check_model, load_model, resolve_device
 
         fixed = parse_budget(budget)
         if max_batch < 1:
             raise GenerationError(f"max_batch={max_batch} must be >= 1 (1 = one request at a time)")
-        if prefix_cache_mb is not None and not prefix_cache_mb >= 0:
-            raise GenerationError(f"prefix_cache_mb={prefix_cache_mb} must be >= 0 (0 = no prefix reuse)")
+        if prefix_cache_mb is not None:
+            check_prefix_cache_mb(prefix_cache_mb)
         if step_factor is not None:
             try:
                 check_step_factor(step_factor)

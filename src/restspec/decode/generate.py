@@ -27,7 +27,7 @@ from restspec.decode.accept import Acceptance, accept
 from restspec.decode.backends import ForwardBackend, ModelForward
 from restspec.decode.budget import BudgetPolicy, FixedBudget
 from restspec.decode.config import GenerationConfig
-from restspec.decode.prefix import DEFAULT_PREFIX_CACHE_MB, PrefixCache
+from restspec.decode.prefix import DEFAULT_PREFIX_CACHE_MB, PrefixCache, check_prefix_cache_mb
 from restspec.decode.text import IncrementalDecoder, StopStringMatcher
 from restspec.decode.threads import release_openmp_pool
 from restspec.decode.verify import (
@@ -199,8 +199,7 @@ class SpeculativeGenerator:
             raise GenerationError(f"max_batch={max_batch} must be >= 1 (1 = one request at a time)")
         if prefill_chunk < 1:
             raise GenerationError(f"prefill_chunk={prefill_chunk} must be >= 1")
-        if not prefix_cache_mb >= 0:
-            raise GenerationError(f"prefix_cache_mb={prefix_cache_mb} must be >= 0 (0 = no prefix reuse)")
+        check_prefix_cache_mb(prefix_cache_mb)
         self.model = model
         # runs the verification forwards: the model's own forward unless a faster backend was chosen
         self.backend: ForwardBackend = backend if backend is not None else ModelForward(model)

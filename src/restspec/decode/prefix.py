@@ -31,9 +31,16 @@ import numpy as np
 import torch
 
 from restspec.decode.verify import new_cache
+from restspec.errors import GenerationError
 
 DEFAULT_PREFIX_CACHE_MB = 256
 """Default bound of the kept caches (the embedded model's rows take 46 KB a token: about 5,800 tokens)."""
+
+
+def check_prefix_cache_mb(megabytes: float) -> None:
+    """``GenerationError`` unless ``megabytes`` (a bound of the kept caches) is a number >= 0."""
+    if not megabytes >= 0:  # also rejects NaN
+        raise GenerationError(f"prefix_cache_mb={megabytes} must be >= 0 (0 = no prefix reuse)")
 
 
 @dataclass(frozen=True, eq=False)
