@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from restspec import Engine, GenerationConfig
+from restspec.bench.report import TurnFigures, compare_turns
 from restspec.bench.runner import answer_text, machine_info, prompt_ids
 from restspec.bench.workloads import BenchItem, load_workload, select
 from restspec.decode.prefix import PrefixCache
 
 MT_BENCH = "../shared/data/mt_bench_questions.jsonl"
 """MT-Bench's questions, beside the repository (as ``restspec bench`` is pointed at them)."""
-RESAMPLES = 2000
 
 
 def first_chunk_s(engine: Engine, ids: list[int]) -> tuple[float, int]:
@@ -104,20 +104,25 @@ def report(row: dict) -> None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Medians, and the ratio of summed times (whole over reused) with its 95 % bootstrap interval."""
+    """Medians, and the ratio of summed times (whole over reused) with its 95 % bootstrap interval
+    (``restspec bench``'s paired comparison, each turn one item of one token)."""
     whole = np.array([r["whole_s"] for r in rows])
     reused = np.array([r["reused_s"] for r in rows])
-    draws = np.random.default_rng(0).integers(0, len(rows), size=(RESAMPLES, len(rows)))
-    low, high = np.percentile(whole[draws].sum(1) / reused[draws].sum(1), [2.5, 97.5])
+    turns = [
+        TurnFigures(str(index), "", case, 1, r[f"{case}_s"])
+        for index, r in enumerate(rows)
+        for case in ("reused", "whole")
+    ]
+    (comparison,) = compare_turns(turns, ["reused", "whole"], "reused")  # tokens/s: whole / reused time
     return {
         "items": len(rows),
         "prompt_tokens": int(sum(r["prompt_tokens"] for r in rows)),
         "cached_tokens": int(sum(r["cached_tokens"] for r in rows)),
         "whole_ms_median": round(float(np.median(whole)) * 1000, 1),
         "reused_ms_median": round(float(np.median(reused)) * 1000, 1),
-        "ratio": round(float(whole.sum() / reused.sum()), 3),
-        "low": round(float(low), 3),
-        "high": round(float(high), 3),
+        "ratio": round(comparison.ratio, 3),
+        "low": round(comparison.low, 3),
+        "high": round(comparison.high, 3),
     }
 
 
