@@ -10,7 +10,10 @@ tree is scored:
 - ``direct-packed``: the direct forward calling the oneDNN group matmuls of
   :class:`~restspec.decode.kernels.PackedWeights` (CPU, float32);
 - ``direct-split``: ``direct`` for narrow forwards and ``direct-packed`` from the width on where
-  the packed kernels are measured faster (:class:`SplitBackend`).
+  the packed kernels are measured faster (:class:`SplitBackend`);
+- ``direct-blocks``: the direct forward computing from the codes of block-encoded weights
+  (:class:`~restspec.decode.blocks.BlockWeights`: float32 weights that decode exactly from 4- or 8-bit
+  blocks, as a quantized GGUF file's do; CPU, float32).
 
 Which is fastest depends on the CPU, the device, the dtype and the width of the forward. Measured on an
 Intel Xeon with AVX-512/AMX (2 cores, other work running; SmolLM2-135M in float32, 320 cached tokens,
@@ -36,19 +39,20 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from restspec.decode.direct import DirectForward
+from restspec.decode.blocks import BlockWeights
+from restspec.decode.direct import DirectForward, GroupKernels
 from restspec.decode.kernels import PackedWeights
 from restspec.decode.verify import ModelLayout, Segment, model_layout, new_cache, tree_inputs
 from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
 from restspec.models import dtype_name
 
-BACKEND_NAMES = ("model", "direct", "direct-packed", "direct-split")
+BACKEND_NAMES = ("model", "direct", "direct-packed", "direct-split", "direct-blocks")
 """Every backend, in the order :func:`choose_backend` considers them."""
-CHOICE_VERSION = 4
+CHOICE_VERSION = 6
 """Bump when the backends or the measurement change, so cached choices are made again (3: a choice
 timed while other work competed for the CPU is no longer cached; 4: the direct forward without module
-calls)."""
+calls; 5: taken by an experiment not kept; 6: the block-weight backend)."""
 TIMING_WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16)
 """Forward widths (root + tree nodes) the candidates are timed at: a plain step and typical trees."""
 TIMING_PAST_LEN = 320
@@ -170,10 +174,11 @@ class ModelForward:
 
 class DirectBackend(ModelForward):
     """:class:`~restspec.decode.direct.DirectForward` for the tree forwards: ``direct`` with the model's
-    own linears, ``direct-packed`` with ``packed`` weights (CPU only). Raises ``ModelError`` for a
-    model that is not a Llama-family decoder or whose layers mix sliding and full attention."""
+    own linears, ``direct-packed`` or ``direct-blocks`` with those kernels' weights (``packed``: CPU
+    only). Raises ``ModelError`` for a model that is not a Llama-family decoder or whose layers mix
+    sliding and full attention."""
 
-    def __init__(self, model: Any, packed: PackedWeights | None = None, layout: ModelLayout | None = None):
+    def __init__(self, model: Any, packed: GroupKernels | None = None, layout: ModelLayout | None = None):
         super().__init__(model, layout)
         if self.layout.hybrid:
             raise ModelError("the direct forward takes one mask; this model mixes sliding and full layers")
@@ -181,7 +186,7 @@ class DirectBackend(ModelForward):
             self.direct = DirectForward(model, packed)
         except AttributeError as exc:
             raise ModelError(f"{type(model).__name__} is not a Llama-family decoder: {exc}") from exc
-        self.name = "direct-packed" if packed is not None else "direct"
+        self.name = packed.backend_name if packed is not None else "direct"
         self.exact = packed is None
 
     def __call__(
@@ -252,15 +257,17 @@ def split_width(narrow: dict[int, float], wide: dict[int, float]) -> int | None:
 def candidates(model: Any, device: torch.device | str | None = None) -> list[ForwardBackend]:
     """Every backend that can run ``model`` on ``device`` (default: the model's), in the order of
     :data:`BACKEND_NAMES`: the model's own forward; for Llama-family decoders the direct one, and on the
-    CPU in float32 the direct-packed one where oneDNN is built in and the packed copy fits in memory."""
+    CPU in float32 the direct-packed one where oneDNN is built in and the packed copy fits in memory,
+    and the direct-blocks one where some weights are block-encoded and the kernel builds."""
     own = ModelForward(model)
     _check_device(own, device)
     found: list[ForwardBackend] = [own]
     with contextlib.suppress(ModelError):  # not a Llama-family decoder: no direct backends
         found.append(DirectBackend(model, None, own.layout))
-    packed = _packed_weights(own) if len(found) == 2 else None
-    if packed is not None:
-        found.append(DirectBackend(model, packed, own.layout))
+    if len(found) == 2:
+        for kernels in (_packed_weights(own), _block_weights(own)):
+            if kernels is not None:
+                found.append(DirectBackend(model, kernels, own.layout))
     return found
 
 
@@ -291,6 +298,11 @@ def backend_by_name(model: Any, name: str, *, wide_from: int = 2) -> ForwardBack
     try:
         if name == "direct":
             return DirectBackend(model, None, own.layout)
+        if name == "direct-blocks":
+            blocks = _block_weights(own)
+            if blocks is not None:
+                return DirectBackend(model, blocks, own.layout)
+            raise ModelError("no block-encoded weights")
         packed = _packed_weights(own)
         if packed is not None and name == "direct-packed":
             return DirectBackend(model, packed, own.layout)
@@ -308,6 +320,11 @@ def backend_by_name(model: Any, name: str, *, wide_from: int = 2) -> ForwardBack
 def _packed_weights(own: ModelForward) -> PackedWeights | None:
     """The model's packed weights where packed backends apply (the CPU), else None."""
     return PackedWeights.of(own.model) if own.device.type == "cpu" else None
+
+
+def _block_weights(own: ModelForward) -> BlockWeights | None:
+    """The model's block-encoded weights where the block backend applies (the CPU), else None."""
+    return BlockWeights.of(own.model) if own.device.type == "cpu" else None
 
 
 def _check_device(backend: ModelForward, device: torch.device | str | None) -> None:

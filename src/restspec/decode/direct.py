@@ -27,12 +27,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
-
-from restspec.decode.kernels import PackedWeights
 
 if TYPE_CHECKING:
     from restspec.decode.verify import Segment
@@ -42,7 +40,19 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 """One or more linears that read the same input, as one function: their outputs side by side."""
 
 
-def _linear(packed: PackedWeights | None, *modules: torch.nn.Linear) -> Linear:
+class GroupKernels(Protocol):
+    """Kernels serving groups of linears (:class:`~restspec.decode.kernels.PackedWeights`,
+    :class:`~restspec.decode.blocks.BlockWeights`)."""
+
+    backend_name: str
+    """The backend that runs the direct forward on them."""
+
+    def group_of(self, modules: list[torch.nn.Linear]) -> Any | None:
+        """The group (with a ``matmul``) whose members are exactly ``modules``, or None."""
+        ...
+
+
+def _linear(packed: GroupKernels | None, *modules: torch.nn.Linear) -> Linear:
     """``modules`` (linears reading the same input) as one function of the input: their packed group's
     one matmul where they are one group, each member's packed matmul where they are packed apart, else
     ``F.linear`` on their own weights (the arithmetic of calling them, without the module machinery)."""
@@ -113,7 +123,7 @@ class DirectForward:
     The weight and norm tensors are read once, here (changes in place are seen, replaced parameters
     are not: build it again). Raises ``AttributeError`` for a model without those parts."""
 
-    def __init__(self, model: Any, packed: PackedWeights | None = None) -> None:
+    def __init__(self, model: Any, packed: GroupKernels | None = None) -> None:
         decoder = model.model
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb

@@ -91,6 +91,17 @@ def _free_memory_bytes() -> int | None:
         return None
 
 
+def cpu_float32_linears(model: Any) -> list[torch.nn.Linear]:
+    """``model``'s ``nn.Linear`` layers with float32 weights on the CPU (what these kernels serve)."""
+    return [
+        module
+        for module in model.modules()
+        if type(module) is torch.nn.Linear
+        and module.weight.dtype == torch.float32
+        and module.weight.device.type == "cpu"
+    ]
+
+
 class _LinearRecorder(TorchFunctionMode):
     """Records ``(weight, input)`` of every ``F.linear`` call run inside it."""
 
@@ -133,43 +144,21 @@ def shared_input_groups(model: Any, linears: list[torch.nn.Linear]) -> list[list
     return groups
 
 
-class PackedWeights:
-    """The packed groups of one model's float32 CPU ``nn.Linear`` layers, built once; the model is only
-    read. Build with :meth:`of`, which says None where packing does not apply."""
+class GroupIndex:
+    """Groups of linears (each with ``weights`` and ``sizes``, one matmul for them all) looked up by
+    their members: what the direct forward asks a set of kernels for."""
 
-    def __init__(self, model: Any, linears: list[torch.nn.Linear]) -> None:
-        self.groups = [PackedGroup(members) for members in shared_input_groups(model, linears)]
-        self.layers = len(linears)
-        self._by_weight: dict[int, tuple[PackedGroup, int]] = {
-            id(w): (group, index) for group in self.groups for index, w in enumerate(group.weights)
+    def __init__(self, groups: list[Any]) -> None:
+        self.groups = groups
+        self._by_weight: dict[int, tuple[Any, int]] = {
+            id(w): (group, index) for group in groups for index, w in enumerate(group.weights)
         }
 
-    @classmethod
-    def of(cls, model: Any) -> PackedWeights | None:
-        """The packed weights of ``model``; None without oneDNN, for a model with no float32 CPU
-        linears, and when the packed copy would take more than half of the free memory."""
-        if not available():
-            return None
-        linears = [
-            module
-            for module in model.modules()
-            if type(module) is torch.nn.Linear
-            and module.weight.dtype == torch.float32
-            and module.weight.device.type == "cpu"
-        ]
-        if not linears:
-            return None
-        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        free = _free_memory_bytes()
-        if free is not None and size > free / 2:
-            return None
-        return cls(model, linears)
-
-    def member(self, weight: torch.Tensor) -> tuple[PackedGroup, int] | None:
-        """The group holding ``weight`` and its index there, None if it is not packed."""
+    def member(self, weight: torch.Tensor) -> tuple[Any, int] | None:
+        """The group holding ``weight`` and its index there, None if no group holds it."""
         return self._by_weight.get(id(weight))
 
-    def group_of(self, modules: list[torch.nn.Linear]) -> PackedGroup | None:
+    def group_of(self, modules: list[torch.nn.Linear]) -> Any | None:
         """The group whose members are exactly ``modules``, in that order; None if they are not one."""
         found = [self.member(m.weight) for m in modules]
         if any(f is None for f in found):
@@ -181,3 +170,29 @@ class PackedWeights:
         ):
             return None
         return group
+
+
+class PackedWeights(GroupIndex):
+    """The packed groups of one model's float32 CPU ``nn.Linear`` layers, built once; the model is only
+    read. Build with :meth:`of`, which says None where packing does not apply."""
+
+    backend_name = "direct-packed"
+
+    def __init__(self, model: Any, linears: list[torch.nn.Linear]) -> None:
+        super().__init__([PackedGroup(members) for members in shared_input_groups(model, linears)])
+        self.layers = len(linears)
+
+    @classmethod
+    def of(cls, model: Any) -> PackedWeights | None:
+        """The packed weights of ``model``; None without oneDNN, for a model with no float32 CPU
+        linears, and when the packed copy would take more than half of the free memory."""
+        if not available():
+            return None
+        linears = cpu_float32_linears(model)
+        if not linears:
+            return None
+        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        free = _free_memory_bytes()
+        if free is not None and size > free / 2:
+            return None
+        return cls(model, linears)

@@ -26,10 +26,10 @@ OMP_PAUSE_SOFT = 1
 
 
 @functools.cache
-def _gnu_openmp() -> ctypes.CDLL | None:
-    """The GNU OpenMP runtime torch loaded, or None (not Linux, or another OpenMP runtime, whose pools
-    do not throttle each other this way). Looked up once: torch is imported first, so the answer
-    cannot change later."""
+def gnu_openmp_path() -> Path | None:
+    """The file of the GNU OpenMP runtime torch loaded, or None (not Linux, or another OpenMP runtime,
+    whose pools do not throttle each other this way). Looked up once: torch is imported first, so the
+    answer cannot change later. Native code linked to this file runs on torch's OpenMP threads."""
     import torch  # noqa: F401 - loads the OpenMP runtime looked for here
 
     if not sys.platform.startswith("linux"):
@@ -44,10 +44,20 @@ def _gnu_openmp() -> ctypes.CDLL | None:
         except OSError:
             continue
         if hasattr(lib, "omp_pause_resource_all"):
-            lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
-            lib.omp_pause_resource_all.restype = ctypes.c_int
-            return lib
+            return Path(path)
     return None
+
+
+@functools.cache
+def _gnu_openmp() -> ctypes.CDLL | None:
+    """The runtime of :func:`gnu_openmp_path`, loaded, or None."""
+    path = gnu_openmp_path()
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+    lib.omp_pause_resource_all.restype = ctypes.c_int
+    return lib
 
 
 def release_openmp_pool() -> bool:

@@ -1,0 +1,386 @@
+"""Block-encoded weights: float32 linears whose weights are read back exactly from 4- or 8-bit codes.
+
+A model loaded from a quantized GGUF file (the embedded SmolLM2 is Q4_1, its embedding Q8_0) runs in
+float32, but its weights are still what the file's blocks decode to: in every block of 32 inputs of
+an output row, ``w = d * q + m`` with a 4-bit ``q`` (Q4_1), or ``w = d * q`` with an 8-bit ``q``
+(Q8_0). A one-row forward on a CPU mostly reads weights (538 MB of float32 for that model, against
+some 90 MB of codes), so computing from the codes reads a sixth of the bytes.
+
+Nothing is taken from the file: :func:`encode_affine4` and :func:`encode_scaled8` find the codes from
+the float32 weights and keep them only where every weight of the matrix decodes back **bitwise
+equal** (the decoding, one exact product and one rounding, is the one GGUF's loader ran), so any
+model whose weights lie on such a grid qualifies and no other does. The kernel (``blocks.c``, built
+once per machine with the C compiler, ``-O3 -march=native``, on torch's OpenMP threads) decodes each
+weight in registers and multiplies it with the same float32 arithmetic as a float32 matmul; only the
+order of the sums differs, as between any two float32 matmul kernels, so
+:func:`restspec.decode.backends.choose_backend` probes and times it like the packed kernels
+(``direct-blocks``) and keeps it only where it passes and is faster.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numba as nb
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from restspec.decode.kernels import GroupIndex, cpu_float32_linears, shared_input_groups
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32
+"""Inputs per block (GGUF's Q4_1 and Q8_0)."""
+LANES = 16
+"""Output rows decoded side by side (one vector of 16 floats); a matrix's rows must be a multiple."""
+SOURCE = "blocks.c"
+COMPILE_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One matrix (N, K) as codes in the kernel's layout: output rows in groups of :data:`LANES`."""
+
+    kind: str
+    """``"affine4"`` (w = d * q + m) or ``"scaled8"`` (w = d * q)."""
+    codes: np.ndarray
+    """uint8 (N/16, K/2, 16) for affine4 (two codes a byte, the even input low), (N/16, K, 16) for scaled8."""
+    scales: np.ndarray
+    """float32 (N/16, K/32, 16): d per block and row."""
+    offsets: np.ndarray | None
+    """float32 (N/16, K/32, 16): m per block and row (affine4), else None."""
+
+    @staticmethod
+    def join(parts: list[Encoded]) -> Encoded | None:
+        """Matrices of one encoding and input size stacked along their outputs (a layer's q/k/v), or
+        None where they differ in either."""
+        first = parts[0]
+        if any(p.kind != first.kind or p.codes.shape[1:] != first.codes.shape[1:] for p in parts):
+            return None
+        offsets = None if first.offsets is None else np.concatenate([p.offsets for p in parts])  # type: ignore[misc]
+        return Encoded(
+            first.kind,
+            np.concatenate([p.codes for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            offsets,
+        )
+
+
+def _blocks(weight: np.ndarray) -> np.ndarray | None:
+    """``weight`` (N, K) float32 as (N * K/32, 32), or None where its shape does not fit the kernel."""
+    if weight.ndim != 2 or weight.dtype != np.float32:
+        return None
+    n, k = weight.shape
+    if n == 0 or k == 0 or n % LANES or k % BLOCK:
+        return None
+    return np.ascontiguousarray(weight).reshape(-1, BLOCK)
+
+
+def _lanes(per_row: np.ndarray) -> np.ndarray:
+    """(N, X, ...) as (N/16, X, 16, ...): 16 output rows side by side."""
+    n = per_row.shape[0]
+    return np.ascontiguousarray(np.moveaxis(per_row.reshape(n // LANES, LANES, *per_row.shape[1:]), 1, 2))
+
+
+@nb.njit(cache=True, inline="always")
+def _same(a: np.float32, b: np.float32) -> bool:
+    """Equal bitwise (for finite floats: equal and of the same sign, so -0.0 differs from 0.0)."""
+    return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+
+
+@nb.njit(cache=True, inline="always")
+def _half_step(x: float) -> float:
+    """The spacing of float16 values at ``x`` > 0 (11 significant bits; subnormals below 2**-14)."""
+    exponent = math.frexp(x)[1]  # x = m * 2**exponent, 0.5 <= m < 1
+    return 2.0 ** max(exponent - 11, -24)
+
+
+@nb.njit(cache=True, inline="always")
+def _affine_block(block: np.ndarray, d: np.float32, low: np.float32, codes: np.ndarray) -> bool:
+    """Codes of ``block`` with ``d * q + low`` equal to every weight bitwise, into ``codes``."""
+    for j in range(BLOCK):
+        q = np.rint((block[j] - low) / d)
+        if not (0 <= q <= 15) or not _same(d * q + low, block[j]):
+            return False
+        codes[j] = np.uint8(q)
+    return True
+
+
+@nb.njit(cache=True)
+def _encode_affine4(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, lows: np.ndarray) -> bool:
+    """Per block: d (a float16 value: ``d * q`` is exact in float32) and low with ``d * q + low`` the
+    block's weights bitwise, d tried at the float16 nearest to (max - min) / 15 and its neighbours."""
+    for i in range(blocks.shape[0]):
+        block = blocks[i]
+        low, high = block.min(), block.max()
+        lows[i] = low
+        if low == high:  # constant: d = 0
+            scales[i] = np.float32(0.0)
+            codes[i] = 0
+            if not _same(np.float32(0.0) + low, low):
+                return False
+            continue
+        base = float(high - low) / 15.0
+        if not math.isfinite(base):
+            return False
+        step = _half_step(base)
+        nearest = np.rint(base / step) * step
+        found = False
+        for candidate in (nearest, nearest + step, nearest - step, nearest - step / 2):
+            d = np.float32(candidate)
+            if d > 0 and _affine_block(block, d, low, codes[i]):
+                scales[i] = d
+                found = True
+                break
+        if not found:
+            return False
+    return True
+
+
+@nb.njit(cache=True)
+def _encode_scaled8(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> bool:
+    """Per block: d = the largest magnitude / 127 and codes with ``d * q`` the weights bitwise."""
+    for i in range(blocks.shape[0]):
+        block = blocks[i]
+        d = np.abs(block).max() / np.float32(127.0)
+        scales[i] = d
+        for j in range(BLOCK):
+            q = np.rint(block[j] / d) if d > 0 else np.float32(0.0)
+            if not (-128 <= q <= 127) or not _same(d * q, block[j]):
+                return False
+            codes[i, j] = np.int8(q)
+    return True
+
+
+def encode_affine4(weight: np.ndarray) -> Encoded | None:
+    """4-bit codes, and per block a float32 ``d`` (a float16 value) and ``m``, with ``d * q + m ==
+    weight`` bitwise for every weight; None if some block has none (the weights are not on such a grid)."""
+    blocks = _blocks(weight)
+    if blocks is None:
+        return None
+    codes = np.empty(blocks.shape, dtype=np.uint8)
+    scales, lows = np.empty(len(blocks), np.float32), np.empty(len(blocks), np.float32)
+    if not _encode_affine4(blocks, codes, scales, lows):
+        return None
+    n, k = weight.shape
+    flat = codes.reshape(n, k)
+    packed = flat[:, 0::2] | (flat[:, 1::2] << 4)  # (N, K/2): the even input low
+    return Encoded("affine4", _lanes(packed), _lanes(scales.reshape(n, -1)), _lanes(lows.reshape(n, -1)))
+
+
+def encode_scaled8(weight: np.ndarray) -> Encoded | None:
+    """8-bit codes and per block a float32 ``d`` with ``d * q == weight`` bitwise for every weight
+    (the largest magnitude of a block is ``127 d``); None if some block has none."""
+    blocks = _blocks(weight)
+    if blocks is None:
+        return None
+    codes = np.empty(blocks.shape, dtype=np.int8)
+    scales = np.empty(len(blocks), np.float32)
+    if not _encode_scaled8(blocks, codes, scales):
+        return None
+    n, k = weight.shape
+    return Encoded("scaled8", _lanes(codes.reshape(n, k)).view(np.uint8), _lanes(scales.reshape(n, -1)), None)
+
+
+def encode(weight: np.ndarray) -> Encoded | None:
+    """The first encoding that holds ``weight`` exactly (4-bit first: fewer bytes), or None. Each is
+    tried on the first 16 rows before the whole matrix (most matrices fit none or the first)."""
+    for encoding in (encode_affine4, encode_scaled8):
+        if encoding(weight[:LANES]) is not None:
+            found = encoding(weight)
+            if found is not None:
+                return found
+    return None
+
+
+# ---- the kernel ------------------------------------------------------------------------------------------
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what ``-march=native`` compiles for): part of the built library's key."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(compiler: str, source: Path, out: Path, openmp: Path | None) -> None:
+    """``source`` into the shared library ``out``; with ``openmp``, linked to that runtime file (torch's)
+    so that its parallel loops run on torch's threads instead of a second pool."""
+    with tempfile.TemporaryDirectory() as tmp:
+        obj = Path(tmp) / "blocks.o"
+        flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-Wno-unknown-pragmas"]
+        if openmp is not None:
+            flags.append("-fopenmp")
+        subprocess.run(
+            [compiler, *flags, "-c", str(source), "-o", str(obj)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT_S,
+        )
+        link = [compiler, "-shared", str(obj), "-o", str(Path(tmp) / out.name)]
+        if openmp is not None:
+            link += [str(openmp), f"-Wl,-rpath,{openmp.parent}"]
+        subprocess.run(link, check=True, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = out.with_suffix(f".tmp{os.getpid()}")
+        shutil.copyfile(Path(tmp) / out.name, staged)
+        staged.replace(out)
+
+
+@functools.cache
+def kernel() -> ctypes.CDLL | None:
+    """The compiled ``blocks.c``, built once per machine (CPU flags, compiler, torch's OpenMP runtime)
+    into ``$RESTSPEC_CACHE/kernels``; None (and a logged reason) where there is no C compiler or it
+    fails: the block backend is then not offered."""
+    from restspec.datastore.default import cache_dir
+    from restspec.decode.threads import gnu_openmp_path
+
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.info("no C compiler (cc or $CC): the block-weight kernel is not built")
+        return None
+    source = resources.files("restspec.decode").joinpath(SOURCE)
+    text = source.read_text(encoding="utf-8")
+    openmp = gnu_openmp_path()
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], check=True, capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("the C compiler %s does not run (%s): the block-weight kernel is not built", compiler, exc)
+        return None
+    key = "\n".join([text, version, _cpu_flags(), str(openmp), torch.__version__])
+    path = cache_dir() / "kernels" / f"blocks-{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
+    try:
+        if not path.is_file():
+            with resources.as_file(source) as src:
+                _compile(compiler, src, path, openmp)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.info("building the block-weight kernel failed (%s): it is not used", detail)
+        return None
+    pointer, number = ctypes.c_void_p, ctypes.c_int
+    lib.restspec_q4_linear.argtypes = [
+        pointer,
+        number,
+        number,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        number,
+        number,
+    ]
+    lib.restspec_q8_linear.argtypes = [pointer, number, number, pointer, pointer, pointer, number, number]
+    lib.restspec_q4_linear.restype = lib.restspec_q8_linear.restype = None
+    return lib
+
+
+class BlockGroup:
+    """Linears that read the same input, encoded alike and joined along their outputs: one kernel call
+    serves them all (their outputs side by side), as :class:`~restspec.decode.kernels.PackedGroup` does.
+
+    Holds the modules' parameters (never writes them) and encodes them again when one changed in place;
+    weights no longer on a grid are computed by ``F.linear`` from then on."""
+
+    def __init__(self, modules: list[torch.nn.Linear], encoded: Encoded, lib: ctypes.CDLL) -> None:
+        self.weights = [m.weight for m in modules]
+        self.biases = [m.bias for m in modules]
+        self.sizes = [m.out_features for m in modules]
+        self.in_features = modules[0].in_features
+        self.out_features = sum(self.sizes)
+        self._lib = lib
+        self._use(encoded)
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(t._version for t in (*self.weights, *self.biases) if t is not None)
+
+    def _use(self, encoded: Encoded | None) -> None:
+        self.encoded = encoded
+        self.version = self._versions()
+        self.bias = (
+            None
+            if all(b is None for b in self.biases)
+            else torch.cat(
+                [
+                    b.detach() if b is not None else w.new_zeros(w.shape[0])
+                    for w, b in zip(self.weights, self.biases, strict=True)
+                ]
+            )
+        )
+        if encoded is not None:  # the kernel and the codes' addresses, looked up once rather than per call
+            self._call = (
+                self._lib.restspec_q4_linear if encoded.offsets is not None else self._lib.restspec_q8_linear
+            )
+            arrays = (encoded.codes, encoded.scales) + (() if encoded.offsets is None else (encoded.offsets,))
+            self._arrays = tuple(a.ctypes.data for a in arrays)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output for input ``x`` (..., in), side by side: (..., sum of out_features)."""
+        if self._versions() != self.version:  # weights changed in place since encoding
+            self._use(encode(torch.cat([w.detach() for w in self.weights]).numpy()))
+        if self.encoded is None:
+            return torch.cat([F.linear(x, w, b) for w, b in zip(self.weights, self.biases, strict=True)], -1)
+        rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        out = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
+        if rows.shape[0]:
+            self._call(
+                rows.data_ptr(),
+                rows.shape[0],
+                self.in_features,
+                *self._arrays,
+                out.data_ptr(),
+                self.out_features,
+                torch.get_num_threads(),
+            )
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class BlockWeights(GroupIndex):
+    """The block-encoded groups of one model's float32 CPU linears (those whose weights decode back
+    exactly), built once; the model is only read. Build with :meth:`of`."""
+
+    backend_name = "direct-blocks"
+
+    @classmethod
+    def of(cls, model: Any) -> BlockWeights | None:
+        """The encoded weights of ``model``'s float32 CPU ``nn.Linear`` layers; None where no linear's
+        weights are block-encoded or the kernel cannot be built here."""
+        encoded = {id(m): (m, encode(m.weight.detach().numpy())) for m in cpu_float32_linears(model)}
+        found = [m for m, e in encoded.values() if e is not None]
+        if not found:
+            return None
+        lib = kernel()
+        if lib is None:
+            return None
+        groups: list[BlockGroup] = []
+        for members in shared_input_groups(model, found):
+            parts = [encoded[id(m)][1] for m in members]
+            joined = Encoded.join(parts) if len(members) > 1 else parts[0]  # type: ignore[arg-type]
+            if joined is not None:
+                groups.append(BlockGroup(members, joined, lib))
+            else:
+                groups += [BlockGroup([m], e, lib) for m, e in zip(members, parts, strict=True)]  # type: ignore[arg-type]
+        return cls(groups)

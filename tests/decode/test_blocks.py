@@ -1,0 +1,183 @@
+"""Block-encoded weights: codes are found only where every float32 weight decodes back bitwise, the
+kernel gives F.linear's outputs up to float rounding at every width, and the direct forward on it keeps
+greedy output equal to plain greedy."""
+
+from __future__ import annotations
+
+import copy
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, IdTokenizer, OracleDrafter, plain_greedy, tiny_model
+from gguf.quants import dequantize, quantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from restspec.decode import (
+    GenerationConfig,
+    ModelForward,
+    SpeculativeGenerator,
+    forward_tree,
+    new_cache,
+    prefill,
+)
+from restspec.decode import blocks as blocks_module
+from restspec.decode.backends import BACKEND_NAMES, DirectBackend, backend_by_name, candidates, probe
+from restspec.decode.blocks import BlockWeights, encode, encode_affine4, encode_scaled8
+from restspec.draft.tree import DraftTree
+from restspec.errors import ModelError
+
+Q4_1, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+
+pytestmark = pytest.mark.skipif(blocks_module.kernel() is None, reason="no C compiler to build the kernel")
+
+
+def gguf_weights(shape: tuple[int, int], kind, seed: int = 0, scale: float = 0.1) -> np.ndarray:
+    """Random float32 weights as a GGUF file of ``kind`` stores and transformers loads them."""
+    w = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+    return dequantize(quantize(w, kind), kind).astype(np.float32).reshape(shape)
+
+
+def decoded(e) -> np.ndarray:
+    """The float32 weights (N, K) the codes stand for, decoded in numpy from the kernel's layout."""
+    groups = e.codes.shape[0]
+    if e.kind == "affine4":
+        low, high = e.codes & 15, e.codes >> 4  # (G, K/2, 16)
+        q = np.stack([low, high], axis=2).reshape(groups, -1, 16)  # (G, K, 16)
+    else:
+        q = e.codes.view(np.int8)
+    k = q.shape[1]
+    d = np.repeat(e.scales, 32, axis=1)[:, :k]
+    w = d * q.astype(np.float32)
+    if e.offsets is not None:
+        w = w + np.repeat(e.offsets, 32, axis=1)[:, :k]
+    return np.moveaxis(w, 2, 1).reshape(groups * 16, k)
+
+
+@pytest.mark.parametrize(
+    ("kind", "encoder", "name"), [(Q4_1, encode_affine4, "affine4"), (Q8_0, encode_scaled8, "scaled8")]
+)
+def test_gguf_weights_are_encoded_and_decode_bitwise(kind, encoder, name):
+    w = gguf_weights((48, 96), kind)
+    e = encoder(w)
+    assert e is not None and e.kind == name
+    assert decoded(e).view(np.uint32).tolist() == w.view(np.uint32).tolist()
+    assert encode(w).kind == name  # the first encoding that holds
+
+
+def test_weights_off_the_grid_are_not_encoded():
+    rng = np.random.default_rng(1)
+    assert encode(rng.standard_normal((32, 64)).astype(np.float32)) is None
+    w = gguf_weights((32, 64), Q4_1)
+    w[7, 40] = np.nextafter(w[7, 40], np.float32(1))  # one weight one float off its block's grid
+    assert encode_affine4(w) is None
+    assert encode(w) is None  # nor on an 8-bit grid
+
+
+def test_shapes_the_kernel_does_not_tile_are_not_encoded():
+    assert encode(gguf_weights((24, 64), Q4_1)) is None  # 24 output rows: not groups of 16
+    assert encode(gguf_weights((16, 64), Q4_1)[:, :48]) is None  # 48 inputs: not blocks of 32
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 21),
+    out_groups=st.integers(1, 9),
+    in_blocks=st.integers(1, 4),
+    kind=st.sampled_from([Q4_1, Q8_0]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_kernel_gives_f_linears_outputs_at_every_width(rows, out_groups, in_blocks, kind, seed):
+    w = gguf_weights((16 * out_groups, 32 * in_blocks), kind, seed)
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+    group = blocks_module.BlockGroup([linear], encode(w), blocks_module.kernel())
+    x = torch.from_numpy(
+        np.random.default_rng(seed + 1).standard_normal((rows, w.shape[1])).astype(np.float32)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(group.matmul(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_changed_in_place_are_encoded_again_or_computed_plainly():
+    w = gguf_weights((32, 64), Q4_1)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+    group = blocks_module.BlockGroup([linear], encode(w), blocks_module.kernel())
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        linear.weight.mul_(2.0)  # still on a grid (d and m doubled)
+        torch.testing.assert_close(group.matmul(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+        assert group.encoded is not None
+        linear.weight.add_(torch.randn(32, 64) * 1e-3)  # off the grid: F.linear from now on
+        assert torch.equal(group.matmul(x), F.linear(x, linear.weight))
+        assert group.encoded is None
+
+
+def gguf_model(arch: str = "llama") -> torch.nn.Module:
+    """The tiny float32 model with GGUF-quantized weights: Q4_1 linears, a Q8_0 embedding (untied head:
+    Q8_0 as well), as transformers loads a quantized GGUF file."""
+    model = copy.deepcopy(tiny_model(arch)).to(torch.float32)
+    with torch.no_grad():
+        for i, module in enumerate(m for m in model.modules() if type(m) is torch.nn.Linear):
+            kind = Q8_0 if module is model.lm_head else Q4_1
+            module.weight.copy_(
+                torch.from_numpy(gguf_weights(tuple(module.weight.shape), kind, seed=i, scale=0.3))
+            )
+    return model
+
+
+def test_a_gguf_model_gets_the_block_backend_and_its_logits():
+    model = gguf_model()
+    found = {b.name: b for b in candidates(model)}
+    assert "direct-blocks" in found and "direct-blocks" in BACKEND_NAMES
+    backend = found["direct-blocks"]
+    weights = backend.direct.lm_head.__self__  # the head's group: one kernel call
+    assert isinstance(weights, blocks_module.BlockGroup) and weights.encoded.kind == "scaled8"
+    assert probe(backend).passed
+
+    def tree_logits(b) -> torch.Tensor:
+        prompt = np.random.default_rng(0).integers(0, VOCAB, size=12)
+        cache = new_cache()
+        prefill(b, cache, prompt[:-1])
+        tree = DraftTree(np.array([5, 9, 11, 2, 7, 3]), np.array([-1, -1, 0, 2, 3, 1]))
+        return forward_tree(b, cache, int(prompt[-1]), tree, len(prompt) - 1)
+
+    torch.testing.assert_close(tree_logits(backend), tree_logits(ModelForward(model)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_parity_on_the_block_backend(arch):
+    model = gguf_model(arch)
+    prompt = np.random.default_rng(3).integers(0, VOCAB, size=9).tolist()
+    expected = plain_greedy(model, prompt, 24)  # stock kernels, through model.generate
+    backend = backend_by_name(model, "direct-blocks")
+    assert isinstance(backend, DirectBackend)
+    for mode in ("chain", "mixed", "fan"):
+        drafter = OracleDrafter(prompt + expected, mode, VOCAB)
+        gen = SpeculativeGenerator(model, IdTokenizer(), drafter, budget=8, backend=backend)
+        assert gen.generate(prompt, GenerationConfig(max_new_tokens=24)).output_ids.tolist() == expected, mode
+
+
+def test_a_model_off_the_grid_has_no_block_backend():
+    model = copy.deepcopy(tiny_model("llama")).to(torch.float32)  # random float32 weights
+    assert BlockWeights.of(model) is None
+    assert "direct-blocks" not in {b.name for b in candidates(model)}
+    with pytest.raises(ModelError, match="direct-blocks"):
+        backend_by_name(model, "direct-blocks")
+
+
+def test_without_a_c_compiler_the_block_backend_is_not_offered(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    blocks_module.kernel.cache_clear()
+    try:
+        assert blocks_module.kernel() is None
+        assert BlockWeights.of(gguf_model()) is None
+    finally:
+        monkeypatch.undo()
+        blocks_module.kernel.cache_clear()
