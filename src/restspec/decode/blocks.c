@@ -23,39 +23,32 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 
 #define ROWS 16 /* input rows per tile: the accumulators stay in registers */
 
-static inline v16i widen_u8(const uint8_t *p) {
+/* 16 bytes as 16 int32: NAME(p), zero-extended (u8) or sign-extended (i8). */
 #if defined(__AVX512F__)
-    return (v16i)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+#define DEFINE_WIDEN(NAME, TYPE, EXT)                                                                   \
+    static inline v16i NAME(const TYPE *p) {                                                            \
+        return (v16i)_mm512_cvt##EXT##_epi32(_mm_loadu_si128((const __m128i *)p));                       \
+    }
 #elif defined(__AVX2__)
-    __m128i b = _mm_loadu_si128((const __m128i *)p);
-    __m256i lo = _mm256_cvtepu8_epi32(b), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
-    v16i r;
-    memcpy(&r, &lo, 32);
-    memcpy((char *)&r + 32, &hi, 32);
-    return r;
+#define DEFINE_WIDEN(NAME, TYPE, EXT)                                                                   \
+    static inline v16i NAME(const TYPE *p) {                                                            \
+        __m128i b = _mm_loadu_si128((const __m128i *)p);                                                \
+        __m256i lo = _mm256_cvt##EXT##_epi32(b), hi = _mm256_cvt##EXT##_epi32(_mm_srli_si128(b, 8));    \
+        v16i r;                                                                                         \
+        memcpy(&r, &lo, 32);                                                                            \
+        memcpy((char *)&r + 32, &hi, 32);                                                               \
+        return r;                                                                                       \
+    }
 #else
-    v16i r;
-    for (int i = 0; i < 16; i++) r[i] = p[i];
-    return r;
+#define DEFINE_WIDEN(NAME, TYPE, EXT)                                                                   \
+    static inline v16i NAME(const TYPE *p) {                                                            \
+        v16i r;                                                                                         \
+        for (int i = 0; i < 16; i++) r[i] = p[i];                                                       \
+        return r;                                                                                       \
+    }
 #endif
-}
-
-static inline v16i widen_i8(const int8_t *p) {
-#if defined(__AVX512F__)
-    return (v16i)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
-#elif defined(__AVX2__)
-    __m128i b = _mm_loadu_si128((const __m128i *)p);
-    __m256i lo = _mm256_cvtepi8_epi32(b), hi = _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8));
-    v16i r;
-    memcpy(&r, &lo, 32);
-    memcpy((char *)&r + 32, &hi, 32);
-    return r;
-#else
-    v16i r;
-    for (int i = 0; i < 16; i++) r[i] = p[i];
-    return r;
-#endif
-}
+DEFINE_WIDEN(widen_u8, uint8_t, epu8)
+DEFINE_WIDEN(widen_i8, int8_t, epi8)
 
 /* The weights of inputs k and k + 1 (k even) of one group's 16 rows. */
 static inline void weights_q4(const uint8_t *q, int k, v16f d, v16f m, v16f *w0, v16f *w1) {

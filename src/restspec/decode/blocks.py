@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from restspec.decode.kernels import GroupIndex, cpu_float32_linears, shared_input_groups
+from restspec.decode.kernels import GroupIndex, cpu_float32_linears, joined_bias, shared_input_groups
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ BLOCK = 32
 LANES = 16
 """Output rows decoded side by side (one vector of 16 floats); a matrix's rows must be a multiple."""
 SOURCE = "blocks.c"
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-Wno-unknown-pragmas", "-Wno-psabi"]
+"""For this machine's vector units; fused multiply-adds allowed (a decoded weight ``d * q + m`` is the
+same with or without: ``d * q`` is exact)."""
 COMPILE_TIMEOUT_S = 120
 
 
@@ -226,9 +229,7 @@ def _compile(compiler: str, source: Path, out: Path, openmp: Path | None) -> Non
     so that its parallel loops run on torch's threads instead of a second pool."""
     with tempfile.TemporaryDirectory() as tmp:
         obj = Path(tmp) / "blocks.o"
-        flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-Wno-unknown-pragmas"]
-        if openmp is not None:
-            flags.append("-fopenmp")
+        flags = [*COMPILE_FLAGS, "-fopenmp"] if openmp is not None else COMPILE_FLAGS
         subprocess.run(
             [compiler, *flags, "-c", str(source), "-o", str(obj)],
             check=True,
@@ -268,7 +269,7 @@ def kernel() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:
         log.info("the C compiler %s does not run (%s): the block-weight kernel is not built", compiler, exc)
         return None
-    key = "\n".join([text, version, _cpu_flags(), str(openmp), torch.__version__])
+    key = "\n".join([text, version, _cpu_flags(), str(openmp), torch.__version__, *COMPILE_FLAGS])
     path = cache_dir() / "kernels" / f"blocks-{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
     try:
         if not path.is_file():
@@ -318,16 +319,7 @@ class BlockGroup:
     def _use(self, encoded: Encoded | None) -> None:
         self.encoded = encoded
         self.version = self._versions()
-        self.bias = (
-            None
-            if all(b is None for b in self.biases)
-            else torch.cat(
-                [
-                    b.detach() if b is not None else w.new_zeros(w.shape[0])
-                    for w, b in zip(self.weights, self.biases, strict=True)
-                ]
-            )
-        )
+        self.bias = joined_bias(self.weights, self.biases)
         if encoded is not None:  # the kernel and the codes' addresses, looked up once rather than per call
             self._call = (
                 self._lib.restspec_q4_linear if encoded.offsets is not None else self._lib.restspec_q8_linear

@@ -46,6 +46,19 @@ def available() -> bool:
     )
 
 
+def joined_bias(weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The biases of linears joined along their outputs (zeros for a member without one), or None
+    where none has a bias."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat(
+        [
+            b.detach() if b is not None else w.new_zeros(w.shape[0])
+            for w, b in zip(weights, biases, strict=True)
+        ]
+    )
+
+
 class PackedGroup:
     """Linears that read the same input (a layer's q/k/v projections, an MLP's gate and up): one packed
     matmul over their concatenated weights serves them all. A group of one is a plain packed linear.
@@ -64,16 +77,7 @@ class PackedGroup:
     def _pack(self) -> None:
         weight = torch.cat([w.detach() for w in self.weights])  # (sum of out_features, in)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)
-        self.bias = (
-            None
-            if all(b is None for b in self.biases)
-            else torch.cat(
-                [
-                    b.detach() if b is not None else w.new_zeros(w.shape[0])
-                    for w, b in zip(self.weights, self.biases, strict=True)
-                ]
-            )
-        )
+        self.bias = joined_bias(self.weights, self.biases)
         self.version = self._versions()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
