@@ -8,12 +8,15 @@ parity tests with it set to "cuda".
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from gguf.quants import dequantize, quantize
 from tiny_models import VARIANTS, tiny_config_kwargs, tiny_variant_config
 
 from restspec.draft.base import StatelessDrafter
@@ -223,3 +226,25 @@ def sampling_model() -> torch.nn.Module:
         pad_token_id=None,
     )
     return LlamaForCausalLM(config).to(torch.float64).eval()
+
+
+Q4_1, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+
+
+def gguf_weights(shape: tuple[int, int], kind, seed: int = 0, scale: float = 0.1) -> np.ndarray:
+    """Random float32 weights as a GGUF file of ``kind`` stores and transformers loads them."""
+    w = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+    return dequantize(quantize(w, kind), kind).astype(np.float32).reshape(shape)
+
+
+def gguf_model(arch: str = "llama") -> torch.nn.Module:
+    """The tiny float32 model with GGUF-quantized weights: Q4_1 linears, a Q8_0 embedding (untied head:
+    Q8_0 as well), as transformers loads a quantized GGUF file."""
+    model = copy.deepcopy(tiny_model(arch)).to(torch.float32)
+    with torch.no_grad():
+        for i, module in enumerate(m for m in model.modules() if type(m) is torch.nn.Linear):
+            kind = Q8_0 if module is model.lm_head else Q4_1
+            module.weight.copy_(
+                torch.from_numpy(gguf_weights(tuple(module.weight.shape), kind, seed=i, scale=0.3))
+            )
+    return model

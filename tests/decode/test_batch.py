@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
-from conftest import ARCHS, VOCAB, IdTokenizer, OracleDrafter, plain_greedy, tiny_model
+from conftest import ARCHS, VOCAB, IdTokenizer, OracleDrafter, gguf_model, plain_greedy, tiny_model
 
-from restspec.decode import GenerationConfig, SpeculativeGenerator
+from restspec.decode import GenerationConfig, SpeculativeGenerator, blocks
 from restspec.decode.backends import backend_by_name
 from restspec.decode.budget import AdaptiveBudget, FixedBudget, LatencyCurve
 from restspec.decode.config import SamplingConfig
@@ -64,7 +64,7 @@ def concurrently(calls: Sequence[Callable[[], object]]) -> list[object]:
 
 
 def batched(arch: str, backend: str, max_batch: int = 4, budget=6, prefill_chunk: int = 8):
-    model = tiny_model(arch)
+    model = gguf_model(arch) if backend == "direct-blocks" else tiny_model(arch)  # weights on a 4-bit grid
     gen = SpeculativeGenerator(
         model,
         IdTokenizer(),
@@ -93,9 +93,12 @@ def oracle_requests(model, gen, prompts=PROMPTS, news=NEW_TOKENS, shape="mixed")
 
 
 @pytest.mark.parametrize(
-    ("arch", "backend"), [("llama", "direct"), ("llama", "model"), ("qwen2-hybrid", "model")]
+    ("arch", "backend"),
+    [("llama", "direct"), ("llama", "model"), ("qwen2-hybrid", "model"), ("llama", "direct-blocks")],
 )
 def test_concurrent_greedy_requests_each_get_their_own_greedy_output(arch, backend):
+    if backend == "direct-blocks" and blocks.kernel() is None:
+        pytest.skip("no C compiler to build the block kernel")
     model, gen = batched(arch, backend)
     widths = Widths(gen.backend)
     results = oracle_requests(model, gen)

@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import copy
 
-import gguf
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, IdTokenizer, OracleDrafter, plain_greedy, tiny_model
-from gguf.quants import dequantize, quantize
+from conftest import (
+    Q4_1,
+    Q8_0,
+    VOCAB,
+    IdTokenizer,
+    OracleDrafter,
+    gguf_model,
+    gguf_weights,
+    plain_greedy,
+    tiny_model,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,15 +38,7 @@ from restspec.decode.blocks import BlockWeights, encode, encode_affine4, encode_
 from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
 
-Q4_1, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
-
 pytestmark = pytest.mark.skipif(blocks_module.kernel() is None, reason="no C compiler to build the kernel")
-
-
-def gguf_weights(shape: tuple[int, int], kind, seed: int = 0, scale: float = 0.1) -> np.ndarray:
-    """Random float32 weights as a GGUF file of ``kind`` stores and transformers loads them."""
-    w = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
-    return dequantize(quantize(w, kind), kind).astype(np.float32).reshape(shape)
 
 
 def decoded(e) -> np.ndarray:
@@ -117,19 +117,6 @@ def test_weights_changed_in_place_are_encoded_again_or_computed_plainly():
         linear.weight.add_(torch.randn(32, 64) * 1e-3)  # off the grid: F.linear from now on
         assert torch.equal(group.matmul(x), F.linear(x, linear.weight))
         assert group.encoded is None
-
-
-def gguf_model(arch: str = "llama") -> torch.nn.Module:
-    """The tiny float32 model with GGUF-quantized weights: Q4_1 linears, a Q8_0 embedding (untied head:
-    Q8_0 as well), as transformers loads a quantized GGUF file."""
-    model = copy.deepcopy(tiny_model(arch)).to(torch.float32)
-    with torch.no_grad():
-        for i, module in enumerate(m for m in model.modules() if type(m) is torch.nn.Linear):
-            kind = Q8_0 if module is model.lm_head else Q4_1
-            module.weight.copy_(
-                torch.from_numpy(gguf_weights(tuple(module.weight.shape), kind, seed=i, scale=0.3))
-            )
-    return model
 
 
 def test_a_gguf_model_gets_the_block_backend_and_its_logits():
