@@ -174,20 +174,20 @@ class ModelForward:
 
 class DirectBackend(ModelForward):
     """:class:`~restspec.decode.direct.DirectForward` for the tree forwards: ``direct`` with the model's
-    own linears, ``direct-packed`` or ``direct-blocks`` with those kernels' weights (``packed``: CPU
-    only). Raises ``ModelError`` for a model that is not a Llama-family decoder or whose layers mix
-    sliding and full attention."""
+    own linears, ``direct-packed`` or ``direct-blocks`` with those ``kernels`` (CPU only). Raises
+    ``ModelError`` for a model that is not a Llama-family decoder or whose layers mix sliding and full
+    attention."""
 
-    def __init__(self, model: Any, packed: GroupKernels | None = None, layout: ModelLayout | None = None):
+    def __init__(self, model: Any, kernels: GroupKernels | None = None, layout: ModelLayout | None = None):
         super().__init__(model, layout)
         if self.layout.hybrid:
             raise ModelError("the direct forward takes one mask; this model mixes sliding and full layers")
         try:
-            self.direct = DirectForward(model, packed)
+            self.direct = DirectForward(model, kernels)
         except AttributeError as exc:
             raise ModelError(f"{type(model).__name__} is not a Llama-family decoder: {exc}") from exc
-        self.name = packed.backend_name if packed is not None else "direct"
-        self.exact = packed is None
+        self.name = kernels.backend_name if kernels is not None else "direct"
+        self.exact = kernels is None
 
     def __call__(
         self,

@@ -4,7 +4,7 @@ A model loaded from a quantized GGUF file (the embedded SmolLM2 is Q4_1, its emb
 float32, but its weights are still what the file's blocks decode to: in every block of 32 inputs of
 an output row, ``w = d * q + m`` with a 4-bit ``q`` (Q4_1), or ``w = d * q`` with an 8-bit ``q``
 (Q8_0). A one-row forward on a CPU mostly reads weights (538 MB of float32 for that model, against
-some 90 MB of codes), so computing from the codes reads a sixth of the bytes.
+111 MB of codes and their float32 scales), so computing from the codes reads a fifth of the bytes.
 
 Nothing is taken from the file: :func:`encode_affine4` and :func:`encode_scaled8` find the codes from
 the float32 weights and keep them only where every weight of the matrix decodes back **bitwise
@@ -281,18 +281,15 @@ def kernel() -> ctypes.CDLL | None:
         log.info("building the block-weight kernel failed (%s): it is not used", detail)
         return None
     pointer, number = ctypes.c_void_p, ctypes.c_int
+    shared = [pointer, number, number, pointer, pointer]  # x, rows, inputs, codes, scales
     lib.restspec_q4_linear.argtypes = [
-        pointer,
-        number,
-        number,
-        pointer,
-        pointer,
+        *shared,
         pointer,
         pointer,
         number,
         number,
-    ]
-    lib.restspec_q8_linear.argtypes = [pointer, number, number, pointer, pointer, pointer, number, number]
+    ]  # offsets, y, outputs, threads
+    lib.restspec_q8_linear.argtypes = [*shared, pointer, number, number]  # y, outputs, threads
     lib.restspec_q4_linear.restype = lib.restspec_q8_linear.restype = None
     return lib
 

@@ -7,8 +7,9 @@ output-capturing decorators, attention-interface dispatch and cache bookkeeping,
 :class:`DirectForward` runs the same tensor operations as ``LlamaModel`` / ``Qwen2Model`` /
 ``MistralModel`` in one loop over the layers' weights, reading the model and never writing it:
 
-- q/k/v (and gate/up) are computed by one call, used as views of its output: the packed group matmul
-  of :mod:`restspec.decode.kernels` when given packed weights, else ``F.linear`` on each module's
+- q/k/v (and gate/up) are computed by one call, used as views of its output: the group matmul of
+  the given kernels (packed weights of :mod:`restspec.decode.kernels`, block-encoded weights of
+  :mod:`restspec.decode.blocks`), else ``F.linear`` on each module's
   weights, joined (the linears' arithmetic without ``nn.Module.__call__``: worth 2-3 ms a forward of
   210 linears on a small CPU);
 - the norms' weights are read once, and their float32 casts (no-ops) skipped;
@@ -52,14 +53,14 @@ class GroupKernels(Protocol):
         ...
 
 
-def _linear(packed: GroupKernels | None, *modules: torch.nn.Linear) -> Linear:
-    """``modules`` (linears reading the same input) as one function of the input: their packed group's
-    one matmul where they are one group, each member's packed matmul where they are packed apart, else
+def _linear(kernels: GroupKernels | None, *modules: torch.nn.Linear) -> Linear:
+    """``modules`` (linears reading the same input) as one function of the input: their group's one
+    matmul where the kernels hold them as one group, each member's matmul where they hold them apart, else
     ``F.linear`` on their own weights (the arithmetic of calling them, without the module machinery)."""
-    group = packed.group_of(list(modules)) if packed is not None else None
+    group = kernels.group_of(list(modules)) if kernels is not None else None
     if group is not None:
         return group.matmul
-    singles = [packed.group_of([m]) for m in modules] if packed is not None else [None]
+    singles = [kernels.group_of([m]) for m in modules] if kernels is not None else [None]
     if all(g is not None for g in singles):
         parts: list[Linear] = [g.matmul for g in singles]  # type: ignore[union-attr]
     else:
@@ -119,35 +120,36 @@ class DirectForward:
     """The decoder of a Llama-family ``*ForCausalLM`` (``model.model.layers`` of pre-norm attention
     + gated MLP blocks, rotary positions, tied or untied LM head), run layer by layer.
 
-    ``packed``: the model's packed weights, whose group matmuls then serve every linear they hold.
+    ``kernels``: the model's packed or block-encoded weights, whose group matmuls then serve every
+    linear they hold.
     The weight and norm tensors are read once, here (changes in place are seen, replaced parameters
     are not: build it again). Raises ``AttributeError`` for a model without those parts."""
 
-    def __init__(self, model: Any, packed: GroupKernels | None = None) -> None:
+    def __init__(self, model: Any, kernels: GroupKernels | None = None) -> None:
         decoder = model.model
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
         self.norm = _norm(decoder.norm)
-        self.lm_head = _linear(packed, model.lm_head)
+        self.lm_head = _linear(kernels, model.lm_head)
         self.layers = []
         for layer in decoder.layers[: model.config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 _Block(
                     in_norm=_norm(layer.input_layernorm),
-                    qkv=_linear(packed, attn.q_proj, attn.k_proj, attn.v_proj),
+                    qkv=_linear(kernels, attn.q_proj, attn.k_proj, attn.v_proj),
                     q_size=attn.q_proj.out_features,
                     q_heads=attn.q_proj.out_features // attn.head_dim,
                     k_size=attn.k_proj.out_features,
                     head_dim=attn.head_dim,
                     scaling=attn.scaling,
                     gqa={"enable_gqa": True} if attn.num_key_value_groups > 1 else {},
-                    o_proj=_linear(packed, attn.o_proj),
+                    o_proj=_linear(kernels, attn.o_proj),
                     mlp_norm=_norm(layer.post_attention_layernorm),
-                    gate_up=_linear(packed, mlp.gate_proj, mlp.up_proj),
+                    gate_up=_linear(kernels, mlp.gate_proj, mlp.up_proj),
                     gate_size=mlp.gate_proj.out_features,
                     act=mlp.act_fn,
-                    down=_linear(packed, mlp.down_proj),
+                    down=_linear(kernels, mlp.down_proj),
                 )
             )
 
