@@ -94,10 +94,16 @@ class PromptLookupDrafter(StatelessDrafter):
         return DraftTree.chain(context[start : start + budget])
 
 
-VARIANTS = {"stock": "model", "direct": "direct", "direct-packed": "direct-packed"}
+VARIANTS = {
+    "stock": "model",
+    "direct": "direct",
+    "direct-packed": "direct-packed",
+    "direct-blocks": "direct-blocks",
+}
 """The forwards compared, by forward backend (:mod:`restspec.decode.backends`): the model's own forward
 (as ``model.generate`` runs it); the direct forward (:mod:`restspec.decode.direct`) with the model's own
-linears, and with packed kernels; a model without a direct forward runs its own in their place."""
+linears, with packed kernels, and computing from block-encoded weights; a model without one of them
+runs its own forward in its place."""
 
 
 def forward_latency(model, context: np.ndarray, repeats: int) -> dict[str, dict[int, list[float]]]:
@@ -234,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "### Forward latency by tree size",
         "",
-        "Stock: the model's own kernels (as `model.generate` runs it). Packed: restspec's packed "
-        "kernels (`restspec.decode.kernels`: oneDNN-packed, grouped linears, grouped-query SDPA) "
-        "through the model's own forward. Direct: restspec's default, the packed kernels through "
-        "`restspec.decode.direct` where the model has a direct forward (else the same as packed). "
+        "Stock: the model's own forward (as `model.generate` runs it). Direct: "
+        "`restspec.decode.direct`, one loop over the layers with the model's own linears; "
+        "direct-packed: the same with oneDNN-packed, grouped linears (`restspec.decode.kernels`); "
+        "direct-blocks: the same computing from block-encoded weights (`restspec.decode.blocks`). "
+        "A model without one of them runs its own forward in its column. "
         "Median ms (p10–p90); ratios are to the stock plain step.",
         "",
         "| draft nodes | tokens in the forward | "
