@@ -228,7 +228,7 @@ def sampling_model() -> torch.nn.Module:
     return LlamaForCausalLM(config).to(torch.float64).eval()
 
 
-Q4_1, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+Q4_0, Q4_1, Q5_0, Q8_0 = (gguf.GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"))
 
 
 def gguf_weights(shape: tuple[int, int], kind, seed: int = 0, scale: float = 0.1) -> np.ndarray:

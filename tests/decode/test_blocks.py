@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    Q4_0,
     Q4_1,
+    Q5_0,
     Q8_0,
     VOCAB,
     IdTokenizer,
@@ -58,7 +60,13 @@ def decoded(e) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("kind", "encoder", "name"), [(Q4_1, encode_affine4, "affine4"), (Q8_0, encode_scaled8, "scaled8")]
+    ("kind", "encoder", "name"),
+    [
+        (Q4_1, encode_affine4, "affine4"),
+        (Q8_0, encode_scaled8, "scaled8"),
+        (Q4_0, encode_scaled8, "scaled8"),  # d * (q - 8): 8-bit codes, d of either sign
+        (Q5_0, encode_scaled8, "scaled8"),
+    ],
 )
 def test_gguf_weights_are_encoded_and_decode_bitwise(kind, encoder, name):
     w = gguf_weights((48, 96), kind)
@@ -87,7 +95,7 @@ def test_shapes_the_kernel_does_not_tile_are_not_encoded():
     rows=st.integers(1, 21),
     out_groups=st.integers(1, 9),
     in_blocks=st.integers(1, 4),
-    kind=st.sampled_from([Q4_1, Q8_0]),
+    kind=st.sampled_from([Q4_1, Q8_0, Q4_0]),
     seed=st.integers(0, 2**16),
 )
 def test_the_kernel_gives_f_linears_outputs_at_every_width(rows, out_groups, in_blocks, kind, seed):

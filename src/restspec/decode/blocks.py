@@ -116,7 +116,7 @@ def _half_step(x: float) -> float:
 def _affine_block(block: np.ndarray, d: np.float32, low: np.float32, codes: np.ndarray) -> bool:
     """Codes of ``block`` with ``d * q + low`` equal to every weight bitwise, into ``codes``."""
     for j in range(BLOCK):
-        q = np.rint((block[j] - low) / d)
+        q = np.rint((block[j] - low) / d) + np.float32(0.0)  # as in _encode_scaled8: no -0.0 code
         if not (0 <= q <= 15) or not _same(d * q + low, block[j]):
             return False
         codes[j] = np.uint8(q)
@@ -154,18 +154,35 @@ def _encode_affine4(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, l
     return True
 
 
+SCALED_LARGEST_CODES = (127, 8, 16)
+"""The code of a block's largest magnitude in the scaled encodings tried, in order: Q8_0 (127),
+Q4_0 (-8, kept as 8-bit codes), Q5_0 (-16)."""
+
+
 @nb.njit(cache=True)
-def _encode_scaled8(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> bool:
-    """Per block: d = the largest magnitude / 127 and codes with ``d * q`` the weights bitwise."""
+def _encode_scaled8(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, largest: np.ndarray) -> bool:
+    """Per block: d = the largest magnitude / one of ``largest`` (signed) and codes with ``d * q`` the
+    weights bitwise."""
     for i in range(blocks.shape[0]):
         block = blocks[i]
-        d = np.abs(block).max() / np.float32(127.0)
-        scales[i] = d
-        for j in range(BLOCK):
-            q = np.rint(block[j] / d) if d > 0 else np.float32(0.0)
-            if not (-128 <= q <= 127) or not _same(d * q, block[j]):
-                return False
-            codes[i, j] = np.int8(q)
+        top = np.abs(block).max()
+        found = False
+        for code in largest:  # d of either sign: the sign of d * 0 is d's (-0.0 where d < 0)
+            d = top / np.float32(code)
+            ok = True
+            for j in range(BLOCK):
+                # + 0.0: a code is an integer, so -0.0 (a zero weight over a negative d) is 0.0
+                q = np.rint(block[j] / d) + np.float32(0.0) if d != 0 else np.float32(0.0)
+                if not (-128 <= q <= 127) or not _same(d * q, block[j]):
+                    ok = False
+                    break
+                codes[i, j] = np.int8(q)
+            if ok:
+                scales[i] = d
+                found = True
+                break
+        if not found:
+            return False
     return True
 
 
@@ -187,13 +204,15 @@ def encode_affine4(weight: np.ndarray) -> Encoded | None:
 
 def encode_scaled8(weight: np.ndarray) -> Encoded | None:
     """8-bit codes and per block a float32 ``d`` with ``d * q == weight`` bitwise for every weight
-    (the largest magnitude of a block is ``127 d``); None if some block has none."""
+    (the largest magnitude of a block is ``127 d``, ``8 d`` or ``16 d``:
+    :data:`SCALED_LARGEST_CODES`); None if some block has none."""
     blocks = _blocks(weight)
     if blocks is None:
         return None
     codes = np.empty(blocks.shape, dtype=np.int8)
     scales = np.empty(len(blocks), np.float32)
-    if not _encode_scaled8(blocks, codes, scales):
+    largest = np.array([sign * c for c in SCALED_LARGEST_CODES for sign in (1, -1)], np.float32)
+    if not _encode_scaled8(blocks, codes, scales, largest):
         return None
     n, k = weight.shape
     return Encoded("scaled8", _lanes(codes.reshape(n, k)).view(np.uint8), _lanes(scales.reshape(n, -1)), None)
