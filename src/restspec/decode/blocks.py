@@ -142,14 +142,12 @@ def _encode_affine4(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, l
             return False
         step = _half_step(base)
         nearest = np.rint(base / step) * step
-        found = False
         for candidate in (nearest, nearest + step, nearest - step, nearest - step / 2):
             d = np.float32(candidate)
             if d > 0 and _affine_block(block, d, low, codes[i]):
                 scales[i] = d
-                found = True
                 break
-        if not found:
+        else:
             return False
     return True
 
@@ -159,29 +157,30 @@ SCALED_LARGEST_CODES = (127, 8, 16)
 Q4_0 (-8, kept as 8-bit codes), Q5_0 (-16)."""
 
 
+@nb.njit(cache=True, inline="always")
+def _scaled_block(block: np.ndarray, d: np.float32, codes: np.ndarray) -> bool:
+    """Codes of ``block`` with ``d * q`` equal to every weight bitwise, into ``codes``."""
+    for j in range(BLOCK):
+        # + 0.0: a code is an integer, so -0.0 (a zero weight over a negative d) is 0.0
+        q = np.rint(block[j] / d) + np.float32(0.0) if d != 0 else np.float32(0.0)
+        if not (-128 <= q <= 127) or not _same(d * q, block[j]):
+            return False
+        codes[j] = np.int8(q)
+    return True
+
+
 @nb.njit(cache=True)
 def _encode_scaled8(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, largest: np.ndarray) -> bool:
-    """Per block: d = the largest magnitude / one of ``largest`` (signed) and codes with ``d * q`` the
-    weights bitwise."""
+    """Per block: d = the largest magnitude / one of ``largest`` (signed: the sign of ``d * 0`` is
+    d's) and codes with ``d * q`` the weights bitwise."""
     for i in range(blocks.shape[0]):
-        block = blocks[i]
-        top = np.abs(block).max()
-        found = False
-        for code in largest:  # d of either sign: the sign of d * 0 is d's (-0.0 where d < 0)
+        top = np.abs(blocks[i]).max()
+        for code in largest:
             d = top / np.float32(code)
-            ok = True
-            for j in range(BLOCK):
-                # + 0.0: a code is an integer, so -0.0 (a zero weight over a negative d) is 0.0
-                q = np.rint(block[j] / d) + np.float32(0.0) if d != 0 else np.float32(0.0)
-                if not (-128 <= q <= 127) or not _same(d * q, block[j]):
-                    ok = False
-                    break
-                codes[i, j] = np.int8(q)
-            if ok:
+            if _scaled_block(blocks[i], d, codes[i]):
                 scales[i] = d
-                found = True
                 break
-        if not found:
+        else:
             return False
     return True
 
