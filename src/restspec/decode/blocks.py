@@ -58,14 +58,17 @@ COMPILE_TIMEOUT_S = 120
 class Encoded:
     """One matrix (N, K) as codes in the kernel's layout: output rows in groups of :data:`LANES`."""
 
-    kind: str
-    """``"affine4"`` (w = d * q + m) or ``"scaled8"`` (w = d * q)."""
     codes: np.ndarray
     """uint8 (N/16, K/2, 16) for affine4 (two codes a byte, the even input low), (N/16, K, 16) for scaled8."""
     scales: np.ndarray
     """float32 (N/16, K/32, 16): d per block and row."""
     offsets: np.ndarray | None
     """float32 (N/16, K/32, 16): m per block and row (affine4), else None."""
+
+    @property
+    def kind(self) -> str:
+        """``"affine4"`` (w = d * q + m: it has offsets) or ``"scaled8"`` (w = d * q)."""
+        return "scaled8" if self.offsets is None else "affine4"
 
     @staticmethod
     def join(parts: list[Encoded]) -> Encoded | None:
@@ -76,7 +79,6 @@ class Encoded:
             return None
         offsets = None if first.offsets is None else np.concatenate([p.offsets for p in parts])  # type: ignore[misc]
         return Encoded(
-            first.kind,
             np.concatenate([p.codes for p in parts]),
             np.concatenate([p.scales for p in parts]),
             offsets,
@@ -155,6 +157,7 @@ def _encode_affine4(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, l
 SCALED_LARGEST_CODES = (127, 8, 16)
 """The code of a block's largest magnitude in the scaled encodings tried, in order: Q8_0 (127),
 Q4_0 (-8, kept as 8-bit codes), Q5_0 (-16)."""
+_SIGNED_LARGEST = np.array([sign * c for c in SCALED_LARGEST_CODES for sign in (1, -1)], np.float32)
 
 
 @nb.njit(cache=True, inline="always")
@@ -198,7 +201,7 @@ def encode_affine4(weight: np.ndarray) -> Encoded | None:
     n, k = weight.shape
     flat = codes.reshape(n, k)
     packed = flat[:, 0::2] | (flat[:, 1::2] << 4)  # (N, K/2): the even input low
-    return Encoded("affine4", _lanes(packed), _lanes(scales.reshape(n, -1)), _lanes(lows.reshape(n, -1)))
+    return Encoded(_lanes(packed), _lanes(scales.reshape(n, -1)), _lanes(lows.reshape(n, -1)))
 
 
 def encode_scaled8(weight: np.ndarray) -> Encoded | None:
@@ -210,11 +213,10 @@ def encode_scaled8(weight: np.ndarray) -> Encoded | None:
         return None
     codes = np.empty(blocks.shape, dtype=np.int8)
     scales = np.empty(len(blocks), np.float32)
-    largest = np.array([sign * c for c in SCALED_LARGEST_CODES for sign in (1, -1)], np.float32)
-    if not _encode_scaled8(blocks, codes, scales, largest):
+    if not _encode_scaled8(blocks, codes, scales, _SIGNED_LARGEST):
         return None
     n, k = weight.shape
-    return Encoded("scaled8", _lanes(codes.reshape(n, k)).view(np.uint8), _lanes(scales.reshape(n, -1)), None)
+    return Encoded(_lanes(codes.reshape(n, k)).view(np.uint8), _lanes(scales.reshape(n, -1)), None)
 
 
 def encode(weight: np.ndarray) -> Encoded | None:
@@ -255,14 +257,16 @@ def _compile(compiler: str, source: Path, out: Path, openmp: Path | None) -> Non
             text=True,
             timeout=COMPILE_TIMEOUT_S,
         )
-        link = [compiler, "-shared", str(obj), "-o", str(Path(tmp) / out.name)]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = out.with_suffix(f".tmp{os.getpid()}")  # linked beside it, then renamed: never half-written
+        link = [compiler, "-shared", str(obj), "-o", str(staged)]
         if openmp is not None:
             link += [str(openmp), f"-Wl,-rpath,{openmp.parent}"]
-        subprocess.run(link, check=True, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged = out.with_suffix(f".tmp{os.getpid()}")
-        shutil.copyfile(Path(tmp) / out.name, staged)
-        staged.replace(out)
+        try:
+            subprocess.run(link, check=True, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            staged.replace(out)
+        finally:
+            staged.unlink(missing_ok=True)  # a failed link leaves nothing behind
 
 
 @functools.cache
