@@ -8,7 +8,8 @@
      affine 4-bit: w = d * q + m, q in 0..15 (d has at most 11 significant bits, so d * q is exact and
                    the one rounding of + m is the weight's own);
      scaled 8-bit: w = d * q, q in -128..127 (d * q exact).
-   Layout: output rows in groups of 16 (one vector lane each). Per group, codes by input k:
+   Layout: output rows in groups of 16 (a lane each: one vector of 16 floats with AVX-512, two of 8
+   with AVX2). Per group, codes by input k:
    4-bit: byte [k/2][lane], low nibble for even k, high for odd k; 8-bit: byte [k][lane].
    Scales per group and block: d[b][lane], m[b][lane]. x is R x K, y is R x N (row-major, contiguous). */
 #include <stddef.h>
@@ -18,108 +19,115 @@
 #include <immintrin.h>
 #endif
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+#define LANES 16 /* output rows per group */
+#if defined(__AVX512F__)
+#define WIDTH 16 /* floats per vector register */
+#else
+#define WIDTH 8
+#endif
+#define PARTS (LANES / WIDTH) /* vectors per group */
 
-#define ROWS 16 /* input rows per tile: the accumulators stay in registers */
+typedef float vf __attribute__((vector_size(WIDTH * 4)));
+typedef int32_t vi __attribute__((vector_size(WIDTH * 4)));
 
-/* 16 bytes as 16 int32: NAME(p), zero-extended (u8) or sign-extended (i8). */
+/* WIDTH bytes as WIDTH int32: NAME(p), zero-extended (u8) or sign-extended (i8). */
 #if defined(__AVX512F__)
 #define DEFINE_WIDEN(NAME, TYPE, EXT)                                                                   \
-    static inline v16i NAME(const TYPE *p) {                                                            \
-        return (v16i)_mm512_cvt##EXT##_epi32(_mm_loadu_si128((const __m128i *)p));                       \
+    static inline vi NAME(const TYPE *p) {                                                              \
+        return (vi)_mm512_cvt##EXT##_epi32(_mm_loadu_si128((const __m128i *)p));                         \
     }
 #elif defined(__AVX2__)
 #define DEFINE_WIDEN(NAME, TYPE, EXT)                                                                   \
-    static inline v16i NAME(const TYPE *p) {                                                            \
-        __m128i b = _mm_loadu_si128((const __m128i *)p);                                                \
-        __m256i lo = _mm256_cvt##EXT##_epi32(b), hi = _mm256_cvt##EXT##_epi32(_mm_srli_si128(b, 8));    \
-        v16i r;                                                                                         \
-        memcpy(&r, &lo, 32);                                                                            \
-        memcpy((char *)&r + 32, &hi, 32);                                                               \
-        return r;                                                                                       \
+    static inline vi NAME(const TYPE *p) {                                                              \
+        return (vi)_mm256_cvt##EXT##_epi32(_mm_loadl_epi64((const __m128i *)p));                         \
     }
 #else
 #define DEFINE_WIDEN(NAME, TYPE, EXT)                                                                   \
-    static inline v16i NAME(const TYPE *p) {                                                            \
-        v16i r;                                                                                         \
-        for (int i = 0; i < 16; i++) r[i] = p[i];                                                       \
+    static inline vi NAME(const TYPE *p) {                                                              \
+        vi r;                                                                                           \
+        for (int i = 0; i < WIDTH; i++) r[i] = p[i];                                                    \
         return r;                                                                                       \
     }
 #endif
 DEFINE_WIDEN(widen_u8, uint8_t, epu8)
 DEFINE_WIDEN(widen_i8, int8_t, epi8)
 
-/* The weights of inputs k and k + 1 (k even) of one group's 16 rows. */
-static inline void weights_q4(const uint8_t *q, int k, v16f d, v16f m, v16f *w0, v16f *w1) {
-    v16i codes = widen_u8(q + (size_t)k * 8);
-    *w0 = d * __builtin_convertvector(codes & 15, v16f) + m;
-    *w1 = d * __builtin_convertvector(codes >> 4, v16f) + m;
+/* The weights of inputs k and k + 1 (k even) of one group's lanes part * WIDTH.. (part + 1) * WIDTH - 1. */
+static inline void weights_q4(const uint8_t *q, int k, int part, vf d, vf m, vf *w0, vf *w1) {
+    vi codes = widen_u8(q + (size_t)k * 8 + part * WIDTH);
+    *w0 = d * __builtin_convertvector(codes & 15, vf) + m;
+    *w1 = d * __builtin_convertvector(codes >> 4, vf) + m;
 }
 
-static inline void weights_q8(const uint8_t *q, int k, v16f d, v16f m, v16f *w0, v16f *w1) {
+static inline void weights_q8(const uint8_t *q, int k, int part, vf d, vf m, vf *w0, vf *w1) {
     (void)m;
-    *w0 = d * __builtin_convertvector(widen_i8((const int8_t *)q + (size_t)k * 16), v16f);
-    *w1 = d * __builtin_convertvector(widen_i8((const int8_t *)q + (size_t)(k + 1) * 16), v16f);
+    *w0 = d * __builtin_convertvector(widen_i8((const int8_t *)q + (size_t)k * 16 + part * WIDTH), vf);
+    *w1 = d * __builtin_convertvector(widen_i8((const int8_t *)q + (size_t)(k + 1) * 16 + part * WIDTH), vf);
 }
 
 /* T input rows times G groups of 16 output rows: y[r][16 g + lane] for r < T, g < G. */
 #define DEFINE_TILE(FMT, BYTES, T, G)                                                                   \
     static void tile_##FMT##_##T##_##G(const float *x, int K, const uint8_t *q, const float *d,           \
                                        const float *m, float *y, int N) {                               \
-        v16f acc[T][G];                                                                                 \
+        vf acc[T][G][PARTS];                                                                            \
         size_t q_group = (size_t)K * BYTES, s_group = (size_t)K / 2;                                    \
         for (int r = 0; r < T; r++)                                                                     \
-            for (int g = 0; g < G; g++) acc[r][g] = (v16f){0};                                          \
+            for (int g = 0; g < G; g++)                                                                 \
+                for (int p = 0; p < PARTS; p++) acc[r][g][p] = (vf){0};                                 \
         for (int b = 0; b < K / 32; b++) {                                                              \
-            v16f db[G], mb[G];                                                                          \
-            for (int g = 0; g < G; g++) {                                                               \
-                memcpy(&db[g], d + g * s_group + b * 16, 64);                                           \
-                if (m) memcpy(&mb[g], m + g * s_group + b * 16, 64);                                    \
-                else mb[g] = (v16f){0};                                                                 \
-            }                                                                                           \
-            for (int k = b * 32; k < b * 32 + 32; k += 2)                                               \
-                for (int g = 0; g < G; g++) {                                                           \
-                    v16f w0, w1;                                                                        \
-                    weights_##FMT(q + g * q_group, k, db[g], mb[g], &w0, &w1);                           \
-                    for (int r = 0; r < T; r++)                                                         \
-                        acc[r][g] += x[(size_t)r * K + k] * w0 + x[(size_t)r * K + k + 1] * w1;          \
+            vf db[G][PARTS], mb[G][PARTS];                                                              \
+            for (int g = 0; g < G; g++)                                                                 \
+                for (int p = 0; p < PARTS; p++) {                                                       \
+                    memcpy(&db[g][p], d + g * s_group + b * 16 + p * WIDTH, sizeof(vf));                \
+                    if (m) memcpy(&mb[g][p], m + g * s_group + b * 16 + p * WIDTH, sizeof(vf));         \
+                    else mb[g][p] = (vf){0};                                                            \
                 }                                                                                       \
+            for (int k = b * 32; k < b * 32 + 32; k += 2)                                               \
+                for (int g = 0; g < G; g++)                                                             \
+                    for (int p = 0; p < PARTS; p++) {                                                   \
+                        vf w0, w1;                                                                      \
+                        weights_##FMT(q + g * q_group, k, p, db[g][p], mb[g][p], &w0, &w1);              \
+                        for (int r = 0; r < T; r++) { /* two fused multiply-adds */                     \
+                            acc[r][g][p] += x[(size_t)r * K + k] * w0;                                  \
+                            acc[r][g][p] += x[(size_t)r * K + k + 1] * w1;                              \
+                        }                                                                               \
+                    }                                                                                   \
         }                                                                                               \
         for (int r = 0; r < T; r++)                                                                     \
-            for (int g = 0; g < G; g++) memcpy(y + (size_t)r * N + g * 16, &acc[r][g], 64);             \
+            for (int g = 0; g < G; g++)                                                                 \
+                for (int p = 0; p < PARTS; p++)                                                         \
+                    memcpy(y + (size_t)r * N + g * 16 + p * WIDTH, &acc[r][g][p], sizeof(vf));          \
     }
 
 typedef void (*tile_fn)(const float *, int, const uint8_t *, const float *, const float *, float *, int);
 
-/* Tiles of 1..ROWS input rows: 4 groups at a time up to 4 rows, 2 up to 8, 1 beyond (registers:
-   rows x groups accumulators); tiles of one group serve the groups left over. */
+/* Tiles of 1..ROWS input rows, GROUPS(rows) groups side by side (accumulators: rows x groups x PARTS
+   vector registers of the 32 that AVX-512 has, 16 with AVX2), and tiles of one group for the groups left
+   over. MULTI: the tiles of more than one group (X(format, bytes, rows, groups)); SINGLE: of one group. */
+#if defined(__AVX512F__)
+#define ROWS 16
 #define GROUPS(rows) ((rows) <= 4 ? 4 : (rows) <= 8 ? 2 : 1)
+#define MULTI(X, F, B) X(F, B, 1, 4) X(F, B, 2, 4) X(F, B, 3, 4) X(F, B, 4, 4) X(F, B, 5, 2) X(F, B, 6, 2) \
+    X(F, B, 7, 2) X(F, B, 8, 2)
+#define SINGLE(X, F, B) X(F, B, 1, 1) X(F, B, 2, 1) X(F, B, 3, 1) X(F, B, 4, 1) X(F, B, 5, 1) X(F, B, 6, 1) \
+    X(F, B, 7, 1) X(F, B, 8, 1) X(F, B, 9, 1) X(F, B, 10, 1) X(F, B, 11, 1) X(F, B, 12, 1) X(F, B, 13, 1)   \
+    X(F, B, 14, 1) X(F, B, 15, 1) X(F, B, 16, 1)
+#else
+#define ROWS 6
+#define GROUPS(rows) ((rows) <= 1 ? 4 : (rows) <= 3 ? 2 : 1)
+#define MULTI(X, F, B) X(F, B, 1, 4) X(F, B, 2, 2) X(F, B, 3, 2)
+#define SINGLE(X, F, B) X(F, B, 1, 1) X(F, B, 2, 1) X(F, B, 3, 1) X(F, B, 4, 1) X(F, B, 5, 1) X(F, B, 6, 1)
+#endif
+#define ENTRY(F, B, T, G) [T] = tile_##F##_##T##_##G,
 #define DEFINE_FORMAT(FMT, BYTES)                                                                       \
-    DEFINE_TILE(FMT, BYTES, 1, 4) DEFINE_TILE(FMT, BYTES, 2, 4) DEFINE_TILE(FMT, BYTES, 3, 4)           \
-    DEFINE_TILE(FMT, BYTES, 4, 4) DEFINE_TILE(FMT, BYTES, 5, 2) DEFINE_TILE(FMT, BYTES, 6, 2)           \
-    DEFINE_TILE(FMT, BYTES, 7, 2) DEFINE_TILE(FMT, BYTES, 8, 2)                                         \
-    DEFINE_TILE(FMT, BYTES, 1, 1) DEFINE_TILE(FMT, BYTES, 2, 1) DEFINE_TILE(FMT, BYTES, 3, 1)           \
-    DEFINE_TILE(FMT, BYTES, 4, 1) DEFINE_TILE(FMT, BYTES, 5, 1) DEFINE_TILE(FMT, BYTES, 6, 1)           \
-    DEFINE_TILE(FMT, BYTES, 7, 1) DEFINE_TILE(FMT, BYTES, 8, 1) DEFINE_TILE(FMT, BYTES, 9, 1)           \
-    DEFINE_TILE(FMT, BYTES, 10, 1) DEFINE_TILE(FMT, BYTES, 11, 1) DEFINE_TILE(FMT, BYTES, 12, 1)        \
-    DEFINE_TILE(FMT, BYTES, 13, 1) DEFINE_TILE(FMT, BYTES, 14, 1) DEFINE_TILE(FMT, BYTES, 15, 1)        \
-    DEFINE_TILE(FMT, BYTES, 16, 1)                                                                      \
-    static const tile_fn wide_##FMT[ROWS + 1] = {0,                                                    \
-        tile_##FMT##_1_4, tile_##FMT##_2_4, tile_##FMT##_3_4, tile_##FMT##_4_4,                         \
-        tile_##FMT##_5_2, tile_##FMT##_6_2, tile_##FMT##_7_2, tile_##FMT##_8_2,                         \
-        tile_##FMT##_9_1, tile_##FMT##_10_1, tile_##FMT##_11_1, tile_##FMT##_12_1,                      \
-        tile_##FMT##_13_1, tile_##FMT##_14_1, tile_##FMT##_15_1, tile_##FMT##_16_1};                    \
-    static const tile_fn one_##FMT[ROWS + 1] = {0,                                                     \
-        tile_##FMT##_1_1, tile_##FMT##_2_1, tile_##FMT##_3_1, tile_##FMT##_4_1,                         \
-        tile_##FMT##_5_1, tile_##FMT##_6_1, tile_##FMT##_7_1, tile_##FMT##_8_1,                         \
-        tile_##FMT##_9_1, tile_##FMT##_10_1, tile_##FMT##_11_1, tile_##FMT##_12_1,                      \
-        tile_##FMT##_13_1, tile_##FMT##_14_1, tile_##FMT##_15_1, tile_##FMT##_16_1};
+    MULTI(DEFINE_TILE, FMT, BYTES) SINGLE(DEFINE_TILE, FMT, BYTES)                                      \
+    static const tile_fn multi_##FMT[ROWS + 1] = {MULTI(ENTRY, FMT, BYTES)};                            \
+    static const tile_fn single_##FMT[ROWS + 1] = {SINGLE(ENTRY, FMT, BYTES)};
 
 DEFINE_FORMAT(q4, 8)
 DEFINE_FORMAT(q8, 16)
 
-static void linear(const tile_fn *wide, const tile_fn *one, size_t bytes, const float *x, int R, int K,
+static void linear(const tile_fn *multi, const tile_fn *single, size_t bytes, const float *x, int R, int K,
                    const uint8_t *q, const float *d, const float *m, float *y, int N, int threads) {
     /* work items: runs of G groups (G of the first row tile's width), then the single groups left */
     int groups = N / 16, G = GROUPS(R < ROWS ? R : ROWS), runs = groups / G, items = runs + groups % G;
@@ -128,21 +136,21 @@ static void linear(const tile_fn *wide, const tile_fn *one, size_t bytes, const 
         int first = i < runs ? i * G : runs * G + (i - runs), count = i < runs ? G : 1;
         for (int r0 = 0; r0 < R; r0 += ROWS) {
             int rows = R - r0 < ROWS ? R - r0 : ROWS;
-            int fits = GROUPS(rows) == count; /* one tile over the item's groups, else one group at a time */
+            int fits = count > 1 && GROUPS(rows) == count; /* one tile over the item's groups */
             for (int g = first; g < first + count; g += fits ? count : 1)
-                (fits ? wide : one)[rows](x + (size_t)r0 * K, K, q + (size_t)g * K * bytes,
-                                                   d + (size_t)g * (K / 2), m ? m + (size_t)g * (K / 2) : 0,
-                                                   y + (size_t)r0 * N + (size_t)g * 16, N);
+                (fits ? multi : single)[rows](x + (size_t)r0 * K, K, q + (size_t)g * K * bytes,
+                                                d + (size_t)g * (K / 2), m ? m + (size_t)g * (K / 2) : 0,
+                                                y + (size_t)r0 * N + (size_t)g * 16, N);
         }
     }
 }
 
 void restspec_q4_linear(const float *x, int R, int K, const uint8_t *q, const float *d, const float *m,
                         float *y, int N, int threads) {
-    linear(wide_q4, one_q4, 8, x, R, K, q, d, m, y, N, threads);
+    linear(multi_q4, single_q4, 8, x, R, K, q, d, m, y, N, threads);
 }
 
 void restspec_q8_linear(const float *x, int R, int K, const uint8_t *q, const float *d, float *y, int N,
                         int threads) {
-    linear(wide_q8, one_q8, 16, x, R, K, q, d, 0, y, N, threads);
+    linear(multi_q8, single_q8, 16, x, R, K, q, d, 0, y, N, threads);
 }
