@@ -228,22 +228,49 @@ def sampling_model() -> torch.nn.Module:
     return LlamaForCausalLM(config).to(torch.float64).eval()
 
 
-Q4_0, Q4_1, Q5_0, Q8_0 = (gguf.GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"))
+Q4_0, Q4_1, Q5_0, Q8_0, Q3_K, Q4_K, Q6_K = (
+    gguf.GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q3_K", "Q4_K", "Q6_K")
+)
+K_QUANT_SCALES = {Q4_K: ((0, 2), 63 * 15), Q6_K: ((208,), 127 * 32), Q3_K: ((108,), 32 * 4)}
+"""Where a k-quant super-block (256 weights) holds its float16 scales (Q4_K's d and dmin, Q6_K's and
+Q3_K's d; the sub-blocks' own scales are small integers, any byte value is one), and the largest
+sub-block scale times the largest code."""
 
 
 def gguf_weights(shape: tuple[int, int], kind, seed: int = 0, scale: float = 0.1) -> np.ndarray:
-    """Random float32 weights as a GGUF file of ``kind`` stores and transformers loads them."""
-    w = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+    """Random float32 weights as a GGUF file of ``kind`` stores and transformers loads them. The k-quants
+    (gguf-py decodes them but has no encoder) get random blocks: random codes and sub-block scales, and
+    float16 super-block scales that make weights of about ``scale``."""
+    rng = np.random.default_rng(seed)
+    if kind in K_QUANT_SCALES:
+        size = gguf.GGML_QUANT_SIZES[kind][1]
+        raw = rng.integers(0, 256, (shape[0] * shape[1] // 256, size), dtype=np.uint8)
+        places, largest = K_QUANT_SCALES[kind]
+        for at in places:
+            d = (rng.uniform(0.2, 1.0, len(raw)) * 4 * scale / largest).astype(np.float16)
+            raw[:, at : at + 2] = d.view(np.uint8).reshape(-1, 2)
+        return dequantize(raw, kind).astype(np.float32).reshape(shape)
+    w = (rng.standard_normal(shape) * scale).astype(np.float32)
     return dequantize(quantize(w, kind), kind).astype(np.float32).reshape(shape)
 
 
-def gguf_model(arch: str = "llama") -> torch.nn.Module:
-    """The tiny float32 model with GGUF-quantized weights: Q4_1 linears, a Q8_0 embedding (untied head:
-    Q8_0 as well), as transformers loads a quantized GGUF file."""
+GGUF_MIXES = {"Q4_1": (Q4_1, Q4_1, Q8_0), "Q4_K_M": (Q4_K, Q6_K, Q6_K)}
+"""A GGUF file's types as (most linears, v_proj and down_proj, the head): the embedded model's
+(Q4_1, its head Q8_0) and llama.cpp's common Q4_K_M."""
+
+
+def gguf_model(arch: str = "llama", mix: str = "Q4_1") -> torch.nn.Module:
+    """The tiny float32 model with GGUF-quantized weights of the types of ``mix``
+    (:data:`GGUF_MIXES`), as transformers loads a quantized GGUF file."""
+    most, wide, head = GGUF_MIXES[mix]
     model = copy.deepcopy(tiny_model(arch)).to(torch.float32)
     with torch.no_grad():
-        for i, module in enumerate(m for m in model.modules() if type(m) is torch.nn.Linear):
-            kind = Q8_0 if module is model.lm_head else Q4_1
+        for i, (name, module) in enumerate(
+            (n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear
+        ):
+            kind = (
+                head if module is model.lm_head else wide if name.endswith(("v_proj", "down_proj")) else most
+            )
             module.weight.copy_(
                 torch.from_numpy(gguf_weights(tuple(module.weight.shape), kind, seed=i, scale=0.3))
             )

@@ -11,9 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    Q3_K,
     Q4_0,
     Q4_1,
+    Q4_K,
     Q5_0,
+    Q6_K,
     Q8_0,
     VOCAB,
     IdTokenizer,
@@ -52,7 +55,7 @@ def decoded(e) -> np.ndarray:
     else:
         q = e.codes.view(np.int8)
     k = q.shape[1]
-    d = np.repeat(e.scales, 32, axis=1)[:, :k]
+    d = np.repeat(e.scales, e.block, axis=1)[:, :k]
     w = d * q.astype(np.float32)
     if e.offsets is not None:
         w = w + np.repeat(e.offsets, 32, axis=1)[:, :k]
@@ -60,18 +63,22 @@ def decoded(e) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("kind", "encoder", "name"),
+    ("kind", "encoder", "name", "block"),
     [
-        (Q4_1, encode_affine4, "affine4"),
-        (Q8_0, encode_scaled8, "scaled8"),
-        (Q4_0, encode_scaled8, "scaled8"),  # d * (q - 8): 8-bit codes, d of either sign
-        (Q5_0, encode_scaled8, "scaled8"),
+        (Q4_1, encode_affine4, "affine4", 32),
+        (Q4_K, encode_affine4, "affine4", 32),  # d and m: float16 x 6-bit; codes need not reach 0 or 15
+        (Q8_0, encode_scaled8, "scaled8", 32),
+        (Q4_0, encode_scaled8, "scaled8", 32),  # d * (q - 8): 8-bit codes, d of either sign
+        (Q5_0, encode_scaled8, "scaled8", 32),
+        (Q6_K, encode_scaled8, "scaled8", 16),  # d: float16 x int8, rounded products, zero sub-scales
+        (Q3_K, encode_scaled8, "scaled8", 16),
     ],
 )
-def test_gguf_weights_are_encoded_and_decode_bitwise(kind, encoder, name):
-    w = gguf_weights((48, 96), kind)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gguf_weights_are_encoded_and_decode_bitwise(kind, encoder, name, block, seed):
+    w = gguf_weights((48, 512), kind, seed)
     e = encoder(w)
-    assert e is not None and e.kind == name
+    assert e is not None and e.kind == name and e.block == block
     assert decoded(e).view(np.uint32).tolist() == w.view(np.uint32).tolist()
     assert encode(w).kind == name  # the first encoding that holds
 
@@ -95,7 +102,7 @@ def test_shapes_the_kernel_does_not_tile_are_not_encoded():
     rows=st.integers(1, 21),
     out_groups=st.integers(1, 9),
     in_blocks=st.integers(1, 4),
-    kind=st.sampled_from([Q4_1, Q8_0, Q4_0]),
+    kind=st.sampled_from([Q4_1, Q8_0, Q4_0, Q4_K, Q6_K]),
     seed=st.integers(0, 2**16),
 )
 def test_the_kernel_gives_f_linears_outputs_at_every_width(rows, out_groups, in_blocks, kind, seed):
@@ -127,13 +134,17 @@ def test_weights_changed_in_place_are_encoded_again_or_computed_plainly():
         assert group.encoded is None
 
 
-def test_a_gguf_model_gets_the_block_backend_and_its_logits():
-    model = gguf_model()
+@pytest.mark.parametrize(("mix", "head_block"), [("Q4_1", 32), ("Q4_K_M", 16)])
+def test_a_gguf_model_gets_the_block_backend_and_its_logits(mix, head_block):
+    model = gguf_model(mix=mix)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert all(BlockWeights.of(model).member(m.weight) is not None for m in linears)  # every linear
     found = {b.name: b for b in candidates(model)}
     assert "direct-blocks" in found and "direct-blocks" in BACKEND_NAMES
     backend = found["direct-blocks"]
     weights = backend.direct.lm_head.__self__  # the head's group: one kernel call
     assert isinstance(weights, blocks_module.BlockGroup) and weights.encoded.kind == "scaled8"
+    assert weights.encoded.block == head_block
     assert probe(backend).passed
 
     def tree_logits(b) -> torch.Tensor:
@@ -146,9 +157,9 @@ def test_a_gguf_model_gets_the_block_backend_and_its_logits():
     torch.testing.assert_close(tree_logits(backend), tree_logits(ModelForward(model)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_greedy_parity_on_the_block_backend(arch):
-    model = gguf_model(arch)
+@pytest.mark.parametrize(("arch", "mix"), [("llama", "Q4_1"), ("qwen2", "Q4_1"), ("llama", "Q4_K_M")])
+def test_greedy_parity_on_the_block_backend(arch, mix):
+    model = gguf_model(arch, mix)
     prompt = np.random.default_rng(3).integers(0, VOCAB, size=9).tolist()
     expected = plain_greedy(model, prompt, 24)  # stock kernels, through model.generate
     backend = backend_by_name(model, "direct-blocks")

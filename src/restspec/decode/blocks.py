@@ -2,9 +2,10 @@
 
 A model loaded from a quantized GGUF file (the embedded SmolLM2 is Q4_1, its embedding Q8_0) runs in
 float32, but its weights are still what the file's blocks decode to: in every block of 32 inputs of
-an output row, ``w = d * q + m`` with a 4-bit ``q`` (Q4_1), or ``w = d * q`` with an 8-bit ``q``
-(Q8_0). A one-row forward on a CPU mostly reads weights (538 MB of float32 for that model, against
-111 MB of codes and their float32 scales), so computing from the codes reads a fifth of the bytes.
+an output row, ``w = d * q + m`` with a 4-bit ``q`` (Q4_1, Q4_K), or in every block of 32 or 16 inputs
+``w = d * q`` with an 8-bit ``q`` (Q8_0, Q4_0, Q5_0; Q6_K, Q3_K in blocks of 16). A one-row forward
+on a CPU mostly reads weights (538 MB of float32 for that model, against 111 MB of codes and their
+float32 scales), so computing from the codes reads a fifth of the bytes.
 
 Nothing is taken from the file: :func:`encode_affine4` and :func:`encode_scaled8` find the codes from
 the float32 weights and keep them only where every weight of the matrix decodes back **bitwise
@@ -44,7 +45,13 @@ from restspec.decode.kernels import GroupIndex, cpu_float32_linears, joined_bias
 log = logging.getLogger(__name__)
 
 BLOCK = 32
-"""Inputs per block (GGUF's Q4_1 and Q8_0)."""
+"""Inputs per block of the 4-bit encoding and the first 8-bit one (GGUF's Q4_1, Q4_K, Q8_0, Q4_0, Q5_0)."""
+SCALED_BLOCKS = (BLOCK, 16)
+"""Inputs per block of the 8-bit encodings, tried in order (16: Q6_K and Q3_K's scales)."""
+AFFINE_BITS = 17
+"""Significant bits of ``d`` in the 4-bit encoding: a float16 times a 6-bit integer at most (Q4_K's
+scales; Q4_1's float16 values are on that grid too), so ``d * q`` is exact in float32."""
+
 LANES = 16
 """Output rows decoded side by side (one vector of 16 floats); a matrix's rows must be a multiple."""
 SOURCE = "blocks.c"
@@ -61,7 +68,7 @@ class Encoded:
     codes: np.ndarray
     """uint8 (N/16, K/2, 16) for affine4 (two codes a byte, the even input low), (N/16, K, 16) for scaled8."""
     scales: np.ndarray
-    """float32 (N/16, K/32, 16): d per block and row."""
+    """float32 (N/16, K/block, 16): d per block and row."""
     offsets: np.ndarray | None
     """float32 (N/16, K/32, 16): m per block and row (affine4), else None."""
 
@@ -70,12 +77,21 @@ class Encoded:
         """``"affine4"`` (w = d * q + m: it has offsets) or ``"scaled8"`` (w = d * q)."""
         return "scaled8" if self.offsets is None else "affine4"
 
+    @property
+    def block(self) -> int:
+        """Inputs per block: 32, or 16 (scaled8 only)."""
+        inputs = self.codes.shape[1] * (2 if self.kind == "affine4" else 1)
+        return inputs // self.scales.shape[1]
+
     @staticmethod
     def join(parts: list[Encoded]) -> Encoded | None:
         """Matrices of one encoding and input size stacked along their outputs (a layer's q/k/v), or
         None where they differ in either."""
         first = parts[0]
-        if any(p.kind != first.kind or p.codes.shape[1:] != first.codes.shape[1:] for p in parts):
+        if any(
+            p.kind != first.kind or p.block != first.block or p.codes.shape[1:] != first.codes.shape[1:]
+            for p in parts
+        ):
             return None
         offsets = None if first.offsets is None else np.concatenate([p.offsets for p in parts])  # type: ignore[misc]
         return Encoded(
@@ -85,14 +101,14 @@ class Encoded:
         )
 
 
-def _blocks(weight: np.ndarray) -> np.ndarray | None:
-    """``weight`` (N, K) float32 as (N * K/32, 32), or None where its shape does not fit the kernel."""
+def _blocks(weight: np.ndarray, block: int = BLOCK) -> np.ndarray | None:
+    """``weight`` (N, K) float32 as (N * K/block, block), or None where its shape does not fit the kernel."""
     if weight.ndim != 2 or weight.dtype != np.float32:
         return None
     n, k = weight.shape
     if n == 0 or k == 0 or n % LANES or k % BLOCK:
         return None
-    return np.ascontiguousarray(weight).reshape(-1, BLOCK)
+    return np.ascontiguousarray(weight).reshape(-1, block)
 
 
 def _lanes(per_row: np.ndarray) -> np.ndarray:
@@ -108,10 +124,10 @@ def _same(a: np.float32, b: np.float32) -> bool:
 
 
 @nb.njit(cache=True, inline="always")
-def _half_step(x: float) -> float:
-    """The spacing of float16 values at ``x`` > 0 (11 significant bits; subnormals below 2**-14)."""
-    exponent = math.frexp(x)[1]  # x = m * 2**exponent, 0.5 <= m < 1
-    return 2.0 ** max(exponent - 11, -24)
+def _snap(x: float, bits: int) -> float:
+    """``x`` (finite, not 0) rounded to ``bits`` significant bits."""
+    step = 2.0 ** (math.frexp(x)[1] - bits)  # x = f * 2**exponent, 0.5 <= |f| < 1
+    return np.rint(x / step) * step
 
 
 @nb.njit(cache=True, inline="always")
@@ -127,8 +143,10 @@ def _affine_block(block: np.ndarray, d: np.float32, low: np.float32, codes: np.n
 
 @nb.njit(cache=True)
 def _encode_affine4(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, lows: np.ndarray) -> bool:
-    """Per block: d (a float16 value: ``d * q`` is exact in float32) and low with ``d * q + low`` the
-    block's weights bitwise, d tried at the float16 nearest to (max - min) / 15 and its neighbours."""
+    """Per block: d (``d * q`` exact in float32) and low with ``d * q + low`` the block's weights
+    bitwise: low is the lowest weight (code 0) and d the difference of the extremes over their codes'
+    (the span: Q4_1's is always 15, Q4_K's codes need not reach 15; widest first), snapped to
+    :data:`AFFINE_BITS` significant bits."""
     for i in range(blocks.shape[0]):
         block = blocks[i]
         low, high = block.min(), block.max()
@@ -139,14 +157,11 @@ def _encode_affine4(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, l
             if not _same(np.float32(0.0) + low, low):
                 return False
             continue
-        base = float(high - low) / 15.0
-        if not math.isfinite(base):
+        if not math.isfinite(float(high) - float(low)):
             return False
-        step = _half_step(base)
-        nearest = np.rint(base / step) * step
-        for candidate in (nearest, nearest + step, nearest - step, nearest - step / 2):
-            d = np.float32(candidate)
-            if d > 0 and _affine_block(block, d, low, codes[i]):
+        for span in range(15, 0, -1):
+            d = np.float32(_snap((float(high) - float(low)) / span, AFFINE_BITS))
+            if _affine_block(block, d, low, codes[i]):
                 scales[i] = d
                 break
         else:
@@ -154,18 +169,21 @@ def _encode_affine4(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, l
     return True
 
 
-SCALED_LARGEST_CODES = (127, 8, 16)
+SCALED_LARGEST_CODES = (127, 8, 16, *(c for c in range(32, 0, -1) if c not in (8, 16)))
 """The code of a block's largest magnitude in the scaled encodings tried, in order: Q8_0 (127),
-Q4_0 (-8, kept as 8-bit codes), Q5_0 (-16)."""
+Q4_0 (-8, kept as 8-bit codes), Q5_0 (-16), then 32 down to 1 (Q6_K's codes are -32..31, Q3_K's
+-4..3, and their scales are rounded: a block's largest weight need not have the largest code)."""
 _SIGNED_LARGEST = np.array([sign * c for c in SCALED_LARGEST_CODES for sign in (1, -1)], np.float32)
 
 
 @nb.njit(cache=True, inline="always")
 def _scaled_block(block: np.ndarray, d: np.float32, codes: np.ndarray) -> bool:
     """Codes of ``block`` with ``d * q`` equal to every weight bitwise, into ``codes``."""
-    for j in range(BLOCK):
-        # + 0.0: a code is an integer, so -0.0 (a zero weight over a negative d) is 0.0
-        q = np.rint(block[j] / d) + np.float32(0.0) if d != 0 else np.float32(0.0)
+    for j in range(block.shape[0]):
+        if d == 0:  # a block of zeros (a sub-block scale of 0): -0.0 where 0 times a negative code
+            q = np.float32(-1.0) if math.copysign(1.0, block[j]) < 0 else np.float32(0.0)
+        else:  # + 0.0: a code is an integer, so -0.0 (a zero weight over a negative d) is 0.0
+            q = np.rint(block[j] / d) + np.float32(0.0)
         if not (-128 <= q <= 127) or not _same(d * q, block[j]):
             return False
         codes[j] = np.int8(q)
@@ -189,8 +207,9 @@ def _encode_scaled8(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, l
 
 
 def encode_affine4(weight: np.ndarray) -> Encoded | None:
-    """4-bit codes, and per block a float32 ``d`` (a float16 value) and ``m``, with ``d * q + m ==
-    weight`` bitwise for every weight; None if some block has none (the weights are not on such a grid)."""
+    """4-bit codes, and per block of 32 a float32 ``d`` (of at most :data:`AFFINE_BITS` bits) and ``m``,
+    with ``d * q + m == weight`` bitwise for every weight; None if some block has none (the weights are
+    not on such a grid)."""
     blocks = _blocks(weight)
     if blocks is None:
         return None
@@ -205,18 +224,19 @@ def encode_affine4(weight: np.ndarray) -> Encoded | None:
 
 
 def encode_scaled8(weight: np.ndarray) -> Encoded | None:
-    """8-bit codes and per block a float32 ``d`` with ``d * q == weight`` bitwise for every weight
-    (the largest magnitude of a block is ``127 d``, ``8 d`` or ``16 d``:
-    :data:`SCALED_LARGEST_CODES`); None if some block has none."""
-    blocks = _blocks(weight)
-    if blocks is None:
-        return None
-    codes = np.empty(blocks.shape, dtype=np.int8)
-    scales = np.empty(len(blocks), np.float32)
-    if not _encode_scaled8(blocks, codes, scales, _SIGNED_LARGEST):
-        return None
-    n, k = weight.shape
-    return Encoded(_lanes(codes.reshape(n, k)).view(np.uint8), _lanes(scales.reshape(n, -1)), None)
+    """8-bit codes and per block (of 32 inputs, else of 16: :data:`SCALED_BLOCKS`) a float32 ``d`` with
+    ``d * q == weight`` bitwise for every weight (d found from the block's largest magnitude and its
+    code: :data:`SCALED_LARGEST_CODES`); None if some block has none."""
+    for block in SCALED_BLOCKS:
+        blocks = _blocks(weight, block)
+        if blocks is None:
+            return None
+        codes = np.empty(blocks.shape, dtype=np.int8)
+        scales = np.empty(len(blocks), np.float32)
+        if _encode_scaled8(blocks, codes, scales, _SIGNED_LARGEST):
+            n, k = weight.shape
+            return Encoded(_lanes(codes.reshape(n, k)).view(np.uint8), _lanes(scales.reshape(n, -1)), None)
+    return None
 
 
 def encode(weight: np.ndarray) -> Encoded | None:
@@ -311,7 +331,7 @@ def kernel() -> ctypes.CDLL | None:
         number,
         number,
     ]  # offsets, y, outputs, threads
-    lib.restspec_q8_linear.argtypes = [*shared, pointer, number, number]  # y, outputs, threads
+    lib.restspec_q8_linear.argtypes = [*shared, number, pointer, number, number]  # block, y, outputs, threads
     lib.restspec_q4_linear.restype = lib.restspec_q8_linear.restype = None
     return lib
 
@@ -340,11 +360,13 @@ class BlockGroup:
         self.version = self._versions()
         self.bias = joined_bias(self.weights, self.biases)
         if encoded is not None:  # the kernel and the codes' addresses, looked up once rather than per call
-            self._call = (
-                self._lib.restspec_q4_linear if encoded.offsets is not None else self._lib.restspec_q8_linear
-            )
-            arrays = (encoded.codes, encoded.scales) + (() if encoded.offsets is None else (encoded.offsets,))
-            self._arrays = tuple(a.ctypes.data for a in arrays)
+            codes, scales = encoded.codes.ctypes.data, encoded.scales.ctypes.data
+            if encoded.offsets is not None:
+                self._call = self._lib.restspec_q4_linear
+                self._args: tuple[int, ...] = (codes, scales, encoded.offsets.ctypes.data)
+            else:
+                self._call = self._lib.restspec_q8_linear
+                self._args = (codes, scales, encoded.block)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output for input ``x`` (..., in), side by side: (..., sum of out_features)."""
@@ -359,7 +381,7 @@ class BlockGroup:
                 rows.data_ptr(),
                 rows.shape[0],
                 self.in_features,
-                *self._arrays,
+                *self._args,
                 out.data_ptr(),
                 self.out_features,
                 torch.get_num_threads(),
