@@ -12,7 +12,10 @@ inputs:
 - ``numba-4x2``: a dot-product kernel (numba, 2 threads) over the weights as they are, four input
   rows by two weight rows per pass over a row pair, so each weight row is read once per 4 rows;
 - ``numba-4x2, arithmetic only``: the same kernel over one layer's weights reused by every layer
-  (cache-resident, no output head): what the arithmetic costs without streaming the weights.
+  (cache-resident, no output head): what the arithmetic costs without streaming the weights;
+- ``blocks``: restspec's block kernel (``direct-blocks``, built for this machine) over random 4-bit
+  codes with a scale and an offset per block of 32 (Q4_1's layout) and random 8-bit codes for the
+  head (Q8_0's): 111 MB; left out where no C compiler builds it.
 
 If weight streaming and arithmetic overlapped, a wide pass would cost the larger of the two; it costs
 about their sum where they do not.
@@ -33,6 +36,7 @@ from numba import njit, prange
 
 from benchmarks.latency import timed
 from restspec.bench.runner import machine_info
+from restspec.decode import blocks
 
 LAYERS = 30
 LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
@@ -85,6 +89,37 @@ def numba_linear(x, w, out):
             m += 1
 
 
+def block_codes(shape: tuple[int, int], rng: np.random.Generator, bits: int) -> tuple[np.ndarray, ...]:
+    """Random codes and scales of a (N, K) matrix in the block kernel's layout: 4-bit codes, d and m
+    per block of 32 (``bits=4``), or 8-bit codes and d (``bits=8``)."""
+    n, k = shape
+    lanes, block = blocks.LANES, blocks.BLOCK
+    codes = rng.integers(0, 256, (n // lanes, k * bits // 8, lanes), dtype=np.uint8)
+    scales = [rng.standard_normal((n // lanes, k // block, lanes), dtype=np.float32) * 0.01]
+    return (codes, *scales * (2 if bits == 4 else 1))
+
+
+def blocks_over(
+    lib, encoded: list[tuple[np.ndarray, ...]], xs: dict[int, np.ndarray], width: int
+) -> Callable[[], None]:
+    """All linears through the block kernel, as ``BlockGroup.matmul`` calls it."""
+    outs = [np.empty((width, c.shape[0] * blocks.LANES), np.float32) for c, *_ in encoded]
+
+    def run() -> None:
+        for (codes, *scales), out in zip(encoded, outs, strict=True):
+            k = codes.shape[1] * (2 if len(scales) == 2 else 1)
+            x = xs[k].ctypes.data
+            pointers = [a.ctypes.data for a in (codes, *scales)]
+            if len(scales) == 2:
+                lib.restspec_q4_linear(x, width, k, *pointers, out.ctypes.data, out.shape[1], THREADS)
+            else:
+                lib.restspec_q8_linear(
+                    x, width, k, *pointers, blocks.BLOCK, out.ctypes.data, out.shape[1], THREADS
+                )
+
+    return run
+
+
 def median_ms(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(timed(run, repeats, warmup=1)) * 1000
 
@@ -103,6 +138,8 @@ def main() -> None:
     resident = weights[: len(LAYER_SHAPES)] * LAYERS
     tensors = [torch.from_numpy(w) for w in weights]
     packed = [torch.ops.mkldnn._reorder_linear_weight(t, 16) for t in tensors]
+    lib = blocks.kernel()
+    encoded = [block_codes(w.shape, rng, 4) for w in weights[:-1]] + [block_codes(HEAD_SHAPE, rng, 8)]
     rows = []
     for width in (int(w) for w in args.widths.split(",")):
         xs = {k: rng.standard_normal((width, k), dtype=np.float32) for k in (576, 1536)}
@@ -121,6 +158,8 @@ def main() -> None:
             "numba-4x2": numba_over(weights),
             "numba-4x2, arithmetic only": numba_over(resident),
         }
+        if lib is not None:
+            kernels["blocks"] = blocks_over(lib, encoded, xs, width)
         row = {"width": width} | {
             name: round(median_ms(run, args.repeats), 1) for name, run in kernels.items()
         }
