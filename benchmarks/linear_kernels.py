@@ -89,35 +89,17 @@ def numba_linear(x, w, out):
             m += 1
 
 
-def block_codes(shape: tuple[int, int], rng: np.random.Generator, bits: int) -> tuple[np.ndarray, ...]:
-    """Random codes and scales of a (N, K) matrix in the block kernel's layout: 4-bit codes, d and m
-    per block of 32 (``bits=4``), or 8-bit codes and d (``bits=8``)."""
-    n, k = shape
+def block_group(weight: torch.Tensor, rng: np.random.Generator, bits: int, lib) -> blocks.BlockGroup:
+    """``weight``'s linear as restspec's block backend runs it, over random codes and scales in the
+    kernel's layout: 4-bit codes with d and m per block of 32 (``bits=4``), or 8-bit codes and d."""
+    n, k = weight.shape
     lanes, block = blocks.LANES, blocks.BLOCK
+    linear = torch.nn.utils.skip_init(torch.nn.Linear, k, n, bias=False)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
     codes = rng.integers(0, 256, (n // lanes, k * bits // 8, lanes), dtype=np.uint8)
-    scales = [rng.standard_normal((n // lanes, k // block, lanes), dtype=np.float32) * 0.01]
-    return (codes, *scales * (2 if bits == 4 else 1))
-
-
-def blocks_over(
-    lib, encoded: list[tuple[np.ndarray, ...]], xs: dict[int, np.ndarray], width: int
-) -> Callable[[], None]:
-    """All linears through the block kernel, as ``BlockGroup.matmul`` calls it."""
-    outs = [np.empty((width, c.shape[0] * blocks.LANES), np.float32) for c, *_ in encoded]
-
-    def run() -> None:
-        for (codes, *scales), out in zip(encoded, outs, strict=True):
-            k = codes.shape[1] * (2 if len(scales) == 2 else 1)
-            x = xs[k].ctypes.data
-            pointers = [a.ctypes.data for a in (codes, *scales)]
-            if len(scales) == 2:
-                lib.restspec_q4_linear(x, width, k, *pointers, out.ctypes.data, out.shape[1], THREADS)
-            else:
-                lib.restspec_q8_linear(
-                    x, width, k, *pointers, blocks.BLOCK, out.ctypes.data, out.shape[1], THREADS
-                )
-
-    return run
+    scales = [rng.standard_normal((n // lanes, k // block, lanes), dtype=np.float32) * 0.01 for _ in range(2)]
+    encoded = blocks.Encoded(codes, scales[0], scales[1] if bits == 4 else None)
+    return blocks.BlockGroup([linear], encoded, lib)
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
@@ -139,7 +121,11 @@ def main() -> None:
     tensors = [torch.from_numpy(w) for w in weights]
     packed = [torch.ops.mkldnn._reorder_linear_weight(t, 16) for t in tensors]
     lib = blocks.kernel()
-    encoded = [block_codes(w.shape, rng, 4) for w in weights[:-1]] + [block_codes(HEAD_SHAPE, rng, 8)]
+    groups = (
+        [block_group(t, rng, 4 if t.shape != HEAD_SHAPE else 8, lib) for t in tensors]
+        if lib is not None
+        else []
+    )
     rows = []
     for width in (int(w) for w in args.widths.split(",")):
         xs = {k: rng.standard_normal((width, k), dtype=np.float32) for k in (576, 1536)}
@@ -158,8 +144,8 @@ def main() -> None:
             "numba-4x2": numba_over(weights),
             "numba-4x2, arithmetic only": numba_over(resident),
         }
-        if lib is not None:
-            kernels["blocks"] = blocks_over(lib, encoded, xs, width)
+        if groups:
+            kernels["blocks"] = lambda txs=txs: [g.matmul(txs[g.in_features]) for g in groups]
         row = {"width": width} | {
             name: round(median_ms(run, args.repeats), 1) for name, run in kernels.items()
         }
