@@ -143,8 +143,9 @@ class Engine:
         the model's answers to questions it wrote itself taught it (shipped for the embedded model,
         otherwise learned once per model and cached). ``backend``: how verification forwards run;
         'auto' keeps the fastest that passes an exactness probe on this machine (measured once and
-        cached), or one of :data:`~restspec.decode.backends.BACKEND_NAMES` (``direct-split@N``: the
-        split at ``N`` inputs). ``recalibrate`` measures the backends and the latency curve again.
+        cached), or one of :data:`~restspec.decode.backends.BACKEND_NAMES` (``direct-split@N``,
+        ``direct-blocks-split@N``: the split at ``N`` inputs). ``recalibrate`` measures the backends and
+        the latency curve again.
         ``progress``: True shows each phase on stderr, False nothing, or a
         :class:`~restspec.progress.Progress`. ``max_batch``: how many concurrent
         ``generate`` / ``stream`` calls (threads, server requests) share each step's forward; the

@@ -13,16 +13,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHS, VOCAB, IdTokenizer, OracleDrafter, plain_greedy, tiny_model
+from conftest import ARCHS, VOCAB, IdTokenizer, OracleDrafter, gguf_model, plain_greedy, tiny_model
 from machine import quiet_machine, snapshots
 
 from restspec.decode import GenerationConfig, ModelForward, SpeculativeGenerator, choose_backend
 from restspec.decode import backends as backends_module
+from restspec.decode import blocks as blocks_module
 from restspec.decode.backends import (
     BackendChoice,
     backend_by_name,
     candidates,
     choice_path,
+    fastest,
     probe,
 )
 from restspec.decode.budget import ForwardLatencyProbe
@@ -222,7 +224,7 @@ def test_backend_mistakes_are_errors_a_user_can_act_on():
         SpeculativeGenerator(model, IdTokenizer(), backend=ModelForward(other))
     with pytest.raises(ModelError, match="'fastest' is unknown"):
         backend_by_name(model, "fastest")
-    for wrong in ("direct-split@1", "direct-split@x", "direct@4"):
+    for wrong in ("direct-split@1", "direct-split@x", "direct@4", "direct-blocks-split@1", "direct-blocks@8"):
         with pytest.raises(ModelError, match="direct-split@N"):
             backend_by_name(model, wrong)
     with pytest.raises(ModelError, match="cannot run"):
@@ -279,11 +281,16 @@ def test_the_split_width_is_where_the_packed_kernels_stay_ahead(narrow_ms, wide_
 
 
 @pytest.mark.skipif(not packed_available(), reason="torch built without oneDNN")
-def test_the_split_backend_runs_each_width_on_its_member_and_keeps_the_output():
-    model = tiny32("llama")
-    split = backend_by_name(model, "direct-split", wide_from=3)
+@pytest.mark.parametrize(
+    ("name", "narrow_name"), [("direct-split", "direct"), ("direct-blocks-split", "direct-blocks")]
+)
+def test_the_split_backend_runs_each_width_on_its_member_and_keeps_the_output(name, narrow_name):
+    if narrow_name == "direct-blocks" and blocks_module.kernel() is None:
+        pytest.skip("no C compiler to build the block kernel")
+    model = tiny32("llama") if narrow_name == "direct" else gguf_model()
+    split = backend_by_name(model, name, wide_from=3)
     narrow, wide = split.members
-    assert (narrow.name, wide.name, split.wide_from) == ("direct", "direct-packed", 3)
+    assert (split.name, narrow.name, wide.name, split.wide_from) == (name, narrow_name, "direct-packed", 3)
     calls = []
     for member in split.members:
         member.forward_batch = _recording(member.forward_batch, member.name, calls)
@@ -293,7 +300,7 @@ def test_the_split_backend_runs_each_width_on_its_member_and_keeps_the_output():
     gen = SpeculativeGenerator(model, IdTokenizer(), drafter, budget=6, backend=split)
     assert gen.generate(prompt, GenerationConfig(max_new_tokens=16)).output_ids.tolist() == expected
     assert {name for name, width in calls if width >= 3} == {"direct-packed"}
-    assert {name for name, width in calls if width < 3} <= {"direct"}
+    assert {name for name, width in calls if width < 3} <= {narrow_name}
     assert probe(split).passed
 
 
@@ -327,6 +334,40 @@ def test_choose_backend_splits_where_each_direct_forward_wins_at_some_widths(cac
     assert record.wide_from == 4 and record.timings["direct-split"][1] == pytest.approx(0.040)
     again = choose_backend(model)  # from the cache, with its width
     assert (again.name, again.wide_from) == ("direct-split", 4)
+
+
+@pytest.mark.skipif(not packed_available(), reason="torch built without oneDNN")
+@pytest.mark.skipif(blocks_module.kernel() is None, reason="no C compiler to build the block kernel")
+def test_the_block_kernel_gives_batches_to_the_packed_one_where_it_falls_behind(cache_dir, monkeypatch):
+    """Measured on an AMD EPYC with AVX2 (2026-12-07): the block kernel ahead up to 16 inputs, behind
+    the packed kernels on batch widths, where it is even slower than the model's own forward."""
+    model = gguf_model()
+    widths = (1, 2, 4, 8, 16, 32, 64)
+    table = {  # median ms
+        "model": (73, 126, 126, 147, 156, 206, 298),
+        "direct": (64, 103, 114, 125, 147, 182, 289),
+        "direct-packed": (52, 55, 65, 72, 94, 137, 230),
+        "direct-blocks": (27, 32, 47, 58, 91, 158, 312),
+    }
+    timed = []
+
+    def time_backends(backends, timing_widths, *a, **k):
+        timed.append(tuple(timing_widths))
+        return {b.name: {w: t / 1e3 for w, t in zip(widths, table[b.name], strict=True)} for b in backends}
+
+    monkeypatch.setattr(backends_module, "time_backends", time_backends)
+    chosen = choose_backend(model, "cpu")
+    assert timed == [widths]
+    assert (chosen.name, chosen.key) == ("direct-blocks-split", "direct-blocks-split@32")
+    record = BackendChoice.from_json(json.loads(choice_path(model).read_text()))
+    assert record.timings["direct-blocks-split"][64] == pytest.approx(0.230)
+    assert "direct-split" not in record.timings  # the packed kernels win at every width over the stock ones
+    again = choose_backend(model)
+    assert (again.name, again.wide_from) == ("direct-blocks-split", 32)
+    # up to 16 inputs the split and the kernel alone tie; the batch widths break the tie
+    split, alone = (backend_by_name(model, n, wide_from=32) for n in ("direct-blocks-split", "direct-blocks"))
+    assert all(record.timings[split.name][w] == record.timings[alone.name][w] for w in widths[:5])
+    assert fastest([ModelForward(model), alone, split], record.timings) is split
 
 
 @pytest.mark.skipif(not packed_available(), reason="torch built without oneDNN")

@@ -13,7 +13,10 @@ tree is scored:
   the packed kernels are measured faster (:class:`SplitBackend`);
 - ``direct-blocks``: the direct forward computing from the codes of block-encoded weights
   (:class:`~restspec.decode.blocks.BlockWeights`: float32 weights that decode exactly from 4- or 8-bit
-  blocks, as a quantized GGUF file's do; CPU, float32).
+  blocks, as a quantized GGUF file's do; CPU, float32);
+- ``direct-blocks-split``: ``direct-blocks`` for narrow forwards and ``direct-packed`` from the width
+  on where the packed kernels are measured faster (the block kernel decodes every weight once per few
+  rows: ahead where a forward mostly reads weights, behind on wide batches with AVX2's 16 registers).
 
 Which is fastest depends on the CPU, the device, the dtype and the width of the forward. Measured on an
 Intel Xeon with AVX-512/AMX (2 cores, other work running; SmolLM2-135M in float32, 320 cached tokens,
@@ -21,8 +24,8 @@ medians of 5 interleaved rounds at 1 / 8 / 16 inputs): ``model`` 45 / 82 / 89 ms
 83 ms, ``direct-packed`` 51 / 64 / 70 ms; the packed kernels win on wide trees and lose on plain steps.
 So :func:`choose_backend` measures, once per machine + model + dtype + device, and keeps the fastest
 backend that passes an exactness probe against the model's own forward and is no slower than it at any
-timed width; where the stock and the packed direct forwards each win at some widths, the split of
-the two takes the faster at every width.
+width of a plain step or a tree; where a narrow-side forward (stock or block kernels) and the packed
+one each win at some widths, their split takes the faster at every width.
 """
 
 from __future__ import annotations
@@ -47,14 +50,23 @@ from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
 from restspec.models import dtype_name
 
-BACKEND_NAMES = ("model", "direct", "direct-packed", "direct-split", "direct-blocks")
+BACKEND_NAMES = ("model", "direct", "direct-packed", "direct-split", "direct-blocks", "direct-blocks-split")
 """Every backend, in the order :func:`choose_backend` considers them."""
-CHOICE_VERSION = 6
+SPLITS: dict[str, tuple[str, str]] = {
+    "direct-split": ("direct", "direct-packed"),
+    "direct-blocks-split": ("direct-blocks", "direct-packed"),
+}
+"""The split backends: name -> (the member below the split width, the member from it on)."""
+CHOICE_VERSION = 7
 """Bump when the backends or the measurement change, so cached choices are made again (3: a choice
 timed while other work competed for the CPU is no longer cached; 4: the direct forward without module
-calls; 5: taken by an experiment not kept; 6: the block-weight backend)."""
+calls; 5: taken by an experiment not kept; 6: the block-weight backend; 7: batch widths timed, the
+block kernel's split)."""
 TIMING_WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16)
 """Forward widths (root + tree nodes) the candidates are timed at: a plain step and typical trees."""
+BATCH_WIDTHS: tuple[int, ...] = (32, 64)
+"""Wider forwards, timed too: batches of several requests' trees and prompt chunks. They place a split
+backend's width and break ties; the choice itself is made on :data:`TIMING_WIDTHS`."""
 TIMING_PAST_LEN = 320
 """Cache length the timed forwards run on (a typical prompt plus part of an answer)."""
 TIMING_ROUNDS = 5
@@ -205,17 +217,21 @@ class DirectBackend(ModelForward):
 
 
 class SplitBackend(ModelForward):
-    """``direct-split``: the stock direct forward (``narrow``) below ``wide_from`` inputs, the packed
-    one (``wide``) from there on: on CPUs where oneDNN's packed matmuls lose to MKL on one row but win
-    on many, plain steps and wide trees each run on their faster kernels. Its probe is both members'."""
+    """A split backend (:data:`SPLITS`): one direct forward (``narrow``) below ``wide_from`` inputs,
+    another (``wide``) from there on, so that plain steps and wide trees or batches each run on their
+    faster kernels (oneDNN's packed matmuls lose to MKL on one row but win on many on some CPUs; the
+    block kernel wins on few rows and loses on many with AVX2). Its probe is both members'."""
 
-    name = "direct-split"
     exact = False
 
     def __init__(self, narrow: DirectBackend, wide: DirectBackend, wide_from: int) -> None:
         if wide_from < 2:
             raise ValueError(f"wide_from={wide_from} must be >= 2 (else it is {wide.name!r} alone)")
+        names = {members: name for name, members in SPLITS.items()}
+        if (narrow.name, wide.name) not in names:
+            raise ValueError(f"no split backend runs {narrow.name!r} narrow and {wide.name!r} wide")
         super().__init__(narrow.model, narrow.layout)
+        self.name = names[narrow.name, wide.name]
         self.members = (narrow, wide)
         self.wide_from = int(wide_from)
 
@@ -278,37 +294,31 @@ def parse_backend(name: str) -> tuple[str, int | None]:
     base, at, width = name.partition("@")
     if base in BACKEND_NAMES and not at:
         return base, None
-    if base == "direct-split" and width.isdigit() and int(width) >= 2:
+    if base in SPLITS and width.isdigit() and int(width) >= 2:
         return base, int(width)
     raise ModelError(
         f"backend {name!r} is unknown; use 'auto' or one of {', '.join(BACKEND_NAMES)} "
-        "(direct-split@N: the packed kernels from N >= 2 inputs on)"
+        "(direct-split@N, direct-blocks-split@N: the packed kernels from N >= 2 inputs on)"
     )
 
 
 def backend_by_name(model: Any, name: str, *, wide_from: int = 2) -> ForwardBackend:
     """The backend ``name`` (:func:`parse_backend`) of ``model``; ``ModelError`` if it cannot run this
-    model here. ``wide_from``: where ``direct-split`` turns to the packed kernels
+    model here. ``wide_from``: where a split backend turns to its wide member
     (:func:`choose_backend` measures it), unless the name says (``direct-split@N``)."""
     name, width = parse_backend(name)
-    wide_from = wide_from if width is None else width
     own = ModelForward(model)
     if name == "model":
         return own
     try:
+        if name in SPLITS:
+            narrow, wide = (backend_by_name(model, member) for member in SPLITS[name])
+            return SplitBackend(narrow, wide, wide_from if width is None else width)  # type: ignore[arg-type]
         if name == "direct":
             return DirectBackend(model, None, own.layout)
-        if name == "direct-blocks":
-            blocks = _block_weights(own)
-            if blocks is not None:
-                return DirectBackend(model, blocks, own.layout)
-            raise ModelError("no block-encoded weights")
-        packed = _packed_weights(own)
-        if packed is not None and name == "direct-packed":
-            return DirectBackend(model, packed, own.layout)
-        if packed is not None:  # name == "direct-split"
-            narrow, wide = DirectBackend(model, None, own.layout), DirectBackend(model, packed, own.layout)
-            return SplitBackend(narrow, wide, wide_from)
+        kernels = _packed_weights(own) if name == "direct-packed" else _block_weights(own)
+        if kernels is not None:
+            return DirectBackend(model, kernels, own.layout)
     except ModelError:
         pass
     raise ModelError(
@@ -440,7 +450,7 @@ class BackendChoice:
     timings: dict[str, dict[int, float]]
     rejected: dict[str, str]
     wide_from: int = 2
-    """Where ``direct-split`` turns to the packed kernels (used when ``name`` is ``direct-split``)."""
+    """Where the split backend ``name`` turns to its wide member (unused when ``name`` is no split)."""
 
     def to_json(self) -> dict:
         return {
@@ -459,11 +469,17 @@ class BackendChoice:
 
 
 def fastest(backends: Sequence[ForwardBackend], timings: dict[str, dict[int, float]]) -> ForwardBackend:
-    """Of ``backends`` (the model's own forward first) those whose median time at every width is at
-    most the model's own, the one with the least total over the widths."""
+    """Of ``backends`` (the model's own forward first) those whose median time at every width of
+    :data:`TIMING_WIDTHS` is at most the model's own, the one with the least total over those widths;
+    a tie goes to the least total over every timed width (so a split whose members part beyond those
+    widths beats its narrow member alone)."""
     own = timings[backends[0].name]
-    eligible = [b for b in backends if all(timings[b.name][w] <= own[w] for w in own)]
-    return min(eligible, key=lambda b: sum(timings[b.name].values()))
+    widths = [w for w in own if w in TIMING_WIDTHS]
+    eligible = [b for b in backends if all(timings[b.name][w] <= own[w] for w in widths)]
+    return min(
+        eligible,
+        key=lambda b: (sum(timings[b.name][w] for w in widths), sum(timings[b.name].values())),
+    )
 
 
 def choice_path(model: Any, name: str | None = None) -> Path:
@@ -503,15 +519,17 @@ def choose_backend(
     model's cache name, e.g. :attr:`restspec.models.LoadedModel.name`).
 
     Every candidate (:func:`candidates`) is probed, and those that pass are timed at
-    :data:`TIMING_WIDTHS` on a :data:`TIMING_PAST_LEN`-token cache (:func:`time_backends`). Of those
-    no slower than the model's own forward at any timed width (so that neither plain decoding, all one
-    input wide, nor wide trees lose to ``model.generate``), the one with the least total of median
-    times is kept (:func:`fastest`). A cached choice is probed again before use (cheap), and
-    the choice is made again if it fails or no longer applies. A choice timed while other work
-    competed for the CPU (:data:`~restspec.decode.budget.BUSY_OTHER_CORES`) is used but not cached:
-    timings on a busy 2-core machine ran 60 times slow and kept the stock kernels up to 16 inputs where
-    the packed ones were 1.5x faster from 4 on (the same machine, quiet). ``progress`` gets a line per
-    phase; ``refresh`` measures again."""
+    :data:`TIMING_WIDTHS` and :data:`BATCH_WIDTHS` on a :data:`TIMING_PAST_LEN`-token cache
+    (:func:`time_backends`); a split backend joins them where its members each win on one side
+    (:func:`split_width`). Of those no slower than the model's own forward at any width of
+    :data:`TIMING_WIDTHS` (so that neither plain decoding, all one input wide, nor wide trees lose to
+    ``model.generate``), the one with the least total of median times over those widths is kept, ties
+    going to the least total over the batch widths too (:func:`fastest`). A cached choice is probed
+    again before use (cheap), and the choice is made again if it fails or no longer applies. A choice
+    timed while other work competed for the CPU (:data:`~restspec.decode.budget.BUSY_OTHER_CORES`) is
+    used but not cached: timings on a busy 2-core machine ran 60 times slow and kept the stock kernels
+    up to 16 inputs where the packed ones were 1.5x faster from 4 on (the same machine, quiet).
+    ``progress`` gets a line per phase; ``refresh`` measures again."""
     from restspec.decode.budget import cpu_snapshot, measured_while_busy
 
     path = choice_path(model, name)
@@ -536,14 +554,14 @@ def choose_backend(
         else:
             rejected[backend.name] = result.reason
     start = cpu_snapshot()
-    timings = time_backends(passing) if len(passing) > 1 else {}
-    split = _split(passing, timings)
-    if split is not None:
+    timings = time_backends(passing, TIMING_WIDTHS + BATCH_WIDTHS) if len(passing) > 1 else {}
+    for split in _splits(passing, timings):
         narrow, wide = (timings[m.name] for m in split.members)
         timings[split.name] = {w: min(narrow[w], wide[w]) for w in narrow}
         passing.append(split)
     best = fastest(passing, timings) if timings else passing[0]
-    choice = BackendChoice(best.name, timings, rejected, split.wide_from if split is not None else 2)
+    wide_from = best.wide_from if isinstance(best, SplitBackend) else 2
+    choice = BackendChoice(best.name, timings, rejected, wide_from)
     busy = bool(timings) and measured_while_busy(start)
     if progress is not None:
         progress(
@@ -560,15 +578,18 @@ def choose_backend(
     return best
 
 
-def _split(passing: Sequence[ForwardBackend], timings: dict[str, dict[int, float]]) -> SplitBackend | None:
-    """The split of the stock and the packed direct forwards, where both passed the probe and each is
-    faster at some timed widths (the stock one on the narrow side)."""
+def _splits(passing: Sequence[ForwardBackend], timings: dict[str, dict[int, float]]) -> list[SplitBackend]:
+    """The split backends (:data:`SPLITS`) whose members both passed the probe and each are faster at
+    some timed widths (the narrow member on the narrow side)."""
     found = {b.name: b for b in passing}
-    narrow, wide = found.get("direct"), found.get("direct-packed")
-    if not isinstance(narrow, DirectBackend) or not isinstance(wide, DirectBackend):
-        return None
-    width = split_width(timings[narrow.name], timings[wide.name])
-    return None if width is None else SplitBackend(narrow, wide, width)
+    splits = []
+    for narrow_name, wide_name in SPLITS.values():
+        narrow, wide = found.get(narrow_name), found.get(wide_name)
+        if isinstance(narrow, DirectBackend) and isinstance(wide, DirectBackend):
+            width = split_width(timings[narrow.name], timings[wide.name])
+            if width is not None:
+                splits.append(SplitBackend(narrow, wide, width))
+    return splits
 
 
 def _summary(timings: dict[str, dict[int, float]]) -> str:
