@@ -24,6 +24,7 @@ SHARED_FLAGS = (
     "--budget",
     "--dtype",
     "--warm-start",
+    "--backend",
 )
 # The demo compares greedy outputs token for token, so it has no sampling flags.
 DEMO_FLAGS = ("--model", "--datastore", "--max-new-tokens", "--budget", "--dtype", "--warm-start")
@@ -162,6 +163,8 @@ def test_top_level_help_lists_the_front_door_commands():
         (["--top-k", "-2"], "--top-k=-2"),
         (["--budget", "many"], "--budget='many'"),
         (["--max-new-tokens", "0"], "--max-new-tokens=0"),
+        (["--backend", "fastest"], "backend 'fastest' is unknown"),
+        (["--backend", "direct-split@1"], "direct-split@N"),
     ],
 )
 @pytest.mark.parametrize("command", ["generate", "chat"])

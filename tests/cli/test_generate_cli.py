@@ -66,6 +66,23 @@ def test_generate_json_has_text_token_ids_and_statistics(tiny_args, tiny_model_d
     assert stats["elapsed_s"] > 0
 
 
+def test_the_backend_flag_picks_the_forward_and_keeps_the_output(tiny_args, monkeypatch):
+    from restspec.engine import Engine
+
+    built = []
+    from_pretrained = Engine.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        engine = from_pretrained(cls, *args, **kwargs)
+        built.append(engine.backend.name)
+        return engine
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(recording))
+    outputs = [run_json([*tiny_args, "--backend", name])["output_ids"] for name in ("model", "direct")]
+    assert built == ["model", "direct"]
+    assert outputs[0] == outputs[1]
+
+
 def test_warm_start_is_learned_once_and_leaves_output_unchanged(tiny_args, tmp_path, monkeypatch):
     """The first run learns the warm start into the cache; --cold-start neither reads nor writes it;
     greedy output is the same either way (and equals plain greedy)."""

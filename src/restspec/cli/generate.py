@@ -19,9 +19,11 @@ from rich.table import Table
 
 from restspec.cli.app import app
 from restspec.cli.common import (
+    AUTO_BACKEND,
     AUTO_BUDGET,
     AUTO_DEVICE,
     EMBEDDED_MODEL,
+    BackendOption,
     BudgetOption,
     DatastoreOption,
     DeviceOption,
@@ -259,6 +261,7 @@ def generate(
     warm_start: WarmStartOption = True,
     dtype: DtypeOption = Dtype.float32,
     device: DeviceOption = AUTO_DEVICE,
+    backend: BackendOption = AUTO_BACKEND,
 ) -> None:
     """Generate a continuation of PROMPT (or of stdin), streamed to stdout; statistics go to stderr."""
     options = EngineOptions(
@@ -273,6 +276,7 @@ def generate(
         warm_start=warm_start,
         dtype=dtype.value,
         device=device,
+        backend=backend,
     )
     text = _read_prompt(prompt, sys.stdin)
     request: str | list[dict[str, str]] = text
@@ -378,6 +382,7 @@ def chat(
     warm_start: WarmStartOption = True,
     dtype: DtypeOption = Dtype.float32,
     device: DeviceOption = AUTO_DEVICE,
+    backend: BackendOption = AUTO_BACKEND,
 ) -> None:
     """Talk to the model: answers stream as they are generated, with tokens/s and accepted tokens per step.
 
@@ -396,6 +401,7 @@ def chat(
         warm_start=warm_start,
         dtype=dtype.value,
         device=device,
+        backend=backend,
     )
     engine = load_engine(options)
     config = options.generation()

@@ -24,8 +24,10 @@ from restspec.cli.bench import (
     run_settings,
 )
 from restspec.cli.common import (
+    AUTO_BACKEND,
     AUTO_DEVICE,
     EMBEDDED_MODEL,
+    BackendOption,
     DatastoreOption,
     DeviceOption,
     Dtype,
@@ -98,6 +100,7 @@ def load(
     ] = True,
     warm_start: WarmStartOption = True,
     step_factor: StepFactorOption = None,
+    backend: BackendOption = AUTO_BACKEND,
 ) -> None:
     """Load benchmark: concurrent clients against one engine, for restspec one request at a time
     (serial), batched decoding without drafts (batched-plain) and batched restspec (batched). Reports
@@ -127,7 +130,9 @@ def load(
     dtype_name = Dtype(dtype).value
     machine = machine_info()
     t0 = time.perf_counter()
-    engine = bench_engine(model, datastore, device, dtype_name, True, warm_start, recalibrate, step_factor)
+    engine = bench_engine(
+        model, datastore, device, dtype_name, True, warm_start, recalibrate, step_factor, backend
+    )
     load_s = time.perf_counter() - t0
     ctx = MethodContext(engine)
     if warmup:

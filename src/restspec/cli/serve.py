@@ -12,9 +12,11 @@ import typer
 
 from restspec.cli.app import app
 from restspec.cli.common import (
+    AUTO_BACKEND,
     AUTO_BUDGET,
     AUTO_DEVICE,
     EMBEDDED_MODEL,
+    BackendOption,
     BudgetOption,
     DatastoreOption,
     DeviceOption,
@@ -306,6 +308,7 @@ def serve(
     prefix_cache_mb: PrefixCacheOption = None,
     dtype: DtypeOption = Dtype.float32,
     device: DeviceOption = AUTO_DEVICE,
+    backend: BackendOption = AUTO_BACKEND,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions,
     /v1/models, /metrics, /health, /ready.
@@ -353,6 +356,7 @@ def serve(
         prefix_cache_mb=prefix_cache_mb,
         dtype=dtype.value,
         device=device,
+        backend=backend,
     )
     import uvicorn
 
