@@ -131,6 +131,30 @@ def test_the_step_bound_shortens_drafts_never_the_prompt_chunks():
     assert max(sum(w - 1 for w, _ in call) for call in alone) == 2  # no prompt: the room is the drafts'
 
 
+class NoRoom(FixedBudget):
+    """Up to ``size`` nodes per tree, but no step may add anything to its roots and prompt rows."""
+
+    def step_room(self, fixed_inputs: int) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(("policy", "drafts"), [(NoRoom(4), False), (TightRoom(4), True)])
+def test_a_step_without_room_for_drafts_drafts_nothing(policy, drafts, monkeypatch):
+    proposed = []
+    propose = OracleDrafter.propose
+
+    def counting(self, context, budget):
+        proposed.append(budget)
+        return propose(self, context, budget)
+
+    monkeypatch.setattr(OracleDrafter, "propose", counting)
+    model, gen = batched("llama", "direct", max_batch=2, budget=policy)
+    widths = Widths(gen.backend)
+    oracle_requests(model, gen, PROMPTS[:3], NEW_TOKENS[:3])  # outputs as alone either way
+    assert bool(proposed) is drafts
+    assert any(w > 1 for call in widths.calls for w, logits in call if logits) is drafts
+
+
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in ("gpt2",)])
 def test_batched_parity_across_architectures(arch):
     model, gen = batched(arch, "model", max_batch=3, budget=4)
