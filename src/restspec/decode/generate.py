@@ -409,8 +409,11 @@ class SpeculativeGenerator:
         t0 = time.perf_counter()
         chunks = self._chunks(joining, room)
         rows = sum(len(tokens) for _, tokens in chunks)
-        # no room left for drafts (a wide batch, prompt chunks first): nothing worth drafting either
-        budget = self.policy.max_budget if self._node_room(len(decoding), rows) != 0 else 0
+        # the step's time bound: prompt chunks first, as without drafts, then drafts in what is left;
+        # with no room left (a wide batch), nothing is drafted either
+        step_room = self.policy.step_room(len(decoding))
+        node_room = None if step_room is None else max(step_room - rows, 0)
+        budget = self.policy.max_budget if node_room != 0 else 0
         proposals: dict[int, DraftTree] = {}
         draft_s: dict[int, float] = {}
         for req in decoding:
@@ -420,7 +423,6 @@ class SpeculativeGenerator:
             draft_s[req.id] = time.perf_counter() - start
         decoding = [req for req in decoding if req.id in proposals]
         t1 = time.perf_counter()
-        node_room = self._node_room(len(decoding), rows)
         trees_in = [proposals[req.id] for req in decoding]
         sizes = self.policy.choose_batch(trees_in, len(decoding) + rows, node_room)
         trees: dict[int, DraftTree] = {}
@@ -460,13 +462,6 @@ class SpeculativeGenerator:
             if self._guard(req, self._accept, req, *step) and req.finish_reason is None:
                 still.append(req)
         return still
-
-    def _node_room(self, requests: int, rows: int) -> int | None:
-        """Draft nodes a step of ``requests`` roots and ``rows`` prompt rows may add within the step
-        time the policy allows: prompt chunks first, as without drafts, then drafts in what is left
-        (None: no bound)."""
-        step_room = self.policy.step_room(requests)
-        return None if step_room is None else max(step_room - rows, 0)
 
     def _propose(self, req: _Request, budget: int, proposals: dict[int, DraftTree]) -> None:
         proposals[req.id] = req.drafter.propose(req.view(), budget)
