@@ -23,7 +23,7 @@ import torch
 
 from restspec.bench.runner import machine_info
 from restspec.decode.backends import backend_by_name
-from restspec.decode.verify import new_cache, prefill, prefill_segment, tree_segment
+from restspec.decode.verify import compact_cache, new_cache, prefill, prefill_segment, tree_segment
 from restspec.draft.tree import DraftTree
 from restspec.models import load_model
 
@@ -35,14 +35,6 @@ TREE = DraftTree(np.array([7, 9]), np.array([-1, 0]))
 """Each request's draft: a chain of two nodes."""
 
 
-def _keep(cache, length: int) -> None:
-    """Drop the rows a timed forward added past ``length``."""
-    for layer in cache.layers:
-        extra = layer.get_seq_length() - length
-        if extra > 0:
-            layer.crop(-extra)
-
-
 def _forward_s(backend, caches: list, chunk, rng: np.random.Generator) -> float:
     segments = [tree_segment(backend, cache, 5, TREE, REQUEST_PAST) for cache in caches]
     if chunk is not None:
@@ -50,10 +42,12 @@ def _forward_s(backend, caches: list, chunk, rng: np.random.Generator) -> float:
     start = time.perf_counter()
     backend.forward_batch(segments)
     seconds = time.perf_counter() - start
+    # back to the cached tokens, as the latency probe does: compaction keeps the last cached row as the
+    # "root" and an empty path of the rows the forward added
     for cache in caches:
-        _keep(cache, REQUEST_PAST)
+        compact_cache(cache, REQUEST_PAST - 1, [], 1 + len(TREE))
     if chunk is not None:
-        _keep(chunk, CHUNK_PAST)
+        compact_cache(chunk, CHUNK_PAST - 1, [], CHUNK_ROWS)
     return seconds
 
 
