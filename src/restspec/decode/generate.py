@@ -404,8 +404,8 @@ class SpeculativeGenerator:
         streams. It does not shorten the prompt chunks: those are the ones a batch without drafts
         runs, so drafts never slow the prompts of joining requests (bounding the chunks too starved a
         batch of 16 of prompts: 0.95x the tokens/s of batching without drafts, HumanEval, 2026-12-06).
-        A step with no room left for drafts drafts nothing (16 clients on a 2-core AMD EPYC: 163 of 228
-        steps, HumanEval, 2026-12-07)."""
+        A step with no room left for drafts drafts nothing (16 clients on a 2-core AMD EPYC: 214 of 288
+        steps, HumanEval, 2026-12-07, ``python -m benchmarks.batch_rooms``)."""
         t0 = time.perf_counter()
         chunks = self._chunks(joining, room)
         rows = sum(len(tokens) for _, tokens in chunks)
