@@ -4,6 +4,7 @@ real trees, not just the probe's); other models fail to build it or fail the pro
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ import transformers
 from conftest import VOCAB, _common, tiny_model
 
 from restspec.decode import ModelForward, forward_tree, new_cache, prefill
+from restspec.decode import direct as direct_module
 from restspec.decode.backends import DirectBackend, probe
 from restspec.decode.kernels import PackedWeights
+from restspec.decode.verify import prefill_segment
 from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
 
@@ -80,3 +83,36 @@ def test_a_llama_shaped_model_with_extra_parts_fails_the_probe(model):
     result = probe(DirectBackend(model()))
     assert not result.passed
     assert result.reason
+
+
+@pytest.mark.parametrize("arch", DIRECT)
+@pytest.mark.parametrize("past", [0, 7, 40])
+def test_a_prompt_chunk_longer_than_its_past_takes_the_causal_kernel_with_the_masks_result(
+    arch, past, monkeypatch
+):
+    """A prompt chunk continuing a shorter cache (a reused prefix) is attended with the causal kernel
+    (the past's query rows padded), not its mask: the same logits and cache rows, bitwise. A longer
+    past, or a sliding window (mistral), keeps the mask."""
+    model = copy.deepcopy(tiny_model(arch)).to(torch.float32)
+    backend = DirectBackend(model)
+    prompt = np.random.default_rng(0).integers(0, VOCAB, size=60)
+    causal_calls = []
+    sdpa = direct_module.F.scaled_dot_product_attention
+
+    def recording(*args, is_causal=False, **kwargs):
+        causal_calls.append(is_causal)
+        return sdpa(*args, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(direct_module.F, "scaled_dot_product_attention", recording)
+    results = []
+    for causal in (True, False):
+        cache = new_cache()
+        prefill(backend, cache, prompt[:past])
+        segment = prefill_segment(backend, cache, prompt[past:], past)
+        assert segment.causal == (arch != "mistral")
+        segment = dataclasses.replace(segment, causal=causal and segment.causal, logits=True)
+        causal_calls.clear()
+        (logits,) = backend.forward_batch([segment])
+        assert set(causal_calls) == {causal and arch != "mistral" and past < len(prompt) - past}
+        results.append((logits, [t for layer in cache.layers for t in (layer.keys, layer.values)]))
+    assert_bitwise(*results)

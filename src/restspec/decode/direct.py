@@ -112,8 +112,9 @@ class _Block(NamedTuple):
     down: Linear
 
 
-_Span = tuple[int, int, Any, torch.Tensor]
-"""(start, end, cache, mask): one request's rows of a batched forward."""
+_Span = tuple[int, int, Any, torch.Tensor, bool]
+"""(start, end, cache, mask, causal): one request's rows of a batched forward; causal: the mask is the
+causal mask continuing the cache (:attr:`~restspec.decode.verify.Segment.causal`)."""
 
 
 class DirectForward:
@@ -159,7 +160,7 @@ class DirectForward:
     ) -> torch.Tensor:
         """Logits (n, V) of ``input_ids`` (1, n) at ``position_ids`` (1, n) on top of ``cache``, with
         the additive ``mask`` (1, 1, n, past + n)."""
-        x = self._layers(input_ids, position_ids, [(0, input_ids.shape[1], cache, mask)])
+        x = self._layers(input_ids, position_ids, [(0, input_ids.shape[1], cache, mask, False)])
         return self.lm_head(_rms_norm(*self.norm, x))[0]
 
     @torch.inference_mode()
@@ -173,10 +174,10 @@ class DirectForward:
         spans: list[_Span] = []
         start = 0
         for seg in segments:
-            spans.append((start, start + seg.width, seg.cache, seg.mask))  # type: ignore[arg-type]
+            spans.append((start, start + seg.width, seg.cache, seg.mask, seg.causal))  # type: ignore[arg-type]
             start += seg.width
         x = self._layers(input_ids, position_ids, spans)[0]
-        wanted = [(a, b) for (a, b, _, _), seg in zip(spans, segments, strict=True) if seg.logits]
+        wanted = [(a, b) for (a, b, *_), seg in zip(spans, segments, strict=True) if seg.logits]
         if not wanted:
             return [None] * len(segments)
         rows = x if len(wanted) == len(spans) else torch.cat([x[a:b] for a, b in wanted])
@@ -200,7 +201,7 @@ class DirectForward:
             qk = out[..., : b.q_size + b.k_size].view(1, n, -1, b.head_dim).transpose(1, 2)
             qk = (qk * cos) + (_rotate_half(qk) * sin)
             values = out[..., b.q_size + b.k_size :].view(1, n, -1, b.head_dim).transpose(1, 2)
-            parts = [self._attend(b, index, qk[:, :, s:e], values[:, :, s:e], c, m) for s, e, c, m in spans]
+            parts = [self._attend(b, index, qk[:, :, s:e], values[:, :, s:e], *span) for s, e, *span in spans]
             attn = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             x = x + b.o_proj(attn)
             out = b.gate_up(_rms_norm(*b.mlp_norm, x))  # (1, n, gate + up)
@@ -209,12 +210,30 @@ class DirectForward:
 
     @staticmethod
     def _attend(
-        b: _Block, index: int, qk: torch.Tensor, values: torch.Tensor, cache: Any, mask: torch.Tensor
+        b: _Block,
+        index: int,
+        qk: torch.Tensor,
+        values: torch.Tensor,
+        cache: Any,
+        mask: torch.Tensor,
+        causal: bool,
     ) -> torch.Tensor:
         """One request's attention in layer ``index``: (1, n, heads * head_dim)."""
         n = qk.shape[2]
         keys, values = cache.update(qk[:, b.q_heads :], values, index)
-        attn = F.scaled_dot_product_attention(
-            qk[:, : b.q_heads], keys, values, attn_mask=mask, scale=b.scaling, **b.gqa
-        )
+        queries = qk[:, : b.q_heads]
+        past = keys.shape[2] - n
+        if causal and past < n:
+            # a prompt chunk longer than what it continues: the causal kernel over the whole cache, the
+            # past's query rows zeros whose outputs are dropped. It skips the half above the diagonal,
+            # (past + n)^2 / 2 scores against a mask's n (past + n), and reads no mask
+            if past:
+                queries = torch.cat([queries.new_zeros(1, b.q_heads, past, b.head_dim), queries], dim=2)
+            attn = F.scaled_dot_product_attention(
+                queries, keys, values, is_causal=True, scale=b.scaling, **b.gqa
+            )[:, :, past:]
+        else:
+            attn = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask, scale=b.scaling, **b.gqa
+            )
         return attn.transpose(1, 2).reshape(1, n, -1)

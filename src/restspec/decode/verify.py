@@ -209,6 +209,9 @@ class Segment:
     """Additive mask (1, 1, n, past + n) (per layer type for hybrid models)."""
     logits: bool
     """Whether the caller reads this segment's logits (False: a prefill chunk)."""
+    causal: bool = False
+    """Whether ``mask`` is the plain causal mask continuing the cache (a prefill chunk of a model without
+    sliding windows), which a backend may apply with a causal attention kernel instead."""
 
     @property
     def width(self) -> int:
@@ -231,7 +234,7 @@ def prefill_segment(
     tokens = np.asarray(token_ids, dtype=np.int32)
     chain = DraftTree.chain(tokens[1:])
     ids, positions, mask = tree_inputs(int(tokens[0]), chain, past_len, backend.layout, backend.device)
-    return Segment(cache, ids, positions, mask, logits=False)
+    return Segment(cache, ids, positions, mask, logits=False, causal=backend.layout.sliding_window is None)
 
 
 @torch.inference_mode()
