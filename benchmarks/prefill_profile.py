@@ -1,16 +1,22 @@
 """Where a long prompt's prefill goes: the embedded model's own forward over an evaluation-set prompt.
 
-    python -m benchmarks.prefill_profile [--item long-rag-01] [--repeats 3] [--out FILE.json]
+    python -m benchmarks.prefill_profile [--item long-rag-01] [--repeats 3] [--reused 55] [--out FILE.json]
 
 Both plain ``generate`` and restspec read the prompt with this same forward (logits of the last token
 only), so its time bounds what any decoder can gain on a request with a long prompt and a short
 answer. Reports the prefill's median seconds, the profiler's split of one prefill into matmuls,
 attention and the rest, and the matmul and attention throughput (GFLOPS) that split implies.
+
+After a reused prefix (``--reused`` tokens, as a chat template's system prompt kept from an earlier
+request) restspec prefills the rest as one chunk on this machine's chosen forward backend: timed
+too, interleaved with the fresh prefill, with the chunk's attention under its explicit mask and with
+the causal kernel restspec uses (``Segment.causal``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -21,6 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from restspec.bench.runner import machine_info
 from restspec.bench.workloads import load_workload
+from restspec.decode import ModelForward, choose_backend, new_cache, prefill
+from restspec.decode.verify import prefill_segment
 from restspec.models import load_model
 
 EVALSET = Path(__file__).parent / "evalset" / "evalset.jsonl"
@@ -30,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--item", default="long-rag-01")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reused", type=int, default=55, help="prompt tokens kept from an earlier request")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     loaded = load_model("smollm2")
@@ -73,9 +82,46 @@ def main() -> None:
             "attention": round(attention_flop / attention_s / 1e9, 1) if attention_s else None,
         },
     }
+    report["after_reused_prefix"] = reused_prefix_seconds(
+        loaded, ids[0, :-1].numpy(), args.reused, args.repeats
+    )
     print(json.dumps(report, indent=2))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def reused_prefix_seconds(loaded, prompt, reused: int, repeats: int) -> dict:
+    """Median seconds to prefill ``prompt`` fresh (the model's forward) and, after its first ``reused``
+    tokens were prefilled, the rest as one chunk on the chosen backend, with its mask and causal."""
+    backend = choose_backend(loaded.model, name=loaded.name)
+    own = ModelForward(loaded.model)
+
+    def fresh() -> float:
+        start = time.perf_counter()
+        prefill(own, new_cache(), prompt)
+        return time.perf_counter() - start
+
+    def chunk(causal: bool) -> float:
+        cache = new_cache()
+        prefill(own, cache, prompt[:reused])
+        segment = prefill_segment(backend, cache, prompt[reused:], reused)
+        segment = dataclasses.replace(segment, causal=causal and segment.causal)
+        start = time.perf_counter()
+        backend.forward_batch([segment])
+        return time.perf_counter() - start
+
+    ways = {"fresh": fresh, "chunk_masked": lambda: chunk(False), "chunk_causal": lambda: chunk(True)}
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    for _ in range(repeats):
+        for way, run in ways.items():
+            seconds[way].append(run())
+    return {
+        "backend": backend.name,
+        "reused_tokens": reused,
+        "chunk_tokens": len(prompt) - reused,
+        **{f"{way}_s_median": round(statistics.median(s), 3) for way, s in seconds.items()},
+        **{f"{way}_s_all": [round(x, 3) for x in s] for way, s in seconds.items()},
+    }
 
 
 if __name__ == "__main__":
