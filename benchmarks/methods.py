@@ -10,8 +10,9 @@ as builders for :func:`restspec.bench.main` (the same runner, report and compari
 - ``restspec-stock``: restspec on the model's own CPU kernels; ``restspec-split16``: on the stock
   kernels up to 15 inputs and the packed ones from 16 on (``direct-split@16``); ``restspec-curve``:
   the adaptive budget on the calibrated curve alone, not learning step costs from the loop;
-  ``restspec-cap16``: the adaptive budget capped at 16 nodes; ``restspec-fixed4/8/16``: fixed tree
-  sizes; ``restspec-nohistory``: the default mix whose history source (past outputs) proposes
+  ``restspec-cap16``: the adaptive budget capped at 16 nodes; ``restspec-fixed4/8/16/32/64/128``:
+  fixed tree sizes (the wide ones: what the drafts get right where width is nearly free, as on a
+  GPU); ``restspec-nohistory``: the default mix whose history source (past outputs) proposes
   nothing, everything else warmed as in ``restspec`` (that source's marginal gain, timed);
   ``restspec-noprefix``: ``restspec`` keeping no finished request's cache (every prompt prefilled
   whole, as transformers' ``generate`` does: prefix reuse's gain on multi-turn chat, timed).
@@ -140,6 +141,10 @@ def _suffix(ctx: MethodContext) -> BenchMethod:
     return LoopMethod("suffix", ctx.engine.variant(drafter, FixedBudget(drafter.max_tokens)))
 
 
+FIXED_SIZES = (4, 8, 16, 32, 64, 128)
+"""Tree sizes of the ``restspec-fixedN`` variants."""
+
+
 def _restspec_fixed(size: int) -> MethodBuilder:
     def build(ctx: MethodContext) -> BenchMethod:
         return LoopMethod(
@@ -176,9 +181,7 @@ LAB_METHODS: dict[str, MethodBuilder] = {
     "restspec-cap16": _restspec_variant("restspec-cap16", max_budget=16),
     "restspec-nohistory": _restspec_no_history,
     "restspec-noprefix": _restspec_no_prefix,
-    "restspec-fixed4": _restspec_fixed(4),
-    "restspec-fixed8": _restspec_fixed(8),
-    "restspec-fixed16": _restspec_fixed(16),
+    **{f"restspec-fixed{size}": _restspec_fixed(size) for size in FIXED_SIZES},
     "suffix-adaptive": _suffix_adaptive,
     f"plain-w{PAD_WIDTH}": _padded(f"plain-w{PAD_WIDTH}", PAD_WIDTH, drafted=False),
     f"restspec-w{PAD_WIDTH}": _padded(f"restspec-w{PAD_WIDTH}", PAD_WIDTH, drafted=True),

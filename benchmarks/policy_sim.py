@@ -16,6 +16,7 @@ import numpy as np
 
 from benchmarks.simulate import Reference, accepted_path, step_logits
 from restspec.decode.budget import BudgetPolicy, LatencyCurve
+from restspec.decode.warm import WarmStart
 from restspec.draft.base import Drafter, Step
 from restspec.draft.tree import DraftTree
 from restspec.errors import RestspecError
@@ -83,10 +84,15 @@ def replay_policy(
 
 
 def policy_table(
-    refs: Sequence[Reference], datastores: Sequence, vocab_size: int, latency: LatencyCurve
+    refs: Sequence[Reference],
+    datastores: Sequence,
+    vocab_size: int,
+    latency: LatencyCurve,
+    warm: WarmStart | None = None,
 ) -> str:
     """Markdown: tokens per step, nodes per step and predicted speedup of restspec's default mix under
-    the adaptive and fixed budgets, REST as published and SuffixDecoding (if installed)."""
+    the adaptive and fixed budgets, REST as published and SuffixDecoding (if installed); every drafter
+    and policy started from ``warm``, if given, as restspec's engine starts them."""
     from benchmarks.simulate import make_drafter
     from restspec.decode.budget import DEFAULT_MAX_BUDGET, AdaptiveBudget, FixedBudget
 
@@ -130,6 +136,8 @@ def policy_table(
         "|---|---|---:|---:|---:|",
     ]
     for name, budget, drafter, policy in rows:
+        if warm is not None:
+            warm.apply(drafter, policy)
         r = replay_policy(refs, drafter, policy, latency, vocab_size)
         lines.append(f"| {name} | {budget} | {r.mean_accepted:.2f} | {r.mean_nodes:.1f} | {r.speedup:.2f}x |")
     return "\n".join(lines)

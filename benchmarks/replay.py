@@ -67,6 +67,14 @@ def replay(
     markdown: Annotated[
         Path | None, typer.Option("--markdown", help="Also write the table as Markdown to this file.")
     ] = None,
+    warm: Annotated[
+        bool,
+        typer.Option(
+            "--warm/--cold",
+            help="Start every drafter from the embedded model's warm start, as restspec's engine does "
+            "(default: cold, nothing learned before the first reference).",
+        ),
+    ] = False,
     latency: Annotated[
         Path | None,
         typer.Option(
@@ -112,6 +120,13 @@ def replay(
     paths = datastore or [ensure_default_datastore(tokenizer)]
     stores = [Datastore.open(p, tokenizer) for p in paths]
     vocab_size = max(len(tokenizer), *(ds.vocab_size for ds in stores))
+    warm_start = None
+    if warm:
+        from restspec.decode.warm import find_warm_start
+
+        warm_start = find_warm_start(sim.MODEL_NAME, "float32", tokenizer)
+        if warm_start is None:
+            raise RestspecError("--warm: no warm start of the embedded model (run `restspec generate` once)")
     tokens = sum(len(r.output) for r in refs)
     console.print(f"Replaying {len(refs)} references ({tokens:,} output tokens) from {path}")
 
@@ -121,7 +136,7 @@ def replay(
             f"({result.propose_s / max(result.steps, 1) * 1e3:.2f} ms drafting per step)"
         )
 
-    results = sim.simulate(refs, stores, vocab_size, names, budget_list, progress=report)
+    results = sim.simulate(refs, stores, vocab_size, names, budget_list, progress=report, warm=warm_start)
     table = sim.markdown_table(results)
     if latency is not None:
         from benchmarks.policy_sim import policy_table
@@ -131,7 +146,7 @@ def replay(
             curve, _ = read_calibration(latency)
         except (OSError, ValueError) as exc:
             raise RestspecError(f"--latency={latency}: not a latency calibration file ({exc})") from exc
-        table += "\n\n" + policy_table(refs, stores, vocab_size, curve)
+        table += "\n\n" + policy_table(refs, stores, vocab_size, curve, warm_start)
     typer.echo(table)
     if markdown is not None:
         markdown.write_text(table + "\n", encoding="utf-8")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from restspec.bench.workloads import BenchItem
+from restspec.decode.warm import WarmStart
 from restspec.draft.base import Drafter, Step, TreeLogits
 from restspec.draft.tree import DraftTree
 
@@ -287,8 +288,10 @@ DRAFTER_NAMES = ("datastore", "context", "history", "recycle", "merged")
 DEFAULT_BUDGETS = (4, 8, 16, 32, 64)
 
 
-def make_drafter(name: str, datastores: Sequence, vocab_size: int) -> Drafter:
-    """A fresh drafter by name (``DRAFTER_NAMES``); ``merged`` is :func:`default_drafter`."""
+def make_drafter(name: str, datastores: Sequence, vocab_size: int, warm: WarmStart | None = None) -> Drafter:
+    """A fresh drafter by name (``DRAFTER_NAMES``); ``merged`` is :func:`default_drafter`. With
+    ``warm``, it starts from that warm start, as restspec's engine does (the default drafter loads
+    its learned state; any other replays the warm start's conversations as finished requests)."""
     from restspec.draft import (
         ContextDrafter,
         DatastoreDrafter,
@@ -306,7 +309,10 @@ def make_drafter(name: str, datastores: Sequence, vocab_size: int) -> Drafter:
     }
     if name not in factories:
         raise ValueError(f"drafter={name!r} must be one of {', '.join(factories)}")
-    return factories[name]()
+    drafter = factories[name]()
+    if warm is not None:
+        warm.apply(drafter)
+    return drafter
 
 
 def simulate(
@@ -316,12 +322,14 @@ def simulate(
     drafters: Sequence[str] = DRAFTER_NAMES,
     budgets: Sequence[int] = DEFAULT_BUDGETS,
     progress: Callable[[ReplayResult], None] | None = None,
+    warm: WarmStart | None = None,
 ) -> list[ReplayResult]:
-    """Replay every (drafter, budget) pair with a fresh drafter each."""
+    """Replay every (drafter, budget) pair with a fresh drafter each (started from ``warm``, if given)."""
     results = []
     for name in drafters:
         for budget in budgets:
-            result = replay(refs, make_drafter(name, datastores, vocab_size), budget, vocab_size, name)
+            drafter = make_drafter(name, datastores, vocab_size, warm)
+            result = replay(refs, drafter, budget, vocab_size, name)
             results.append(result)
             if progress:
                 progress(result)

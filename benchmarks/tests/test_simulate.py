@@ -9,12 +9,14 @@ from replay_refs import TOP_K, VOCAB, OracleDrafter, reference
 from benchmarks.simulate import (
     load_references,
     longest_accepted,
+    make_drafter,
     markdown_table,
     replay,
     save_references,
     step_logits,
     synthesized_logits,
 )
+from restspec.decode.warm import WarmStart
 from restspec.draft import EmptyDrafter, HistoryDrafter, RecycleDrafter
 from restspec.draft.tree import DraftTree
 
@@ -64,6 +66,15 @@ def test_history_only_sees_earlier_references():
     assert once.mean_accepted == 1.0  # its own output is not history while it runs
     twice = replay([ref, ref], HistoryDrafter(min_len=1), 8, VOCAB)
     assert twice.steps < 2 * once.steps  # the second replay drafts from the first
+
+
+def test_a_warm_start_reaches_the_drafter_before_the_first_reference():
+    ref = reference("a", [1, 2], [10, 11, 12, 13, 14, 15])
+    warm = WarmStart([ref.prompt], [ref.output], drafter_state={}, policy_state=None)
+    cold = replay([ref], make_drafter("history", [], VOCAB), 8, VOCAB)
+    warmed = replay([ref], make_drafter("history", [], VOCAB, warm), 8, VOCAB)
+    assert cold.mean_accepted == 1.0
+    assert warmed.steps < cold.steps  # the warm start's conversation is history from the start
 
 
 def test_recycle_learns_from_synthesized_logits():

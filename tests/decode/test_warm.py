@@ -14,6 +14,7 @@ from restspec.decode.budget import AdaptiveBudget
 from restspec.decode.warm import (
     WARM_START_VERSION,
     WarmStart,
+    find_warm_start,
     learn_warm_start,
     load_or_learn_warm_start,
     question_prefix,
@@ -214,9 +215,13 @@ def test_load_or_learn_caches_and_relearns_a_corrupt_file(tmp_path, monkeypatch,
     assert len(made) == 2 and WarmStart.load(path).summary() == warm.summary()
 
 
-def test_the_embedded_models_warm_start_ships_for_this_version():
+def test_the_embedded_models_warm_start_ships_for_this_version(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESTSPEC_CACHE", str(tmp_path))  # an empty cache: only the shipped one is found
     # a bump of WARM_START_VERSION renames the cache file: the shipped one must be learned again
     path = warm_start_path("smollm2-135m-instruct-q4_1", "float32", load_tokenizer("smollm2"))
     shipped = shipped_warm_start(path.name)
     assert shipped is not None, f"no shipped warm start {path.name}: learn it (restspec.decode.warm)"
     assert WarmStart.load(shipped).summary()["version"] == WARM_START_VERSION
+    # found by model name, dtype and tokenizer, without loading the model
+    found = find_warm_start("smollm2-135m-instruct-q4_1", "float32", load_tokenizer("smollm2"))
+    assert found is not None and found.summary() == WarmStart.load(shipped).summary()

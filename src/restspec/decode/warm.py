@@ -247,7 +247,13 @@ def cached_warm_start(loaded: Any) -> WarmStart | None:
     shipped with restspec for it, if either is there and readable."""
     from restspec.models import dtype_name
 
-    path = warm_start_path(str(loaded.name), dtype_name(loaded.model), loaded.tokenizer)
+    return find_warm_start(str(loaded.name), dtype_name(loaded.model), loaded.tokenizer)
+
+
+def find_warm_start(model_name: str, dtype: str, tokenizer: Any) -> WarmStart | None:
+    """The warm start of this model, dtype and tokenizer in the cache, else the one shipped with
+    restspec, if either is there and readable (:func:`cached_warm_start` without a loaded model)."""
+    path = warm_start_path(model_name, dtype, tokenizer)
     for candidate in (path, shipped_warm_start(path.name)):
         if candidate is None or not candidate.is_file():
             continue
