@@ -94,16 +94,17 @@ def policy_table(
     the adaptive and fixed budgets, REST as published and SuffixDecoding (if installed); every drafter
     and policy started from ``warm``, if given, as restspec's engine starts them."""
     from benchmarks.simulate import make_drafter
-    from restspec.decode.budget import DEFAULT_MAX_BUDGET, AdaptiveBudget, FixedBudget
+    from restspec.decode.budget import DEFAULT_MAX_BUDGET, AdaptiveBudget, FixedBudget, default_max_budget
 
+    default_cap = default_max_budget(latency)
     rows: list[tuple[str, str, Drafter, BudgetPolicy]] = [
         (
             "restspec default mix",
-            f"adaptive, at most {cap}" + (" (default)" if cap == DEFAULT_MAX_BUDGET else ""),
+            f"adaptive, at most {cap}" + (" (default)" if cap == default_cap else ""),
             make_drafter("merged", datastores, vocab_size),
             AdaptiveBudget(latency, cap),
         )
-        for cap in sorted({8, DEFAULT_MAX_BUDGET, 16, 32})
+        for cap in sorted({8, DEFAULT_MAX_BUDGET, default_cap, 16, 32, 64})
     ]
     rows += [
         (

@@ -31,17 +31,20 @@ def two_refs():
 def test_policy_table_lists_every_policy():
     table = policy_table(two_refs(), [], VOCAB, LatencyCurve.reference())
     rows = table.splitlines()[2:]
-    assert [r.split(" | ")[1] for r in rows[:8]] == [
+    assert [r.split(" | ")[1] for r in rows[:9]] == [
         "adaptive, at most 8",
         f"adaptive, at most {DEFAULT_MAX_BUDGET} (default)",
         "adaptive, at most 16",
         "adaptive, at most 32",
+        "adaptive, at most 64",
         "fixed 2",
         "fixed 4",
         "fixed 8",
         "fixed 16",
     ]
     assert "REST (datastore only) | fixed 64" in table
+    flat = policy_table(two_refs(), [], VOCAB, LatencyCurve((1, 65), (1.0, 1.1)))  # width nearly free
+    assert "adaptive, at most 64 (default)" in flat
     speedups = [float(r.rstrip("x |").split("| ")[-1]) for r in rows]
     assert all(s > 0 for s in speedups)
 

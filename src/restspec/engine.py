@@ -339,15 +339,15 @@ class Engine:
         learn_costs: bool = True,
         recalibrate: bool = False,
     ) -> AdaptiveBudget:
-        """A fresh adaptive budget policy (no warm start) up to ``max_budget`` nodes (None: the policy's
-        default, :data:`~restspec.decode.budget.DEFAULT_MAX_BUDGET`), on the latency curve
+        """A fresh adaptive budget policy (no warm start) up to ``max_budget`` nodes (None: the curve's
+        :func:`~restspec.decode.budget.default_max_budget`), on the latency curve
         of this engine's forward backend (or the one named ``backend``), measured once per machine and
         cached; ``learn_costs``: refine it from the loop's own steps."""
-        from restspec.decode.budget import DEFAULT_MAX_BUDGET, AdaptiveBudget
+        from restspec.decode.budget import AdaptiveBudget
 
         return AdaptiveBudget.for_model(
             self.loaded,
-            DEFAULT_MAX_BUDGET if max_budget is None else max_budget,
+            max_budget,
             recalibrate=recalibrate,
             backend=self._forward(backend),
             max_batch=self.max_batch,

@@ -12,6 +12,8 @@ from steps import step
 
 from restspec.decode import budget as budget_module
 from restspec.decode.budget import (
+    DEFAULT_MAX_BUDGET,
+    WIDE_MAX_BUDGET,
     AdaptiveBudget,
     BudgetPolicy,
     CpuSnapshot,
@@ -20,6 +22,7 @@ from restspec.decode.budget import (
     calibration_path,
     cores_busy_elsewhere,
     cpu_snapshot,
+    default_max_budget,
     load_or_calibrate,
     read_calibration,
 )
@@ -49,6 +52,23 @@ def test_flat_latency_takes_the_whole_tree():
     flat = LatencyCurve((1, 100), (0.05, 0.05))
     assert AdaptiveBudget(flat, max_budget=64).choose(chain(WEIGHTS), 300) == 8
     assert AdaptiveBudget(flat, max_budget=5).choose(chain(WEIGHTS), 300) == 5
+
+
+def test_the_default_cap_grows_only_where_width_is_nearly_free():
+    # curves measured on CPUs (13 inputs at 1.3x and 2.8x one) keep 12 nodes; a GPU-like curve
+    # (65 inputs at 1.1x one) verifies up to 64; in between, the widest tree costing 1.25 plain steps
+    xeon = LatencyCurve((1, 13, 65), (0.040, 0.052, 0.134))
+    epyc = LatencyCurve((1, 13, 65), (0.025, 0.069, 0.300))
+    gpu = LatencyCurve((1, 65), (0.010, 0.011))
+    middle = LatencyCurve((1, 33, 65), (0.010, 0.0124, 0.030))  # 33 inputs at 1.24x, then steep
+    assert default_max_budget(xeon) == default_max_budget(epyc) == DEFAULT_MAX_BUDGET
+    assert default_max_budget(gpu) == WIDE_MAX_BUDGET
+    assert default_max_budget(middle) == 32
+    assert AdaptiveBudget(gpu).max_budget == WIDE_MAX_BUDGET
+    assert AdaptiveBudget(epyc).max_budget == DEFAULT_MAX_BUDGET
+    assert AdaptiveBudget(gpu, max_budget=5).max_budget == 5  # a cap given is kept
+    # on the flat curve every node of a 40-node chain pays
+    assert AdaptiveBudget(gpu).choose(chain([0.5] * 40), 300) == 40
 
 
 def test_steep_latency_takes_a_small_tree():
@@ -178,6 +198,10 @@ def test_for_model_calibrates_once_with_the_decode_forward(tiny_model, tiny_toke
     mtime = files[0].stat().st_mtime_ns
     again = AdaptiveBudget.for_model(loaded, max_budget=8)
     assert again.latency == policy.latency and files[0].stat().st_mtime_ns == mtime
+    # no cap given: measured as wide as the widest cap it may choose, the cap then read off the curve
+    chosen = AdaptiveBudget.for_model(loaded)
+    assert chosen.latency.sizes[-1] == WIDE_MAX_BUDGET + 1
+    assert chosen.max_budget == default_max_budget(chosen.latency)
     # the calibration times the backend the generator will run: another backend, another calibration
     AdaptiveBudget.for_model(loaded, max_budget=8, backend=DirectBackend(tiny_model))
     assert len(list((tmp_path / "latency").glob("tiny-float32-*.json"))) == 2

@@ -135,6 +135,16 @@ acceptance estimates are least reliable on its widest trees: in replays of Human
 (``python -m benchmarks.replay --latency``) on a flat calibration curve a cap of 12 beat 8, 16 and 32 by
 1-2.5 %; on a steeper curve measured later, caps from 8 to 32 came within 1.5 % of each other
 (the same replays). Drafting fewer nodes also costs less drafting time."""
+WIDE_MAX_BUDGET = 64
+"""Most draft nodes the adaptive policy verifies where width is nearly free (:func:`default_max_budget`):
+on a GPU a forward over 65 inputs of a small model costs about what one input does. On MT-Bench the
+default drafter's trees gained 2.36, 2.68, 3.04 and 3.41 tokens per step at 8, 16, 32 and 64 nodes
+(the embedded model, benchmarks/results/mtbench-tree-widths-amd.md); the calibration curve covers
+65 inputs (:data:`CALIBRATION_SIZES`)."""
+FREE_WIDTH_COST = 1.25
+"""A tree wider than :data:`DEFAULT_MAX_BUDGET` is verified only where its forward costs at most this
+multiple of a plain step on the calibrated curve (CPUs measured: 13 inputs cost 1.3x one on an Intel
+Xeon with AMX, 2.8x on an AMD EPYC with AVX2; both keep the default cap)."""
 RATE_DECAY = 0.995
 """Per-step decay of the achieved tokens and seconds behind the long-run rate (about 200 steps)."""
 STEP_PRIOR_WEIGHT = 8.0
@@ -235,6 +245,15 @@ def joint_order(probs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((owner, index, -np.concatenate(envelope)))
     values = np.concatenate([np.asarray(p, np.float64) for p in probs])
     return owner[order], values[order]
+
+
+def default_max_budget(latency: LatencyCurve) -> int:
+    """The adaptive policy's cap on ``latency``: :data:`DEFAULT_MAX_BUDGET` nodes, or more where width
+    is nearly free: the widest tree of at most :data:`WIDE_MAX_BUDGET` nodes whose forward (root and
+    nodes) costs at most :data:`FREE_WIDTH_COST` plain steps."""
+    widths = np.arange(DEFAULT_MAX_BUDGET + 2, WIDE_MAX_BUDGET + 2)
+    cheap = widths[latency(widths) <= FREE_WIDTH_COST * float(latency(1))]  # a prefix: the curve rises
+    return int(cheap[-1]) - 1 if len(cheap) else DEFAULT_MAX_BUDGET
 
 
 def best_budget(
@@ -484,16 +503,16 @@ class AdaptiveBudget:
     def __init__(
         self,
         latency: LatencyCurve | None = None,
-        max_budget: int = DEFAULT_MAX_BUDGET,
+        max_budget: int | None = None,
         *,
         learn_costs: bool = True,
         step_factor: float = STEP_LATENCY_FACTOR,
     ):
-        if max_budget < 0:
+        if max_budget is not None and max_budget < 0:
             raise ValueError(f"max_budget={max_budget} must be >= 0")
         check_step_factor(step_factor)
         self.latency = LatencyCurve.reference() if latency is None else latency
-        self._max_budget = int(max_budget)
+        self._max_budget = default_max_budget(self.latency) if max_budget is None else int(max_budget)
         self.learn_costs = learn_costs
         self.step_factor = float(step_factor)
         """A step shared by several requests verifies drafts only up to this multiple of a lone
@@ -619,7 +638,7 @@ class AdaptiveBudget:
     def for_model(
         cls,
         loaded: object,
-        max_budget: int = DEFAULT_MAX_BUDGET,
+        max_budget: int | None = None,
         *,
         recalibrate: bool = False,
         backend: ForwardBackend | None = None,
@@ -632,7 +651,8 @@ class AdaptiveBudget:
         or with ``max_batch`` requests per forward up to what they verify together (at most the widest
         of :data:`CALIBRATION_SIZES`; wider forwards follow its last segment): past a dozen inputs a
         CPU forward turns from bound by reading the weights to bound by arithmetic, and a curve that
-        stopped before the turn would price a batch's wide forwards too low."""
+        stopped before the turn would price a batch's wide forwards too low. ``max_budget`` None: the
+        curve's :func:`default_max_budget`, measured up to :data:`WIDE_MAX_BUDGET` nodes to tell."""
         from restspec.decode.backends import ModelForward
         from restspec.models import dtype_name
 
@@ -640,13 +660,14 @@ class AdaptiveBudget:
         backend = backend or ModelForward(model)
         dtype = dtype_name(model)
         name = str(getattr(loaded, "name", type(model).__name__))
+        widest = WIDE_MAX_BUDGET if max_budget is None else max_budget
         # built (its prefill run) only if the curve is measured, not when it is read from the cache
         probe = functools.cache(lambda: ForwardLatencyProbe(backend, past_len=CALIBRATION_PAST_LEN))
         curve = load_or_calibrate(
             name,
             dtype,
             lambda width: probe()(width),
-            max_width=min(max_batch * (max_budget + 1), max(max_budget + 1, CALIBRATION_SIZES[-1])),
+            max_width=min(max_batch * (widest + 1), max(widest + 1, CALIBRATION_SIZES[-1])),
             recalibrate=recalibrate,
             backend=backend.key,
             device=str(backend.device),
