@@ -5,6 +5,7 @@ greedy output equal to plain greedy."""
 from __future__ import annotations
 
 import copy
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -99,7 +100,7 @@ def test_shapes_the_kernel_does_not_tile_are_not_encoded():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    rows=st.integers(1, 21),
+    rows=st.integers(1, 40),
     out_groups=st.integers(1, 9),
     in_blocks=st.integers(1, 4),
     kind=st.sampled_from([Q4_1, Q8_0, Q4_0, Q4_K, Q6_K]),
@@ -116,6 +117,29 @@ def test_the_kernel_gives_f_linears_outputs_at_every_width(rows, out_groups, in_
     )
     with torch.no_grad():
         torch.testing.assert_close(group.matmul(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    rows=st.integers(2, 40),
+    out_groups=st.integers(1, 5),
+    in_blocks=st.sampled_from([1, 5, 9]),  # 32 to 288 inputs: one chunk of the wide tiles and several
+    kind=st.sampled_from([Q4_1, Q8_0, Q6_K]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_rows_outputs_are_bitwise_the_same_at_every_width(rows, out_groups, in_blocks, kind, seed):
+    """Tree verification reads a node's logits from a forward over the whole tree: they must be what a
+    forward over that node alone gives, to the bit, whatever tiles the kernel cut the rows into."""
+    w = gguf_weights((16 * out_groups, 32 * in_blocks), kind, seed)
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+    group = blocks_module.BlockGroup([linear], encode(w), blocks_module.kernel())
+    x = torch.from_numpy(
+        np.random.default_rng(seed + 1).standard_normal((rows, w.shape[1])).astype(np.float32)
+    )
+    wide = group.matmul(x)
+    assert torch.equal(wide, torch.cat([group.matmul(x[r : r + 1]) for r in range(rows)]))
 
 
 def test_weights_changed_in_place_are_encoded_again_or_computed_plainly():
@@ -168,6 +192,21 @@ def test_greedy_parity_on_the_block_backend(arch, mix):
         drafter = OracleDrafter(prompt + expected, mode, VOCAB)
         gen = SpeculativeGenerator(model, IdTokenizer(), drafter, budget=8, backend=backend)
         assert gen.generate(prompt, GenerationConfig(max_new_tokens=24)).output_ids.tolist() == expected, mode
+
+
+def test_a_kernel_built_from_another_source_serves_the_model_as_the_packaged_one():
+    """``kernel(text)`` builds a given version of ``blocks.c`` (what benchmarks.forward_versions compares
+    against); ``BlockWeights.of(model, lib)`` computes on it."""
+    text = resources.files("restspec.decode").joinpath(blocks_module.SOURCE).read_text(encoding="utf-8")
+    other = blocks_module.kernel(text + "\n/* another version */\n")
+    assert other is not None and other is not blocks_module.kernel()
+    model = gguf_model()
+    x = torch.randn(9, model.config.hidden_size)
+    (head, _), (packaged, _) = (
+        BlockWeights.of(model, lib).member(model.lm_head.weight) for lib in (other, None)
+    )
+    assert head._lib is other and packaged._lib is blocks_module.kernel()
+    assert torch.equal(head.matmul(x), packaged.matmul(x))
 
 
 def test_a_model_off_the_grid_has_no_block_backend():

@@ -16,6 +16,7 @@
    Scales per group and block b: d[b][lane], m[b][lane]. x is R x K, y is R x N (row-major, contiguous). */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -110,11 +111,34 @@ static inline void weights_q8(const uint8_t *q, int k, int part, vf d, vf m, vf 
                     memcpy(y + (size_t)r * N + g * 16 + p * WIDTH, &acc[r][g][p], sizeof(vf));          \
     }
 
+/* More input rows than one tile above holds: a group's weights for CHUNK inputs k decoded once into a buffer
+   w[k][part], then every tile of up to WIDE_ROWS rows reads them from there (x packed as [k][row] per tile),
+   its accumulators kept in y between chunks (see linear()). Every row and lane still sums its products in the order of k,
+   as the tiles above do: a row's outputs are bitwise the same at every width. */
+#define DEFINE_WIDE_TILE(T)                                                                             \
+    static void wide_tile_##T(const float *x, const vf (*w)[PARTS], int count, float *y, int N, int first) { \
+        vf acc[T][PARTS];                                                                               \
+        for (int r = 0; r < T; r++)                                                                     \
+            for (int p = 0; p < PARTS; p++)                                                             \
+                if (first) acc[r][p] = (vf){0};                                                         \
+                else memcpy(&acc[r][p], y + (size_t)r * N + p * WIDTH, sizeof(vf));                    \
+        for (int k = 0; k < count; k++)                                                                 \
+            for (int r = 0; r < T; r++) {                                                               \
+                float xr = x[k * T + r];                                                                \
+                for (int p = 0; p < PARTS; p++) acc[r][p] += xr * w[k][p];                              \
+            }                                                                                           \
+        for (int r = 0; r < T; r++)                                                                     \
+            for (int p = 0; p < PARTS; p++) memcpy(y + (size_t)r * N + p * WIDTH, &acc[r][p], sizeof(vf)); \
+    }
+
 typedef void (*tile_fn)(const float *, int, const uint8_t *, const float *, const float *, float *, int);
+typedef void (*wide_tile_fn)(const float *, const vf (*)[PARTS], int, float *, int, int);
+typedef void (*decode_fn)(const uint8_t *, int, const float *, const float *, vf (*)[PARTS]);
 
 /* Tiles of 1..ROWS input rows, GROUPS(rows) groups side by side (accumulators: rows x groups x PARTS
    vector registers of the 32 that AVX-512 has, 16 with AVX2), and tiles of one group for the groups left
-   over. MULTI: the tiles of more than one group (X(format, rows, groups)); SINGLE: of one group. */
+   over. MULTI: the tiles of more than one group (X(format, rows, groups)); SINGLE: of one group. WIDE:
+   the tiles over a decoded block, for calls of more than ROWS rows. */
 #if defined(__AVX512F__)
 #define ROWS 16
 #define GROUPS(rows) ((rows) <= 4 ? 4 : (rows) <= 8 ? 2 : 1)
@@ -123,27 +147,90 @@ typedef void (*tile_fn)(const float *, int, const uint8_t *, const float *, cons
 #define SINGLE(X, F) X(F, 1, 1) X(F, 2, 1) X(F, 3, 1) X(F, 4, 1) X(F, 5, 1) X(F, 6, 1) \
     X(F, 7, 1) X(F, 8, 1) X(F, 9, 1) X(F, 10, 1) X(F, 11, 1) X(F, 12, 1) X(F, 13, 1)   \
     X(F, 14, 1) X(F, 15, 1) X(F, 16, 1)
+#define WIDE_ROWS 12
+#define WIDE(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
 #else
 #define ROWS 6
 #define GROUPS(rows) ((rows) <= 1 ? 4 : (rows) <= 3 ? 2 : 1)
 #define MULTI(X, F) X(F, 1, 4) X(F, 2, 2) X(F, 3, 2)
 #define SINGLE(X, F) X(F, 1, 1) X(F, 2, 1) X(F, 3, 1) X(F, 4, 1) X(F, 5, 1) X(F, 6, 1)
+#define WIDE_ROWS 6
+#define WIDE(X) X(1) X(2) X(3) X(4) X(5) X(6)
 #endif
+WIDE(DEFINE_WIDE_TILE)
+#define WIDE_ENTRY(T) [T] = wide_tile_##T,
+#define CHUNK 128 /* inputs k decoded at a time for the wide tiles */
+static const wide_tile_fn wide_tiles[WIDE_ROWS + 1] = {WIDE(WIDE_ENTRY)};
+
 #define ENTRY(F, T, G) [T] = tile_##F##_##T##_##G,
+/* decode_FMT: block b of one group's weights, by input k of the block and part */
 #define DEFINE_FORMAT(FMT)                                                                              \
     MULTI(DEFINE_TILE, FMT) SINGLE(DEFINE_TILE, FMT)                                                    \
     static const tile_fn multi_##FMT[ROWS + 1] = {MULTI(ENTRY, FMT)};                                   \
-    static const tile_fn single_##FMT[ROWS + 1] = {SINGLE(ENTRY, FMT)};
+    static const tile_fn single_##FMT[ROWS + 1] = {SINGLE(ENTRY, FMT)};                                 \
+    static void decode_##FMT(const uint8_t *q, int b, const float *d, const float *m, vf (*w)[PARTS]) { \
+        for (int p = 0; p < PARTS; p++) {                                                               \
+            vf db, mb = (vf){0};                                                                        \
+            memcpy(&db, d + b * 16 + p * WIDTH, sizeof(vf));                                            \
+            if (m) memcpy(&mb, m + b * 16 + p * WIDTH, sizeof(vf));                                     \
+            for (int k = 0; k < FMT##_BLOCK; k += 2)                                                    \
+                FMT##_WEIGHTS(q, b * FMT##_BLOCK + k, p, db, mb, &w[k][p], &w[k + 1][p]);               \
+        }                                                                                               \
+    }                                                                                                   \
+    static const struct format format_##FMT = {multi_##FMT, single_##FMT, decode_##FMT, FMT##_BYTES,    \
+                                               FMT##_BLOCK};
+
+struct format {
+    const tile_fn *multi, *single;
+    decode_fn decode;
+    size_t bytes; /* code bytes per input and group */
+    int block;
+};
 
 DEFINE_FORMAT(q4)
 DEFINE_FORMAT(q8)
 DEFINE_FORMAT(q8x16)
 
-static void linear(const tile_fn *multi, const tile_fn *single, size_t bytes, int block, const float *x,
-                   int R, int K, const uint8_t *q, const float *d, const float *m, float *y, int N,
-                   int threads) {
-    /* work items: runs of G groups (G of the first row tile's width), then the single groups left */
-    int groups = N / 16, G = GROUPS(R < ROWS ? R : ROWS), runs = groups / G, items = runs + groups % G;
+static void linear(const struct format *f, const float *x, int R, int K, const uint8_t *q, const float *d,
+                   const float *m, float *y, int N, int threads) {
+    int groups = N / 16, scales = K / f->block * 16;
+    /* more rows than one tile: x packed by tile (tiles of WIDE_ROWS rows and one of the rest; even tiles
+       measured slower), the tile of rows r0..r0 + T - 1 as [K][T] at r0 * K so that it reads its rows'
+       inputs k side by side; each work item a group, its weights decoded once per CHUNK inputs */
+    float *packed = R > ROWS ? malloc((size_t)R * K * sizeof(float)) : 0;
+    if (packed) {
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static)
+            for (int r0 = 0; r0 < R; r0 += WIDE_ROWS) {
+                int T = R - r0 < WIDE_ROWS ? R - r0 : WIDE_ROWS;
+                for (int r = 0; r < T; r++)
+                    for (int k = 0; k < K; k++)
+                        packed[(size_t)r0 * K + (size_t)k * T + r] = x[(size_t)(r0 + r) * K + k];
+            }
+#pragma omp for schedule(static)
+            for (int g = 0; g < groups; g++) {
+                vf w[CHUNK][PARTS];
+                for (int k0 = 0; k0 < K; k0 += CHUNK) {
+                    int count = K - k0 < CHUNK ? K - k0 : CHUNK;
+                    for (int b = k0 / f->block; b < (k0 + count) / f->block; b++)
+                        f->decode(q + (size_t)g * K * f->bytes, b, d + (size_t)g * scales,
+                                  m ? m + (size_t)g * scales : 0, w + (b * f->block - k0));
+                    for (int r0 = 0; r0 < R; r0 += WIDE_ROWS) {
+                        int T = R - r0 < WIDE_ROWS ? R - r0 : WIDE_ROWS;
+                        wide_tiles[T](packed + (size_t)r0 * K + (size_t)k0 * T, (const vf(*)[PARTS])w, count,
+                                      y + (size_t)r0 * N + (size_t)g * 16, N, k0 == 0);
+                    }
+                }
+            }
+        }
+        free(packed);
+        return;
+    }
+    /* up to ROWS rows (or no memory for the packed copy): tiles of up to ROWS rows, each decoding the
+       weights it reads; work items runs of G groups (G of the first row tile's width), then the single
+       groups left */
+    int G = GROUPS(R < ROWS ? R : ROWS), runs = groups / G, items = runs + groups % G;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int i = 0; i < items; i++) {
         int first = i < runs ? i * G : runs * G + (i - runs), count = i < runs ? G : 1;
@@ -151,24 +238,20 @@ static void linear(const tile_fn *multi, const tile_fn *single, size_t bytes, in
             int rows = R - r0 < ROWS ? R - r0 : ROWS;
             int fits = count > 1 && GROUPS(rows) == count; /* one tile over the item's groups */
             for (int g = first; g < first + count; g += fits ? count : 1)
-                (fits ? multi : single)[rows](x + (size_t)r0 * K, K, q + (size_t)g * K * bytes,
-                                                d + (size_t)g * (K / block * 16),
-                                                m ? m + (size_t)g * (K / block * 16) : 0,
-                                                y + (size_t)r0 * N + (size_t)g * 16, N);
+                (fits ? f->multi : f->single)[rows](x + (size_t)r0 * K, K, q + (size_t)g * K * f->bytes,
+                                                      d + (size_t)g * scales, m ? m + (size_t)g * scales : 0,
+                                                      y + (size_t)r0 * N + (size_t)g * 16, N);
         }
     }
 }
 
 void restspec_q4_linear(const float *x, int R, int K, const uint8_t *q, const float *d, const float *m,
                         float *y, int N, int threads) {
-    linear(multi_q4, single_q4, q4_BYTES, q4_BLOCK, x, R, K, q, d, m, y, N, threads);
+    linear(&format_q4, x, R, K, q, d, m, y, N, threads);
 }
 
 /* block: 32 (q8) or 16 (q8x16) */
 void restspec_q8_linear(const float *x, int R, int K, const uint8_t *q, const float *d, int block, float *y,
                         int N, int threads) {
-    if (block == q8x16_BLOCK)
-        linear(multi_q8x16, single_q8x16, q8x16_BYTES, q8x16_BLOCK, x, R, K, q, d, 0, y, N, threads);
-    else
-        linear(multi_q8, single_q8, q8_BYTES, q8_BLOCK, x, R, K, q, d, 0, y, N, threads);
+    linear(block == q8x16_BLOCK ? &format_q8x16 : &format_q8, x, R, K, q, d, 0, y, N, threads);
 }

@@ -12,8 +12,11 @@ the float32 weights and keep them only where every weight of the matrix decodes 
 equal** (the decoding, one exact product and one rounding, is the one GGUF's loader ran), so any
 model whose weights lie on such a grid qualifies and no other does. The kernel (``blocks.c``, built
 once per machine with the C compiler, ``-O3 -march=native``, on torch's OpenMP threads) decodes each
-weight in registers and multiplies it with the same float32 arithmetic as a float32 matmul; only the
-order of the sums differs, as between any two float32 matmul kernels, so
+weight in registers (for more input rows than one tile of registers holds, once per chunk of inputs into
+a buffer that every tile of rows then reads) and multiplies it with the same float32 arithmetic as a
+float32 matmul; each row sums its products in the same order at every width, so a row's outputs do
+not depend on the rows beside it. Only the order of the sums differs from other kernels', as between
+any two float32 matmul kernels, so
 :func:`restspec.decode.backends.choose_backend` probes and times it like the packed kernels
 (``direct-blocks``) and keeps it only where it passes and is faster.
 """
@@ -264,11 +267,12 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _compile(compiler: str, source: Path, out: Path, openmp: Path | None) -> None:
-    """``source`` into the shared library ``out``; with ``openmp``, linked to that runtime file (torch's)
-    so that its parallel loops run on torch's threads instead of a second pool."""
+def _compile(compiler: str, text: str, out: Path, openmp: Path | None) -> None:
+    """The C source ``text`` into the shared library ``out``; with ``openmp``, linked to that runtime file
+    (torch's) so that its parallel loops run on torch's threads instead of a second pool."""
     with tempfile.TemporaryDirectory() as tmp:
-        obj = Path(tmp) / "blocks.o"
+        source, obj = Path(tmp) / SOURCE, Path(tmp) / "blocks.o"
+        source.write_text(text, encoding="utf-8")
         flags = [*COMPILE_FLAGS, "-fopenmp"] if openmp is not None else COMPILE_FLAGS
         subprocess.run(
             [compiler, *flags, "-c", str(source), "-o", str(obj)],
@@ -290,10 +294,11 @@ def _compile(compiler: str, source: Path, out: Path, openmp: Path | None) -> Non
 
 
 @functools.cache
-def kernel() -> ctypes.CDLL | None:
-    """The compiled ``blocks.c``, built once per machine (CPU flags, compiler, torch's OpenMP runtime)
-    into ``$RESTSPEC_CACHE/kernels``; None (and a logged reason) where there is no C compiler or it
-    fails: the block backend is then not offered."""
+def kernel(text: str | None = None) -> ctypes.CDLL | None:
+    """The compiled ``blocks.c`` (or the C source ``text``: another version of it, for a benchmark), built
+    once per machine (CPU flags, compiler, torch's OpenMP runtime) into ``$RESTSPEC_CACHE/kernels``; None
+    (and a logged reason) where there is no C compiler or it fails: the block backend is then not
+    offered."""
     from restspec.datastore.default import cache_dir
     from restspec.decode.threads import gnu_openmp_path
 
@@ -301,8 +306,8 @@ def kernel() -> ctypes.CDLL | None:
     if compiler is None:
         log.info("no C compiler (cc or $CC): the block-weight kernel is not built")
         return None
-    source = resources.files("restspec.decode").joinpath(SOURCE)
-    text = source.read_text(encoding="utf-8")
+    if text is None:
+        text = resources.files("restspec.decode").joinpath(SOURCE).read_text(encoding="utf-8")
     openmp = gnu_openmp_path()
     try:
         version = subprocess.run(
@@ -315,8 +320,7 @@ def kernel() -> ctypes.CDLL | None:
     path = cache_dir() / "kernels" / f"blocks-{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
     try:
         if not path.is_file():
-            with resources.as_file(source) as src:
-                _compile(compiler, src, path, openmp)
+            _compile(compiler, text, path, openmp)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
@@ -398,14 +402,15 @@ class BlockWeights(GroupIndex):
     backend_name = "direct-blocks"
 
     @classmethod
-    def of(cls, model: Any) -> BlockWeights | None:
-        """The encoded weights of ``model``'s float32 CPU ``nn.Linear`` layers; None where no linear's
-        weights are block-encoded or the kernel cannot be built here."""
+    def of(cls, model: Any, lib: ctypes.CDLL | None = None) -> BlockWeights | None:
+        """The encoded weights of ``model``'s float32 CPU ``nn.Linear`` layers, computed by ``lib``
+        (default: :func:`kernel`); None where no linear's weights are block-encoded or the kernel cannot
+        be built here."""
         encoded = {id(m): (m, encode(m.weight.detach().numpy())) for m in cpu_float32_linears(model)}
         found = [m for m, e in encoded.values() if e is not None]
         if not found:
             return None
-        lib = kernel()
+        lib = lib or kernel()
         if lib is None:
             return None
         groups: list[BlockGroup] = []
