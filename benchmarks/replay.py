@@ -1,7 +1,8 @@
 """Mean accepted tokens per step of each drafter, without running the model (see :mod:`benchmarks.simulate`).
 
 python -m benchmarks.replay [--prompts 40] [--workload humaneval] [--budgets 4,8,16,32,64]
-    [--drafters datastore,context,history,recycle,merged] [--latency CALIBRATION.json] [--markdown FILE]
+    [--drafters datastore,context,history,recycle,merged] [--latency CALIBRATION.json] [--calibration]
+    [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ def replay(
             "--warm/--cold",
             help="Start every drafter from the embedded model's warm start, as restspec's engine does "
             "(default: cold, nothing learned before the first reference).",
+        ),
+    ] = False,
+    calibration: Annotated[
+        bool,
+        typer.Option(
+            "--calibration",
+            help="Also tabulate how often the default drafter's nodes were accepted by the weight it "
+            "gave them, at the first of --budgets.",
         ),
     ] = False,
     latency: Annotated[
@@ -147,6 +156,8 @@ def replay(
         except (OSError, ValueError) as exc:
             raise RestspecError(f"--latency={latency}: not a latency calibration file ({exc})") from exc
         table += "\n\n" + policy_table(refs, stores, vocab_size, curve, warm_start)
+    if calibration:
+        table += "\n\n" + sim.calibration_table(refs, stores, vocab_size, budget_list[0], warm_start)
     typer.echo(table)
     if markdown is not None:
         markdown.write_text(table + "\n", encoding="utf-8")

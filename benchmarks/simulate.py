@@ -244,12 +244,18 @@ class ReplayResult:
 
 
 def replay(
-    refs: Sequence[Reference], drafter: Drafter, budget: int, vocab_size: int, name: str = ""
+    refs: Sequence[Reference],
+    drafter: Drafter,
+    budget: int,
+    vocab_size: int,
+    name: str = "",
+    on_step: Callable[[DraftTree, np.ndarray], None] | None = None,
 ) -> ReplayResult:
     """Replay ``refs`` in order through one ``drafter`` at a fixed ``budget`` (see module docstring).
 
     The same drafter object sees every reference, so state kept across requests (past outputs,
-    recycling tables) holds only references replayed before the current one."""
+    recycling tables) holds only references replayed before the current one. ``on_step`` gets every
+    step's tree and its accepted path (node indices)."""
     steps = tokens = drafted = 0
     spent = 0.0
     for ref in refs:
@@ -267,6 +273,8 @@ def replay(
                     raise AssertionError(f"{name}: tree of {len(tree)} nodes over budget {budget}")
                 truth = ref.output[pos:]
                 path = accepted_path(tree, truth)[: len(truth) - 1]
+                if on_step is not None:
+                    on_step(tree, path)
                 n_draft = len(path)
                 gained = truth[: n_draft + 1]  # accepted drafts + the model's own next token
                 # recorded rows: after the root (context[-1]) and after each accepted draft node
@@ -334,6 +342,53 @@ def simulate(
             if progress:
                 progress(result)
     return results
+
+
+CALIBRATION_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""Bins of node weight for :func:`calibration_table` (the last one holds 1.0)."""
+
+
+def calibration_table(
+    refs: Sequence[Reference],
+    datastores: Sequence,
+    vocab_size: int,
+    budget: int,
+    warm: WarmStart | None = None,
+) -> str:
+    """How often the default drafter's nodes were accepted, by the weight it gave them (its estimate of
+    that chance, which the budget policies rank and price nodes by), replayed at ``budget``: every
+    node, and the root's children alone (the first draft token). A node counts as accepted when it is
+    on the step's accepted path."""
+    weights: list[np.ndarray] = []
+    accepted: list[np.ndarray] = []
+    first: list[np.ndarray] = []
+
+    def collect(tree: DraftTree, path: np.ndarray) -> None:
+        on_path = np.zeros(len(tree), bool)
+        on_path[np.asarray(path, np.int64)] = True
+        weights.append(np.asarray(tree.weights, np.float64))
+        accepted.append(on_path)
+        first.append(np.asarray(tree.parents) < 0)
+
+    replay(refs, make_drafter("merged", datastores, vocab_size, warm), budget, vocab_size, "merged", collect)
+    w, a, f = (np.concatenate(x) if x else np.zeros(0) for x in (weights, accepted, first))
+    a, f = a.astype(bool), f.astype(bool)
+    edges = np.asarray(CALIBRATION_EDGES)
+    bins = np.minimum(np.searchsorted(edges, w, side="right") - 1, len(edges) - 2)
+    lines = [
+        f"Node weights of the default drafter against acceptance, replayed at {budget} nodes "
+        f"({len(w):,} nodes, {int(f.sum()):,} of them the root's children):",
+        "",
+        "| weight | nodes | mean weight | accepted | root's children | mean weight | accepted |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in range(len(edges) - 1):
+        cells = []
+        for mask in (bins == b, (bins == b) & f):
+            n = int(mask.sum())
+            cells += [f"{n:,}", f"{w[mask].mean():.3f}" if n else "–", f"{a[mask].mean():.3f}" if n else "–"]
+        lines.append(f"| {edges[b]:.2f}–{edges[b + 1]:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(results: Sequence[ReplayResult]) -> str:

@@ -7,6 +7,7 @@ import pytest
 from replay_refs import TOP_K, VOCAB, OracleDrafter, reference
 
 from benchmarks.simulate import (
+    calibration_table,
     load_references,
     longest_accepted,
     make_drafter,
@@ -93,6 +94,21 @@ def test_references_round_trip_and_table(tmp_path):
     table = markdown_table([replay(refs, EmptyDrafter(), b, VOCAB, "empty") for b in (4, 8)])
     assert table.splitlines()[0] == "| drafter | b=4 | b=8 |"
     assert "| empty | **1.000** | **1.000** |" in table
+
+
+def test_calibration_table_counts_each_node_by_its_weight_and_whether_it_was_accepted():
+    # a period-3 output: once recycling knows it, its first-level nodes are right and weighted high
+    ref = reference("a", [1], [2, 3, 4] * 8)
+    table = calibration_table([ref], [], VOCAB, 4)
+    rows = [
+        line.split(" | ") for line in table.splitlines() if line.startswith("| 0.") or line.startswith("| 1.")
+    ]
+    assert len(rows) == 12
+    nodes = sum(int(r[1].replace(",", "")) for r in rows)
+    assert f"({nodes:,} nodes" in table.splitlines()[0]
+    accepted = [(int(r[1].replace(",", "")), float(r[3])) for r in rows if r[3] != "–"]
+    assert accepted and all(0.0 <= share <= 1.0 for _, share in accepted)
+    assert sum(n * share for n, share in accepted) > 0  # some drafted node was accepted
 
 
 @pytest.mark.slow
