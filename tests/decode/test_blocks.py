@@ -98,46 +98,42 @@ def test_shapes_the_kernel_does_not_tile_are_not_encoded():
     assert encode(gguf_weights((16, 64), Q4_1)[:, :48]) is None  # 48 inputs: not blocks of 32
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    rows=st.integers(1, 40),
-    out_groups=st.integers(1, 9),
-    in_blocks=st.integers(1, 4),
-    kind=st.sampled_from([Q4_1, Q8_0, Q4_0, Q4_K, Q6_K]),
-    seed=st.integers(0, 2**16),
-)
-def test_the_kernel_gives_f_linears_outputs_at_every_width(rows, out_groups, in_blocks, kind, seed):
+def kernel_case(rows, out_groups, in_blocks, kind, seed, bias):
+    """A linear of GGUF-``kind`` weights, its block group and ``rows`` random input rows."""
     w = gguf_weights((16 * out_groups, 32 * in_blocks), kind, seed)
-    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=True)
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias)
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(w))
     group = blocks_module.BlockGroup([linear], encode(w), blocks_module.kernel())
     x = torch.from_numpy(
         np.random.default_rng(seed + 1).standard_normal((rows, w.shape[1])).astype(np.float32)
     )
+    return linear, group, x
+
+
+# 32 to 288 inputs: one chunk of the wide tiles (more rows than a register tile holds) and two
+kernel_cases = {
+    "out_groups": st.integers(1, 9),
+    "in_blocks": st.sampled_from([1, 2, 4, 9]),
+    "kind": st.sampled_from([Q4_1, Q8_0, Q4_0, Q4_K, Q6_K]),
+    "seed": st.integers(0, 2**16),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), **kernel_cases)
+def test_the_kernel_gives_f_linears_outputs_at_every_width(rows, out_groups, in_blocks, kind, seed):
+    linear, group, x = kernel_case(rows, out_groups, in_blocks, kind, seed, bias=True)
     with torch.no_grad():
         torch.testing.assert_close(group.matmul(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    rows=st.integers(2, 40),
-    out_groups=st.integers(1, 5),
-    in_blocks=st.sampled_from([1, 5, 9]),  # 32 to 288 inputs: one chunk of the wide tiles and several
-    kind=st.sampled_from([Q4_1, Q8_0, Q6_K]),
-    seed=st.integers(0, 2**16),
-)
+@given(rows=st.integers(2, 40), **kernel_cases)
 def test_a_rows_outputs_are_bitwise_the_same_at_every_width(rows, out_groups, in_blocks, kind, seed):
     """Tree verification reads a node's logits from a forward over the whole tree: they must be what a
     forward over that node alone gives, to the bit, whatever tiles the kernel cut the rows into."""
-    w = gguf_weights((16 * out_groups, 32 * in_blocks), kind, seed)
-    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(w))
-    group = blocks_module.BlockGroup([linear], encode(w), blocks_module.kernel())
-    x = torch.from_numpy(
-        np.random.default_rng(seed + 1).standard_normal((rows, w.shape[1])).astype(np.float32)
-    )
+    _, group, x = kernel_case(rows, out_groups, in_blocks, kind, seed, bias=False)
     wide = group.matmul(x)
     assert torch.equal(wide, torch.cat([group.matmul(x[r : r + 1]) for r in range(rows)]))
 
