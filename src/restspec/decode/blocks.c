@@ -111,10 +111,10 @@ static inline void weights_q8(const uint8_t *q, int k, int part, vf d, vf m, vf 
                     memcpy(y + (size_t)r * N + g * 16 + p * WIDTH, &acc[r][g][p], sizeof(vf));          \
     }
 
-/* More input rows than one tile above holds: a group's weights for CHUNK inputs k decoded once into a buffer
-   w[k][part], then every tile of up to WIDE_ROWS rows reads them from there (x packed as [k][row] per tile),
-   its accumulators kept in y between chunks (see linear()). Every row and lane still sums its products in the order of k,
-   as the tiles above do: a row's outputs are bitwise the same at every width. */
+/* More input rows than one tile above holds: a group's weights for CHUNK inputs k decoded once into a
+   buffer w[k][part], then every tile of up to WIDE_ROWS rows reads them from there (x packed as [k][row]
+   per tile), its accumulators kept in y between chunks (see linear()). Every row and lane still sums its
+   products in the order of k, as the tiles above do: a row's outputs are bitwise the same at every width. */
 #define DEFINE_WIDE_TILE(T)                                                                             \
     static void wide_tile_##T(const float *x, const vf (*w)[PARTS], int count, float *y, int N, int first) { \
         vf acc[T][PARTS];                                                                               \
@@ -138,7 +138,7 @@ typedef void (*decode_fn)(const uint8_t *, int, const float *, const float *, vf
 /* Tiles of 1..ROWS input rows, GROUPS(rows) groups side by side (accumulators: rows x groups x PARTS
    vector registers of the 32 that AVX-512 has, 16 with AVX2), and tiles of one group for the groups left
    over. MULTI: the tiles of more than one group (X(format, rows, groups)); SINGLE: of one group. WIDE:
-   the tiles over a decoded block, for calls of more than ROWS rows. */
+   the tiles over a decoded chunk, for calls of more than ROWS rows. */
 #if defined(__AVX512F__)
 #define ROWS 16
 #define GROUPS(rows) ((rows) <= 4 ? 4 : (rows) <= 8 ? 2 : 1)
