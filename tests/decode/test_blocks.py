@@ -98,13 +98,14 @@ def test_shapes_the_kernel_does_not_tile_are_not_encoded():
     assert encode(gguf_weights((16, 64), Q4_1)[:, :48]) is None  # 48 inputs: not blocks of 32
 
 
-def kernel_case(rows, out_groups, in_blocks, kind, seed, bias):
-    """A linear of GGUF-``kind`` weights, its block group and ``rows`` random input rows."""
+def kernel_case(rows, out_groups, in_blocks, kind, seed, bias, lib=None):
+    """A linear of GGUF-``kind`` weights, its block group (on ``lib``, default the kernel built for this
+    CPU) and ``rows`` random input rows."""
     w = gguf_weights((16 * out_groups, 32 * in_blocks), kind, seed)
     linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias)
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(w))
-    group = blocks_module.BlockGroup([linear], encode(w), blocks_module.kernel())
+    group = blocks_module.BlockGroup([linear], encode(w), lib or blocks_module.kernel())
     x = torch.from_numpy(
         np.random.default_rng(seed + 1).standard_normal((rows, w.shape[1])).astype(np.float32)
     )
@@ -136,6 +137,25 @@ def test_a_rows_outputs_are_bitwise_the_same_at_every_width(rows, out_groups, in
     _, group, x = kernel_case(rows, out_groups, in_blocks, kind, seed, bias=False)
     wide = group.matmul(x)
     assert torch.equal(wide, torch.cat([group.matmul(x[r : r + 1]) for r in range(rows)]))
+
+
+def packaged_source() -> str:
+    return resources.files("restspec.decode").joinpath(blocks_module.SOURCE).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("kind", [Q4_1, Q8_0, Q6_K])
+def test_avx512s_tiles_built_for_any_cpu_compute_the_same(kind):
+    """AVX-512's 16-float vectors and tiles (register tiles of up to 16 rows over 4, 2 or 1 groups, wide
+    tiles of 12 beyond), through the compiler's generic vectors: the CPUs that test this mostly lack
+    AVX-512, and its tiles must give F.linear's outputs with every row independent of the others."""
+    lib = blocks_module.kernel("#define RESTSPEC_WIDE_VECTORS 1\n" + packaged_source())
+    assert lib is not None and lib is not blocks_module.kernel()
+    for rows in (1, 3, 5, 9, 16, 17, 29, 40):
+        linear, group, x = kernel_case(rows, 5, 9, kind, seed=rows, bias=False, lib=lib)
+        wide = group.matmul(x)
+        with torch.no_grad():
+            torch.testing.assert_close(wide, linear(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(wide, torch.cat([group.matmul(x[r : r + 1]) for r in range(rows)])), rows
 
 
 def test_weights_changed_in_place_are_encoded_again_or_computed_plainly():
@@ -193,8 +213,7 @@ def test_greedy_parity_on_the_block_backend(arch, mix):
 def test_a_kernel_built_from_another_source_serves_the_model_as_the_packaged_one():
     """``kernel(text)`` builds a given version of ``blocks.c`` (what benchmarks.forward_versions compares
     against); ``BlockWeights.of(model, lib)`` computes on it."""
-    text = resources.files("restspec.decode").joinpath(blocks_module.SOURCE).read_text(encoding="utf-8")
-    other = blocks_module.kernel(text + "\n/* another version */\n")
+    other = blocks_module.kernel(packaged_source() + "\n/* another version */\n")
     assert other is not None and other is not blocks_module.kernel()
     model = gguf_model()
     x = torch.randn(9, model.config.hidden_size)

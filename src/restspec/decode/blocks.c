@@ -22,8 +22,14 @@
 #include <immintrin.h>
 #endif
 
+/* AVX512_TILES: AVX-512's vectors and tiles; RESTSPEC_WIDE_VECTORS (defined by the tests) gives them to
+   any CPU through the compiler's generic vectors, so that machines without AVX-512 test their logic. */
+#if defined(__AVX512F__) || defined(RESTSPEC_WIDE_VECTORS)
+#define AVX512_TILES 1
+#endif
+
 #define LANES 16 /* output rows per group */
-#if defined(__AVX512F__)
+#if defined(AVX512_TILES)
 #define WIDTH 16 /* floats per vector register */
 #else
 #define WIDTH 8
@@ -39,7 +45,7 @@ typedef int32_t vi __attribute__((vector_size(WIDTH * 4)));
     static inline vi NAME(const TYPE *p) {                                                              \
         return (vi)_mm512_cvt##EXT##_epi32(_mm_loadu_si128((const __m128i *)p));                         \
     }
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && !defined(AVX512_TILES)
 #define DEFINE_WIDEN(NAME, TYPE, EXT)                                                                   \
     static inline vi NAME(const TYPE *p) {                                                              \
         return (vi)_mm256_cvt##EXT##_epi32(_mm_loadl_epi64((const __m128i *)p));                         \
@@ -139,7 +145,7 @@ typedef void (*decode_fn)(const uint8_t *, int, const float *, const float *, vf
    vector registers of the 32 that AVX-512 has, 16 with AVX2), and tiles of one group for the groups left
    over. MULTI: the tiles of more than one group (X(format, rows, groups)); SINGLE: of one group. WIDE:
    the tiles over a decoded chunk, for calls of more than ROWS rows. */
-#if defined(__AVX512F__)
+#if defined(AVX512_TILES)
 #define ROWS 16
 #define GROUPS(rows) ((rows) <= 4 ? 4 : (rows) <= 8 ? 2 : 1)
 #define MULTI(X, F) X(F, 1, 4) X(F, 2, 4) X(F, 3, 4) X(F, 4, 4) X(F, 5, 2) X(F, 6, 2) \
