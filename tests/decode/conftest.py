@@ -99,19 +99,23 @@ VARIANT_ARCHS = tuple(VARIANTS)
 _MODELS: dict[str, torch.nn.Module] = {}
 
 
-def tiny_model(arch: str) -> torch.nn.Module:
+def tiny_model(arch: str, head_dim: int | None = None) -> torch.nn.Module:
     """A tiny random float64 model on :data:`TEST_DEVICE` (built once per session), no end-of-sequence
-    token."""
-    if arch not in _MODELS:
+    token; ``head_dim``: the attention heads' size where not the config's own (8)."""
+    key = arch if head_dim is None else f"{arch}-head{head_dim}"
+    if key not in _MODELS:
         from transformers import AutoModelForCausalLM
 
+        config = build_config(arch)
+        if head_dim is not None:
+            config.head_dim = head_dim
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(build_config(arch), dtype=torch.float64).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
         model.to(TEST_DEVICE)
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
-        _MODELS[arch] = model
-    return _MODELS[arch]
+        _MODELS[key] = model
+    return _MODELS[key]
 
 
 class IdTokenizer:
@@ -259,11 +263,12 @@ GGUF_MIXES = {"Q4_1": (Q4_1, Q4_1, Q8_0), "Q4_K_M": (Q4_K, Q6_K, Q6_K)}
 (Q4_1, its head Q8_0) and llama.cpp's common Q4_K_M."""
 
 
-def gguf_model(arch: str = "llama", mix: str = "Q4_1") -> torch.nn.Module:
+def gguf_model(arch: str = "llama", mix: str = "Q4_1", head_dim: int | None = 16) -> torch.nn.Module:
     """The tiny float32 model with GGUF-quantized weights of the types of ``mix``
-    (:data:`GGUF_MIXES`), as transformers loads a quantized GGUF file."""
+    (:data:`GGUF_MIXES`), as transformers loads a quantized GGUF file; heads of ``head_dim`` (16: sizes
+    the block decoder runs; None: the tiny model's own, 8, which it does not)."""
     most, wide, head = GGUF_MIXES[mix]
-    model = copy.deepcopy(tiny_model(arch)).to(torch.float32)
+    model = copy.deepcopy(tiny_model(arch, head_dim)).to(torch.float32)
     with torch.no_grad():
         for i, (name, module) in enumerate(
             (n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear

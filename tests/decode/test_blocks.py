@@ -29,18 +29,21 @@ from conftest import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import DynamicCache
 
 from restspec.decode import (
     GenerationConfig,
     ModelForward,
     SpeculativeGenerator,
+    compact_cache,
     forward_tree,
     new_cache,
     prefill,
 )
 from restspec.decode import blocks as blocks_module
 from restspec.decode.backends import BACKEND_NAMES, DirectBackend, backend_by_name, candidates, probe
-from restspec.decode.blocks import BlockWeights, encode, encode_affine4, encode_scaled8
+from restspec.decode.blocks import BlockDecoder, BlockWeights, encode, encode_affine4, encode_scaled8
+from restspec.decode.verify import prefill_segment, tree_segment
 from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
 
@@ -241,3 +244,144 @@ def test_without_a_c_compiler_the_block_backend_is_not_offered(monkeypatch, tmp_
     finally:
         monkeypatch.undo()
         blocks_module.kernel.cache_clear()
+
+
+# ---- the decoder: every layer in one call ---------------------------------------------------------------
+
+
+class DecoderSpy:
+    """Wraps a backend's decoder and records whether each call ran the layers (True) or left them to
+    the layer loop (False)."""
+
+    def __init__(self, backend) -> None:
+        self.decoder, self.results = backend.direct.decoder, []
+        backend.direct.decoder = self
+
+    def __call__(self, *args) -> bool:
+        self.results.append(self.decoder(*args))
+        return self.results[-1]
+
+
+def prefilled(backend, prompt) -> object:
+    cache = new_cache()
+    prefill(backend, cache, prompt)
+    return cache
+
+
+BRANCHY = DraftTree(np.array([5, 9, 11, 2, 7, 3, 8]), np.array([-1, -1, 0, 2, 3, 1, 5]))
+"""Two branches under the root, a chain of three under the first child, one of two under the second."""
+
+
+@pytest.mark.parametrize(
+    ("arch", "mix"),
+    [("llama", "Q4_1"), ("qwen2", "Q4_1"), ("llama", "Q4_K_M"), ("mqa", "Q4_1"), ("llama3-rope", "Q4_1")],
+)
+def test_the_decoder_runs_every_layer_with_the_models_logits_and_cache_rows(arch, mix):
+    model = gguf_model(arch, mix)
+    backend = backend_by_name(model, "direct-blocks")
+    spy = DecoderSpy(backend)
+    prompt = np.random.default_rng(0).integers(0, VOCAB, size=30)
+    got = prefilled(backend, prompt[:-1]), prefilled(ModelForward(model), prompt[:-1])
+    logits = [
+        forward_tree(b, c, int(prompt[-1]), BRANCHY, 29)
+        for b, c in zip((backend, ModelForward(model)), got, strict=True)
+    ]
+    assert spy.results == [True]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(got[0].layers, got[1].layers, strict=True):  # with qwen2's biases
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+    assert probe(backend).passed
+
+
+def test_a_tree_row_is_bitwise_the_same_token_decoded_alone_after_compaction():
+    """The tree's rows see only their ancestors: the decoder skips the other keys, so the leaf path
+    (1, 5, 6) scored in one forward gives the logits and cache rows of its tokens decoded one at a
+    time, bit for bit."""
+    model = gguf_model("llama", "Q4_K_M")
+    backend = backend_by_name(model, "direct-blocks")
+    spy = DecoderSpy(backend)
+    prompt = np.random.default_rng(1).integers(0, VOCAB, size=40)
+    tree_cache, alone_cache = prefilled(backend, prompt[:-1]), prefilled(backend, prompt[:-1])
+    tree_logits = forward_tree(backend, tree_cache, int(prompt[-1]), BRANCHY, 39)
+    path = [1, 5, 6]
+    compact_cache(tree_cache, 39, path, len(BRANCHY))
+    tokens = [int(prompt[-1]), *(int(BRANCHY.tokens[p]) for p in path)]
+    for step, (token, row) in enumerate(zip(tokens, [0, *(p + 1 for p in path)], strict=True)):
+        alone = forward_tree(backend, alone_cache, token, DraftTree.chain([]), 39 + step)
+        assert torch.equal(alone[0], tree_logits[row]), row
+    for a, b in zip(tree_cache.layers, alone_cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert all(spy.results)
+
+
+def test_a_segment_computes_bitwise_the_same_alone_and_in_a_batch():
+    """A tree and a prompt chunk (causal) of two requests in one call of the decoder: each request's
+    logits and cache rows are those of its segment run alone."""
+    model = gguf_model("qwen2", "Q4_1")
+    backend = backend_by_name(model, "direct-blocks")
+    spy = DecoderSpy(backend)
+    rng = np.random.default_rng(2)
+    first, second = rng.integers(0, VOCAB, size=21), rng.integers(0, VOCAB, size=33)
+
+    def segments():
+        a, b = prefilled(backend, first[:-1]), prefilled(backend, second[:10])
+        return [
+            tree_segment(backend, a, int(first[-1]), BRANCHY, 20),
+            prefill_segment(backend, b, second[10:], 10),
+        ]
+
+    together = segments()
+    logits = backend.forward_batch(together)
+    for index, seg in enumerate(segments()):
+        alone = backend.forward_batch([seg])
+        assert (alone[0] is None) == (logits[index] is None)
+        if alone[0] is not None:
+            assert torch.equal(alone[0], logits[index])
+        for a, b in zip(seg.cache.layers, together[index].cache.layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert spy.results == [True] * 3
+
+
+def test_layers_the_decoder_does_not_know_keep_the_layer_loop():
+    """Heads of 8 (not a multiple of 16 floats) or a part the decoder does not apply (Qwen3's q/k norms)
+    leave the layers to the direct forward's loop, which still serves the block kernel."""
+    small_heads = gguf_model(head_dim=None)
+    assert backend_by_name(small_heads, "direct-blocks").direct.decoder is None
+    extra = gguf_model()
+    extra.model.layers[1].self_attn.q_norm = torch.nn.Identity()
+    assert BlockDecoder.of(extra, BlockWeights.of(extra), blocks_module.kernel()) is None
+    for model in (small_heads, extra):
+        backend = backend_by_name(model, "direct-blocks")
+        assert backend.direct.decoder is None and probe(backend).passed
+
+
+def test_the_decoder_sees_weights_changed_in_place_and_plain_caches_take_the_loop():
+    model = gguf_model()
+    backend = backend_by_name(model, "direct-blocks")
+    spy = DecoderSpy(backend)
+    prompt = np.random.default_rng(4).integers(0, VOCAB, size=16)
+
+    def agree() -> None:
+        caches = prefilled(backend, prompt[:-1]), prefilled(ModelForward(model), prompt[:-1])
+        got, want = (
+            forward_tree(b, c, int(prompt[-1]), BRANCHY, 15)
+            for b, c in zip((backend, ModelForward(model)), caches, strict=True)
+        )
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    q_proj = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():  # other weights on the grid: encoded again, still decoded in C
+        q_proj.weight.copy_(
+            torch.from_numpy(gguf_weights(tuple(q_proj.weight.shape), Q4_1, seed=99, scale=0.3))
+        )
+    agree()
+    assert spy.results == [True]
+    with torch.no_grad():  # off the grid: F.linear for that group, in the layer loop
+        q_proj.weight.add_(torch.randn_like(q_proj.weight) * 1e-3)
+    agree()
+    assert spy.results == [True, False]
+    plain = DynamicCache()  # not new_cache()'s buffered layers
+    backend.prefill(plain, prompt)
+    forward_tree(backend, plain, 3, BRANCHY, 16)
+    assert spy.results == [True, False, False]

@@ -13,7 +13,8 @@ tree is scored:
   the packed kernels are measured faster (:class:`SplitBackend`);
 - ``direct-blocks``: the direct forward computing from the codes of block-encoded weights
   (:class:`~restspec.decode.blocks.BlockWeights`: float32 weights that decode exactly from 4- or 8-bit
-  blocks, as a quantized GGUF file's do; CPU, float32);
+  blocks, as a quantized GGUF file's do; CPU, float32), every layer in one C call where the layers are
+  plain Llama-family ones (:class:`~restspec.decode.blocks.BlockDecoder`);
 - ``direct-blocks-split``: ``direct-blocks`` for narrow forwards and ``direct-packed`` from the width
   on where the packed kernels are measured faster (the block kernel decodes every weight once per few
   rows: ahead where a forward mostly reads weights, behind on wide batches with AVX2's 16 registers).
@@ -57,11 +58,11 @@ SPLITS: dict[str, tuple[str, str]] = {
     "direct-blocks-split": ("direct-blocks", "direct-packed"),
 }
 """The split backends: name -> (the member below the split width, the member from it on)."""
-CHOICE_VERSION = 8
+CHOICE_VERSION = 9
 """Bump when the backends or the measurement change, so cached choices are made again (3: a choice
 timed while other work competed for the CPU is no longer cached; 4: the direct forward without module
 calls; 5: taken by an experiment not kept; 6: the block-weight backend; 7: batch widths timed, the
-block kernel's split; 8: the block kernel's wide tiles)."""
+block kernel's split; 8: the block kernel's wide tiles; 9: the block decoder)."""
 TIMING_WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16)
 """Forward widths (root + tree nodes) the candidates are timed at: a plain step and typical trees."""
 BATCH_WIDTHS: tuple[int, ...] = (32, 64)

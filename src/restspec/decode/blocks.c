@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -197,13 +198,15 @@ DEFINE_FORMAT(q4)
 DEFINE_FORMAT(q8)
 DEFINE_FORMAT(q8x16)
 
+/* y: rows of `stride` floats, the outputs in the first N; work: room for R * K floats (the packed rows), or
+   NULL: allocated here */
 static void linear(const struct format *f, const float *x, int R, int K, const uint8_t *q, const float *d,
-                   const float *m, float *y, int N, int threads) {
+                   const float *m, float *y, int N, int stride, int threads, float *work) {
     int groups = N / 16, scales = K / f->block * 16;
     /* more rows than one tile: x packed by tile (tiles of WIDE_ROWS rows and one of the rest; even tiles
        measured slower), the tile of rows r0..r0 + T - 1 as [K][T] at r0 * K so that it reads its rows'
        inputs k side by side; each work item a group, its weights decoded once per CHUNK inputs */
-    float *packed = R > ROWS ? malloc((size_t)R * K * sizeof(float)) : 0;
+    float *packed = R <= ROWS ? 0 : work ? work : malloc((size_t)R * K * sizeof(float));
     if (packed) {
 #pragma omp parallel num_threads(threads)
         {
@@ -225,12 +228,12 @@ static void linear(const struct format *f, const float *x, int R, int K, const u
                     for (int r0 = 0; r0 < R; r0 += WIDE_ROWS) {
                         int T = R - r0 < WIDE_ROWS ? R - r0 : WIDE_ROWS;
                         wide_tiles[T](packed + (size_t)r0 * K + (size_t)k0 * T, (const vf(*)[PARTS])w, count,
-                                      y + (size_t)r0 * N + (size_t)g * 16, N, k0 == 0);
+                                      y + (size_t)r0 * stride + (size_t)g * 16, stride, k0 == 0);
                     }
                 }
             }
         }
-        free(packed);
+        if (packed != work) free(packed);
         return;
     }
     /* up to ROWS rows (or no memory for the packed copy): tiles of up to ROWS rows, each decoding the
@@ -246,18 +249,276 @@ static void linear(const struct format *f, const float *x, int R, int K, const u
             for (int g = first; g < first + count; g += fits ? count : 1)
                 (fits ? f->multi : f->single)[rows](x + (size_t)r0 * K, K, q + (size_t)g * K * f->bytes,
                                                       d + (size_t)g * scales, m ? m + (size_t)g * scales : 0,
-                                                      y + (size_t)r0 * N + (size_t)g * 16, N);
+                                                      y + (size_t)r0 * stride + (size_t)g * 16, stride);
         }
     }
 }
 
 void restspec_q4_linear(const float *x, int R, int K, const uint8_t *q, const float *d, const float *m,
                         float *y, int N, int threads) {
-    linear(&format_q4, x, R, K, q, d, m, y, N, threads);
+    linear(&format_q4, x, R, K, q, d, m, y, N, N, threads, 0);
 }
 
 /* block: 32 (q8) or 16 (q8x16) */
 void restspec_q8_linear(const float *x, int R, int K, const uint8_t *q, const float *d, int block, float *y,
                         int N, int threads) {
-    linear(block == q8x16_BLOCK ? &format_q8x16 : &format_q8, x, R, K, q, d, 0, y, N, threads);
+    linear(block == q8x16_BLOCK ? &format_q8x16 : &format_q8, x, R, K, q, d, 0, y, N, N, threads, 0);
+}
+
+/* ---- the decoder: every layer of a Llama-family model in one call ------------------------------------
+
+   Pre-norm blocks: x += o(attention(rope(qkv(norm(x))))), x += down(silu(gate) * up)(norm(x)), the
+   linears block-encoded, for the rows of one or more requests ("segments"), each attending to its own
+   key/value cache (rows [kv_heads][capacity][head_dim], the new rows written at past + i). Every row is
+   computed alone, in the same order whatever rows share the call: a row's attention reads its visible
+   keys in cache order, sums their weights one after another and skips keys it may not see, so a tree
+   row and the same token decoded alone after compaction compute bitwise the same. */
+
+struct linear_ref { /* block-encoded weights giving outputs offset .. offset + out - 1 of a joint output */
+    const uint8_t *q;
+    const float *d, *m; /* m: NULL for the 8-bit formats */
+    const float *bias;  /* NULL: none */
+    int block, in, out, offset;
+};
+
+struct layer_ref { /* q/k/v (gate/up): one joint encoding, or one each where their formats differ */
+    struct linear_ref qkv[3], o, gate_up[2], down;
+    int qkv_parts, gate_up_parts;
+    const float *in_norm, *mlp_norm;
+    float in_eps, mlp_eps, scaling;
+};
+
+struct model_ref {
+    int layers, hidden, q_heads, kv_heads, head_dim, inter;
+    const struct layer_ref *layer;
+};
+
+struct segment_ref {
+    int start, rows, past, causal; /* causal: row i sees keys 0..past + i, mask unread */
+    const float *mask;             /* rows x (past + rows), additive; <= MASKED: hidden */
+    float *const *keys, *const *values; /* per layer */
+    const int64_t *capacity;            /* per layer: rows of the buffers */
+};
+
+#define MASKED (-1e30f)
+
+/* the joint output (R x stride) of `parts` linears */
+static void apply(const struct linear_ref *l, int parts, const float *x, int R, float *y, int stride, int threads,
+                  float *work) {
+    for (; parts--; l++) {
+        const struct format *f = l->m ? &format_q4 : l->block == q8x16_BLOCK ? &format_q8x16 : &format_q8;
+        linear(f, x, R, l->in, l->q, l->d, l->m, y + l->offset, l->out, stride, threads, work);
+        if (l->bias)
+            for (int r = 0; r < R; r++)
+                for (int i = 0; i < l->out; i++) y[(size_t)r * stride + l->offset + i] += l->bias[i];
+    }
+}
+
+/* the lanes' sum, by folding halves (the same order in every use) */
+static inline float hsum(vf v) {
+#if WIDTH == 16
+    v += __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+#else
+    v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3});
+    v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5});
+    v += __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6});
+#endif
+    return v[0];
+}
+
+static inline vf load(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* a where m (all bits set), else b */
+static inline vf pick(vi m, vf a, vf b) {
+    vi ia, ib;
+    memcpy(&ia, &a, sizeof ia);
+    memcpy(&ib, &b, sizeof ib);
+    ia = (ia & m) | (ib & ~m);
+    memcpy(&a, &ia, sizeof a);
+    return a;
+}
+
+/* exp(x) lane by lane (Cephes' polynomial, within 2 ulp); 0 below -87.3 and for -inf */
+static inline vf vexp(vf x) {
+    const vf high = (vf){0} + 88.3762f, low = (vf){0} - 87.3365f;
+    vi small = x < low;
+    x = pick(x > high, high, pick(small, low, x));
+    vf t = x * 1.44269504088896341f + 0.5f;
+    vi n = __builtin_convertvector(t, vi);
+    n += __builtin_convertvector(n, vf) > t; /* floor for negative t (a true comparison is -1) */
+    vf fn = __builtin_convertvector(n, vf);
+    vf r = x - fn * 0.693359375f - fn * -2.12194440e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vf y = p * r * r + r + 1.0f;
+    vi bits;
+    memcpy(&bits, &y, sizeof bits);
+    bits = (bits + (n << 23)) & ~small;
+    memcpy(&y, &bits, sizeof y);
+    return y;
+}
+
+/* exp(x) of one float, by the same lane arithmetic */
+static inline float sexp(float x) {
+    vf v = (vf){0};
+    v[0] = x;
+    return vexp(v)[0];
+}
+
+/* out = w * (x * 1/sqrt(mean(x^2) + eps)) over each row of D */
+static void rms_norm(const float *x, int R, int D, const float *w, float eps, float *out) {
+    for (int r = 0; r < R; r++) {
+        const float *xr = x + (size_t)r * D;
+        float *o = out + (size_t)r * D;
+        vf acc = (vf){0};
+        int i = 0;
+        for (; i + WIDTH <= D; i += WIDTH) {
+            vf v = load(xr + i);
+            acc += v * v;
+        }
+        float s = hsum(acc);
+        for (; i < D; i++) s += xr[i] * xr[i];
+        float scale = 1.0f / sqrtf(s / (float)D + eps);
+        for (i = 0; i < D; i++) o[i] = w[i] * (xr[i] * scale);
+    }
+}
+
+/* rotary positions on the first `heads` heads of each row (stride floats apart): x * cos + rotate_half(x) * sin */
+static void rope(float *x, int R, int stride, int heads, int D, const float *cos, const float *sin) {
+    int half = D / 2;
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < heads; h++) {
+            float *v = x + (size_t)r * stride + h * D, tmp[D];
+            const float *c = cos + (size_t)r * D, *s = sin + (size_t)r * D;
+            memcpy(tmp, v, sizeof tmp);
+            for (int i = 0; i < half; i++) v[i] = tmp[i] * c[i] + -tmp[i + half] * s[i];
+            for (int i = half; i < D; i++) v[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
+        }
+}
+
+/* one row's attention for the heads of one key/value head: q (heads x D, stride apart) -> out (same);
+   scores: heads x visible floats */
+static void attend_row(const float *q, int stride, int heads, int D, const float *keys, const float *values,
+                       int visible, const float *mask, float scaling, float *scores, float *out) {
+    int parts = D / WIDTH;
+    float top[heads];
+    for (int h = 0; h < heads; h++) top[h] = -INFINITY;
+    for (int j = 0; j < visible; j++) {
+        if (mask && mask[j] <= MASKED) {
+            for (int h = 0; h < heads; h++) scores[(size_t)h * visible + j] = -INFINITY;
+            continue;
+        }
+        const float *k = keys + (size_t)j * D;
+        for (int h = 0; h < heads; h++) {
+            const float *qh = q + h * stride;
+            vf acc = load(qh) * load(k);
+            for (int p = 1; p < parts; p++) acc += load(qh + p * WIDTH) * load(k + p * WIDTH);
+            float s = hsum(acc) * scaling + (mask ? mask[j] : 0.0f);
+            scores[(size_t)h * visible + j] = s;
+            top[h] = s > top[h] ? s : top[h];
+        }
+    }
+    for (int h = 0; h < heads; h++) {
+        float *sh = scores + (size_t)h * visible;
+        int j = 0;
+        for (; j + WIDTH <= visible; j += WIDTH) store(sh + j, vexp(load(sh + j) - top[h]));
+        for (; j < visible; j++) sh[j] = sexp(sh[j] - top[h]);
+        float total = 0;
+        vf acc[parts];
+        for (int p = 0; p < parts; p++) acc[p] = (vf){0};
+        for (j = 0; j < visible; j++) {
+            float e = sh[j];
+            if (e == 0.0f) continue; /* hidden (or underflowed) keys add nothing */
+            total += e;
+            const float *v = values + (size_t)j * D;
+            for (int p = 0; p < parts; p++) acc[p] += e * load(v + p * WIDTH);
+        }
+        for (int p = 0; p < parts; p++) store(out + h * stride + p * WIDTH, acc[p] / total);
+    }
+}
+
+static void attention(const struct model_ref *M, int layer, const float *qkv, int n, int segments,
+                      const struct segment_ref *seg, float *out, int threads) {
+    int D = M->head_dim, group = M->q_heads / M->kv_heads, qkv_out = (M->q_heads + 2 * M->kv_heads) * D;
+    int most = 0;
+    for (int s = 0; s < segments; s++) most = seg[s].past + seg[s].rows > most ? seg[s].past + seg[s].rows : most;
+    (void)n;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc((size_t)group * (most ? most : 1) * sizeof(float));
+#pragma omp for schedule(dynamic)
+        for (int item = 0; item < n * M->kv_heads; item++) {
+            int row = item / M->kv_heads, g = item % M->kv_heads, s = 0;
+            while (row >= seg[s].start + seg[s].rows) s++;
+            const struct segment_ref *S = seg + s;
+            int i = row - S->start, width = S->past + S->rows;
+            size_t head = (size_t)g * S->capacity[layer] * D;
+            int visible = S->causal ? S->past + i + 1 : width;
+            const float *mask = S->causal ? 0 : S->mask + (size_t)i * width;
+            attend_row(qkv + (size_t)row * qkv_out + (size_t)g * group * D, D, group, D, S->keys[layer] + head,
+                       S->values[layer] + head, visible, mask, M->layer[layer].scaling, scores,
+                       out + (size_t)row * M->q_heads * D + (size_t)g * group * D);
+        }
+        free(scores);
+    }
+}
+
+/* floats of the workspace restspec_decoder takes for n rows */
+size_t restspec_decoder_floats(const struct model_ref *M, int n) {
+    size_t D = M->head_dim, widest = M->inter > M->hidden ? M->inter : M->hidden;
+    size_t qkv_out = (M->q_heads + 2 * M->kv_heads) * D;
+    return (size_t)n * (M->hidden + qkv_out + M->q_heads * D + 3 * (size_t)M->inter + widest);
+}
+
+/* x (n x hidden) through every layer; cos, sin (n x head_dim); work: restspec_decoder_floats(M, n) floats */
+void restspec_decoder(const struct model_ref *M, float *x, int n, const float *cos, const float *sin,
+                      int segments, const struct segment_ref *seg, float *work, int threads) {
+    int H = M->hidden, D = M->head_dim, q_size = M->q_heads * D, kv_size = M->kv_heads * D;
+    int qkv_out = q_size + 2 * kv_size, I = M->inter;
+    float *h = work, *qkv = h + (size_t)n * H, *attn = qkv + (size_t)n * qkv_out;
+    float *gu = attn + (size_t)n * q_size, *act = gu + (size_t)n * 2 * I, *packed = act + (size_t)n * I;
+    for (int l = 0; l < M->layers; l++) {
+        const struct layer_ref *L = M->layer + l;
+        rms_norm(x, n, H, L->in_norm, L->in_eps, h);
+        apply(L->qkv, L->qkv_parts, h, n, qkv, qkv_out, threads, packed);
+        rope(qkv, n, qkv_out, M->q_heads + M->kv_heads, D, cos, sin);
+        for (int s = 0; s < segments; s++) /* the new keys and values into the cache */
+            for (int i = 0; i < seg[s].rows; i++)
+                for (int g = 0; g < M->kv_heads; g++) {
+                    size_t at = ((size_t)g * seg[s].capacity[l] + seg[s].past + i) * D;
+                    const float *row = qkv + (size_t)(seg[s].start + i) * qkv_out + q_size + g * D;
+                    memcpy(seg[s].keys[l] + at, row, D * sizeof(float));
+                    memcpy(seg[s].values[l] + at, row + kv_size, D * sizeof(float));
+                }
+        attention(M, l, qkv, n, segments, seg, attn, threads);
+        apply(&L->o, 1, attn, n, h, H, threads, packed);
+        for (size_t i = 0; i < (size_t)n * H; i++) x[i] += h[i];
+        rms_norm(x, n, H, L->mlp_norm, L->mlp_eps, h);
+        apply(L->gate_up, L->gate_up_parts, h, n, gu, 2 * I, threads, packed);
+        for (int r = 0; r < n; r++) {
+            const float *gate = gu + (size_t)r * 2 * I, *up = gate + I;
+            float *a = act + (size_t)r * I;
+            int i = 0;
+            for (; i + WIDTH <= I; i += WIDTH) {
+                vf g = load(gate + i);
+                store(a + i, g / (1.0f + vexp(-g)) * load(up + i));
+            }
+            for (; i < I; i++) a[i] = gate[i] / (1.0f + sexp(-gate[i])) * up[i];
+        }
+        apply(&L->down, 1, act, n, h, H, threads, packed);
+        for (size_t i = 0; i < (size_t)n * H; i++) x[i] += h[i];
+    }
 }

@@ -19,6 +19,11 @@ not depend on the rows beside it. Only the order of the sums differs from other 
 any two float32 matmul kernels, so
 :func:`restspec.decode.backends.choose_backend` probes and times it like the packed kernels
 (``direct-blocks``) and keeps it only where it passes and is faster.
+
+Where every linear of every layer is block-encoded and the layers are plain Llama-family ones,
+:class:`BlockDecoder` runs all of them in one C call: norms, rotary positions, the cache writes,
+attention and the gated MLP around the kernel, without the thousand-odd torch operations (10-15 ms on a
+small CPU) of a layer-by-layer forward.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -337,6 +343,21 @@ def kernel(text: str | None = None) -> ctypes.CDLL | None:
     ]  # offsets, y, outputs, threads
     lib.restspec_q8_linear.argtypes = [*shared, number, pointer, number, number]  # block, y, outputs, threads
     lib.restspec_q4_linear.restype = lib.restspec_q8_linear.restype = None
+    if hasattr(lib, "restspec_decoder"):  # (a source of an earlier version may not have it)
+        lib.restspec_decoder.argtypes = [
+            pointer,
+            pointer,
+            number,
+            pointer,
+            pointer,
+            number,
+            pointer,
+            pointer,
+            number,
+        ]
+        lib.restspec_decoder.restype = None
+        lib.restspec_decoder_floats.argtypes = [pointer, number]
+        lib.restspec_decoder_floats.restype = ctypes.c_size_t
     return lib
 
 
@@ -372,11 +393,15 @@ class BlockGroup:
                 self._call = self._lib.restspec_q8_linear
                 self._args = (codes, scales, encoded.block)
 
+    def refresh(self) -> bool:
+        """Encode the weights again if one changed in place since; whether they are (still) encoded."""
+        if self._versions() != self.version:
+            self._use(encode(torch.cat([w.detach() for w in self.weights]).numpy()))
+        return self.encoded is not None
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output for input ``x`` (..., in), side by side: (..., sum of out_features)."""
-        if self._versions() != self.version:  # weights changed in place since encoding
-            self._use(encode(torch.cat([w.detach() for w in self.weights]).numpy()))
-        if self.encoded is None:
+        if not self.refresh():
             return torch.cat([F.linear(x, w, b) for w, b in zip(self.weights, self.biases, strict=True)], -1)
         rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
         out = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
@@ -401,6 +426,15 @@ class BlockWeights(GroupIndex):
 
     backend_name = "direct-blocks"
 
+    def __init__(self, groups: list[BlockGroup], lib: ctypes.CDLL) -> None:
+        super().__init__(groups)
+        self.lib = lib
+
+    def decoder(self, model: Any) -> BlockDecoder | None:
+        """Every layer of ``model`` in one call where the decoder runs it (:meth:`BlockDecoder.of`) and
+        the kernel has one."""
+        return BlockDecoder.of(model, self, self.lib) if hasattr(self.lib, "restspec_decoder") else None
+
     @classmethod
     def of(cls, model: Any, lib: ctypes.CDLL | None = None) -> BlockWeights | None:
         """The encoded weights of ``model``'s float32 CPU ``nn.Linear`` layers, computed by ``lib``
@@ -421,4 +455,261 @@ class BlockWeights(GroupIndex):
                 groups.append(BlockGroup(members, joined, lib))
             else:
                 groups += [BlockGroup([m], e, lib) for m, e in zip(members, parts, strict=True)]  # type: ignore[arg-type]
-        return cls(groups)
+        return cls(groups, lib)
+
+
+# ---- the decoder: every layer in one call -----------------------------------------------------------------
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("m", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("block", ctypes.c_int),
+        ("inputs", ctypes.c_int),
+        ("outputs", ctypes.c_int),
+        ("offset", ctypes.c_int),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("qkv", _Linear * 3),
+        ("o", _Linear),
+        ("gate_up", _Linear * 2),
+        ("down", _Linear),
+        ("qkv_parts", ctypes.c_int),
+        ("gate_up_parts", ctypes.c_int),
+        ("in_norm", ctypes.c_void_p),
+        ("mlp_norm", ctypes.c_void_p),
+        ("in_eps", ctypes.c_float),
+        ("mlp_eps", ctypes.c_float),
+        ("scaling", ctypes.c_float),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("layers", ctypes.c_int),
+        ("hidden", ctypes.c_int),
+        ("q_heads", ctypes.c_int),
+        ("kv_heads", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+        ("inter", ctypes.c_int),
+        ("layer", ctypes.POINTER(_Layer)),
+    ]
+
+
+class _Segment(ctypes.Structure):
+    _fields_ = [
+        ("start", ctypes.c_int),
+        ("rows", ctypes.c_int),
+        ("past", ctypes.c_int),
+        ("causal", ctypes.c_int),
+        ("mask", ctypes.c_void_p),
+        ("keys", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+        ("capacity", ctypes.c_void_p),
+    ]
+
+
+LAYER_PARTS = {
+    "layer": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"},
+    "attention": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "mlp": {"gate_proj", "up_proj", "down_proj", "act_fn"},
+}
+"""The submodules a decoder layer, its attention and its MLP may have for :class:`BlockDecoder` to run
+it (anything else, e.g. Qwen3's q/k norms, is a part it does not know)."""
+HEAD_DIM_MULTIPLE = 16
+"""Head sizes the decoder's attention takes: multiples of the widest vector (16 floats)."""
+
+
+class BlockDecoder:
+    """Every decoder layer of a Llama-family model whose linears are all block-encoded, in one call of
+    ``blocks.c``'s ``restspec_decoder`` (norms, rotary positions, attention, the gated MLP and the
+    residuals in C around the block kernel): the per-operation cost of a layer-by-layer forward in
+    torch, some 10-15 ms a forward of 30 layers on a small CPU, is gone.
+
+    Build with :meth:`of`. Its arithmetic is float32 like the model's own, in another order: a row's
+    attention reads only the keys it may see, in cache order, so a tree row computes bitwise what the
+    same token decoded alone after compaction does, and a row never depends on the rows beside it."""
+
+    def __init__(self, model: Any, groups: list[list[list[BlockGroup]]], lib: ctypes.CDLL) -> None:
+        config, first = model.config, model.model.layers[0].self_attn
+        self.layers = len(groups)
+        self.q_heads = first.q_proj.out_features // first.head_dim
+        self.kv_heads = first.k_proj.out_features // first.head_dim
+        self.head_dim = first.head_dim
+        self._slots = groups
+        self.groups = [g for layer in groups for slot in layer for g in slot]
+        self._lib = lib
+        self._tensors = [t for g in self.groups for t in (*g.weights, *g.biases) if t is not None]
+        self._norms = [
+            (layer.input_layernorm, layer.post_attention_layernorm)
+            for layer in model.model.layers[: self.layers]
+        ]
+        self._scaling = [float(layer.self_attn.scaling) for layer in model.model.layers[: self.layers]]
+        self._model = _Model(
+            self.layers,
+            int(config.hidden_size),
+            self.q_heads,
+            self.kv_heads,
+            self.head_dim,
+            groups[0][3][0].in_features,
+        )
+        self._work = torch.empty(0, dtype=torch.float32)
+        """The C side's buffers, kept between calls (grown as needed)."""
+        self._lock = threading.Lock()
+        self._build()
+
+    def _build(self) -> None:
+        """The structures ``restspec_decoder`` reads, from the groups' current codes."""
+        self._version = tuple(t._version for t in self._tensors)
+        table = (_Layer * self.layers)()
+        for index, (qkv, o, gate_up, down) in enumerate(self._slots):
+            in_norm, mlp_norm = self._norms[index]
+            table[index] = _Layer(
+                (_Linear * 3)(*_linear_refs(qkv)),
+                _linear_refs(o)[0],
+                (_Linear * 2)(*_linear_refs(gate_up)),
+                _linear_refs(down)[0],
+                len(qkv),
+                len(gate_up),
+                in_norm.weight.data_ptr(),
+                mlp_norm.weight.data_ptr(),
+                _norm_eps(in_norm),
+                _norm_eps(mlp_norm),
+                self._scaling[index],
+            )
+        self._table = table
+        self._model.layer = table
+
+    @classmethod
+    def of(cls, model: Any, weights: GroupIndex, lib: ctypes.CDLL) -> BlockDecoder | None:
+        """The decoder of ``model`` (a Llama-family ``*ForCausalLM`` in float32) over its block-encoded
+        ``weights``; None where a layer has parts it does not run (:data:`LAYER_PARTS`), an activation
+        other than SiLU, float32 parameters that are not contiguous, or a linear that is not encoded."""
+        try:
+            layers = list(model.model.layers[: model.config.num_hidden_layers])
+            found = [_layer_groups(layer, weights) for layer in layers]
+        except AttributeError:
+            return None
+        if not layers or any(f is None for f in found):
+            return None
+        first = layers[0].self_attn
+        if first.head_dim % HEAD_DIM_MULTIPLE or first.q_proj.out_features % first.k_proj.out_features:
+            return None
+        return cls(model, found, lib)  # type: ignore[arg-type]
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list) -> bool:
+        """``x`` (1, n, hidden) through every layer in place, rows ``spans`` (start, end, cache, mask,
+        causal) each attending to its own cache; False (nothing done) where a cache is not of
+        :func:`~restspec.decode.verify.new_cache` or a linear no longer decodes from codes."""
+        from restspec.decode.verify import buffered_layers
+
+        if tuple(t._version for t in self._tensors) != self._version:  # weights changed in place
+            if not all(g.refresh() for g in self.groups):
+                return False
+            self._build()
+        caches = [buffered_layers(cache, self.layers) for _, _, cache, _, _ in spans]
+        if any(c is None for c in caches):
+            return False
+        segments = (_Segment * len(spans))()
+        keep: list[Any] = []  # what the pointers point into, alive until the call returns
+        ends = []
+        like = x.new_empty((1, self.kv_heads, 0, self.head_dim))
+        for index, ((start, end, _, mask, causal), layers) in enumerate(zip(spans, caches, strict=True)):
+            rows = end - start
+            reserved = [layer.reserve(like, like, rows) for layer in layers]  # type: ignore[union-attr]
+            keys = np.array([k.data_ptr() for k, _, _ in reserved], dtype=np.uintp)
+            values = np.array([v.data_ptr() for _, v, _ in reserved], dtype=np.uintp)
+            capacity = np.array([k.shape[-2] for k, _, _ in reserved], dtype=np.int64)
+            past = reserved[0][2]
+            mask = mask.contiguous()
+            keep += [keys, values, capacity, mask]
+            segments[index] = _Segment(
+                start, rows, past, int(causal), mask.data_ptr(), keys.ctypes.data, values.ctypes.data,
+                capacity.ctypes.data,
+            )  # fmt: skip
+            ends.append(past + rows)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        n = x.shape[1]
+        with self._lock:  # one call at a time on the workspace
+            floats = self._lib.restspec_decoder_floats(ctypes.byref(self._model), n)
+            if self._work.numel() < floats:
+                self._work = torch.empty(floats, dtype=torch.float32)
+            self._lib.restspec_decoder(
+                ctypes.byref(self._model),
+                x.data_ptr(),
+                n,
+                cos.data_ptr(),
+                sin.data_ptr(),
+                len(spans),
+                segments,
+                self._work.data_ptr(),
+                torch.get_num_threads(),
+            )
+        for layers, end in zip(caches, ends, strict=True):
+            for layer in layers:  # type: ignore[union-attr]
+                layer.advance(end)
+        return True
+
+
+def _linear_refs(groups: list[BlockGroup]) -> list[_Linear]:
+    """The C side's view of ``groups``, whose outputs lie side by side."""
+    refs, offset = [], 0
+    for group in groups:
+        e = group.encoded
+        refs.append(
+            _Linear(
+                e.codes.ctypes.data,  # type: ignore[union-attr]
+                e.scales.ctypes.data,  # type: ignore[union-attr]
+                None if e.offsets is None else e.offsets.ctypes.data,  # type: ignore[union-attr]
+                None if group.bias is None else group.bias.data_ptr(),
+                e.block,  # type: ignore[union-attr]
+                group.in_features,
+                group.out_features,
+                offset,
+            )
+        )
+        offset += group.out_features
+    return refs
+
+
+def _norm_eps(module: Any) -> float:
+    eps = getattr(module, "variance_epsilon", None)
+    return float(module.eps if eps is None else eps)
+
+
+def _layer_groups(layer: Any, weights: GroupIndex) -> list[list[BlockGroup]] | None:
+    """A layer's groups for q/k/v, o, gate/up and down (one joint group or one per linear), encoded, or
+    None where the decoder does not run it."""
+    attn, mlp = layer.self_attn, layer.mlp
+    parts = [
+        ({n for n, _ in layer.named_children()}, LAYER_PARTS["layer"]),
+        ({n for n, _ in attn.named_children()}, LAYER_PARTS["attention"]),
+        ({n for n, _ in mlp.named_children()}, LAYER_PARTS["mlp"]),
+    ]
+    if any(not names <= allowed for names, allowed in parts) or type(mlp.act_fn).__name__ not in (
+        "SiLU",
+        "SiLUActivation",
+    ):
+        return None
+    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    if any(w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu" for w in norms):
+        return None
+    found = []
+    for modules in (
+        [attn.q_proj, attn.k_proj, attn.v_proj],
+        [attn.o_proj],
+        [mlp.gate_proj, mlp.up_proj],
+        [mlp.down_proj],
+    ):
+        joint = weights.group_of(modules)
+        slot = [joint] if joint is not None else [weights.group_of([m]) for m in modules]
+        if any(g is None or not isinstance(g, BlockGroup) or g.encoded is None for g in slot):
+            return None
+        found.append(slot)
+    return found  # type: ignore[return-value]

@@ -153,6 +153,10 @@ class DirectForward:
                     down=_linear(kernels, mlp.down_proj),
                 )
             )
+        make_decoder = getattr(kernels, "decoder", None)
+        self.decoder = make_decoder(model) if make_decoder is not None else None
+        """All layers in one call of the kernels' own (:class:`~restspec.decode.blocks.BlockDecoder`),
+        where they have one for this model; else the loop below."""
 
     @torch.inference_mode()
     def __call__(
@@ -195,6 +199,8 @@ class DirectForward:
         x = self.embed(input_ids)
         n = input_ids.shape[1]
         cos, sin = self.rotary(x, positions)
+        if self.decoder is not None and self.decoder(x, cos, sin, spans):
+            return x
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for index, b in enumerate(self.layers):
             out = b.qkv(_rms_norm(*b.in_norm, x))  # (1, n, q + k + v)

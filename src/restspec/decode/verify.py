@@ -116,18 +116,32 @@ class BufferedLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = key_states.shape[-2]
+        keys, values, length = self.reserve(key_states[:, :, :0], value_states[:, :, :0], rows)
+        keys[:, :, length : length + rows] = key_states
+        values[:, :, length : length + rows] = value_states
+        self.advance(length + rows)
+        return self.keys, self.values
+
+    def reserve(
+        self, key_like: torch.Tensor, value_like: torch.Tensor, rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for ``rows`` more rows (shaped, typed and placed like ``key_like`` / ``value_like``):
+        the key and value buffers and the current length, for a writer that fills rows ``length ..
+        length + rows - 1`` of the buffers itself and then calls :meth:`advance`."""
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+            self.lazy_initialization(key_like, value_like)
         length = self.get_seq_length()
-        end = length + key_states.shape[-2]
+        end = length + rows
         if self._key_buffer is None or end > self._key_buffer.shape[-2]:
-            self._key_buffer = self._grown(self._key_buffer, key_states, length, end)
-            self._value_buffer = self._grown(self._value_buffer, value_states, length, end)
-        self._key_buffer[:, :, length:end] = key_states
-        self._value_buffer[:, :, length:end] = value_states
+            self._key_buffer = self._grown(self._key_buffer, key_like, length, end)
+            self._value_buffer = self._grown(self._value_buffer, value_like, length, end)
+        return self._key_buffer, self._value_buffer, length
+
+    def advance(self, end: int) -> None:
+        """The cache holds the buffers' first ``end`` rows (after :meth:`reserve` and the writes)."""
         self.keys = self._key_buffer[:, :, :end]  # (batch, kv_heads, end, head_dim)
         self.values = self._value_buffer[:, :, :end]
-        return self.keys, self.values
 
     @classmethod
     def _grown(cls, old: torch.Tensor | None, new: torch.Tensor, length: int, end: int) -> torch.Tensor:
@@ -137,6 +151,17 @@ class BufferedLayer(DynamicLayer):
         if old is not None and length:
             buffer[:, :, :length] = old[:, :, :length]
         return buffer
+
+
+def buffered_layers(cache: DynamicCache, count: int) -> list[BufferedLayer] | None:
+    """The first ``count`` layers of ``cache`` (of :func:`new_cache`: added where missing), or None where
+    one is not a :class:`BufferedLayer`."""
+    if len(cache.layers) < count and getattr(cache, "layer_class_to_replicate", None) is BufferedLayer:
+        cache.layers.extend(BufferedLayer() for _ in range(count - len(cache.layers)))
+    layers = cache.layers[:count]
+    if len(layers) < count or not all(type(layer) is BufferedLayer for layer in layers):
+        return None
+    return layers
 
 
 def new_cache() -> DynamicCache:
