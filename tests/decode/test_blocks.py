@@ -151,7 +151,7 @@ def test_avx512s_tiles_built_for_any_cpu_compute_the_same(kind):
     """AVX-512's 16-float vectors and tiles (register tiles of up to 16 rows over 4, 2 or 1 groups, wide
     tiles of 12 beyond), through the compiler's generic vectors: the CPUs that test this mostly lack
     AVX-512, and its tiles must give F.linear's outputs with every row independent of the others."""
-    lib = blocks_module.kernel("#define RESTSPEC_WIDE_VECTORS 1\n" + packaged_source())
+    lib = wide_vectors_kernel()
     assert lib is not None and lib is not blocks_module.kernel()
     for rows in (1, 3, 5, 9, 16, 17, 29, 40):
         linear, group, x = kernel_case(rows, 5, 9, kind, seed=rows, bias=False, lib=lib)
@@ -294,12 +294,22 @@ def test_the_decoder_runs_every_layer_with_the_models_logits_and_cache_rows(arch
     assert probe(backend).passed
 
 
-def test_a_tree_row_is_bitwise_the_same_token_decoded_alone_after_compaction():
+def wide_vectors_kernel():
+    """The kernel with AVX-512's 16-float vectors on any CPU (generic vectors)."""
+    return blocks_module.kernel("#define RESTSPEC_WIDE_VECTORS 1\n" + packaged_source())
+
+
+@pytest.mark.parametrize(
+    ("arch", "head_dim", "wide"),
+    [("llama", 16, False), ("mqa", 64, False), ("llama", 64, True), ("mqa", 16, True)],
+)
+def test_a_tree_row_is_bitwise_the_same_token_decoded_alone_after_compaction(arch, head_dim, wide):
     """The tree's rows see only their ancestors: the decoder skips the other keys, so the leaf path
     (1, 5, 6) scored in one forward gives the logits and cache rows of its tokens decoded one at a
-    time, bit for bit."""
-    model = gguf_model("llama", "Q4_K_M")
-    backend = backend_by_name(model, "direct-blocks")
+    time, bit for bit; with AVX2's vectors and AVX-512's (wide), one to four heads per key/value head,
+    heads of 1 to 8 vectors."""
+    model = gguf_model(arch, "Q4_K_M", head_dim=head_dim)
+    backend = DirectBackend(model, BlockWeights.of(model, wide_vectors_kernel() if wide else None))
     spy = DecoderSpy(backend)
     prompt = np.random.default_rng(1).integers(0, VOCAB, size=40)
     tree_cache, alone_cache = prefilled(backend, prompt[:-1]), prefilled(backend, prompt[:-1])

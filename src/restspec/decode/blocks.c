@@ -409,44 +409,103 @@ static void rope(float *x, int R, int stride, int heads, int D, const float *cos
         }
 }
 
-/* one row's attention for the heads of one key/value head: q (heads x D, stride apart) -> out (same);
-   scores: heads x visible floats */
+/* Scores of WIDTH keys at once: acc[b] sums q * key b by parts, then the WIDTH sums are folded into one
+   vector (lane b: key b), pairing lanes in the order hsum() does. */
+#if WIDTH == 16
+#define FOLDS(X)                                                                                        \
+    X(((vi){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}),                                   \
+      ((vi){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}))                             \
+    X(((vi){0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}),                                 \
+      ((vi){4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}))                               \
+    X(((vi){0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}),                                 \
+      ((vi){2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}))                               \
+    X(((vi){0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}),                                \
+      ((vi){1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}))
+#else
+#define FOLDS(X)                                                                                        \
+    X(((vi){0, 1, 2, 3, 8, 9, 10, 11}), ((vi){4, 5, 6, 7, 12, 13, 14, 15}))                             \
+    X(((vi){0, 1, 4, 5, 8, 9, 12, 13}), ((vi){2, 3, 6, 7, 10, 11, 14, 15}))                             \
+    X(((vi){0, 2, 4, 6, 8, 10, 12, 14}), ((vi){1, 3, 5, 7, 9, 11, 13, 15}))
+#endif
+
+static inline vf score_block(const float *q, const float *keys, int D) {
+    vf acc[WIDTH];
+    for (int b = 0; b < WIDTH; b++) acc[b] = (vf){0};
+    for (int p = 0; p < D / WIDTH; p++) {
+        vf qp = load(q + p * WIDTH);
+        for (int b = 0; b < WIDTH; b++) acc[b] += qp * load(keys + (size_t)b * D + p * WIDTH);
+    }
+    int count = WIDTH;
+#define FOLD(LO, HI)                                                                                    \
+    for (int i = 0; i < count / 2; i++)                                                                 \
+        acc[i] = __builtin_shuffle(acc[2 * i], acc[2 * i + 1], LO) + __builtin_shuffle(acc[2 * i], acc[2 * i + 1], HI); \
+    count /= 2;
+    FOLDS(FOLD)
+#undef FOLD
+    return acc[0];
+}
+
+/* Values of the keys `index` (count of them) weighted by each head's e (heads x stride floats, one per
+   key of the list), summed in list order: parts p0 .. p0 + C - 1 of H heads' outputs (out: H x parts). */
+#define DEFINE_WEIGHTED(H, C)                                                                           \
+    static void weighted_##H##_##C(const float *e, size_t stride, const int *index, int count,          \
+                                   const float *values, int D, int p0, vf *out, int parts) {             \
+        vf acc[H][C];                                                                                   \
+        for (int h = 0; h < H; h++)                                                                     \
+            for (int p = 0; p < C; p++) acc[h][p] = (vf){0};                                            \
+        for (int t = 0; t < count; t++) {                                                               \
+            const float *v = values + (size_t)index[t] * D + p0 * WIDTH;                                \
+            for (int h = 0; h < H; h++)                                                                 \
+                for (int p = 0; p < C; p++) acc[h][p] += e[h * stride + t] * load(v + p * WIDTH);       \
+        }                                                                                               \
+        for (int h = 0; h < H; h++)                                                                     \
+            for (int p = 0; p < C; p++) out[h * parts + p0 + p] = acc[h][p];                            \
+    }
+#define WEIGHTED_SIZES(X) X(1, 1) X(1, 2) X(1, 4) X(2, 1) X(2, 2) X(2, 4) X(3, 1) X(3, 2) X(3, 4)
+WEIGHTED_SIZES(DEFINE_WEIGHTED)
+typedef void (*weighted_fn)(const float *, size_t, const int *, int, const float *, int, int, vf *, int);
+#define WEIGHTED_ENTRY(H, C) [H][C] = weighted_##H##_##C,
+static const weighted_fn weighted[4][5] = {WEIGHTED_SIZES(WEIGHTED_ENTRY)};
+
+/* One row's attention for the heads of one key/value head: q (heads x D, stride apart) -> out (same).
+   The keys are read once for all heads: scores by blocks of WIDTH keys, each head's weights, then the
+   values of the keys the row may see, in cache order. scores: heads x (visible rounded up to WIDTH)
+   floats; index: visible ints. */
 static void attend_row(const float *q, int stride, int heads, int D, const float *keys, const float *values,
-                       int visible, const float *mask, float scaling, float *scores, float *out) {
-    int parts = D / WIDTH;
-    float top[heads];
-    for (int h = 0; h < heads; h++) top[h] = -INFINITY;
-    for (int j = 0; j < visible; j++) {
-        if (mask && mask[j] <= MASKED) {
-            for (int h = 0; h < heads; h++) scores[(size_t)h * visible + j] = -INFINITY;
-            continue;
+                       int visible, const float *mask, float scaling, float *scores, int *index, float *out) {
+    int parts = D / WIDTH, blocks = (visible + WIDTH - 1) / WIDTH, full = visible / WIDTH;
+    vf acc[heads * parts];
+    size_t room = (size_t)blocks * WIDTH;
+    float tail[WIDTH * D]; /* the last block's keys, zero-padded: every key goes through score_block */
+    memset(tail, 0, sizeof tail);
+    memcpy(tail, keys + (size_t)full * WIDTH * D, (size_t)(visible - full * WIDTH) * D * sizeof(float));
+    for (int b = 0; b < blocks; b++) {
+        const float *block = b < full ? keys + (size_t)b * WIDTH * D : tail;
+        for (int h = 0; h < heads; h++) store(scores + h * room + b * WIDTH, score_block(q + h * stride, block, D) * scaling);
+    }
+    int count = 0; /* the keys the row sees */
+    for (int j = 0; j < visible; j++)
+        if (!mask || mask[j] > MASKED) index[count++] = j;
+    for (int h = 0; h < heads; h++) {
+        float *sh = scores + h * room, top = -INFINITY;
+        for (int t = 0; t < count; t++) { /* the seen keys' scores, packed in list order */
+            int j = index[t];
+            sh[t] = sh[j] + (mask ? mask[j] : 0.0f);
+            top = sh[t] > top ? sh[t] : top;
         }
-        const float *k = keys + (size_t)j * D;
-        for (int h = 0; h < heads; h++) {
-            const float *qh = q + h * stride;
-            vf acc = load(qh) * load(k);
-            for (int p = 1; p < parts; p++) acc += load(qh + p * WIDTH) * load(k + p * WIDTH);
-            float s = hsum(acc) * scaling + (mask ? mask[j] : 0.0f);
-            scores[(size_t)h * visible + j] = s;
-            top[h] = s > top[h] ? s : top[h];
-        }
+        for (int t = count; t < (int)room; t++) sh[t] = -INFINITY;
+        for (int b = 0; b * WIDTH < count; b++) store(sh + b * WIDTH, vexp(load(sh + b * WIDTH) - top));
+    }
+    int C = parts % 4 == 0 ? 4 : parts % 2 == 0 ? 2 : 1;
+    for (int h0 = 0; h0 < heads; h0 += 3) {
+        int H = heads - h0 < 3 ? heads - h0 : 3;
+        for (int p0 = 0; p0 < parts; p0 += C)
+            weighted[H][C](scores + h0 * room, room, index, count, values, D, p0, acc + (size_t)h0 * parts, parts);
     }
     for (int h = 0; h < heads; h++) {
-        float *sh = scores + (size_t)h * visible;
-        int j = 0;
-        for (; j + WIDTH <= visible; j += WIDTH) store(sh + j, vexp(load(sh + j) - top[h]));
-        for (; j < visible; j++) sh[j] = sexp(sh[j] - top[h]);
         float total = 0;
-        vf acc[parts];
-        for (int p = 0; p < parts; p++) acc[p] = (vf){0};
-        for (j = 0; j < visible; j++) {
-            float e = sh[j];
-            if (e == 0.0f) continue; /* hidden (or underflowed) keys add nothing */
-            total += e;
-            const float *v = values + (size_t)j * D;
-            for (int p = 0; p < parts; p++) acc[p] += e * load(v + p * WIDTH);
-        }
-        for (int p = 0; p < parts; p++) store(out + h * stride + p * WIDTH, acc[p] / total);
+        for (int t = 0; t < count; t++) total += scores[h * room + t];
+        for (int p = 0; p < parts; p++) store(out + h * stride + p * WIDTH, acc[h * parts + p] / total);
     }
 }
 
@@ -458,7 +517,8 @@ static void attention(const struct model_ref *M, int layer, const float *qkv, in
     (void)n;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc((size_t)group * (most ? most : 1) * sizeof(float));
+        float *scores = malloc((size_t)group * (most + WIDTH) * sizeof(float));
+        int *index = malloc((size_t)(most + 1) * sizeof(int));
 #pragma omp for schedule(dynamic)
         for (int item = 0; item < n * M->kv_heads; item++) {
             int row = item / M->kv_heads, g = item % M->kv_heads, s = 0;
@@ -469,18 +529,19 @@ static void attention(const struct model_ref *M, int layer, const float *qkv, in
             int visible = S->causal ? S->past + i + 1 : width;
             const float *mask = S->causal ? 0 : S->mask + (size_t)i * width;
             attend_row(qkv + (size_t)row * qkv_out + (size_t)g * group * D, D, group, D, S->keys[layer] + head,
-                       S->values[layer] + head, visible, mask, M->layer[layer].scaling, scores,
+                       S->values[layer] + head, visible, mask, M->layer[layer].scaling, scores, index,
                        out + (size_t)row * M->q_heads * D + (size_t)g * group * D);
         }
-        free(scores);
+        free(scores), free(index);
     }
 }
 
 /* floats of the workspace restspec_decoder takes for n rows */
 size_t restspec_decoder_floats(const struct model_ref *M, int n) {
-    size_t D = M->head_dim, widest = M->inter > M->hidden ? M->inter : M->hidden;
-    size_t qkv_out = (M->q_heads + 2 * M->kv_heads) * D;
-    return (size_t)n * (M->hidden + qkv_out + M->q_heads * D + 3 * (size_t)M->inter + widest);
+    size_t D = M->head_dim, q_size = M->q_heads * D, qkv_out = (M->q_heads + 2 * M->kv_heads) * D;
+    size_t widest = M->inter > M->hidden ? M->inter : M->hidden; /* the linears' widest input */
+    widest = q_size > widest ? q_size : widest;
+    return (size_t)n * (M->hidden + qkv_out + q_size + 3 * (size_t)M->inter + widest);
 }
 
 /* x (n x hidden) through every layer; cos, sin (n x head_dim); work: restspec_decoder_floats(M, n) floats */
