@@ -19,6 +19,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#define THREAD() omp_get_thread_num()
+#else
+#define THREAD() 0
+#endif
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -509,16 +515,19 @@ static void attend_row(const float *q, int stride, int heads, int D, const float
     }
 }
 
+/* floats of scratch one thread of attention() takes, for keys up to `most` */
+static size_t attention_floats(const struct model_ref *M, int most) {
+    return (size_t)M->q_heads / M->kv_heads * (most + WIDTH) + most + 1;
+}
+
+/* scratch: attention_floats(M, most) floats for each of `threads` threads */
 static void attention(const struct model_ref *M, int layer, const float *qkv, int n, int segments,
-                      const struct segment_ref *seg, float *out, int threads) {
+                      const struct segment_ref *seg, float *out, int most, float *scratch, int threads) {
     int D = M->head_dim, group = M->q_heads / M->kv_heads, qkv_out = (M->q_heads + 2 * M->kv_heads) * D;
-    int most = 0;
-    for (int s = 0; s < segments; s++) most = seg[s].past + seg[s].rows > most ? seg[s].past + seg[s].rows : most;
-    (void)n;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc((size_t)group * (most + WIDTH) * sizeof(float));
-        int *index = malloc((size_t)(most + 1) * sizeof(int));
+        float *scores = scratch + attention_floats(M, most) * THREAD();
+        int *index = (int *)(scores + (size_t)group * (most + WIDTH));
 #pragma omp for schedule(dynamic)
         for (int item = 0; item < n * M->kv_heads; item++) {
             int row = item / M->kv_heads, g = item % M->kv_heads, s = 0;
@@ -532,25 +541,41 @@ static void attention(const struct model_ref *M, int layer, const float *qkv, in
                        S->values[layer] + head, visible, mask, M->layer[layer].scaling, scores, index,
                        out + (size_t)row * M->q_heads * D + (size_t)g * group * D);
         }
-        free(scores), free(index);
     }
 }
 
-/* floats of the workspace restspec_decoder takes for n rows */
-size_t restspec_decoder_floats(const struct model_ref *M, int n) {
-    size_t D = M->head_dim, q_size = M->q_heads * D, qkv_out = (M->q_heads + 2 * M->kv_heads) * D;
-    size_t widest = M->inter > M->hidden ? M->inter : M->hidden; /* the linears' widest input */
-    widest = q_size > widest ? q_size : widest;
-    return (size_t)n * (M->hidden + qkv_out + q_size + 3 * (size_t)M->inter + widest);
+/* the longest key run of the segments (past + rows) */
+static int longest(int segments, const struct segment_ref *seg) {
+    int most = 0;
+    for (int s = 0; s < segments; s++) most = seg[s].past + seg[s].rows > most ? seg[s].past + seg[s].rows : most;
+    return most;
 }
 
-/* x (n x hidden) through every layer; cos, sin (n x head_dim); work: restspec_decoder_floats(M, n) floats */
+/* the linears' widest input */
+static size_t widest_input(const struct model_ref *M) {
+    size_t q_size = (size_t)M->q_heads * M->head_dim, widest = M->inter > M->hidden ? M->inter : M->hidden;
+    return q_size > widest ? q_size : widest;
+}
+
+/* floats of the workspace restspec_decoder takes for these segments (n rows in all): per row the hidden
+   state, q/k/v, attention's output, gate/up, the gated product and the packed rows of a linear's input;
+   then each thread's scratch for attention */
+size_t restspec_decoder_floats(const struct model_ref *M, int n, int segments, const struct segment_ref *seg,
+                               int threads) {
+    size_t D = M->head_dim, q_size = M->q_heads * D, qkv_out = (M->q_heads + 2 * M->kv_heads) * D;
+    return (size_t)n * (M->hidden + qkv_out + q_size + 3 * (size_t)M->inter + widest_input(M)) +
+           attention_floats(M, longest(segments, seg)) * threads;
+}
+
+/* x (n x hidden) through every layer; cos, sin (n x head_dim); work: restspec_decoder_floats(...) floats */
 void restspec_decoder(const struct model_ref *M, float *x, int n, const float *cos, const float *sin,
                       int segments, const struct segment_ref *seg, float *work, int threads) {
     int H = M->hidden, D = M->head_dim, q_size = M->q_heads * D, kv_size = M->kv_heads * D;
     int qkv_out = q_size + 2 * kv_size, I = M->inter;
     float *h = work, *qkv = h + (size_t)n * H, *attn = qkv + (size_t)n * qkv_out;
     float *gu = attn + (size_t)n * q_size, *act = gu + (size_t)n * 2 * I, *packed = act + (size_t)n * I;
+    float *scratch = packed + (size_t)n * widest_input(M);
+    int most = longest(segments, seg);
     for (int l = 0; l < M->layers; l++) {
         const struct layer_ref *L = M->layer + l;
         rms_norm(x, n, H, L->in_norm, L->in_eps, h);
@@ -564,7 +589,7 @@ void restspec_decoder(const struct model_ref *M, float *x, int n, const float *c
                     memcpy(seg[s].keys[l] + at, row, D * sizeof(float));
                     memcpy(seg[s].values[l] + at, row + kv_size, D * sizeof(float));
                 }
-        attention(M, l, qkv, n, segments, seg, attn, threads);
+        attention(M, l, qkv, n, segments, seg, attn, most, scratch, threads);
         apply(&L->o, 1, attn, n, h, H, threads, packed);
         for (size_t i = 0; i < (size_t)n * H; i++) x[i] += h[i];
         rms_norm(x, n, H, L->mlp_norm, L->mlp_eps, h);

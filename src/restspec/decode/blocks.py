@@ -356,7 +356,7 @@ def kernel(text: str | None = None) -> ctypes.CDLL | None:
             number,
         ]
         lib.restspec_decoder.restype = None
-        lib.restspec_decoder_floats.argtypes = [pointer, number]
+        lib.restspec_decoder_floats.argtypes = [pointer, number, number, pointer, number]
         lib.restspec_decoder_floats.restype = ctypes.c_size_t
     return lib
 
@@ -636,8 +636,11 @@ class BlockDecoder:
             ends.append(past + rows)
         cos, sin = cos.contiguous(), sin.contiguous()
         n = x.shape[1]
+        threads = torch.get_num_threads()
         with self._lock:  # one call at a time on the workspace
-            floats = self._lib.restspec_decoder_floats(ctypes.byref(self._model), n)
+            floats = self._lib.restspec_decoder_floats(
+                ctypes.byref(self._model), n, len(spans), segments, threads
+            )
             if self._work.numel() < floats:
                 self._work = torch.empty(floats, dtype=torch.float32)
             self._lib.restspec_decoder(
@@ -649,7 +652,7 @@ class BlockDecoder:
                 len(spans),
                 segments,
                 self._work.data_ptr(),
-                torch.get_num_threads(),
+                threads,
             )
         for layers, end in zip(caches, ends, strict=True):
             for layer in layers:  # type: ignore[union-attr]
