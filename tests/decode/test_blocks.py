@@ -354,10 +354,14 @@ def test_a_segment_computes_bitwise_the_same_alone_and_in_a_batch():
 
 
 def test_layers_the_decoder_does_not_know_keep_the_layer_loop():
-    """Heads of 8 (not a multiple of 16 floats) or a part the decoder does not apply (Qwen3's q/k norms)
-    leave the layers to the direct forward's loop, which still serves the block kernel."""
+    """Heads of 8 (not a multiple of 16 floats) or a part the decoder does not apply (Qwen3's q/k norms,
+    layer norms as StableLM's) leave the layers to the direct forward's loop, which still serves the
+    block kernel."""
     small_heads = gguf_model(head_dim=None)
     assert backend_by_name(small_heads, "direct-blocks").direct.decoder is None
+    layer_norms = gguf_model()
+    layer_norms.model.layers[0].input_layernorm = torch.nn.LayerNorm(layer_norms.config.hidden_size)
+    assert BlockDecoder.of(layer_norms, BlockWeights.of(layer_norms), blocks_module.kernel()) is None
     extra = gguf_model()
     extra.model.layers[1].self_attn.q_norm = torch.nn.Identity()
     assert BlockDecoder.of(extra, BlockWeights.of(extra), blocks_module.kernel()) is None

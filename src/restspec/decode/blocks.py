@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from restspec.decode.direct import norm_parts
 from restspec.decode.kernels import GroupIndex, cpu_float32_linears, joined_bias, shared_input_groups
 
 log = logging.getLogger(__name__)
@@ -579,8 +580,8 @@ class BlockDecoder:
                 len(gate_up),
                 in_norm.weight.data_ptr(),
                 mlp_norm.weight.data_ptr(),
-                _norm_eps(in_norm),
-                _norm_eps(mlp_norm),
+                norm_parts(in_norm)[1],
+                norm_parts(mlp_norm)[1],
                 self._scaling[index],
             )
         self._table = table
@@ -589,8 +590,8 @@ class BlockDecoder:
     @classmethod
     def of(cls, model: Any, weights: GroupIndex, lib: ctypes.CDLL) -> BlockDecoder | None:
         """The decoder of ``model`` (a Llama-family ``*ForCausalLM`` in float32) over its block-encoded
-        ``weights``; None where a layer has parts it does not run (:data:`LAYER_PARTS`), an activation
-        other than SiLU, float32 parameters that are not contiguous, or a linear that is not encoded."""
+        ``weights``; None where a layer has parts it does not run (:data:`LAYER_PARTS`), norms other than
+        RMS norms, an activation other than SiLU, or a linear that is not encoded."""
         try:
             layers = list(model.model.layers[: model.config.num_hidden_layers])
             found = [_layer_groups(layer, weights) for layer in layers]
@@ -606,9 +607,12 @@ class BlockDecoder:
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list) -> bool:
         """``x`` (1, n, hidden) through every layer in place, rows ``spans`` (start, end, cache, mask,
         causal) each attending to its own cache; False (nothing done) where a cache is not of
-        :func:`~restspec.decode.verify.new_cache` or a linear no longer decodes from codes."""
+        :func:`~restspec.decode.verify.new_cache`, a linear no longer decodes from codes or the rotary
+        positions cover part of each head only."""
         from restspec.decode.verify import buffered_layers
 
+        if cos.shape[-1] != self.head_dim:  # rotary positions on part of each head only
+            return False
         if tuple(t._version for t in self._tensors) != self._version:  # weights changed in place
             if not all(g.refresh() for g in self.groups):
                 return False
@@ -681,11 +685,6 @@ def _linear_refs(groups: list[BlockGroup]) -> list[_Linear]:
     return refs
 
 
-def _norm_eps(module: Any) -> float:
-    eps = getattr(module, "variance_epsilon", None)
-    return float(module.eps if eps is None else eps)
-
-
 def _layer_groups(layer: Any, weights: GroupIndex) -> list[list[BlockGroup]] | None:
     """A layer's groups for q/k/v, o, gate/up and down (one joint group or one per linear), encoded, or
     None where the decoder does not run it."""
@@ -700,8 +699,15 @@ def _layer_groups(layer: Any, weights: GroupIndex) -> list[list[BlockGroup]] | N
         "SiLUActivation",
     ):
         return None
-    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    if any(w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu" for w in norms):
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if any(
+        "RMSNorm" not in type(norm).__name__
+        or getattr(norm, "bias", None) is not None
+        or norm.weight.dtype != torch.float32
+        or not norm.weight.is_contiguous()
+        or norm.weight.device.type != "cpu"
+        for norm in norms
+    ):
         return None
     found = []
     for modules in (

@@ -85,7 +85,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _norm(module: Any) -> tuple[torch.Tensor, float]:
+def norm_parts(module: Any) -> tuple[torch.Tensor, float]:
     """An RMS norm's weight and epsilon (``variance_epsilon`` in Llama's norm, ``eps`` in others), read
     once."""
     eps = getattr(module, "variance_epsilon", None)
@@ -130,14 +130,14 @@ class DirectForward:
         decoder = model.model
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
-        self.norm = _norm(decoder.norm)
+        self.norm = norm_parts(decoder.norm)
         self.lm_head = _linear(kernels, model.lm_head)
         self.layers = []
         for layer in decoder.layers[: model.config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 _Block(
-                    in_norm=_norm(layer.input_layernorm),
+                    in_norm=norm_parts(layer.input_layernorm),
                     qkv=_linear(kernels, attn.q_proj, attn.k_proj, attn.v_proj),
                     q_size=attn.q_proj.out_features,
                     q_heads=attn.q_proj.out_features // attn.head_dim,
@@ -146,7 +146,7 @@ class DirectForward:
                     scaling=attn.scaling,
                     gqa={"enable_gqa": True} if attn.num_key_value_groups > 1 else {},
                     o_proj=_linear(kernels, attn.o_proj),
-                    mlp_norm=_norm(layer.post_attention_layernorm),
+                    mlp_norm=norm_parts(layer.post_attention_layernorm),
                     gate_up=_linear(kernels, mlp.gate_proj, mlp.up_proj),
                     gate_size=mlp.gate_proj.out_features,
                     act=mlp.act_fn,
