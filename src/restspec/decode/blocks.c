@@ -265,10 +265,15 @@ void restspec_q4_linear(const float *x, int R, int K, const uint8_t *q, const fl
     linear(&format_q4, x, R, K, q, d, m, y, N, N, threads, 0);
 }
 
+/* the format of codes with offsets m (q4) or without, in blocks of `block` inputs (32 or 16) */
+static const struct format *format_of(const float *m, int block) {
+    return m ? &format_q4 : block == q8x16_BLOCK ? &format_q8x16 : &format_q8;
+}
+
 /* block: 32 (q8) or 16 (q8x16) */
 void restspec_q8_linear(const float *x, int R, int K, const uint8_t *q, const float *d, int block, float *y,
                         int N, int threads) {
-    linear(block == q8x16_BLOCK ? &format_q8x16 : &format_q8, x, R, K, q, d, 0, y, N, N, threads, 0);
+    linear(format_of(0, block), x, R, K, q, d, 0, y, N, N, threads, 0);
 }
 
 /* ---- the decoder: every layer of a Llama-family model in one call ------------------------------------
@@ -312,8 +317,8 @@ struct segment_ref {
 static void apply(const struct linear_ref *l, int parts, const float *x, int R, float *y, int stride, int threads,
                   float *work) {
     for (; parts--; l++) {
-        const struct format *f = l->m ? &format_q4 : l->block == q8x16_BLOCK ? &format_q8x16 : &format_q8;
-        linear(f, x, R, l->in, l->q, l->d, l->m, y + l->offset, l->out, stride, threads, work);
+        linear(format_of(l->m, l->block), x, R, l->in, l->q, l->d, l->m, y + l->offset, l->out, stride, threads,
+               work);
         if (l->bias)
             for (int r = 0; r < R; r++)
                 for (int i = 0; i < l->out; i++) y[(size_t)r * stride + l->offset + i] += l->bias[i];
