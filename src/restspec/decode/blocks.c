@@ -10,6 +10,9 @@
      q8:    scaled 8-bit, blocks of 32: w = d * q, q in -128..127 (rounded as the loader rounded it):
             Q8_0, Q4_0, Q5_0;
      q8x16: scaled 8-bit, blocks of 16: Q6_K, Q3_K.
+   A block's products are summed over its codes first: y += d * sum(x * q) + m * sum(x), so the weights
+   are never formed (a scale per block instead of a multiply-add per weight); sum(x) per row and block
+   is computed once per call (block_sums).
    Layout: output rows in groups of 16 (a lane each: one vector of 16 floats with AVX-512, two of 8
    with AVX2). Per group, codes by input k:
    4-bit: byte [k/2][lane], low nibble for even k, high for odd k; 8-bit: byte [k][lane].
@@ -68,85 +71,165 @@ typedef int32_t vi __attribute__((vector_size(WIDTH * 4)));
 DEFINE_WIDEN(widen_u8, uint8_t, epu8)
 DEFINE_WIDEN(widen_i8, int8_t, epi8)
 
-/* The weights of inputs k and k + 1 (k even) of one group's lanes part * WIDTH.. (part + 1) * WIDTH - 1. */
-#define q4_WEIGHTS weights_q4
+/* The codes of inputs k and k + 1 (k even) of one group's lanes part * WIDTH.. (part + 1) * WIDTH - 1, as
+   floats. */
+#define q4_CODES codes_q4
 #define q4_BYTES 8 /* code bytes per input and group */
 #define q4_BLOCK 32
-#define q8_WEIGHTS weights_q8
+#define q8_CODES codes_q8
 #define q8_BYTES 16
 #define q8_BLOCK 32
-#define q8x16_WEIGHTS weights_q8
+#define q8x16_CODES codes_q8
 #define q8x16_BYTES 16
 #define q8x16_BLOCK 16
-static inline void weights_q4(const uint8_t *q, int k, int part, vf d, vf m, vf *w0, vf *w1) {
+static inline void codes_q4(const uint8_t *q, int k, int part, vf *w0, vf *w1) {
     vi codes = widen_u8(q + (size_t)k * 8 + part * WIDTH);
-    *w0 = d * __builtin_convertvector(codes & 15, vf) + m;
-    *w1 = d * __builtin_convertvector(codes >> 4, vf) + m;
+    *w0 = __builtin_convertvector(codes & 15, vf);
+    *w1 = __builtin_convertvector(codes >> 4, vf);
 }
 
-static inline void weights_q8(const uint8_t *q, int k, int part, vf d, vf m, vf *w0, vf *w1) {
-    (void)m;
-    *w0 = d * __builtin_convertvector(widen_i8((const int8_t *)q + (size_t)k * 16 + part * WIDTH), vf);
-    *w1 = d * __builtin_convertvector(widen_i8((const int8_t *)q + (size_t)(k + 1) * 16 + part * WIDTH), vf);
+static inline void codes_q8(const uint8_t *q, int k, int part, vf *w0, vf *w1) {
+    *w0 = __builtin_convertvector(widen_i8((const int8_t *)q + (size_t)k * 16 + part * WIDTH), vf);
+    *w1 = __builtin_convertvector(widen_i8((const int8_t *)q + (size_t)(k + 1) * 16 + part * WIDTH), vf);
 }
 
-/* T input rows times G groups of 16 output rows: y[r][16 g + lane] for r < T, g < G. */
+/* a * b + c, rounded once: explicit where the vector unit has it, so that the compiler's choice of where to
+   fuse cannot differ between the tiles (a row's outputs must not depend on the tile that computed it) */
+static inline vf fmadd(vf a, vf b, vf c) {
+#if defined(__AVX512F__) && WIDTH == 16
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__) && WIDTH == 8
+    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#elif defined(__FP_FAST_FMAF) /* other vectors (the tests' wide ones): lane by lane, vectorized by the compiler */
+    vf r;
+    for (int i = 0; i < WIDTH; i++) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
+    return r;
+#else /* no fused multiply-add in hardware: nothing to fuse */
+    return a * b + c;
+#endif
+}
+
+/* v in every lane */
+static inline vf splat(float v) {
+#if defined(__AVX512F__) && WIDTH == 16
+    return (vf)_mm512_set1_ps(v);
+#elif defined(__AVX2__) && WIDTH == 8
+    return (vf)_mm256_set1_ps(v);
+#else
+    vf r;
+    for (int i = 0; i < WIDTH; i++) r[i] = v;
+    return r;
+#endif
+}
+
+static inline vf load(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* the lanes' sum, by folding halves (the same order in every use) */
+static inline float hsum(vf v) {
+#if WIDTH == 16
+    v += __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+#else
+    v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3});
+    v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5});
+    v += __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6});
+#endif
+    return v[0];
+}
+
+/* a row's sums (one part of its lanes) after a block: acc + d * s + m * sum. Every path ends each block of
+   each row and lane with this, so a row's outputs do not depend on the path. */
+static inline vf end_block(vf acc, vf s, vf d, const float *m, float sum) {
+    acc = fmadd(d, s, acc);
+    return m ? fmadd(load(m), splat(sum), acc) : acc;
+}
+
+/* T input rows times G groups of 16 output rows: y[r][16 g + lane] for r < T, g < G; sums: the rows'
+   block_sums (read where m is given). */
 #define DEFINE_TILE(FMT, T, G)                                                                          \
     static void tile_##FMT##_##T##_##G(const float *x, int K, const uint8_t *q, const float *d,           \
-                                       const float *m, float *y, int N) {                               \
-        vf acc[T][G][PARTS];                                                                            \
+                                       const float *m, const float *sums, float *y, int N) {            \
         size_t q_group = (size_t)K * FMT##_BYTES, s_group = (size_t)K / FMT##_BLOCK * 16;               \
+        int blocks = K / FMT##_BLOCK;                                                                   \
+        vf acc[T][G][PARTS];                                                                            \
         for (int r = 0; r < T; r++)                                                                     \
             for (int g = 0; g < G; g++)                                                                 \
                 for (int p = 0; p < PARTS; p++) acc[r][g][p] = (vf){0};                                 \
-        for (int b = 0; b < K / FMT##_BLOCK; b++) {                                                     \
-            vf db[G][PARTS], mb[G][PARTS];                                                              \
-            for (int g = 0; g < G; g++)                                                                 \
-                for (int p = 0; p < PARTS; p++) {                                                       \
-                    memcpy(&db[g][p], d + g * s_group + b * 16 + p * WIDTH, sizeof(vf));                \
-                    if (m) memcpy(&mb[g][p], m + g * s_group + b * 16 + p * WIDTH, sizeof(vf));         \
-                    else mb[g][p] = (vf){0};                                                            \
-                }                                                                                       \
+        for (int b = 0; b < blocks; b++) {                                                              \
+            vf s[T][G][PARTS];                                                                          \
+            for (int r = 0; r < T; r++)                                                                 \
+                for (int g = 0; g < G; g++)                                                             \
+                    for (int p = 0; p < PARTS; p++) s[r][g][p] = (vf){0};                               \
             for (int k = b * FMT##_BLOCK; k < (b + 1) * FMT##_BLOCK; k += 2)                            \
                 for (int g = 0; g < G; g++)                                                             \
                     for (int p = 0; p < PARTS; p++) {                                                   \
                         vf w0, w1;                                                                      \
-                        FMT##_WEIGHTS(q + g * q_group, k, p, db[g][p], mb[g][p], &w0, &w1);             \
-                        for (int r = 0; r < T; r++) { /* two fused multiply-adds */                     \
-                            acc[r][g][p] += x[(size_t)r * K + k] * w0;                                  \
-                            acc[r][g][p] += x[(size_t)r * K + k + 1] * w1;                              \
+                        FMT##_CODES(q + g * q_group, k, p, &w0, &w1);                                   \
+                        for (int r = 0; r < T; r++) {                                                   \
+                            s[r][g][p] = fmadd(splat(x[(size_t)r * K + k]), w0, s[r][g][p]);         \
+                            s[r][g][p] = fmadd(splat(x[(size_t)r * K + k + 1]), w1, s[r][g][p]);        \
                         }                                                                               \
                     }                                                                                   \
+            for (int g = 0; g < G; g++)                                                                 \
+                for (int p = 0; p < PARTS; p++) {                                                       \
+                    size_t at = g * s_group + b * 16 + p * WIDTH;                                       \
+                    vf db = load(d + at);                                                               \
+                    for (int r = 0; r < T; r++)                                                         \
+                        acc[r][g][p] = end_block(acc[r][g][p], s[r][g][p], db, m ? m + at : 0,          \
+                                                 m ? sums[(size_t)r * blocks + b] : 0);                 \
+                }                                                                                       \
         }                                                                                               \
         for (int r = 0; r < T; r++)                                                                     \
             for (int g = 0; g < G; g++)                                                                 \
-                for (int p = 0; p < PARTS; p++)                                                         \
-                    memcpy(y + (size_t)r * N + g * 16 + p * WIDTH, &acc[r][g][p], sizeof(vf));          \
+                for (int p = 0; p < PARTS; p++) store(y + (size_t)r * N + g * 16 + p * WIDTH, acc[r][g][p]); \
     }
 
-/* More input rows than one tile above holds: a group's weights for CHUNK inputs k decoded once into a
+/* More input rows than one tile above holds: a group's codes for CHUNK inputs k converted once into a
    buffer w[k][part], then every tile of up to WIDE_ROWS rows reads them from there (x packed as [k][row]
-   per tile), its accumulators kept in y between chunks (see linear()). Every row and lane still sums its
-   products in the order of k, as the tiles above do: a row's outputs are bitwise the same at every width. */
-#define DEFINE_WIDE_TILE(T)                                                                             \
-    static void wide_tile_##T(const float *x, const vf (*w)[PARTS], int count, float *y, int N, int first) { \
+   per tile), block by block, its sums kept in y between chunks. Every row and lane still sums its
+   products in the order of k and ends each block as the tiles above do: a row's outputs are bitwise the
+   same at every width. */
+#define DEFINE_WIDE_TILE(FMT, T)                                                                        \
+    static void wide_tile_##FMT##_##T(const float *x, const vf (*w)[PARTS], int count, int b0, const float *d, \
+                                      const float *m, const float *sums, int blocks, float *y, int N) { \
         vf acc[T][PARTS];                                                                               \
         for (int r = 0; r < T; r++)                                                                     \
-            for (int p = 0; p < PARTS; p++)                                                             \
-                if (first) acc[r][p] = (vf){0};                                                         \
-                else memcpy(&acc[r][p], y + (size_t)r * N + p * WIDTH, sizeof(vf));                    \
-        for (int k = 0; k < count; k++)                                                                 \
-            for (int r = 0; r < T; r++) {                                                               \
-                float xr = x[k * T + r];                                                                \
-                for (int p = 0; p < PARTS; p++) acc[r][p] += xr * w[k][p];                              \
+            for (int p = 0; p < PARTS; p++) acc[r][p] = b0 ? load(y + (size_t)r * N + p * WIDTH) : (vf){0}; \
+        for (int c = 0; c < count / FMT##_BLOCK; c++) {                                                 \
+            vf s[T][PARTS];                                                                             \
+            for (int r = 0; r < T; r++)                                                                 \
+                for (int p = 0; p < PARTS; p++) s[r][p] = (vf){0};                                      \
+            _Pragma("GCC unroll 4") /* measured faster than none, 8 or all */                           \
+            for (int k = c * FMT##_BLOCK; k < (c + 1) * FMT##_BLOCK; k++)                               \
+                for (int r = 0; r < T; r++) {                                                           \
+                    vf xr = splat(x[k * T + r]);                                                        \
+                    for (int p = 0; p < PARTS; p++) s[r][p] = fmadd(xr, w[k][p], s[r][p]);              \
+                }                                                                                       \
+            for (int p = 0; p < PARTS; p++) {                                                           \
+                size_t at = (size_t)(b0 + c) * 16 + p * WIDTH;                                          \
+                vf db = load(d + at);                                                                   \
+                for (int r = 0; r < T; r++)                                                             \
+                    acc[r][p] = end_block(acc[r][p], s[r][p], db, m ? m + at : 0,                       \
+                                          m ? sums[(size_t)r * blocks + b0 + c] : 0);                   \
             }                                                                                           \
+        }                                                                                               \
         for (int r = 0; r < T; r++)                                                                     \
-            for (int p = 0; p < PARTS; p++) memcpy(y + (size_t)r * N + p * WIDTH, &acc[r][p], sizeof(vf)); \
+            for (int p = 0; p < PARTS; p++) store(y + (size_t)r * N + p * WIDTH, acc[r][p]);            \
     }
 
-typedef void (*tile_fn)(const float *, int, const uint8_t *, const float *, const float *, float *, int);
-typedef void (*wide_tile_fn)(const float *, const vf (*)[PARTS], int, float *, int, int);
-typedef void (*decode_fn)(const uint8_t *, int, const float *, const float *, vf (*)[PARTS]);
+typedef void (*tile_fn)(const float *, int, const uint8_t *, const float *, const float *, const float *, float *,
+                        int);
+typedef void (*wide_tile_fn)(const float *, const vf (*)[PARTS], int, int, const float *, const float *,
+                             const float *, int, float *, int);
+typedef void (*decode_fn)(const uint8_t *, int, vf (*)[PARTS]);
 
 /* Tiles of 1..ROWS input rows, GROUPS(rows) groups side by side (accumulators: rows x groups x PARTS
    vector registers of the 32 that AVX-512 has, 16 with AVX2), and tiles of one group for the groups left
@@ -161,40 +244,38 @@ typedef void (*decode_fn)(const uint8_t *, int, const float *, const float *, vf
     X(F, 7, 1) X(F, 8, 1) X(F, 9, 1) X(F, 10, 1) X(F, 11, 1) X(F, 12, 1) X(F, 13, 1)   \
     X(F, 14, 1) X(F, 15, 1) X(F, 16, 1)
 #define WIDE_ROWS 12
-#define WIDE(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
+#define WIDE(X, F) X(F, 1) X(F, 2) X(F, 3) X(F, 4) X(F, 5) X(F, 6) X(F, 7) X(F, 8) X(F, 9) X(F, 10) X(F, 11) \
+    X(F, 12)
 #else
 #define ROWS 6
 #define GROUPS(rows) ((rows) <= 1 ? 4 : (rows) <= 3 ? 2 : 1)
 #define MULTI(X, F) X(F, 1, 4) X(F, 2, 2) X(F, 3, 2)
 #define SINGLE(X, F) X(F, 1, 1) X(F, 2, 1) X(F, 3, 1) X(F, 4, 1) X(F, 5, 1) X(F, 6, 1)
 #define WIDE_ROWS 6
-#define WIDE(X) X(1) X(2) X(3) X(4) X(5) X(6)
+#define WIDE(X, F) X(F, 1) X(F, 2) X(F, 3) X(F, 4) X(F, 5) X(F, 6)
 #endif
-WIDE(DEFINE_WIDE_TILE)
-#define WIDE_ENTRY(T) [T] = wide_tile_##T,
 #define CHUNK 256 /* inputs k decoded at a time for the wide tiles (16 KiB: 128 and 64 measured slower) */
-static const wide_tile_fn wide_tiles[WIDE_ROWS + 1] = {WIDE(WIDE_ENTRY)};
 
 #define ENTRY(F, T, G) [T] = tile_##F##_##T##_##G,
-/* decode_FMT: block b of one group's weights, by input k of the block and part */
+#define WIDE_ENTRY(F, T) [T] = wide_tile_##F##_##T,
+/* decode_FMT: block b of one group's codes as floats, by input k of the block and part */
 #define DEFINE_FORMAT(FMT)                                                                              \
     MULTI(DEFINE_TILE, FMT) SINGLE(DEFINE_TILE, FMT)                                                    \
     static const tile_fn multi_##FMT[ROWS + 1] = {MULTI(ENTRY, FMT)};                                   \
     static const tile_fn single_##FMT[ROWS + 1] = {SINGLE(ENTRY, FMT)};                                 \
-    static void decode_##FMT(const uint8_t *q, int b, const float *d, const float *m, vf (*w)[PARTS]) { \
-        for (int p = 0; p < PARTS; p++) {                                                               \
-            vf db, mb = (vf){0};                                                                        \
-            memcpy(&db, d + b * 16 + p * WIDTH, sizeof(vf));                                            \
-            if (m) memcpy(&mb, m + b * 16 + p * WIDTH, sizeof(vf));                                     \
+    WIDE(DEFINE_WIDE_TILE, FMT)                                                                         \
+    static const wide_tile_fn wide_##FMT[WIDE_ROWS + 1] = {WIDE(WIDE_ENTRY, FMT)};                      \
+    static void decode_##FMT(const uint8_t *q, int b, vf (*w)[PARTS]) {                                 \
+        for (int p = 0; p < PARTS; p++)                                                                 \
             for (int k = 0; k < FMT##_BLOCK; k += 2)                                                    \
-                FMT##_WEIGHTS(q, b * FMT##_BLOCK + k, p, db, mb, &w[k][p], &w[k + 1][p]);               \
-        }                                                                                               \
+                FMT##_CODES(q, b * FMT##_BLOCK + k, p, &w[k][p], &w[k + 1][p]);                         \
     }                                                                                                   \
-    static const struct format format_##FMT = {multi_##FMT, single_##FMT, decode_##FMT, FMT##_BYTES,    \
-                                               FMT##_BLOCK};
+    static const struct format format_##FMT = {multi_##FMT, single_##FMT, wide_##FMT, decode_##FMT,     \
+                                               FMT##_BYTES, FMT##_BLOCK};
 
 struct format {
     const tile_fn *multi, *single;
+    const wide_tile_fn *wide;
     decode_fn decode;
     size_t bytes; /* code bytes per input and group */
     int block;
@@ -204,24 +285,44 @@ DEFINE_FORMAT(q4)
 DEFINE_FORMAT(q8)
 DEFINE_FORMAT(q8x16)
 
-/* y: rows of `stride` floats, the outputs in the first N; work: room for R * K floats (the packed rows), or
-   NULL: allocated here */
-static void linear(const struct format *f, const float *x, int R, int K, const uint8_t *q, const float *d,
-                   const float *m, float *y, int N, int stride, int threads, float *work) {
-    int groups = N / 16, scales = K / f->block * 16;
+/* floats of the work room linear() takes for R rows of K inputs (the packed rows and the block sums) */
+static size_t linear_floats(int R, int K) { return (size_t)R * K + (size_t)R * (K / 16); }
+
+/* sums[b]: the sum of the inputs of block b of one row x (what a block's offset m multiplies), by vectors */
+static void block_sums(const float *x, int K, int block, float *sums) {
+    for (int b = 0; b < K / block; b++) {
+        const float *xb = x + (size_t)b * block;
+        vf v = load(xb);
+        for (int j = WIDTH; j < block; j += WIDTH) v += load(xb + j);
+        sums[b] = hsum(v);
+    }
+}
+
+/* y: rows of `stride` floats, the outputs in the first N; work: room for linear_floats(R, K) floats, or NULL:
+   allocated here. 0, or -1 (nothing computed) where that allocation failed. */
+static int linear(const struct format *f, const float *x, int R, int K, const uint8_t *q, const float *d,
+                  const float *m, float *y, int N, int stride, int threads, float *work) {
+    int groups = N / 16, blocks = K / f->block, scales = blocks * 16;
+    size_t packed_floats = R > ROWS ? (size_t)R * K : 0, sum_floats = m ? (size_t)R * blocks : 0;
+    float *room = work;
+    if (!room && packed_floats + sum_floats && !(room = malloc((packed_floats + sum_floats) * sizeof(float))))
+        return -1;
+    float *sums = room + packed_floats;
     /* more rows than one tile: x packed by tile (tiles of WIDE_ROWS rows and one of the rest; even tiles
        measured slower), the tile of rows r0..r0 + T - 1 as [K][T] at r0 * K so that it reads its rows'
-       inputs k side by side; each work item a group, its weights decoded once per CHUNK inputs */
-    float *packed = R <= ROWS ? 0 : work ? work : malloc((size_t)R * K * sizeof(float));
-    if (packed) {
+       inputs k side by side; each work item a group, its codes converted once per CHUNK inputs */
+    if (R > ROWS) {
+        float *packed = room;
 #pragma omp parallel num_threads(threads)
         {
 #pragma omp for schedule(static)
             for (int r0 = 0; r0 < R; r0 += WIDE_ROWS) {
                 int T = R - r0 < WIDE_ROWS ? R - r0 : WIDE_ROWS;
-                for (int r = 0; r < T; r++)
+                for (int r = 0; r < T; r++) {
                     for (int k = 0; k < K; k++)
                         packed[(size_t)r0 * K + (size_t)k * T + r] = x[(size_t)(r0 + r) * K + k];
+                    if (m) block_sums(x + (size_t)(r0 + r) * K, K, f->block, sums + (size_t)(r0 + r) * blocks);
+                }
             }
 #pragma omp for schedule(static)
             for (int g = 0; g < groups; g++) {
@@ -229,40 +330,40 @@ static void linear(const struct format *f, const float *x, int R, int K, const u
                 for (int k0 = 0; k0 < K; k0 += CHUNK) {
                     int count = K - k0 < CHUNK ? K - k0 : CHUNK;
                     for (int b = k0 / f->block; b < (k0 + count) / f->block; b++)
-                        f->decode(q + (size_t)g * K * f->bytes, b, d + (size_t)g * scales,
-                                  m ? m + (size_t)g * scales : 0, w + (b * f->block - k0));
+                        f->decode(q + (size_t)g * K * f->bytes, b, w + (b * f->block - k0));
                     for (int r0 = 0; r0 < R; r0 += WIDE_ROWS) {
                         int T = R - r0 < WIDE_ROWS ? R - r0 : WIDE_ROWS;
-                        wide_tiles[T](packed + (size_t)r0 * K + (size_t)k0 * T, (const vf(*)[PARTS])w, count,
-                                      y + (size_t)r0 * stride + (size_t)g * 16, stride, k0 == 0);
+                        f->wide[T](packed + (size_t)r0 * K + (size_t)k0 * T, (const vf(*)[PARTS])w, count,
+                                   k0 / f->block, d + (size_t)g * scales, m ? m + (size_t)g * scales : 0,
+                                   sums + (size_t)r0 * blocks, blocks, y + (size_t)r0 * stride + (size_t)g * 16,
+                                   stride);
                     }
                 }
             }
         }
-        if (packed != work) free(packed);
-        return;
-    }
-    /* up to ROWS rows (or no memory for the packed copy): tiles of up to ROWS rows, each decoding the
-       weights it reads; work items runs of G groups (G of the first row tile's width), then the single
-       groups left */
-    int G = GROUPS(R < ROWS ? R : ROWS), runs = groups / G, items = runs + groups % G;
+    } else {
+        /* up to ROWS rows: one tile of them, converting the codes it reads; work items runs of G groups,
+           then the single groups left */
+        if (m)
+            for (int r = 0; r < R; r++) block_sums(x + (size_t)r * K, K, f->block, sums + (size_t)r * blocks);
+        int G = GROUPS(R), runs = groups / G, items = runs + groups % G;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int i = 0; i < items; i++) {
-        int first = i < runs ? i * G : runs * G + (i - runs), count = i < runs ? G : 1;
-        for (int r0 = 0; r0 < R; r0 += ROWS) {
-            int rows = R - r0 < ROWS ? R - r0 : ROWS;
-            int fits = count > 1 && GROUPS(rows) == count; /* one tile over the item's groups */
-            for (int g = first; g < first + count; g += fits ? count : 1)
-                (fits ? f->multi : f->single)[rows](x + (size_t)r0 * K, K, q + (size_t)g * K * f->bytes,
-                                                      d + (size_t)g * scales, m ? m + (size_t)g * scales : 0,
-                                                      y + (size_t)r0 * stride + (size_t)g * 16, stride);
+        for (int i = 0; i < items; i++) {
+            int first = i < runs ? i * G : runs * G + (i - runs), count = i < runs ? G : 1;
+            const tile_fn *tiles = count > 1 ? f->multi : f->single;
+            for (int g = first; g < first + count; g += count)
+                tiles[R](x, K, q + (size_t)g * K * f->bytes, d + (size_t)g * scales, m ? m + (size_t)g * scales : 0,
+                         sums, y + (size_t)g * 16, stride);
         }
     }
+    if (room != work) free(room);
+    return 0;
 }
 
-void restspec_q4_linear(const float *x, int R, int K, const uint8_t *q, const float *d, const float *m,
-                        float *y, int N, int threads) {
-    linear(&format_q4, x, R, K, q, d, m, y, N, N, threads, 0);
+/* 0, or -1 where no memory was to be had */
+int restspec_q4_linear(const float *x, int R, int K, const uint8_t *q, const float *d, const float *m, float *y,
+                       int N, int threads) {
+    return linear(&format_q4, x, R, K, q, d, m, y, N, N, threads, 0);
 }
 
 /* the format of codes with offsets m (q4) or without, in blocks of `block` inputs (32 or 16) */
@@ -270,10 +371,10 @@ static const struct format *format_of(const float *m, int block) {
     return m ? &format_q4 : block == q8x16_BLOCK ? &format_q8x16 : &format_q8;
 }
 
-/* block: 32 (q8) or 16 (q8x16) */
-void restspec_q8_linear(const float *x, int R, int K, const uint8_t *q, const float *d, int block, float *y,
-                        int N, int threads) {
-    linear(format_of(0, block), x, R, K, q, d, 0, y, N, N, threads, 0);
+/* block: 32 (q8) or 16 (q8x16); 0, or -1 where no memory was to be had */
+int restspec_q8_linear(const float *x, int R, int K, const uint8_t *q, const float *d, int block, float *y, int N,
+                       int threads) {
+    return linear(format_of(0, block), x, R, K, q, d, 0, y, N, N, threads, 0);
 }
 
 /* ---- the decoder: every layer of a Llama-family model in one call ------------------------------------
@@ -318,35 +419,12 @@ static void apply(const struct linear_ref *l, int parts, const float *x, int R, 
                   float *work) {
     for (; parts--; l++) {
         linear(format_of(l->m, l->block), x, R, l->in, l->q, l->d, l->m, y + l->offset, l->out, stride, threads,
-               work);
+               work); /* with its work room: cannot fail */
         if (l->bias)
             for (int r = 0; r < R; r++)
                 for (int i = 0; i < l->out; i++) y[(size_t)r * stride + l->offset + i] += l->bias[i];
     }
 }
-
-/* the lanes' sum, by folding halves (the same order in every use) */
-static inline float hsum(vf v) {
-#if WIDTH == 16
-    v += __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    v += __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-#else
-    v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3});
-    v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5});
-    v += __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6});
-#endif
-    return v[0];
-}
-
-static inline vf load(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* a where m (all bits set), else b */
 static inline vf pick(vi m, vf a, vf b) {
@@ -563,12 +641,12 @@ static size_t widest_input(const struct model_ref *M) {
 }
 
 /* floats of the workspace restspec_decoder takes for these segments (n rows in all): per row the hidden
-   state, q/k/v, attention's output, gate/up, the gated product and the packed rows of a linear's input;
+   state, q/k/v, attention's output, gate/up, the gated product and a linear's work room (linear_floats);
    then each thread's scratch for attention */
 size_t restspec_decoder_floats(const struct model_ref *M, int n, int segments, const struct segment_ref *seg,
                                int threads) {
     size_t D = M->head_dim, q_size = M->q_heads * D, qkv_out = (M->q_heads + 2 * M->kv_heads) * D;
-    return (size_t)n * (M->hidden + qkv_out + q_size + 3 * (size_t)M->inter + widest_input(M)) +
+    return (size_t)n * (M->hidden + qkv_out + q_size + 3 * (size_t)M->inter) + linear_floats(n, widest_input(M)) +
            attention_floats(M, longest(segments, seg)) * threads;
 }
 
@@ -579,7 +657,7 @@ void restspec_decoder(const struct model_ref *M, float *x, int n, const float *c
     int qkv_out = q_size + 2 * kv_size, I = M->inter;
     float *h = work, *qkv = h + (size_t)n * H, *attn = qkv + (size_t)n * qkv_out;
     float *gu = attn + (size_t)n * q_size, *act = gu + (size_t)n * 2 * I, *packed = act + (size_t)n * I;
-    float *scratch = packed + (size_t)n * widest_input(M);
+    float *scratch = packed + linear_floats(n, widest_input(M));
     int most = longest(segments, seg);
     for (int l = 0; l < M->layers; l++) {
         const struct layer_ref *L = M->layer + l;

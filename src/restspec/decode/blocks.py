@@ -66,8 +66,8 @@ LANES = 16
 """Output rows decoded side by side (one vector of 16 floats); a matrix's rows must be a multiple."""
 SOURCE = "blocks.c"
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-Wno-unknown-pragmas", "-Wno-psabi"]
-"""For this machine's vector units; fused multiply-adds allowed (a decoded weight ``d * q + m`` is the
-same with or without: ``d * q`` is exact)."""
+"""For this machine's vector units; fused multiply-adds allowed (the linears' own are explicit, so that
+every tile rounds alike)."""
 COMPILE_TIMEOUT_S = 120
 
 
@@ -343,7 +343,7 @@ def kernel(text: str | None = None) -> ctypes.CDLL | None:
         number,
     ]  # offsets, y, outputs, threads
     lib.restspec_q8_linear.argtypes = [*shared, number, pointer, number, number]  # block, y, outputs, threads
-    lib.restspec_q4_linear.restype = lib.restspec_q8_linear.restype = None
+    lib.restspec_q4_linear.restype = lib.restspec_q8_linear.restype = ctypes.c_int  # -1: out of memory
     if hasattr(lib, "restspec_decoder"):  # (a source of an earlier version may not have it)
         lib.restspec_decoder.argtypes = [
             pointer,
@@ -406,16 +406,16 @@ class BlockGroup:
             return torch.cat([F.linear(x, w, b) for w, b in zip(self.weights, self.biases, strict=True)], -1)
         rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
         out = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
-        if rows.shape[0]:
-            self._call(
-                rows.data_ptr(),
-                rows.shape[0],
-                self.in_features,
-                *self._args,
-                out.data_ptr(),
-                self.out_features,
-                torch.get_num_threads(),
-            )
+        if rows.shape[0] and self._call(
+            rows.data_ptr(),
+            rows.shape[0],
+            self.in_features,
+            *self._args,
+            out.data_ptr(),
+            self.out_features,
+            torch.get_num_threads(),
+        ):
+            raise MemoryError(f"no memory for the block kernel's work room ({rows.shape[0]} rows)")
         if self.bias is not None:
             out += self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
