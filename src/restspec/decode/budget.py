@@ -145,7 +145,7 @@ default drafter's trees gained 2.36, 2.68, 3.04 and 3.41 tokens per step at 8, 1
 FREE_WIDTH_COST = 1.25
 """A tree wider than :data:`DEFAULT_MAX_BUDGET` is verified only where its forward costs at most this
 multiple of a plain step on the calibrated curve (CPUs measured: 13 inputs cost 1.3x one on an Intel
-Xeon with AMX, 3.3x on an AMD EPYC with AVX2 with the block decoder, whose plain step is short; both
+Xeon with AMX, 4.2x on an AMD EPYC with AVX2 with the block decoder, whose plain step is short; both
 keep the default cap)."""
 RATE_DECAY = 0.995
 """Per-step decay of the achieved tokens and seconds behind the long-run rate (about 200 steps)."""

@@ -46,7 +46,7 @@ from restspec.models import apply_chat_template
 PREFILL_CHUNK = 32
 """Prompt tokens a joining request feeds per step while others decode (all joining requests together),
 so the running requests' tokens are not held up by a whole long prompt. Such a chunk cost about one
-more decoding step on an Intel Xeon with AMX (forwards bound by reading the weights) and costs about 8
+more decoding step on an Intel Xeon with AMX (forwards bound by reading the weights) and costs about 9
 on a 2-core AMD EPYC with AVX2 and the block decoder, whose plain step is short: there it sets the
 p99 time between tokens under load (docs/serving-load.md)."""
 
