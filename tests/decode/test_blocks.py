@@ -27,7 +27,7 @@ from conftest import (
     plain_greedy,
     tiny_model,
 )
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
@@ -141,6 +141,11 @@ def test_the_kernel_gives_f_linears_outputs_at_every_width(rows, out_groups, in_
 
 @settings(max_examples=15, deadline=None)
 @given(rows=st.integers(2, 40), **kernel_cases)
+# the edges of AVX2's paths: one tile (6 rows), two (7, 12), the wide tiles (13)
+@example(rows=6, out_groups=3, in_blocks=9, kind=Q4_1, seed=1)
+@example(rows=7, out_groups=3, in_blocks=9, kind=Q4_1, seed=2)
+@example(rows=12, out_groups=2, in_blocks=4, kind=Q6_K, seed=3)
+@example(rows=13, out_groups=2, in_blocks=9, kind=Q8_0, seed=4)
 def test_a_rows_outputs_are_bitwise_the_same_at_every_width(rows, out_groups, in_blocks, kind, seed):
     """Tree verification reads a node's logits from a forward over the whole tree: they must be what a
     forward over that node alone gives, to the bit, whatever tiles the kernel cut the rows into."""

@@ -169,15 +169,27 @@ static inline vf end_block(vf acc, vf s, vf d, const float *m, float sum) {
                 for (int g = 0; g < G; g++)                                                             \
                     for (int p = 0; p < PARTS; p++) s[r][g][p] = (vf){0};                               \
             for (int k = b * FMT##_BLOCK; k < (b + 1) * FMT##_BLOCK; k += 2)                            \
-                for (int g = 0; g < G; g++)                                                             \
-                    for (int p = 0; p < PARTS; p++) {                                                   \
-                        vf w0, w1;                                                                      \
-                        FMT##_CODES(q + g * q_group, k, p, &w0, &w1);                                   \
-                        for (int r = 0; r < T; r++) {                                                   \
-                            s[r][g][p] = fmadd(splat(x[(size_t)r * K + k]), w0, s[r][g][p]);         \
-                            s[r][g][p] = fmadd(splat(x[(size_t)r * K + k + 1]), w1, s[r][g][p]);        \
+                if (G == 1) { /* rows outer: each row's two broadcasts serve both parts at once */      \
+                    vf w0[PARTS], w1[PARTS];                                                            \
+                    for (int p = 0; p < PARTS; p++) FMT##_CODES(q, k, p, &w0[p], &w1[p]);               \
+                    for (int r = 0; r < T; r++) {                                                       \
+                        vf x0 = splat(x[(size_t)r * K + k]), x1 = splat(x[(size_t)r * K + k + 1]);      \
+                        for (int p = 0; p < PARTS; p++) {                                               \
+                            s[r][0][p] = fmadd(x0, w0[p], s[r][0][p]);                                  \
+                            s[r][0][p] = fmadd(x1, w1[p], s[r][0][p]);                                  \
                         }                                                                               \
                     }                                                                                   \
+                } else { /* groups outer: each group's codes converted once for all rows */             \
+                    for (int g = 0; g < G; g++)                                                         \
+                        for (int p = 0; p < PARTS; p++) {                                               \
+                            vf w0, w1;                                                                  \
+                            FMT##_CODES(q + g * q_group, k, p, &w0, &w1);                               \
+                            for (int r = 0; r < T; r++) {                                               \
+                                s[r][g][p] = fmadd(splat(x[(size_t)r * K + k]), w0, s[r][g][p]);        \
+                                s[r][g][p] = fmadd(splat(x[(size_t)r * K + k + 1]), w1, s[r][g][p]);    \
+                            }                                                                           \
+                        }                                                                               \
+                }                                                                                       \
             for (int g = 0; g < G; g++)                                                                 \
                 for (int p = 0; p < PARTS; p++) {                                                       \
                     size_t at = g * s_group + b * 16 + p * WIDTH;                                       \
@@ -234,7 +246,7 @@ typedef void (*decode_fn)(const uint8_t *, int, vf (*)[PARTS]);
 /* Tiles of 1..ROWS input rows, GROUPS(rows) groups side by side (accumulators: rows x groups x PARTS
    vector registers of the 32 that AVX-512 has, 16 with AVX2), and tiles of one group for the groups left
    over. MULTI: the tiles of more than one group (X(format, rows, groups)); SINGLE: of one group. WIDE:
-   the tiles over a decoded chunk, for calls of more than ROWS rows. */
+   the tiles over a decoded chunk, for calls of more than NARROW rows. */
 #if defined(AVX512_TILES)
 #define ROWS 16
 #define GROUPS(rows) ((rows) <= 4 ? 4 : (rows) <= 8 ? 2 : 1)
@@ -244,6 +256,7 @@ typedef void (*decode_fn)(const uint8_t *, int, vf (*)[PARTS]);
     X(F, 7, 1) X(F, 8, 1) X(F, 9, 1) X(F, 10, 1) X(F, 11, 1) X(F, 12, 1) X(F, 13, 1)   \
     X(F, 14, 1) X(F, 15, 1) X(F, 16, 1)
 #define WIDE_ROWS 12
+#define NARROW ROWS /* rows the tiles above take */
 #define WIDE(X, F) X(F, 1) X(F, 2) X(F, 3) X(F, 4) X(F, 5) X(F, 6) X(F, 7) X(F, 8) X(F, 9) X(F, 10) X(F, 11) \
     X(F, 12)
 #else
@@ -252,6 +265,7 @@ typedef void (*decode_fn)(const uint8_t *, int, vf (*)[PARTS]);
 #define MULTI(X, F) X(F, 1, 4) X(F, 2, 2) X(F, 3, 2)
 #define SINGLE(X, F) X(F, 1, 1) X(F, 2, 1) X(F, 3, 1) X(F, 4, 1) X(F, 5, 1) X(F, 6, 1)
 #define WIDE_ROWS 6
+#define NARROW 12 /* rows the tiles above take, in two tiles if need be (measured faster than the wide tiles) */
 #define WIDE(X, F) X(F, 1) X(F, 2) X(F, 3) X(F, 4) X(F, 5) X(F, 6)
 #endif
 #define CHUNK 256 /* inputs k decoded at a time for the wide tiles (16 KiB: 128 and 64 measured slower) */
@@ -303,7 +317,7 @@ static void block_sums(const float *x, int K, int block, float *sums) {
 static int linear(const struct format *f, const float *x, int R, int K, const uint8_t *q, const float *d,
                   const float *m, float *y, int N, int stride, int threads, float *work) {
     int groups = N / 16, blocks = K / f->block, scales = blocks * 16;
-    size_t packed_floats = R > ROWS ? (size_t)R * K : 0, sum_floats = m ? (size_t)R * blocks : 0;
+    size_t packed_floats = R > NARROW ? (size_t)R * K : 0, sum_floats = m ? (size_t)R * blocks : 0;
     float *room = work;
     if (!room && packed_floats + sum_floats && !(room = malloc((packed_floats + sum_floats) * sizeof(float))))
         return -1;
@@ -311,7 +325,7 @@ static int linear(const struct format *f, const float *x, int R, int K, const ui
     /* more rows than one tile: x packed by tile (tiles of WIDE_ROWS rows and one of the rest; even tiles
        measured slower), the tile of rows r0..r0 + T - 1 as [K][T] at r0 * K so that it reads its rows'
        inputs k side by side; each work item a group, its codes converted once per CHUNK inputs */
-    if (R > ROWS) {
+    if (R > NARROW) {
         float *packed = room;
 #pragma omp parallel num_threads(threads)
         {
@@ -342,18 +356,24 @@ static int linear(const struct format *f, const float *x, int R, int K, const ui
             }
         }
     } else {
-        /* up to ROWS rows: one tile of them, converting the codes it reads; work items runs of G groups,
-           then the single groups left */
+        /* up to NARROW rows: tiles of at most ROWS rows (as even as can be), converting the codes they
+           read; work items runs of G groups (one where the rows take several tiles), then the single
+           groups left */
         if (m)
             for (int r = 0; r < R; r++) block_sums(x + (size_t)r * K, K, f->block, sums + (size_t)r * blocks);
-        int G = GROUPS(R), runs = groups / G, items = runs + groups % G;
+        int parts = (R + ROWS - 1) / ROWS, per = (R + parts - 1) / parts;
+        int G = parts > 1 ? 1 : GROUPS(R), runs = groups / G, items = runs + groups % G;
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int i = 0; i < items; i++) {
             int first = i < runs ? i * G : runs * G + (i - runs), count = i < runs ? G : 1;
             const tile_fn *tiles = count > 1 ? f->multi : f->single;
             for (int g = first; g < first + count; g += count)
-                tiles[R](x, K, q + (size_t)g * K * f->bytes, d + (size_t)g * scales, m ? m + (size_t)g * scales : 0,
-                         sums, y + (size_t)g * 16, stride);
+                for (int r0 = 0; r0 < R; r0 += per) {
+                    int rows = R - r0 < per ? R - r0 : per;
+                    tiles[rows](x + (size_t)r0 * K, K, q + (size_t)g * K * f->bytes, d + (size_t)g * scales,
+                                m ? m + (size_t)g * scales : 0, sums + (size_t)r0 * blocks,
+                                y + (size_t)r0 * stride + (size_t)g * 16, stride);
+                }
         }
     }
     if (room != work) free(room);
