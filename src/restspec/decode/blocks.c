@@ -321,10 +321,11 @@ static int linear(const struct format *f, const float *x, int R, int K, const ui
     float *room = work;
     if (!room && packed_floats + sum_floats && !(room = malloc((packed_floats + sum_floats) * sizeof(float))))
         return -1;
-    float *sums = room + packed_floats;
-    /* more rows than one tile: x packed by tile (tiles of WIDE_ROWS rows and one of the rest; even tiles
-       measured slower), the tile of rows r0..r0 + T - 1 as [K][T] at r0 * K so that it reads its rows'
-       inputs k side by side; each work item a group, its codes converted once per CHUNK inputs */
+    float *sums = room ? room + packed_floats : 0; /* read only where m is given, which allocates it */
+    /* more rows than the register tiles take: x packed by tile (tiles of WIDE_ROWS rows and one of the
+       rest; even tiles measured slower), the tile of rows r0..r0 + T - 1 as [K][T] at r0 * K so that it
+       reads its rows' inputs k side by side; each work item a group, its codes converted once per CHUNK
+       inputs */
     if (R > NARROW) {
         float *packed = room;
 #pragma omp parallel num_threads(threads)
