@@ -48,6 +48,7 @@ from restspec.decode.backends import (
     backend_by_name,
     candidates,
     probe,
+    relative_error,
 )
 from restspec.decode.blocks import BlockDecoder, BlockWeights, encode, encode_affine4, encode_scaled8
 from restspec.decode.verify import prefill_segment, tree_segment
@@ -157,8 +158,8 @@ def test_a_rows_outputs_are_bitwise_the_same_at_every_width(rows, out_groups, in
 def assert_near(got: torch.Tensor, want: torch.Tensor) -> None:
     """Within the exactness probe's bound (:data:`PACKED_TOLERANCE` of the largest magnitude): the block
     kernel sums a block's products before scaling them, float32 in another order than ``F.linear``."""
-    error = float((got - want).abs().max())
-    assert error <= PACKED_TOLERANCE[torch.float32] * float(want.abs().max()), error
+    error = relative_error(got, want)
+    assert error <= PACKED_TOLERANCE[torch.float32], error
 
 
 def packaged_source() -> str:

@@ -394,7 +394,7 @@ def probe(backend: ForwardBackend, reference: ForwardBackend | None = None) -> P
     pairs = [(got_logits, want_logits), *zip(got_rows, want_rows, strict=True)]
     if any(a.shape != b.shape for a, b in pairs):
         return ProbeResult(False, float("inf"), "its logits or cache rows have other shapes")
-    error = max(_relative_error(a, b) for a, b in pairs)
+    error = max(relative_error(a, b) for a, b in pairs)
     if backend.exact:
         same = all(torch.equal(a, b) for a, b in pairs)
         return ProbeResult(same, error, "" if same else f"not bitwise equal (relative error {error:.2e})")
@@ -408,7 +408,9 @@ def probe(backend: ForwardBackend, reference: ForwardBackend | None = None) -> P
     return ProbeResult(True, error)
 
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference of ``got`` from ``want``, relative to ``want``'s largest magnitude (the
+    probe's measure, held to :data:`PACKED_TOLERANCE`)."""
     scale = float(want.abs().max()) if want.numel() else 0.0
     diff = float((got.to(want.dtype) - want).abs().max()) if want.numel() else 0.0
     return diff / scale if scale > 0 else diff
