@@ -350,8 +350,8 @@ static int linear(const struct format *f, const float *x, int R, int K, const ui
                         int T = R - r0 < WIDE_ROWS ? R - r0 : WIDE_ROWS;
                         f->wide[T](packed + (size_t)r0 * K + (size_t)k0 * T, (const vf(*)[PARTS])w, count,
                                    k0 / f->block, d + (size_t)g * scales, m ? m + (size_t)g * scales : 0,
-                                   sums + (size_t)r0 * blocks, blocks, y + (size_t)r0 * stride + (size_t)g * 16,
-                                   stride);
+                                   m ? sums + (size_t)r0 * blocks : 0, blocks,
+                                   y + (size_t)r0 * stride + (size_t)g * 16, stride);
                     }
                 }
             }
@@ -372,7 +372,7 @@ static int linear(const struct format *f, const float *x, int R, int K, const ui
                 for (int r0 = 0; r0 < R; r0 += per) {
                     int rows = R - r0 < per ? R - r0 : per;
                     tiles[rows](x + (size_t)r0 * K, K, q + (size_t)g * K * f->bytes, d + (size_t)g * scales,
-                                m ? m + (size_t)g * scales : 0, sums + (size_t)r0 * blocks,
+                                m ? m + (size_t)g * scales : 0, m ? sums + (size_t)r0 * blocks : 0,
                                 y + (size_t)r0 * stride + (size_t)g * 16, stride);
                 }
         }
