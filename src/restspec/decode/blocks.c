@@ -261,8 +261,8 @@ typedef void (*decode_fn)(const uint8_t *, int, vf (*)[PARTS]);
     X(F, 12)
 #else
 #define ROWS 6
-#define GROUPS(rows) ((rows) <= 1 ? 4 : (rows) <= 3 ? 2 : 1)
-#define MULTI(X, F) X(F, 1, 4) X(F, 2, 2) X(F, 3, 2)
+#define GROUPS(rows) ((rows) <= 1 ? 4 : (rows) <= 2 ? 2 : 1) /* 3 rows in 2 groups: 24 sums, spilled */
+#define MULTI(X, F) X(F, 1, 4) X(F, 2, 2)
 #define SINGLE(X, F) X(F, 1, 1) X(F, 2, 1) X(F, 3, 1) X(F, 4, 1) X(F, 5, 1) X(F, 6, 1)
 #define WIDE_ROWS 6
 #define NARROW 12 /* rows the tiles above take, in two tiles if need be (measured faster than the wide tiles) */

@@ -105,12 +105,13 @@ REFERENCE_LATENCY_S: tuple[tuple[int, float], ...] = (
 (docs/DESIGN facts). Used by ``AdaptiveBudget()`` before a model has been calibrated; only the shape
 matters for the choice (tokens per second is a ratio)."""
 
-CALIBRATION_VERSION = 11
+CALIBRATION_VERSION = 12
 """Bump when the measurement or the kernels change, so cached calibrations are redone (3: grouped
 linears in restspec.decode.kernels; 4: the direct forward of restspec.decode.direct; 5: medians
 instead of minima; 6: one calibration per forward backend and device; 7: the direct forward without
 module calls; 8: the block kernel's wide tiles; 9: the block decoder, every layer in one C call; 10: the
-block kernel scaling a block's sums instead of its weights; 11: its narrow tiles up to 12 rows)."""
+block kernel scaling a block's sums instead of its weights; 11: its narrow tiles up to 12 rows; 12: three
+rows in one-group tiles)."""
 CALIBRATION_SIZES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 65)
 """Forward widths (root + tree nodes) measured by :func:`calibrate`; interpolated in between."""
 CALIBRATION_PAST_LEN = 320
