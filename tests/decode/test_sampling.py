@@ -34,6 +34,7 @@ from restspec.decode.accept import (
     child_lookup,
     draw,
     draw_from_cdf,
+    greedy_accept,
     sample_accept,
     walk_cdfs,
     warp_logits,
@@ -89,6 +90,24 @@ def test_top_p_after_top_k_shortcut_equals_transformers(cfg):
         gen = torch.Generator().manual_seed(seed)
         logits = torch.randn(4, 3000, generator=gen) * (0.1 + 5 * torch.rand(1, generator=gen))
         assert torch.equal(warp_logits(logits, cfg), transformers_warp(logits, cfg))
+
+
+def test_greedy_acceptance_takes_each_rows_argmax_as_torch_does_ties_and_nan_included():
+    # root -> node 0 (token 2) -> node 1 (token 0); root -> node 2 (token 3)
+    tree = DraftTree(tokens=np.array([2, 0, 3]), parents=np.array([-1, 0, -1]))
+    logits = torch.tensor(
+        [
+            [0.0, 1.0, 5.0, 5.0],  # tie between tokens 2 and 3: the first, node 0
+            [float("nan"), 9.0, 1.0, float("nan")],  # NaN counts as the largest: the first, node 1
+            [0.0, 7.0, 7.0, 1.0],  # tie: token 1, no child carries it
+            [9.0, 0.0, 0.0, 0.0],
+        ],
+        dtype=torch.bfloat16,
+    )
+    assert [int(row.argmax()) for row in logits[:3]] == [2, 0, 1]
+    result = greedy_accept(tree, logits)
+    assert result.path.tolist() == [0, 1]
+    assert result.tokens == [2, 0, 1]
 
 
 def test_draw_never_picks_a_zero_probability_token():
