@@ -18,6 +18,7 @@ from restspec.decode import (
     prefill,
     tree_attention_bias,
 )
+from restspec.decode.verify import buffered_layers
 from restspec.draft.tree import DraftTree
 
 # root ─┬─ 0:a ── 2:c ── 3:d
@@ -109,6 +110,31 @@ def test_a_chain_prefix_is_cropped_without_copying():
     before = [layer.keys.data_ptr() for layer in cache.layers]
     compact_cache(cache, len(CONTEXT) - 1, np.array([0]), len(TREE))
     assert [layer.keys.data_ptr() for layer in cache.layers] == before  # a view: no copy
+
+
+@pytest.mark.parametrize("path", [[], [0], [1, 5], [0, 2, 3], [4]])
+def test_a_writer_that_fills_the_buffers_compacts_as_the_views_do(path):
+    # the block decoder's way: reserve, write rows into the buffers, advance; no view is read until later
+    def written(read_views: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        cache = new_cache()
+        layer = buffered_layers(cache, 1)[0]
+        layer.update(torch.zeros(1, 2, 4, 3), torch.zeros(1, 2, 4, 3), 0)
+        keys, values, length = layer.reserve(torch.empty(1, 2, 0, 3), torch.empty(1, 2, 0, 3), 7)
+        rows = torch.arange(7.0)[None, None, :, None].expand(1, 2, 7, 3) + 10
+        keys[:, :, length : length + 7], values[:, :, length : length + 7] = rows, -rows
+        layer.advance(length + 7)
+        assert layer.get_seq_length() == 11
+        if read_views:
+            assert layer.keys.shape[-2] == 11
+        compact_cache(cache, 4, path, 6)  # rows: 4 past, the root (10), nodes 0-5 (11-16)
+        return layer.keys.clone(), layer.values.clone(), layer.get_seq_length()
+
+    keys, values, length = written(read_views=False)
+    want_keys, want_values, want_length = written(read_views=True)
+    assert length == want_length == 5 + len(path)
+    torch.testing.assert_close(keys, want_keys, rtol=0, atol=0)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=0)
+    assert keys[0, 0, 5:, 0].tolist() == [11.0 + node for node in path]  # node i: row 5 + i
 
 
 def test_layout_of_the_architectures():

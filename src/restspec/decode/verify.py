@@ -104,14 +104,51 @@ class BufferedLayer(DynamicLayer):
     with the context. Here ``keys`` / ``values`` are views
     ``buffer[:, :, :length]`` of a (batch, kv_heads, capacity, head_dim) buffer that grows by doubling;
     crops and :func:`compact_cache` slice and write those views, so rows past ``length`` are free.
+    The views are made when first read after :meth:`advance` or :meth:`compact`: a writer that fills
+    the buffers itself (the block decoder, every layer every step) reads none of them, and making 60
+    views took 0.13 ms a step, 1.5 % of a plain one (2-core AMD EPYC).
     """
 
     GROW_MIN = 256
     """Spare rows allocated at least whenever the buffer grows."""
+    _end: int | None = None
+    """The buffers' rows the cache holds where ``keys`` / ``values`` are not yet their views."""
+
+    @property  # type: ignore[override]
+    def keys(self) -> torch.Tensor | None:
+        if self._end is not None:
+            self._views()
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        if self._end is not None:
+            self._views()
+        self._keys = value
+
+    @property  # type: ignore[override]
+    def values(self) -> torch.Tensor | None:
+        if self._end is not None:
+            self._views()
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if self._end is not None:
+            self._views()
+        self._values = value
+
+    def _views(self) -> None:
+        end, self._end = self._end, None
+        self._keys = self._key_buffer[:, :, :end]  # (batch, kv_heads, end, head_dim)
+        self._values = self._value_buffer[:, :, :end]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._key_buffer = self._value_buffer = None
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() if self._end is None else self._end
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -140,8 +177,21 @@ class BufferedLayer(DynamicLayer):
 
     def advance(self, end: int) -> None:
         """The cache holds the buffers' first ``end`` rows (after :meth:`reserve` and the writes)."""
-        self.keys = self._key_buffer[:, :, :end]  # (batch, kv_heads, end, head_dim)
-        self.values = self._value_buffer[:, :, :end]
+        self._end = end
+
+    def compact(self, rows: torch.Tensor | None, start: int, drop: int) -> bool:
+        """:func:`compact_cache` on the buffers while their views are not made: rows ``rows`` (None:
+        none) moved to ``start``, ``start + 1``, ..., then the last ``drop`` rows dropped; True. False
+        (nothing done) where the views are made: compact those."""
+        if self._end is None:
+            return False
+        if rows is not None:
+            rows = rows.to(self._key_buffer.device)
+            moved = slice(start, start + len(rows))
+            self._key_buffer[:, :, moved] = self._key_buffer[:, :, rows]
+            self._value_buffer[:, :, moved] = self._value_buffer[:, :, rows]
+        self._end -= drop
+        return True
 
     @classmethod
     def _grown(cls, old: torch.Tensor | None, new: torch.Tensor, length: int, end: int) -> torch.Tensor:
@@ -301,6 +351,8 @@ def compact_cache(cache: DynamicCache, past_len: int, path: np.ndarray | list[in
         if not isinstance(layer, DynamicLayer) or layer.is_sliding:
             raise ModelError(f"cache layer {type(layer).__name__} cannot be compacted; use new_cache()")
         if not layer.is_initialized:
+            continue
+        if type(layer) is BufferedLayer and layer.compact(None if contiguous else src, past_len + 1, drop):
             continue
         if not contiguous:
             # (1, kv_heads, T, head_dim): move the accepted rows right after the root
