@@ -97,6 +97,26 @@ def model_layout(model: Any) -> ModelLayout:
     )
 
 
+class _BufferView:
+    """A :class:`BufferedLayer`'s ``keys`` or ``values``: the view of its buffer, made on first read or
+    write after :meth:`~BufferedLayer.advance` (kept in ``_keys`` / ``_values``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, layer: BufferedLayer | None, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        if layer._end is not None:
+            layer._views()
+        return getattr(layer, self.slot)
+
+    def __set__(self, layer: BufferedLayer, value: torch.Tensor | None) -> None:
+        if layer._end is not None:
+            layer._views()
+        setattr(layer, self.slot, value)
+
+
 class BufferedLayer(DynamicLayer):
     """A ``DynamicLayer`` that writes new rows into a buffer with spare room instead of concatenating.
 
@@ -114,29 +134,8 @@ class BufferedLayer(DynamicLayer):
     _end: int | None = None
     """The buffers' rows the cache holds where ``keys`` / ``values`` are not yet their views."""
 
-    @property  # type: ignore[override]
-    def keys(self) -> torch.Tensor | None:
-        if self._end is not None:
-            self._views()
-        return self._keys
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        if self._end is not None:
-            self._views()
-        self._keys = value
-
-    @property  # type: ignore[override]
-    def values(self) -> torch.Tensor | None:
-        if self._end is not None:
-            self._views()
-        return self._values
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        if self._end is not None:
-            self._views()
-        self._values = value
+    keys = _BufferView()
+    values = _BufferView()
 
     def _views(self) -> None:
         end, self._end = self._end, None
