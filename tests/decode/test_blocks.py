@@ -142,7 +142,8 @@ def test_the_kernel_gives_f_linears_outputs_at_every_width(rows, out_groups, in_
 
 @settings(max_examples=15, deadline=None)
 @given(rows=st.integers(2, 40), **kernel_cases)
-# the edges of AVX2's paths: one tile (6 rows), two (7, 12), the wide tiles (13)
+# the edges of AVX2's paths: one group a tile from 3 rows, one tile (6 rows), two (7, 12), the wide tiles (13)
+@example(rows=3, out_groups=3, in_blocks=9, kind=Q4_1, seed=5)
 @example(rows=6, out_groups=3, in_blocks=9, kind=Q4_1, seed=1)
 @example(rows=7, out_groups=3, in_blocks=9, kind=Q4_1, seed=2)
 @example(rows=12, out_groups=2, in_blocks=4, kind=Q6_K, seed=3)
