@@ -232,8 +232,9 @@ def sampling_model() -> torch.nn.Module:
     return LlamaForCausalLM(config).to(torch.float64).eval()
 
 
-Q4_0, Q4_1, Q5_0, Q8_0, Q3_K, Q4_K, Q6_K = (
-    gguf.GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q3_K", "Q4_K", "Q6_K")
+Q4_0, Q4_1, Q5_0, Q8_0, Q3_K, Q4_K, Q6_K, BF16, F16 = (
+    gguf.GGMLQuantizationType[name]
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q3_K", "Q4_K", "Q6_K", "BF16", "F16")
 )
 K_QUANT_SCALES = {Q4_K: ((0, 2), 63 * 15), Q6_K: ((208,), 127 * 32), Q3_K: ((108,), 32 * 4)}
 """Where a k-quant super-block (256 weights) holds its float16 scales (Q4_K's d and dmin, Q6_K's and
@@ -242,7 +243,8 @@ sub-block scale times the largest code."""
 
 
 def gguf_weights(shape: tuple[int, int], kind, seed: int = 0, scale: float = 0.1) -> np.ndarray:
-    """Random float32 weights as a GGUF file of ``kind`` stores and transformers loads them. The k-quants
+    """Random float32 weights as a GGUF file of ``kind`` stores and transformers loads them (BF16, F16: as
+    a bfloat16 or float16 checkpoint loaded in float32, the weights rounded to 16 bits). The k-quants
     (gguf-py decodes them but has no encoder) get random blocks: random codes and sub-block scales, and
     float16 super-block scales that make weights of about ``scale``."""
     rng = np.random.default_rng(seed)
@@ -258,9 +260,15 @@ def gguf_weights(shape: tuple[int, int], kind, seed: int = 0, scale: float = 0.1
     return dequantize(quantize(w, kind), kind).astype(np.float32).reshape(shape)
 
 
-GGUF_MIXES = {"Q4_1": (Q4_1, Q4_1, Q8_0), "Q4_K_M": (Q4_K, Q6_K, Q6_K)}
+GGUF_MIXES = {
+    "Q4_1": (Q4_1, Q4_1, Q8_0),
+    "Q4_K_M": (Q4_K, Q6_K, Q6_K),
+    "BF16": (BF16, BF16, BF16),
+    "F16": (F16, F16, F16),
+}
 """A GGUF file's types as (most linears, v_proj and down_proj, the head): the embedded model's
-(Q4_1, its head Q8_0) and llama.cpp's common Q4_K_M."""
+(Q4_1, its head Q8_0), llama.cpp's common Q4_K_M, and 16-bit floats throughout (as checkpoints on the
+Hugging Face hub are stored, most in bfloat16)."""
 
 
 def gguf_model(arch: str = "llama", mix: str = "Q4_1", head_dim: int | None = 16) -> torch.nn.Module:

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    BF16,
+    F16,
     Q3_K,
     Q4_0,
     Q4_1,
@@ -50,7 +52,14 @@ from restspec.decode.backends import (
     probe,
     relative_error,
 )
-from restspec.decode.blocks import BlockDecoder, BlockWeights, encode, encode_affine4, encode_scaled8
+from restspec.decode.blocks import (
+    BlockDecoder,
+    BlockWeights,
+    encode,
+    encode_affine4,
+    encode_half,
+    encode_scaled8,
+)
 from restspec.decode.verify import prefill_segment, tree_segment
 from restspec.draft.tree import DraftTree
 from restspec.errors import ModelError
@@ -61,6 +70,10 @@ pytestmark = pytest.mark.skipif(blocks_module.kernel() is None, reason="no C com
 def decoded(e) -> np.ndarray:
     """The float32 weights (N, K) the codes stand for, decoded in numpy from the kernel's layout."""
     groups = e.codes.shape[0]
+    if e.kind in ("bf16", "f16"):
+        codes = e.codes.view(np.uint16)  # (G, K, 16)
+        w = (codes.astype(np.uint32) << 16).view(np.float32) if e.kind == "bf16" else codes.view(np.float16)
+        return np.moveaxis(w.astype(np.float32), 2, 1).reshape(groups * 16, -1)
     if e.kind == "affine4":
         low, high = e.codes & 15, e.codes >> 4  # (G, K/2, 16)
         q = np.stack([low, high], axis=2).reshape(groups, -1, 16)  # (G, K, 16)
@@ -84,6 +97,8 @@ def decoded(e) -> np.ndarray:
         (Q5_0, encode_scaled8, "scaled8", 32),
         (Q6_K, encode_scaled8, "scaled8", 16),  # d: float16 x int8, rounded products, zero sub-scales
         (Q3_K, encode_scaled8, "scaled8", 16),
+        (BF16, encode_half, "bf16", 32),  # no scales: the sums still by blocks of 32
+        (F16, encode_half, "f16", 32),
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
@@ -101,7 +116,15 @@ def test_weights_off_the_grid_are_not_encoded():
     w = gguf_weights((32, 64), Q4_1)
     w[7, 40] = np.nextafter(w[7, 40], np.float32(1))  # one weight one float off its block's grid
     assert encode_affine4(w) is None
-    assert encode(w) is None  # nor on an 8-bit grid
+    assert encode(w) is None  # nor on an 8-bit grid, nor a bfloat16 value
+    w = gguf_weights((32, 64), BF16)
+    assert encode(w).kind == "bf16"
+    w[31, 63] = np.nextafter(w[31, 63], np.float32(1))  # its lowest bit set: not a bfloat16 value
+    assert encode(w) is None
+    w = gguf_weights((32, 64), F16)
+    assert encode(w).kind == "f16"
+    w[0, 0] = 1e5  # beyond float16's range
+    assert encode(w) is None
 
 
 def test_shapes_the_kernel_does_not_tile_are_not_encoded():
@@ -127,7 +150,7 @@ def kernel_case(rows, out_groups, in_blocks, kind, seed, bias, lib=None):
 kernel_cases = {
     "out_groups": st.integers(1, 9),
     "in_blocks": st.sampled_from([1, 2, 4, 9]),
-    "kind": st.sampled_from([Q4_1, Q8_0, Q4_0, Q4_K, Q6_K]),
+    "kind": st.sampled_from([Q4_1, Q8_0, Q4_0, Q4_K, Q6_K, BF16, F16]),
     "seed": st.integers(0, 2**16),
 }
 
@@ -148,6 +171,8 @@ def test_the_kernel_gives_f_linears_outputs_at_every_width(rows, out_groups, in_
 @example(rows=7, out_groups=3, in_blocks=9, kind=Q4_1, seed=2)
 @example(rows=12, out_groups=2, in_blocks=4, kind=Q6_K, seed=3)
 @example(rows=13, out_groups=2, in_blocks=9, kind=Q8_0, seed=4)
+@example(rows=13, out_groups=3, in_blocks=9, kind=BF16, seed=6)
+@example(rows=3, out_groups=5, in_blocks=2, kind=F16, seed=7)
 def test_a_rows_outputs_are_bitwise_the_same_at_every_width(rows, out_groups, in_blocks, kind, seed):
     """Tree verification reads a node's logits from a forward over the whole tree: they must be what a
     forward over that node alone gives, to the bit, whatever tiles the kernel cut the rows into."""
@@ -167,7 +192,7 @@ def packaged_source() -> str:
     return resources.files("restspec.decode").joinpath(blocks_module.SOURCE).read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("kind", [Q4_1, Q8_0, Q6_K])
+@pytest.mark.parametrize("kind", [Q4_1, Q8_0, Q6_K, BF16, F16])
 def test_avx512s_tiles_built_for_any_cpu_compute_the_same(kind):
     """AVX-512's 16-float vectors and tiles (register tiles of up to 16 rows over 4, 2 or 1 groups, wide
     tiles of 12 beyond), through the compiler's generic vectors: the CPUs that test this mostly lack
@@ -198,8 +223,11 @@ def test_weights_changed_in_place_are_encoded_again_or_computed_plainly():
         assert group.encoded is None
 
 
-@pytest.mark.parametrize(("mix", "head_block"), [("Q4_1", 32), ("Q4_K_M", 16)])
-def test_a_gguf_model_gets_the_block_backend_and_its_logits(mix, head_block):
+@pytest.mark.parametrize(
+    ("mix", "head_kind", "head_block"),
+    [("Q4_1", "scaled8", 32), ("Q4_K_M", "scaled8", 16), ("BF16", "bf16", 32), ("F16", "f16", 32)],
+)
+def test_a_gguf_model_gets_the_block_backend_and_its_logits(mix, head_kind, head_block):
     model = gguf_model(mix=mix)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     assert all(BlockWeights.of(model).member(m.weight) is not None for m in linears)  # every linear
@@ -207,7 +235,7 @@ def test_a_gguf_model_gets_the_block_backend_and_its_logits(mix, head_block):
     assert "direct-blocks" in found and "direct-blocks" in BACKEND_NAMES
     backend = found["direct-blocks"]
     weights = backend.direct.lm_head.__self__  # the head's group: one kernel call
-    assert isinstance(weights, blocks_module.BlockGroup) and weights.encoded.kind == "scaled8"
+    assert isinstance(weights, blocks_module.BlockGroup) and weights.encoded.kind == head_kind
     assert weights.encoded.block == head_block
     assert probe(backend).passed
 
@@ -221,7 +249,10 @@ def test_a_gguf_model_gets_the_block_backend_and_its_logits(mix, head_block):
     assert_near(tree_logits(backend), tree_logits(ModelForward(model)))
 
 
-@pytest.mark.parametrize(("arch", "mix"), [("llama", "Q4_1"), ("qwen2", "Q4_1"), ("llama", "Q4_K_M")])
+@pytest.mark.parametrize(
+    ("arch", "mix"),
+    [("llama", "Q4_1"), ("qwen2", "Q4_1"), ("llama", "Q4_K_M"), ("qwen2", "BF16"), ("llama", "F16")],
+)
 def test_greedy_parity_on_the_block_backend(arch, mix):
     model = gguf_model(arch, mix)
     prompt = np.random.default_rng(3).integers(0, VOCAB, size=9).tolist()
@@ -295,7 +326,15 @@ BRANCHY = DraftTree(np.array([5, 9, 11, 2, 7, 3, 8]), np.array([-1, -1, 0, 2, 3,
 
 @pytest.mark.parametrize(
     ("arch", "mix"),
-    [("llama", "Q4_1"), ("qwen2", "Q4_1"), ("llama", "Q4_K_M"), ("mqa", "Q4_1"), ("llama3-rope", "Q4_1")],
+    [
+        ("llama", "Q4_1"),
+        ("qwen2", "Q4_1"),
+        ("llama", "Q4_K_M"),
+        ("mqa", "Q4_1"),
+        ("llama3-rope", "Q4_1"),
+        ("llama", "BF16"),
+        ("qwen2", "F16"),
+    ],
 )
 def test_the_decoder_runs_every_layer_with_the_models_logits_and_cache_rows(arch, mix):
     model = gguf_model(arch, mix)
@@ -321,15 +360,23 @@ def wide_vectors_kernel():
 
 
 @pytest.mark.parametrize(
-    ("arch", "head_dim", "wide"),
-    [("llama", 16, False), ("mqa", 64, False), ("llama", 64, True), ("mqa", 16, True)],
+    ("arch", "head_dim", "wide", "mix"),
+    [
+        ("llama", 16, False, "Q4_K_M"),
+        ("mqa", 64, False, "Q4_K_M"),
+        ("llama", 64, True, "Q4_K_M"),
+        ("mqa", 16, True, "Q4_K_M"),
+        ("llama", 16, False, "BF16"),
+        ("mqa", 16, True, "BF16"),
+        ("llama", 64, True, "F16"),
+    ],
 )
-def test_a_tree_row_is_bitwise_the_same_token_decoded_alone_after_compaction(arch, head_dim, wide):
+def test_a_tree_row_is_bitwise_the_same_token_decoded_alone_after_compaction(arch, head_dim, wide, mix):
     """The tree's rows see only their ancestors: the decoder skips the other keys, so the leaf path
     (1, 5, 6) scored in one forward gives the logits and cache rows of its tokens decoded one at a
     time, bit for bit; with AVX2's vectors and AVX-512's (wide), one to four heads per key/value head,
-    heads of 1 to 8 vectors."""
-    model = gguf_model(arch, "Q4_K_M", head_dim=head_dim)
+    heads of 1 to 8 vectors, on 4/6-bit codes and on bfloat16 values."""
+    model = gguf_model(arch, mix, head_dim=head_dim)
     backend = DirectBackend(model, BlockWeights.of(model, wide_vectors_kernel() if wide else None))
     spy = DecoderSpy(backend)
     prompt = np.random.default_rng(1).integers(0, VOCAB, size=40)
@@ -420,3 +467,22 @@ def test_the_decoder_sees_weights_changed_in_place_and_plain_caches_take_the_loo
     backend.prefill(plain, prompt)
     forward_tree(backend, plain, 3, BRANCHY, 16)
     assert spy.results == [True, False, False]
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_every_finite_float16_value_decodes_exactly(wide):
+    """The float16 codes' conversion (the CPU's instruction, or the C code of the generic vectors) gives
+    every finite float16 value, subnormals and both zeros included: inputs of one 1 pick each weight."""
+    values = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    w = values[np.isfinite(values)].astype(np.float32).reshape(-1, 32)  # 63,488 values: 1,984 x 32
+    encoded = encode_half(w)
+    assert encoded is not None and encoded.kind == "f16"
+    linear = torch.nn.Linear(32, w.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+    group = blocks_module.BlockGroup(
+        [linear], encoded, wide_vectors_kernel() if wide else blocks_module.kernel()
+    )
+    picked = group.matmul(torch.eye(32)).T.numpy()  # (1984, 32): weight (n, k) from input row k
+    assert np.array_equal(picked, w)  # (-0.0 sums to 0.0: equal as numbers)
+    assert np.array_equal(np.abs(picked).view(np.uint32), np.abs(w).view(np.uint32))

@@ -4,18 +4,22 @@
    linked to the OpenMP runtime torch already loaded, so its threads are torch's.
 
    Three formats over blocks of consecutive inputs of one output row (the blocks of GGUF's quantized
-   types, kept as the float32 weights they load as):
+   types, kept as the float32 weights they load as), and two of weights alone:
      q4:    affine 4-bit, blocks of 32: w = d * q + m, q in 0..15 (d has at most 17 significant bits, so
             d * q is exact and the one rounding of + m is the weight's own): Q4_1, Q4_K;
      q8:    scaled 8-bit, blocks of 32: w = d * q, q in -128..127 (rounded as the loader rounded it):
             Q8_0, Q4_0, Q5_0;
-     q8x16: scaled 8-bit, blocks of 16: Q6_K, Q3_K.
+     q8x16: scaled 8-bit, blocks of 16: Q6_K, Q3_K;
+     bf16:  the weight's upper 16 bits (its lower 16 are 0: a bfloat16 checkpoint loaded in float32), no
+            scales; its products are summed by blocks of 32 too;
+     f16:   the weight as a float16 (it is one: a float16 checkpoint loaded in float32), likewise.
    A block's products are summed over its codes first: y += d * sum(x * q) + m * sum(x), so the weights
    are never formed (a scale per block instead of a multiply-add per weight); sum(x) per row and block
    is computed once per call (block_sums).
    Layout: output rows in groups of 16 (a lane each: one vector of 16 floats with AVX-512, two of 8
    with AVX2). Per group, codes by input k:
-   4-bit: byte [k/2][lane], low nibble for even k, high for odd k; 8-bit: byte [k][lane].
+   4-bit: byte [k/2][lane], low nibble for even k, high for odd k; 8-bit: byte [k][lane]; bf16, f16:
+   uint16 [k][lane].
    Scales per group and block b: d[b][lane], m[b][lane]. x is R x K, y is R x N (row-major, contiguous). */
 #include <stddef.h>
 #include <stdint.h>
@@ -71,6 +75,19 @@ typedef int32_t vi __attribute__((vector_size(WIDTH * 4)));
 DEFINE_WIDEN(widen_u8, uint8_t, epu8)
 DEFINE_WIDEN(widen_i8, int8_t, epi8)
 
+/* WIDTH uint16 as WIDTH int32, zero-extended */
+static inline vi widen_u16(const uint16_t *p) {
+#if defined(__AVX512F__)
+    return (vi)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__AVX2__) && !defined(AVX512_TILES)
+    return (vi)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+#else
+    vi r;
+    for (int i = 0; i < WIDTH; i++) r[i] = p[i];
+    return r;
+#endif
+}
+
 /* The codes of inputs k and k + 1 (k even) of one group's lanes part * WIDTH.. (part + 1) * WIDTH - 1, as
    floats. */
 #define q4_CODES codes_q4
@@ -82,10 +99,71 @@ DEFINE_WIDEN(widen_i8, int8_t, epi8)
 #define q8x16_CODES codes_q8
 #define q8x16_BYTES 16
 #define q8x16_BLOCK 16
+#define bf16_CODES codes_bf16
+#define bf16_BYTES 32
+#define bf16_BLOCK 32
+#define f16_CODES codes_f16
+#define f16_BYTES 32
+#define f16_BLOCK 32
+/* whether a format's blocks have scales d (w = d * q [+ m]) */
+#define q4_SCALED 1
+#define q8_SCALED 1
+#define q8x16_SCALED 1
+#define bf16_SCALED 0
+#define f16_SCALED 0
 static inline void codes_q4(const uint8_t *q, int k, int part, vf *w0, vf *w1) {
     vi codes = widen_u8(q + (size_t)k * 8 + part * WIDTH);
     *w0 = __builtin_convertvector(codes & 15, vf);
     *w1 = __builtin_convertvector(codes >> 4, vf);
+}
+
+static inline vf bf16_floats(const uint8_t *q, size_t at) {
+    vi bits = widen_u16((const uint16_t *)q + at) << 16;
+    vf w;
+    memcpy(&w, &bits, sizeof w);
+    return w;
+}
+
+static inline void codes_bf16(const uint8_t *q, int k, int part, vf *w0, vf *w1) {
+    *w0 = bf16_floats(q, (size_t)k * 16 + part * WIDTH);
+    *w1 = bf16_floats(q, (size_t)(k + 1) * 16 + part * WIDTH);
+}
+
+/* a float16 (bits h) as a float32, exactly */
+static inline float f16_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023, bits;
+    if (exponent == 31) /* infinities and NaNs */
+        bits = sign | 0x7f800000u | mantissa << 13;
+    else if (exponent) /* normal */
+        bits = sign | (exponent + 112) << 23 | mantissa << 13;
+    else if (!mantissa) /* zero */
+        bits = sign;
+    else { /* subnormal: normalized */
+        uint32_t e = 113;
+        for (; !(mantissa & 1024); e--) mantissa <<= 1;
+        bits = sign | e << 23 | (mantissa & 1023) << 13;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline vf f16_floats(const uint8_t *q, size_t at) {
+    const uint16_t *p = (const uint16_t *)q + at;
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__) && !defined(AVX512_TILES)
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    vf w;
+    for (int i = 0; i < WIDTH; i++) w[i] = f16_float(p[i]);
+    return w;
+#endif
+}
+
+static inline void codes_f16(const uint8_t *q, int k, int part, vf *w0, vf *w1) {
+    *w0 = f16_floats(q, (size_t)k * 16 + part * WIDTH);
+    *w1 = f16_floats(q, (size_t)(k + 1) * 16 + part * WIDTH);
 }
 
 static inline void codes_q8(const uint8_t *q, int k, int part, vf *w0, vf *w1) {
@@ -193,10 +271,11 @@ static inline vf end_block(vf acc, vf s, vf d, const float *m, float sum) {
             for (int g = 0; g < G; g++)                                                                 \
                 for (int p = 0; p < PARTS; p++) {                                                       \
                     size_t at = g * s_group + b * 16 + p * WIDTH;                                       \
-                    vf db = load(d + at);                                                               \
+                    vf db = FMT##_SCALED ? load(d + at) : (vf){0};                                      \
                     for (int r = 0; r < T; r++)                                                         \
-                        acc[r][g][p] = end_block(acc[r][g][p], s[r][g][p], db, m ? m + at : 0,          \
-                                                 m ? sums[(size_t)r * blocks + b] : 0);                 \
+                        acc[r][g][p] = FMT##_SCALED ? end_block(acc[r][g][p], s[r][g][p], db, m ? m + at : 0, \
+                                                                m ? sums[(size_t)r * blocks + b] : 0)  \
+                                                    : acc[r][g][p] + s[r][g][p];                        \
                 }                                                                                       \
         }                                                                                               \
         for (int r = 0; r < T; r++)                                                                     \
@@ -227,10 +306,11 @@ static inline vf end_block(vf acc, vf s, vf d, const float *m, float sum) {
                 }                                                                                       \
             for (int p = 0; p < PARTS; p++) {                                                           \
                 size_t at = (size_t)(b0 + c) * 16 + p * WIDTH;                                          \
-                vf db = load(d + at);                                                                   \
+                vf db = FMT##_SCALED ? load(d + at) : (vf){0};                                          \
                 for (int r = 0; r < T; r++)                                                             \
-                    acc[r][p] = end_block(acc[r][p], s[r][p], db, m ? m + at : 0,                       \
-                                          m ? sums[(size_t)r * blocks + b0 + c] : 0);                   \
+                    acc[r][p] = FMT##_SCALED ? end_block(acc[r][p], s[r][p], db, m ? m + at : 0,        \
+                                                         m ? sums[(size_t)r * blocks + b0 + c] : 0)     \
+                                             : acc[r][p] + s[r][p];                                     \
             }                                                                                           \
         }                                                                                               \
         for (int r = 0; r < T; r++)                                                                     \
@@ -298,6 +378,8 @@ struct format {
 DEFINE_FORMAT(q4)
 DEFINE_FORMAT(q8)
 DEFINE_FORMAT(q8x16)
+DEFINE_FORMAT(bf16)
+DEFINE_FORMAT(f16)
 
 /* floats of the work room linear() takes for R rows of K inputs (the packed rows and the block sums) */
 static size_t linear_floats(int R, int K) { return (size_t)R * K + (size_t)R * (K / 16); }
@@ -349,7 +431,7 @@ static int linear(const struct format *f, const float *x, int R, int K, const ui
                     for (int r0 = 0; r0 < R; r0 += WIDE_ROWS) {
                         int T = R - r0 < WIDE_ROWS ? R - r0 : WIDE_ROWS;
                         f->wide[T](packed + (size_t)r0 * K + (size_t)k0 * T, (const vf(*)[PARTS])w, count,
-                                   k0 / f->block, d + (size_t)g * scales, m ? m + (size_t)g * scales : 0,
+                                   k0 / f->block, d ? d + (size_t)g * scales : 0, m ? m + (size_t)g * scales : 0,
                                    m ? sums + (size_t)r0 * blocks : 0, blocks,
                                    y + (size_t)r0 * stride + (size_t)g * 16, stride);
                     }
@@ -371,7 +453,7 @@ static int linear(const struct format *f, const float *x, int R, int K, const ui
             for (int g = first; g < first + count; g += count)
                 for (int r0 = 0; r0 < R; r0 += per) {
                     int rows = R - r0 < per ? R - r0 : per;
-                    tiles[rows](x + (size_t)r0 * K, K, q + (size_t)g * K * f->bytes, d + (size_t)g * scales,
+                    tiles[rows](x + (size_t)r0 * K, K, q + (size_t)g * K * f->bytes, d ? d + (size_t)g * scales : 0,
                                 m ? m + (size_t)g * scales : 0, m ? sums + (size_t)r0 * blocks : 0,
                                 y + (size_t)r0 * stride + (size_t)g * 16, stride);
                 }
@@ -387,15 +469,22 @@ int restspec_q4_linear(const float *x, int R, int K, const uint8_t *q, const flo
     return linear(&format_q4, x, R, K, q, d, m, y, N, N, threads, 0);
 }
 
-/* the format of codes with offsets m (q4) or without, in blocks of `block` inputs (32 or 16) */
-static const struct format *format_of(const float *m, int block) {
+/* the format of codes without scales d (bf16, or f16 where `block` is 0), with offsets m (q4) or without, in
+   blocks of `block` inputs (32 or 16) */
+static const struct format *format_of(const float *d, const float *m, int block) {
+    if (!d) return block ? &format_bf16 : &format_f16;
     return m ? &format_q4 : block == q8x16_BLOCK ? &format_q8x16 : &format_q8;
 }
 
 /* block: 32 (q8) or 16 (q8x16); 0, or -1 where no memory was to be had */
 int restspec_q8_linear(const float *x, int R, int K, const uint8_t *q, const float *d, int block, float *y, int N,
                        int threads) {
-    return linear(format_of(0, block), x, R, K, q, d, 0, y, N, N, threads, 0);
+    return linear(block == q8x16_BLOCK ? &format_q8x16 : &format_q8, x, R, K, q, d, 0, y, N, N, threads, 0);
+}
+
+/* half: 1 for bfloat16 codes, 0 for float16 ones; 0, or -1 where no memory was to be had */
+int restspec_half_linear(const float *x, int R, int K, const uint8_t *q, int half, float *y, int N, int threads) {
+    return linear(half ? &format_bf16 : &format_f16, x, R, K, q, 0, 0, y, N, N, threads, 0);
 }
 
 /* ---- the decoder: every layer of a Llama-family model in one call ------------------------------------
@@ -409,9 +498,9 @@ int restspec_q8_linear(const float *x, int R, int K, const uint8_t *q, const flo
 
 struct linear_ref { /* block-encoded weights giving outputs offset .. offset + out - 1 of a joint output */
     const uint8_t *q;
-    const float *d, *m; /* m: NULL for the 8-bit formats */
+    const float *d, *m; /* d: NULL for bf16 and f16; m: NULL but for q4 */
     const float *bias;  /* NULL: none */
-    int block, in, out, offset;
+    int block, in, out, offset; /* block: of the scales, 32 or 16; where d is NULL 32 (bf16) or 0 (f16) */
 };
 
 struct layer_ref { /* q/k/v (gate/up): one joint encoding, or one each where their formats differ */
@@ -439,7 +528,7 @@ struct segment_ref {
 static void apply(const struct linear_ref *l, int parts, const float *x, int R, float *y, int stride, int threads,
                   float *work) {
     for (; parts--; l++) {
-        linear(format_of(l->m, l->block), x, R, l->in, l->q, l->d, l->m, y + l->offset, l->out, stride, threads,
+        linear(format_of(l->d, l->m, l->block), x, R, l->in, l->q, l->d, l->m, y + l->offset, l->out, stride, threads,
                work); /* with its work room: cannot fail */
         if (l->bias)
             for (int r = 0; r < R; r++)

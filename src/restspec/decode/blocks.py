@@ -1,16 +1,19 @@
-"""Block-encoded weights: float32 linears whose weights are read back exactly from 4- or 8-bit codes.
+"""Block-encoded weights: float32 linears whose weights are read back exactly from 4-, 8- or 16-bit codes.
 
 A model loaded from a quantized GGUF file (the embedded SmolLM2 is Q4_1, its embedding Q8_0) runs in
 float32, but its weights are still what the file's blocks decode to: in every block of 32 inputs of
 an output row, ``w = d * q + m`` with a 4-bit ``q`` (Q4_1, Q4_K), or in every block of 32 or 16 inputs
 ``w = d * q`` with an 8-bit ``q`` (Q8_0, Q4_0, Q5_0; Q6_K, Q3_K in blocks of 16). A one-row forward
 on a CPU mostly reads weights (538 MB of float32 for that model, against 111 MB of codes and their
-float32 scales), so computing from the codes reads a fifth of the bytes.
+float32 scales), so computing from the codes reads a fifth of the bytes. A checkpoint stored in
+bfloat16 (most on the Hugging Face hub) or float16 and loaded in float32 has weights that are 16-bit
+values: its codes are those (``w`` itself, no scales), half the bytes.
 
-Nothing is taken from the file: :func:`encode_affine4` and :func:`encode_scaled8` find the codes from
-the float32 weights and keep them only where every weight of the matrix decodes back **bitwise
-equal** (the decoding, one exact product and one rounding, is the one GGUF's loader ran), so any
-model whose weights lie on such a grid qualifies and no other does. The kernel (``blocks.c``, built
+Nothing is taken from the file: :func:`encode_affine4`, :func:`encode_scaled8` and
+:func:`encode_half` find the codes from the float32 weights and keep them only where every weight of
+the matrix decodes back **bitwise equal** (the decoding, one exact product and one rounding, is the
+one GGUF's loader ran; a 16-bit float converts exactly), so any model whose weights lie on such a
+grid qualifies and no other does. The kernel (``blocks.c``, built
 once per machine with the C compiler, ``-O3 -march=native``, on torch's OpenMP threads) decodes each
 weight in registers (for more input rows than one tile of registers holds, once per chunk of inputs into
 a buffer that every tile of rows then reads) and multiplies it with the same float32 arithmetic as a
@@ -76,20 +79,26 @@ class Encoded:
     """One matrix (N, K) as codes in the kernel's layout: output rows in groups of :data:`LANES`."""
 
     codes: np.ndarray
-    """uint8 (N/16, K/2, 16) for affine4 (two codes a byte, the even input low), (N/16, K, 16) for scaled8."""
-    scales: np.ndarray
-    """float32 (N/16, K/block, 16): d per block and row."""
+    """uint8 (N/16, K/2, 16) for affine4 (two codes a byte, the even input low), (N/16, K, 16) for scaled8,
+    (N/16, K, 32) for bf16 and f16 (16 weights of an input as uint16, viewed as bytes)."""
+    scales: np.ndarray | None
+    """float32 (N/16, K/block, 16): d per block and row; None for bf16 and f16."""
     offsets: np.ndarray | None
     """float32 (N/16, K/32, 16): m per block and row (affine4), else None."""
+    half: str | None = None
+    """Codes that are the weights as 16-bit floats: ``"bf16"`` (their upper 16 bits) or ``"f16"``."""
 
     @property
     def kind(self) -> str:
-        """``"affine4"`` (w = d * q + m: it has offsets) or ``"scaled8"`` (w = d * q)."""
-        return "scaled8" if self.offsets is None else "affine4"
+        """``"affine4"`` (w = d * q + m: it has offsets), ``"scaled8"`` (w = d * q), or ``"bf16"`` /
+        ``"f16"`` (w itself, no scales)."""
+        return self.half or ("scaled8" if self.offsets is None else "affine4")
 
     @property
     def block(self) -> int:
-        """Inputs per block: 32, or 16 (scaled8 only)."""
+        """Inputs per block (of the scales, and of the kernel's sums): 32, or 16 (scaled8 only)."""
+        if self.scales is None:
+            return BLOCK
         inputs = self.codes.shape[1] * (2 if self.kind == "affine4" else 1)
         return inputs // self.scales.shape[1]
 
@@ -103,12 +112,9 @@ class Encoded:
             for p in parts
         ):
             return None
+        scales = None if first.scales is None else np.concatenate([p.scales for p in parts])  # type: ignore[misc]
         offsets = None if first.offsets is None else np.concatenate([p.offsets for p in parts])  # type: ignore[misc]
-        return Encoded(
-            np.concatenate([p.codes for p in parts]),
-            np.concatenate([p.scales for p in parts]),
-            offsets,
-        )
+        return Encoded(np.concatenate([p.codes for p in parts]), scales, offsets, first.half)
 
 
 def _blocks(weight: np.ndarray, block: int = BLOCK) -> np.ndarray | None:
@@ -249,10 +255,28 @@ def encode_scaled8(weight: np.ndarray) -> Encoded | None:
     return None
 
 
+def encode_half(weight: np.ndarray) -> Encoded | None:
+    """Every weight as a 16-bit code: its upper 16 bits where every weight's lower 16 are 0 (bfloat16
+    values: the kernel shifts them back), else its float16 where every weight is one (the kernel
+    converts it back); exact either way, and None where neither holds."""
+    blocks = _blocks(weight)
+    if blocks is None:
+        return None
+    weight = blocks.reshape(weight.shape)
+    bits = weight.view(np.uint32)
+    if not np.any(bits & np.uint32(0xFFFF)):
+        return Encoded(_lanes((bits >> np.uint32(16)).astype(np.uint16)).view(np.uint8), None, None, "bf16")
+    with np.errstate(over="ignore"):  # a weight beyond float16's range: inf, which then differs
+        halves = weight.astype(np.float16)
+    if not np.array_equal(halves.astype(np.float32).view(np.uint32), bits):
+        return None
+    return Encoded(_lanes(halves.view(np.uint16)).view(np.uint8), None, None, "f16")
+
+
 def encode(weight: np.ndarray) -> Encoded | None:
-    """The first encoding that holds ``weight`` exactly (4-bit first: fewer bytes), or None. Each is
-    tried on the first 16 rows before the whole matrix (most matrices fit none or the first)."""
-    for encoding in (encode_affine4, encode_scaled8):
+    """The first encoding that holds ``weight`` exactly (fewest bytes first), or None. Each is tried on
+    the first 16 rows before the whole matrix (most matrices fit none or the first)."""
+    for encoding in (encode_affine4, encode_scaled8, encode_half):
         if encoding(weight[:LANES]) is not None:
             found = encoding(weight)
             if found is not None:
@@ -344,6 +368,20 @@ def kernel(text: str | None = None) -> ctypes.CDLL | None:
     ]  # offsets, y, outputs, threads
     lib.restspec_q8_linear.argtypes = [*shared, number, pointer, number, number]  # block, y, outputs, threads
     lib.restspec_q4_linear.restype = lib.restspec_q8_linear.restype = ctypes.c_int  # -1: out of memory
+    if hasattr(lib, "restspec_half_linear"):  # (nor this)
+        lib.restspec_half_linear.argtypes = [
+            pointer,
+            number,
+            number,
+            pointer,
+            number,
+            pointer,
+            number,
+            number,
+        ]
+        lib.restspec_half_linear.restype = (
+            ctypes.c_int
+        )  # x, rows, inputs, codes, bfloat16?, y, outputs, threads
     if hasattr(lib, "restspec_decoder"):  # (a source of an earlier version may not have it)
         lib.restspec_decoder.argtypes = [
             pointer,
@@ -386,13 +424,16 @@ class BlockGroup:
         self.version = self._versions()
         self.bias = joined_bias(self.weights, self.biases)
         if encoded is not None:  # the kernel and the codes' addresses, looked up once rather than per call
-            codes, scales = encoded.codes.ctypes.data, encoded.scales.ctypes.data
-            if encoded.offsets is not None:
+            codes = encoded.codes.ctypes.data
+            if encoded.scales is None:
+                self._call = self._lib.restspec_half_linear
+                self._args: tuple[int, ...] = (codes, int(encoded.half == "bf16"))
+            elif encoded.offsets is not None:
                 self._call = self._lib.restspec_q4_linear
-                self._args: tuple[int, ...] = (codes, scales, encoded.offsets.ctypes.data)
+                self._args = (codes, encoded.scales.ctypes.data, encoded.offsets.ctypes.data)
             else:
                 self._call = self._lib.restspec_q8_linear
-                self._args = (codes, scales, encoded.block)
+                self._args = (codes, encoded.scales.ctypes.data, encoded.block)
 
     def refresh(self) -> bool:
         """Encode the weights again if one changed in place since; whether they are (still) encoded."""
@@ -672,10 +713,10 @@ def _linear_refs(groups: list[BlockGroup]) -> list[_Linear]:
         refs.append(
             _Linear(
                 e.codes.ctypes.data,  # type: ignore[union-attr]
-                e.scales.ctypes.data,  # type: ignore[union-attr]
+                None if e.scales is None else e.scales.ctypes.data,  # type: ignore[union-attr]
                 None if e.offsets is None else e.offsets.ctypes.data,  # type: ignore[union-attr]
                 None if group.bias is None else group.bias.data_ptr(),
-                e.block,  # type: ignore[union-attr]
+                0 if e.half == "f16" else e.block,  # type: ignore[union-attr]  # (what tells f16 from bf16)
                 group.in_features,
                 group.out_features,
                 offset,
