@@ -107,6 +107,25 @@ def test_existing_out_needs_overwrite(tmp_path, small_tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
+def test_overwrite_replaces_only_a_datastore_or_an_empty_folder(tmp_path, small_tokenizer):
+    """--force must not delete what is not a datastore: a folder of other files (the corpus itself, given
+    as --out by mistake) or a file is left as it was."""
+    corpus = tmp_path / "proj"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "notes.txt").write_text(DOC_A, encoding="utf-8")
+    (corpus / "sub" / "m.py").write_text(DOC_B, encoding="utf-8")
+    source = tmp_path / "a.txt"
+    source.write_text(DOC_C, encoding="utf-8")
+    for out in (corpus, source):
+        with pytest.raises(DatastoreError, match=r"not a restspec datastore.*choose another --out"):
+            Datastore.build([corpus, source], out, small_tokenizer, progress=False, overwrite=True)
+    assert sorted(str(p.relative_to(corpus)) for p in corpus.rglob("*")) == ["notes.txt", "sub", "sub/m.py"]
+    assert source.read_text(encoding="utf-8") == DOC_C
+    (tmp_path / "empty").mkdir()
+    ds = Datastore.build([source], tmp_path / "empty", small_tokenizer, progress=False, overwrite=True)
+    assert ds.num_docs == 1
+
+
 def test_shards_search_as_one(tmp_path, small_tokenizer):
     texts = [DOC_A, DOC_B, DOC_C, DOC_B, DOC_A]
     ds = Datastore.build_from_texts(texts, tmp_path / "ds", small_tokenizer, shard_tokens=12, progress=False)

@@ -26,6 +26,7 @@ from restspec.datastore.fingerprint import tokenizer_fingerprint, vocab_size_of
 from restspec.datastore.format import (
     FORMAT_VERSION,
     MANIFEST_MAGIC,
+    MANIFEST_NAME,
     Shard,
     corrupt_shard_error,
     open_shard,
@@ -296,6 +297,11 @@ class Datastore:
                 f"{str(out)!r} already exists; choose another --out, or replace it with --force "
                 "(overwrite=True)"
             )
+        if out.exists() and not _replaceable(out):
+            raise DatastoreError(
+                f"{str(out)!r} is not a restspec datastore (a folder with {MANIFEST_NAME}) nor an empty "
+                "folder: --force (overwrite=True) replaces only those; choose another --out"
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         stats = BuildStats()
@@ -531,6 +537,14 @@ def _manifest(vocab_size: int, fingerprint: str, entries: list[dict]) -> dict:
         "tokenizer_fingerprint": fingerprint,
         "shards": entries,
     }
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether a build may replace ``out``: a datastore (even a damaged one) or an empty folder, never
+    a file or a folder of anything else (it could be the very corpus being built from)."""
+    return (
+        out.is_dir() and not out.is_symlink() and ((out / MANIFEST_NAME).exists() or not any(out.iterdir()))
+    )
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
