@@ -228,6 +228,19 @@ def test_a_full_queue_is_a_503_with_retry_after(tiny_model):
     assert 'restspec_requests_total{endpoint="completions",outcome="completed"} 2.0' in metrics
 
 
+def test_more_completions_than_the_queue_holds_is_a_400_not_a_503(generator):
+    """n above --max-queued could never be queued: a 503 with Retry-After would have the client retry
+    forever."""
+    app = make_app(generator, limits=ServerLimits(max_queued=1))
+    with client_of(app) as client:
+        refused = client.post(COMPLETIONS, json={"prompt": "import os\n", "max_tokens": 3, "n": 2})
+        assert_error(refused, 400, "n", "--max-queued 1", code="invalid_value")
+        assert (
+            client.post(COMPLETIONS, json={"prompt": "import os\n", "max_tokens": 3, "n": 1}).status_code
+            == 200
+        )
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_past_its_time_is_ended_with_an_error(tiny_model, stream):
     app = make_app(slow_generator(tiny_model, STEP_DELAY_S), limits=ServerLimits(request_timeout_s=0.6))

@@ -505,7 +505,14 @@ class _Server:
         self, prompt_ids: np.ndarray, config: GenerationConfig, tenant: str, request_id: str, n: int
     ) -> list[Job]:
         """Queue ``n`` jobs for one request (with a seed, job i samples with seed + i); a full queue
-        stops those already queued and is a 503."""
+        stops those already queued and is a 503; more than the queue ever holds is a 400."""
+        if n > self.worker.max_queued:  # would be queue_full however long the client waited
+            raise APIError(
+                f"n={n} completions are more than this server queues at once (--max-queued "
+                f"{self.worker.max_queued}); ask for at most {self.worker.max_queued}",
+                param="n",
+                code="invalid_value",
+            )
         jobs: list[Job] = []
         seed = config.sampling.seed
         for index in range(n):
