@@ -10,7 +10,8 @@ import pytest
 from machine import quiet_machine
 from rich.console import Console
 
-from restspec.engine import Engine, check_datastore_paths, generation_config, parse_budget
+from restspec.decode import generation_config
+from restspec.engine import Engine, check_datastore_paths, parse_budget
 from restspec.errors import DatastoreError, GenerationError, ModelError
 from restspec.progress import ConsoleProgress
 
@@ -65,7 +66,7 @@ def test_generation_settings_are_checked():
 def test_engine_output_equals_plain_decoding_and_drafts_get_accepted(engine: Engine):
     prompt = "def fibonacci(n):"  # a prefix of a corpus document, cut at a token boundary
     fast = engine.generate(prompt, max_new_tokens=40)
-    plain = engine.plain().generate(prompt, generation_config(None, {"max_new_tokens": 40}))
+    plain = engine.plain().generate(prompt, max_new_tokens=40)  # keyword settings as on the engine
     np.testing.assert_array_equal(fast.output_ids, plain.output_ids)
     assert fast.text == plain.text
     assert sum(s.accepted for s in fast.steps) > 0  # the datastore's continuations were accepted

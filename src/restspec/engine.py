@@ -268,8 +268,7 @@ class Engine:
         **settings: Any,
     ) -> GenerationResult:
         """Generate to the end (see :meth:`stream`)."""
-        config = generation_config(config, settings)
-        return self.generator.generate(prompt, config, chat=chat, prefix_scope=prefix_scope)
+        return self.generator.generate(prompt, config, chat=chat, prefix_scope=prefix_scope, **settings)
 
     def stream(
         self,
@@ -285,9 +284,10 @@ class Engine:
         call from several threads: up to :attr:`max_batch` requests share each step's forward. A prompt
         that starts with an earlier request's prompt and output (a chat's next turn) is prefilled
         only past them, from that request's kept cache, if both have the same ``prefix_scope``
-        (e.g. a user id: requests of other scopes never share cached rows)."""
-        config = generation_config(config, settings)
-        return self.generator.stream(prompt, config, chat=chat, prefix_scope=prefix_scope)
+        (e.g. a user id: requests of other scopes never share cached rows). ``config``, or keyword
+        settings: max_new_tokens, temperature, top_p, top_k, seed, stop
+        (:func:`~restspec.decode.generation_config`)."""
+        return self.generator.stream(prompt, config, chat=chat, prefix_scope=prefix_scope, **settings)
 
     # ---- more of the same pieces -------------------------------------------------------------------
     def plain(self, *, max_batch: int | None = None) -> SpeculativeGenerator:
@@ -392,33 +392,6 @@ def _backend(loaded: LoadedModel, name: str, refresh: bool, report: Progress) ->
         phase = "Choosing the fastest exact forward for this machine (once per machine and model)"
     with report.phase(phase):
         return choose_backend(loaded.model, name=loaded.name, refresh=refresh)
-
-
-def generation_config(config: GenerationConfig | None, settings: dict[str, Any]) -> GenerationConfig:
-    """``config``, or one built from keyword ``settings`` (not both): max_new_tokens, temperature,
-    top_p, top_k, seed, stop (a string or several)."""
-    from restspec.decode import GenerationConfig, SamplingConfig
-
-    if not settings:
-        return config or GenerationConfig()
-    if config is not None:
-        raise GenerationError(
-            f"pass either a GenerationConfig or keyword settings, not both (got {sorted(settings)})"
-        )
-    sampling_keys = {"temperature", "top_p", "top_k", "seed"}
-    known = sampling_keys | {"max_new_tokens", "stop"}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise GenerationError(f"unknown generation settings {unknown}; use {sorted(known)}")
-    stop = settings.get("stop", ())
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    sampling = SamplingConfig(**{k: v for k, v in settings.items() if k in sampling_keys})
-    defaults = GenerationConfig()
-    return GenerationConfig(
-        max_new_tokens=settings.get("max_new_tokens", defaults.max_new_tokens),
-        sampling=sampling,
-        stop_strings=stops,
-    )
 
 
 @contextmanager

@@ -4,7 +4,7 @@ generate loop."""
 from restspec.decode.accept import Acceptance, accept, greedy_accept, sample_accept, warp_logits, warped_probs
 from restspec.decode.backends import ForwardBackend, ModelForward, choose_backend
 from restspec.decode.budget import BudgetPolicy, FixedBudget
-from restspec.decode.config import GenerationConfig, SamplingConfig
+from restspec.decode.config import GenerationConfig, SamplingConfig, generation_config
 from restspec.decode.generate import GenerationResult, SpeculativeGenerator, StepStats, StreamChunk
 from restspec.decode.verify import (
     ModelLayout,
@@ -33,6 +33,7 @@ __all__ = [
     "choose_backend",
     "compact_cache",
     "forward_tree",
+    "generation_config",
     "greedy_accept",
     "model_layout",
     "new_cache",

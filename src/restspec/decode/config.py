@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from restspec.errors import GenerationError
 
@@ -62,3 +63,28 @@ class GenerationConfig:
                     f"stop_strings contains {stop!r}; each stop string must be non-empty text"
                 )
         object.__setattr__(self, "stop_strings", stops)
+
+
+def generation_config(config: GenerationConfig | None, settings: dict[str, Any]) -> GenerationConfig:
+    """``config``, or one built from keyword ``settings`` (not both): max_new_tokens, temperature,
+    top_p, top_k, seed, stop (a string or several)."""
+    if not settings:
+        return config or GenerationConfig()
+    if config is not None:
+        raise GenerationError(
+            f"pass either a GenerationConfig or keyword settings, not both (got {sorted(settings)})"
+        )
+    sampling_keys = {"temperature", "top_p", "top_k", "seed"}
+    known = sampling_keys | {"max_new_tokens", "stop"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise GenerationError(f"unknown generation settings {unknown}; use {sorted(known)}")
+    stop = settings.get("stop", ())
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    sampling = SamplingConfig(**{k: v for k, v in settings.items() if k in sampling_keys})
+    defaults = GenerationConfig()
+    return GenerationConfig(
+        max_new_tokens=settings.get("max_new_tokens", defaults.max_new_tokens),
+        sampling=sampling,
+        stop_strings=stops,
+    )

@@ -26,7 +26,7 @@ import torch
 from restspec.decode.accept import Acceptance, accept
 from restspec.decode.backends import ForwardBackend, ModelForward
 from restspec.decode.budget import BudgetPolicy, FixedBudget
-from restspec.decode.config import GenerationConfig
+from restspec.decode.config import GenerationConfig, generation_config
 from restspec.decode.prefix import DEFAULT_PREFIX_CACHE_MB, PrefixCache, check_prefix_cache_mb
 from restspec.decode.text import IncrementalDecoder, StopStringMatcher
 from restspec.decode.threads import release_openmp_pool
@@ -599,13 +599,15 @@ class SpeculativeGenerator:
         chat: bool = False,
         drafter: Drafter | None = None,
         prefix_scope: Hashable = None,
+        **settings: Any,
     ) -> Iterator[StreamChunk]:
         """Generate step by step; every chunk carries new token ids and text, the last the result.
+        ``config``, or keyword ``settings`` (:func:`~restspec.decode.config.generation_config`).
         ``drafter``: this request's own (default: the generator's). ``prefix_scope``: whose finished
         requests' caches this one may start from (e.g. a tenant; requests of other scopes never share
         rows). Closing the iterator early stops the request (the drafter's request is over when
         ``close`` returns)."""
-        config = config or GenerationConfig()
+        config = generation_config(config, settings)
         prompt_ids = self.encode(prompt, chat)
         req = self._start(prompt_ids, config, self.drafter if drafter is None else drafter, prefix_scope)
         self._submit(req)
@@ -634,9 +636,13 @@ class SpeculativeGenerator:
         chat: bool = False,
         drafter: Drafter | None = None,
         prefix_scope: Hashable = None,
+        **settings: Any,
     ) -> GenerationResult:
         """Generate to the end; see :meth:`stream`."""
-        for chunk in self.stream(prompt, config, chat=chat, drafter=drafter, prefix_scope=prefix_scope):
+        chunks = self.stream(
+            prompt, config, chat=chat, drafter=drafter, prefix_scope=prefix_scope, **settings
+        )
+        for chunk in chunks:
             if chunk.result is not None:
                 return chunk.result
         raise AssertionError("stream ended without a result")  # pragma: no cover
