@@ -45,6 +45,8 @@ BAD_CHAT_BODIES = [
     ({"messages": [{"content": "hi"}]}, "messages[0].role", ["Field required"]),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", ["wizard"]),
     ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content", []),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", ["Field required"]),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", []),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
         "messages[0].content",
