@@ -138,17 +138,32 @@ def test_a_prompt_that_just_fits_gets_a_completion_cut_at_the_context(client, ge
 
 def test_token_ids_outside_the_vocabulary_are_a_400(client, generator):
     vocab = generator.model.get_input_embeddings().num_embeddings
-    assert_error(client.post(COMPLETIONS, json={"prompt": [1, vocab + 5]}), 400, None, str(vocab))
+    refused = client.post(COMPLETIONS, json={"prompt": [1, vocab + 5]})
+    assert_error(refused, 400, "prompt", str(vocab), code="invalid_value")
 
 
 def test_an_empty_prompt_is_a_400(client):
-    assert_error(client.post(COMPLETIONS, json={"prompt": ""}), 400, None, "empty")
+    assert_error(client.post(COMPLETIONS, json={"prompt": ""}), 400, "prompt", "empty", code="invalid_value")
 
 
 def test_a_body_that_is_not_json_is_a_400(client):
     response = client.post(CHAT, content=b'{"messages": [', headers={"content-type": "application/json"})
     assert_error(response, 400, None, "not valid JSON", code="invalid_json")
     assert_error(client.post(CHAT, json=["not", "an", "object"]), 400, None)
+    json = {"content-type": "application/json"}
+    assert_error(
+        client.post(CHAT, content=b'{"x": "\xff"}', headers=json), 400, None, "UTF-8", code="invalid_json"
+    )
+    assert_error(client.post(CHAT, content=b"", headers=json), 400, None, "empty", code="invalid_json")
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_is_read_whatever_its_content_type(client, content_type):
+    """curl -d without -H 'Content-Type: application/json' sends a form's type: the body is still JSON."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    body = b'{"prompt": "import os\\n", "max_tokens": 2}'
+    response = client.post(COMPLETIONS, content=body, headers=headers)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_unknown_routes_and_methods_answer_in_the_error_shape(client):
@@ -193,7 +208,8 @@ def test_a_model_without_chat_template_answers_chat_with_a_400(tiny_model, model
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     tokenizer.chat_template = None
     with TestClient(make_app(SpeculativeGenerator(model, tokenizer, drafter=LookupDrafter()))) as test_client:
-        assert_error(test_client.post(CHAT, json={"messages": USER}), 400, None, "chat template")
+        no_template = test_client.post(CHAT, json={"messages": USER})
+        assert_error(no_template, 400, "messages", "chat template", code="invalid_value")
         assert test_client.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 

@@ -39,7 +39,7 @@ from restspec.errors import RestspecError
 from restspec.serve.config import AccessConfig, HistoryMode, ServerLimits
 from restspec.serve.errors import SERVER_ERROR, APIError, install_error_handlers, internal_error, logger
 from restspec.serve.metrics import ServerMetrics
-from restspec.serve.middleware import BearerAuth, BodyLimit
+from restspec.serve.middleware import BearerAuth, BodyLimit, JSONBodies
 from restspec.serve.persist import HistoryFileError, HistoryStore, load_states
 from restspec.serve.schemas import MAX_SEED, ChatCompletionRequest, CompletionRequest, SamplingRequest
 from restspec.serve.tenancy import TenantDrafters, tenant_of
@@ -193,6 +193,7 @@ def create_app(
 
     install_error_handlers(app, on_error=count_rejection)
     # the last added runs first: CORS answers preflights, then the size limit, then the key
+    app.add_middleware(JSONBodies)
     if config.access.api_keys:
         app.add_middleware(BearerAuth, keys=config.access.api_keys, on_reject=count_rejection)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, on_reject=count_rejection)
@@ -588,11 +589,13 @@ class _Server:
         """(admission thread) The prompt's token ids, checked against the context and the prompt limit."""
         try:
             ids = self.generator.encode(prompt, chat)
-        except RestspecError as error:
-            raise APIError(str(error), code="invalid_request") from error
+        except RestspecError as error:  # an empty prompt, a token id past the vocabulary
+            raise APIError(str(error), param=param, code="invalid_value") from error
         except Exception as error:
             if _is_template_error(error):
-                raise APIError(f"the chat template rejected the messages: {error}", param=param) from error
+                raise APIError(
+                    f"the chat template rejected the messages: {error}", param=param, code="invalid_value"
+                ) from error
             raise
         what = "prompt built from the messages" if chat else "prompt"
         context = self.context_length

@@ -24,6 +24,8 @@ from restspec.serve.schemas import UnsupportedValue
 logger = logging.getLogger("restspec.serve")
 
 INVALID_REQUEST = "invalid_request_error"
+BODY_PARSE_ERROR = "There was an error parsing the body"
+"""FastAPI's answer to a body it could not read as JSON other than a syntax error (bytes not UTF-8)."""
 SERVER_ERROR = "server_error"
 
 
@@ -101,6 +103,8 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
                 None,
                 f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}",
             )
+        elif kind == "missing" and tuple(err.get("loc", ())) == ("body",):
+            param, msg, kind = None, "the body is empty: send a JSON object", "json_invalid"
         else:
             param = _param(tuple(err.get("loc", ())))
             msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -156,6 +160,8 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str, int, str | Non
         kind = INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         message = str(exc.detail)
+        if exc.status_code == 400 and message == BODY_PARSE_ERROR:  # FastAPI's, e.g. for bytes not UTF-8
+            code, message = "invalid_json", "the body is not valid JSON (UTF-8 text)"
         if exc.status_code == 404:
             message = (
                 f"no route {request.method} {request.url.path}; "

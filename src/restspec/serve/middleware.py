@@ -1,4 +1,5 @@
-"""ASGI middleware around the app: bearer-token authentication and the request body's size limit.
+"""ASGI middleware around the app: bearer-token authentication, the request body's size limit, and
+JSON bodies whatever their ``Content-Type``.
 
 Both answer in OpenAI's error shape. The key a request authenticated with is left in
 ``scope["state"]["api_key"]`` for the tenancy (:func:`restspec.serve.tenancy.tenant_of`)."""
@@ -101,6 +102,20 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class JSONBodies:
+    """A ``POST`` body is read as JSON whatever its ``Content-Type`` says: every route that takes a body
+    takes JSON, and ``curl -d`` without ``-H 'Content-Type: application/json'`` labels it a form."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 def _too_large_message(limit: int) -> str:
