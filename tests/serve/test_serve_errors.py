@@ -94,6 +94,7 @@ BAD_COMPLETION_BODIES = [
     ({"prompt": {"text": "hi"}}, "prompt", []),
     ({"prompt": "hi", "best_of": 3}, "best_of", ["best_of=3"]),
     ({"prompt": "hi", "logprobs": 2}, "logprobs", ["not supported"]),
+    ({"prompt": "hi", "logprobs": 0}, "logprobs", ["not supported"]),  # OpenAI: the chosen tokens' logprobs
     ({"prompt": "hi", "suffix": "end"}, "suffix", ["not supported"]),
     ({"prompt": "hi", "n": 0}, "n", ["greater than or equal to 1"]),
     ({"prompt": "hi", "echo": "true"}, "echo", []),

@@ -260,7 +260,7 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _check_completion_unsupported(self) -> CompletionRequest:
-        if self.logprobs:
+        if self.logprobs is not None:  # 0 too: OpenAI then returns the chosen tokens' logprobs
             raise UnsupportedValue("logprobs", self.logprobs, "logprobs are not supported; leave it out")
         if self.best_of is not None and self.best_of != 1:
             raise UnsupportedValue(
