@@ -43,6 +43,9 @@ def test_missing_datastore_path_is_a_datastore_error(tmp_path: Path):
     check_datastore_paths([])  # nothing to check
     with pytest.raises(DatastoreError, match="does-not-exist"):
         check_datastore_paths([tmp_path / "does-not-exist"])
+    (tmp_path / "notes.txt").write_text("not a datastore")
+    with pytest.raises(DatastoreError, match=r"notes\.txt' is a file"):
+        check_datastore_paths([tmp_path / "notes.txt"])
 
 
 def test_generation_settings_as_keywords():

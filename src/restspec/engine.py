@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from restspec.errors import DatastoreError, GenerationError, ModelError
+from restspec.errors import GenerationError, ModelError
 from restspec.models import DEFAULT_MODEL
 from restspec.progress import Progress, progress_from
 
@@ -57,13 +57,11 @@ def parse_budget(value: str | int) -> int | None:
 
 
 def check_datastore_paths(paths: Sequence[Path]) -> None:
-    """Fail fast, before the model loads, on a datastore path that does not exist."""
+    """Fail fast, before the model loads, on a datastore path that does not exist or is not a folder."""
+    from restspec.datastore.format import check_folder
+
     for path in paths:
-        if not Path(path).exists():
-            raise DatastoreError(
-                f"datastore {str(path)!r} does not exist; build one with `restspec build` "
-                "or leave out --datastore to use the default"
-            )
+        check_folder(Path(path))
 
 
 def model_vocab_size(model: Any) -> int:

@@ -55,6 +55,7 @@ def test_defaults_are_greedy_with_auto_budget_on_the_embedded_model():
         ("top_p", 1.5, "--top-p=1.5"),
         ("top_k", -1, "--top-k=-1"),
         ("max_new_tokens", 0, "--max-new-tokens=0"),
+        ("seed", -3, "--seed=-3"),
         ("budget", "lots", "--budget='lots'"),
         ("budget", "-3", "--budget='-3'"),
         ("max_batch", 0, "--max-batch=0"),
@@ -163,6 +164,7 @@ def test_top_level_help_lists_the_front_door_commands():
         (["--top-k", "-2"], "--top-k=-2"),
         (["--budget", "many"], "--budget='many'"),
         (["--max-new-tokens", "0"], "--max-new-tokens=0"),
+        (["--seed", "-3"], "--seed=-3"),
         (["--backend", "fastest"], "backend 'fastest' is unknown"),
         (["--backend", "direct-split@1"], "direct-split@N"),
     ],
@@ -174,12 +176,22 @@ def test_invalid_flag_values_are_one_line_errors(command, args, needle, one_line
     one_line_error(result, needle)
 
 
+@pytest.mark.parametrize("duration", ["-1", "0"])
+def test_a_load_run_without_time_is_refused_before_the_model_loads(duration, one_line_error):
+    result = runner.invoke(app, ["load", "--duration", duration])
+    one_line_error(result, f"--duration={float(duration)}")
+
+
 @pytest.mark.parametrize("command", ["generate", "chat", "demo"])
 def test_missing_datastore_path_is_a_one_line_error(command, tmp_path: Path, one_line_error):
     missing = tmp_path / "no-such-datastore"
     prompt = ["hello"] if command == "generate" else []
     result = runner.invoke(app, [command, *prompt, "--datastore", str(missing)], input="")
     one_line_error(result, str(missing), "restspec build")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a datastore")
+    result = runner.invoke(app, [command, *prompt, "--datastore", str(a_file)], input="")
+    one_line_error(result, "is a file", "restspec build")
 
 
 @pytest.mark.parametrize("model", ["no/such/model-folder", "missing-model.gguf"])

@@ -308,6 +308,12 @@ def check_outputs(
     return checked, counts
 
 
+def check_duration(duration_s: float | None) -> None:
+    """``--duration`` is left out or a positive number of seconds."""
+    if duration_s is not None and not duration_s > 0:  # also NaN
+        raise RestspecError(f"--duration={duration_s} must be > 0 seconds")
+
+
 def run_load(
     items: Sequence[BenchItem],
     ctx: MethodContext,
@@ -324,8 +330,7 @@ def run_load(
 
     if max_new_tokens < 1:
         raise RestspecError(f"--max-new-tokens={max_new_tokens} must be >= 1")
-    if duration_s is not None and duration_s <= 0:
-        raise RestspecError(f"--duration={duration_s} must be > 0 seconds")
+    check_duration(duration_s)
     if not items:
         raise RestspecError("the workload has no items")
     run = LoadRun(list(configs), [int(c) for c in concurrencies], max_new_tokens, duration_s)

@@ -281,6 +281,8 @@ class EngineOptions:
             raise GenerationError(f"--top-p={self.top_p} must be in (0, 1] (1 keeps every token)")
         if self.top_k < 0:
             raise GenerationError(f"--top-k={self.top_k} must be >= 0 (0 keeps every token)")
+        if self.seed is not None and self.seed < 0:
+            raise GenerationError(f"--seed={self.seed} must be >= 0")
         if self.max_batch < 1:
             raise GenerationError(f"--max-batch={self.max_batch} must be >= 1 (1 = one request at a time)")
         check_step_factor_flag(self.step_factor)

@@ -109,7 +109,7 @@ def load(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from restspec.bench.load import CONFIGS, parse_concurrencies, run_load, warm_up
+    from restspec.bench.load import CONFIGS, check_duration, parse_concurrencies, run_load, warm_up
     from restspec.bench.load_report import (
         compare_load,
         render_load_comparisons,
@@ -124,6 +124,7 @@ def load(
 
     check_run_options(max_new_tokens, threads)
     check_step_factor_flag(step_factor)
+    check_duration(duration)
     concurrencies = parse_concurrencies(concurrency)
     items = select(load_workload(workload), limit, per_category=per_category)
     err = stderr_console()

@@ -267,14 +267,19 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     os.replace(tmp, folder / MANIFEST_NAME)
 
 
-def read_manifest(folder: Path) -> dict:
-    """Read and check the manifest: magic and version."""
+def check_folder(folder: Path) -> None:
+    """A datastore path exists and is a folder (what it holds is checked on opening)."""
     if not folder.exists():
         raise DatastoreError(f"datastore {str(folder)!r} does not exist; build it with `restspec build`")
     if not folder.is_dir():
         raise DatastoreError(
             f"{str(folder)!r} is a file, a datastore is a folder made by `restspec build`; pass that folder"
         )
+
+
+def read_manifest(folder: Path) -> dict:
+    """Read and check the manifest: magic and version."""
+    check_folder(folder)
     path = folder / MANIFEST_NAME
     if not path.exists():
         raise DatastoreError(
