@@ -65,6 +65,9 @@ def test_bfloat16(hf_folder):
 def test_errors_name_the_path_and_what_to_do(tmp_path):
     with pytest.raises(ModelError, match=r"nowhere.*not found.*'smollm2'"):
         load_model(tmp_path / "nowhere")
+    (tmp_path / "model.py").write_text("weights = None\n")
+    with pytest.raises(ModelError, match=r"model\.py' is a file, not a model.*\.gguf file"):
+        load_model(tmp_path / "model.py")
     with pytest.raises(ModelError, match=r"missing\.gguf does not exist"):
         load_tokenizer(tmp_path / "missing.gguf")
     with pytest.raises(ModelError, match=r"no config\.json"):

@@ -85,8 +85,9 @@ def _resolve(spec: str | os.PathLike[str]) -> _Source:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; pass a Hugging Face model folder or a .gguf file")
         return _Source(path.resolve(), None, path.resolve().name.lower())
+    found = "is a file, not a model" if path.is_file() else "not found"
     raise ModelError(
-        f"model {text!r} not found: pass {DEFAULT_MODEL!r} (the embedded model), "
+        f"model {text!r} {found}: pass {DEFAULT_MODEL!r} (the embedded model), "
         "a Hugging Face model folder, or a .gguf file"
     )
 
