@@ -70,7 +70,8 @@ def load_states(path: Path) -> dict[str, dict[str, Any]]:
             arrays = {name: archive[name] for name in archive.files if name != MANIFEST}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         raise HistoryFileError(
-            f"history file {str(path)!r} cannot be read ({error}); delete it to start afresh"
+            f"history file {str(path)!r} cannot be read as one restspec wrote ({error}); if it is a "
+            "history file, delete it to start afresh, else pass another --history-file"
         ) from None
     if manifest.get("version") != FORMAT_VERSION:
         raise HistoryFileError(
