@@ -155,6 +155,10 @@ def test_invalid_generation_values():
         gen.generate([])
     with pytest.raises(GenerationError, match=f"\\[0, {VOCAB}\\)"):
         gen.generate([1, VOCAB + 3])
+    with pytest.raises(GenerationError, match="prompt is NoneType; pass text"):
+        gen.generate(None)
+    with pytest.raises(GenerationError, match="must be integers, got float64"):
+        gen.generate([1.5, 2.0])
 
 
 class RecordingDrafter:

@@ -230,15 +230,21 @@ class SpeculativeGenerator:
         """The prompt's token ids (int32[L]); ``chat`` (or a list of messages) applies the chat template."""
         if isinstance(prompt, str):
             ids = apply_chat_template(self.tokenizer, prompt) if chat else self.tokenizer(prompt)["input_ids"]
+        elif not isinstance(prompt, (Sequence, np.ndarray)):
+            raise GenerationError(
+                f"the prompt is {type(prompt).__name__}; pass text, chat messages or token ids"
+            )
         elif len(prompt) and isinstance(prompt[0], dict):
             ids = apply_chat_template(self.tokenizer, prompt)  # type: ignore[arg-type]
         elif chat:
             raise GenerationError("chat=True needs the prompt as text or messages, not token ids")
         else:
             ids = prompt
-        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        arr = np.asarray(ids).reshape(-1)
         if arr.size == 0:
             raise GenerationError("the prompt is empty; pass at least one token of text")
+        if arr.dtype.kind not in "iu":
+            raise GenerationError(f"token ids must be integers, got {arr.dtype} values")
         vocab = self.vocab_size
         if arr.min() < 0 or arr.max() >= vocab:
             raise GenerationError(f"prompt token ids must lie in [0, {vocab}), got {arr.min()}..{arr.max()}")
