@@ -57,6 +57,8 @@ WARMUP_PROMPT = "The capital of France is"
 """Unrelated to every demo prompt, so the drafter's memory of past outputs learns nothing useful from it."""
 EXIT_COMMANDS = frozenset({"/exit", "/quit"})
 RESET_COMMAND = "/reset"
+HELP_COMMAND = "/help"
+CHAT_COMMANDS = "/reset forgets, /exit or Ctrl-D quits, /help shows this."
 
 
 @dataclass(frozen=True)
@@ -408,7 +410,7 @@ def chat(
     interactive = sys.stdin.isatty()
     err = stderr_console()
     if interactive:
-        err.print(f"[dim]Chatting with {engine.name}. /reset forgets, /exit or Ctrl-D quits.[/]")
+        err.print(f"[dim]Chatting with {engine.name}. {CHAT_COMMANDS}[/]")
     start: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
     history = list(start)
     for line in _user_lines(sys.stdin, interactive):
@@ -417,6 +419,9 @@ def chat(
             continue
         if message in EXIT_COMMANDS:
             break
+        if message == HELP_COMMAND:
+            err.print(f"[dim]{CHAT_COMMANDS}[/]")
+            continue
         if message == RESET_COMMAND:
             history = list(start)
             err.print("[dim]conversation reset[/]")
