@@ -88,8 +88,14 @@ def test_jsonl_bad_lines_and_missing_field(tmp_path, small_tokenizer):
     path.write_text('{"text": "the cat"}\nnot json\n{"other": "x"}\n["list"]\n')
     ds = Datastore.build([path], tmp_path / "ds", small_tokenizer, jsonl_field="text", progress=False)
     assert ds.num_docs == 1
-    assert ds.corpus_stats.skipped_records == 3
-    with pytest.raises(CorpusError, match=r"no tokens.*4 JSON lines.*--jsonl-field"):
+    assert (ds.corpus_stats.skipped_records, ds.corpus_stats.skipped_not_json) == (2, 1)
+    assert (
+        "2 JSON lines without a usable text field skipped, 1 lines that are not JSON"
+        in ds.corpus_stats.summary()
+    )
+    with pytest.raises(
+        CorpusError, match=r"no tokens.*3 JSON lines.*1 lines that are not JSON.*--jsonl-field"
+    ):
         Datastore.build([path], tmp_path / "ds2", small_tokenizer, jsonl_field="body", progress=False)
 
 

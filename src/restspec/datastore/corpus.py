@@ -26,10 +26,15 @@ class CorpusStats:
     bytes_read: int = 0
     skipped_undecodable: int = 0
     skipped_records: int = 0
+    """JSON lines without a usable text field."""
+    skipped_not_json: int = 0
+    """Lines of a --jsonl-field input that are not JSON."""
     skipped_examples: list[str] = field(default_factory=list)
 
-    def skip(self, what: str, *, record: bool = False) -> None:
-        if record:
+    def skip(self, what: str, *, record: bool = False, not_json: bool = False) -> None:
+        if not_json:
+            self.skipped_not_json += 1
+        elif record:
             self.skipped_records += 1
         else:
             self.skipped_undecodable += 1
@@ -42,6 +47,8 @@ class CorpusStats:
             parts.append(f"{self.skipped_undecodable:,} undecodable (not UTF-8) skipped")
         if self.skipped_records:
             parts.append(f"{self.skipped_records:,} JSON lines without a usable text field skipped")
+        if self.skipped_not_json:
+            parts.append(f"{self.skipped_not_json:,} lines that are not JSON skipped")
         return ", ".join(parts)
 
 
@@ -92,7 +99,7 @@ def _jsonl_documents(text: str, name: str, jsonl_field: str, stats: CorpusStats)
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            stats.skip(f"{name}:{lineno}", record=True)
+            stats.skip(f"{name}:{lineno}", not_json=True)
             continue
         value = record.get(jsonl_field) if isinstance(record, dict) else None
         if not isinstance(value, str):

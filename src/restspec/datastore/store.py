@@ -315,7 +315,11 @@ class Datastore:
             entries = writer.finish()
             if not entries:
                 detail = f" ({corpus.summary()})" if corpus is not None else ""
-                hint = "check --jsonl-field" if corpus and corpus.skipped_records else "give files with text"
+                hint = (
+                    "check --jsonl-field"
+                    if corpus and (corpus.skipped_records or corpus.skipped_not_json)
+                    else "give files with text"
+                )
                 raise CorpusError(f"the corpus yielded no tokens{detail}; {hint}")
             write_manifest(tmp, _manifest(vocab_size, fingerprint, entries))
             _replace_dir(tmp, out)
