@@ -368,20 +368,10 @@ def kernel(text: str | None = None) -> ctypes.CDLL | None:
     ]  # offsets, y, outputs, threads
     lib.restspec_q8_linear.argtypes = [*shared, number, pointer, number, number]  # block, y, outputs, threads
     lib.restspec_q4_linear.restype = lib.restspec_q8_linear.restype = ctypes.c_int  # -1: out of memory
-    if hasattr(lib, "restspec_half_linear"):  # (nor this)
-        lib.restspec_half_linear.argtypes = [
-            pointer,
-            number,
-            number,
-            pointer,
-            number,
-            pointer,
-            number,
-            number,
-        ]
-        lib.restspec_half_linear.restype = (
-            ctypes.c_int
-        )  # x, rows, inputs, codes, bfloat16?, y, outputs, threads
+    if hasattr(lib, "restspec_half_linear"):  # (a source of an earlier version may not have it)
+        # x, rows, inputs, codes, bfloat16 (1) or float16 (0), y, outputs, threads
+        lib.restspec_half_linear.argtypes = [*shared[:4], number, pointer, number, number]
+        lib.restspec_half_linear.restype = ctypes.c_int
     if hasattr(lib, "restspec_decoder"):  # (a source of an earlier version may not have it)
         lib.restspec_decoder.argtypes = [
             pointer,
@@ -710,13 +700,14 @@ def _linear_refs(groups: list[BlockGroup]) -> list[_Linear]:
     refs, offset = [], 0
     for group in groups:
         e = group.encoded
+        block = 0 if e.half == "f16" else e.block  # type: ignore[union-attr]  # 0: f16 (d NULL and 32: bf16)
         refs.append(
             _Linear(
                 e.codes.ctypes.data,  # type: ignore[union-attr]
                 None if e.scales is None else e.scales.ctypes.data,  # type: ignore[union-attr]
                 None if e.offsets is None else e.offsets.ctypes.data,  # type: ignore[union-attr]
                 None if group.bias is None else group.bias.data_ptr(),
-                0 if e.half == "f16" else e.block,  # type: ignore[union-attr]  # (what tells f16 from bf16)
+                block,
                 group.in_features,
                 group.out_features,
                 offset,
