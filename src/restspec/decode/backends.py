@@ -58,13 +58,14 @@ SPLITS: dict[str, tuple[str, str]] = {
     "direct-blocks-split": ("direct-blocks", "direct-packed"),
 }
 """The split backends: name -> (the member below the split width, the member from it on)."""
-CHOICE_VERSION = 12
+CHOICE_VERSION = 13
 """Bump when the backends or the measurement change, so cached choices are made again (3: a choice
 timed while other work competed for the CPU is no longer cached; 4: the direct forward without module
 calls; 5: taken by an experiment not kept; 6: the block-weight backend; 7: batch widths timed, the
 block kernel's split; 8: the block kernel's wide tiles; 9: the block decoder; 10: the block kernel
 scaling a block's sums instead of its weights; 11: its narrow tiles up to 12 rows; 12: three rows in one-group
-tiles)."""
+tiles; 13: the block kernel on bfloat16 and float16 weights, which a cached choice for such a model never
+tried)."""
 TIMING_WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16)
 """Forward widths (root + tree nodes) the candidates are timed at: a plain step and typical trees."""
 BATCH_WIDTHS: tuple[int, ...] = (32, 64)
