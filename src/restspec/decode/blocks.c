@@ -124,11 +124,6 @@ static inline vf bf16_floats(const uint8_t *q, size_t at) {
     return w;
 }
 
-static inline void codes_bf16(const uint8_t *q, int k, int part, vf *w0, vf *w1) {
-    *w0 = bf16_floats(q, (size_t)k * 16 + part * WIDTH);
-    *w1 = bf16_floats(q, (size_t)(k + 1) * 16 + part * WIDTH);
-}
-
 /* a float16 (bits h) as a float32, exactly */
 static inline float f16_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023, bits;
@@ -161,10 +156,14 @@ static inline vf f16_floats(const uint8_t *q, size_t at) {
 #endif
 }
 
-static inline void codes_f16(const uint8_t *q, int k, int part, vf *w0, vf *w1) {
-    *w0 = f16_floats(q, (size_t)k * 16 + part * WIDTH);
-    *w1 = f16_floats(q, (size_t)(k + 1) * 16 + part * WIDTH);
-}
+/* codes_FMT of a 16-bit format: inputs k and k + 1, each of WIDTH values read by FMT_floats(q, first) */
+#define DEFINE_HALF_CODES(FMT)                                                                          \
+    static inline void codes_##FMT(const uint8_t *q, int k, int part, vf *w0, vf *w1) {                 \
+        *w0 = FMT##_floats(q, (size_t)k * 16 + part * WIDTH);                                           \
+        *w1 = FMT##_floats(q, (size_t)(k + 1) * 16 + part * WIDTH);                                     \
+    }
+DEFINE_HALF_CODES(bf16)
+DEFINE_HALF_CODES(f16)
 
 static inline void codes_q8(const uint8_t *q, int k, int part, vf *w0, vf *w1) {
     *w0 = __builtin_convertvector(widen_i8((const int8_t *)q + (size_t)k * 16 + part * WIDTH), vf);
